@@ -1,0 +1,44 @@
+# The two commands of the README: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+export TRAINCTL_STORAGE ?= $(CURDIR)/.trainctl
+
+.PHONY: install dev demo test lint typecheck unit clean
+
+# torch is installed explicitly first so that pip takes the CPU wheel at hand instead of
+# resolving a multi-GB CUDA build from the looser range in pyproject.toml.
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+dev: $(VENV)/.installed-dev
+
+demo: install
+	$(BIN)/trainctl launch recipes/tiny-gpt.yaml --nodes 2
+	@echo "--- trainctl list"
+	$(BIN)/trainctl list
+
+lint: dev
+	$(BIN)/ruff check trainctl tests benchmarks recipes
+	$(BIN)/ruff format --check trainctl tests benchmarks recipes
+
+typecheck: dev
+	$(BIN)/mypy
+
+test: dev lint typecheck
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) .trainctl .pytest_cache .mypy_cache .ruff_cache

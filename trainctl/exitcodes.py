@@ -1,0 +1,33 @@
+"""The one table of process exit codes that schedulers act on.
+
+Every trainctl command and the batch scripts it renders exit with one of these codes; the README
+documents the same table (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """What a trainctl exit status tells a scheduler."""
+
+    FINISHED = 0
+    """The job (or command) finished successfully."""
+    FAILED = 1
+    """The job failed; a retry is allowed (a scheduler may requeue it)."""
+    BAD_INPUT = 2
+    """Bad input (recipe, flag, URL): never retry, fix the input."""
+    GAVE_UP = 3
+    """trainctl gave up: crash loop or no progress. Do not requeue."""
+    PREEMPTED = 4
+    """Preempted or out of time: a checkpoint was taken; requeue me."""
+
+
+EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
+    ExitCode.FINISHED: "finished",
+    ExitCode.FAILED: "failed, retry allowed (a scheduler may requeue)",
+    ExitCode.BAD_INPUT: "bad input, never retry",
+    ExitCode.GAVE_UP: "gave up: crash loop or no progress, do not requeue",
+    ExitCode.PREEMPTED: "preempted, checkpoint taken, requeue me",
+}
