@@ -1,0 +1,57 @@
+"""The one console for humans (stderr) and the one writer for results (stdout).
+
+stdout is a contract: only what a script would parse goes there (a job id, one JSON object).
+Everything for people goes to stderr through one rich Console, gated by -q/-v and honouring
+NO_COLOR (rich reads it).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+
+QUIET, NORMAL, VERBOSE = -1, 0, 1
+
+
+class Terminal:
+    """Owns the stderr console and the verbosity level."""
+
+    def __init__(self) -> None:
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.verbosity = NORMAL
+
+    def info(self, message: str) -> None:
+        """A normal progress line (hidden by -q)."""
+        if self.verbosity >= NORMAL:
+            self.console.print(message)
+
+    def detail(self, message: str) -> None:
+        """A line shown only with -v."""
+        if self.verbosity >= VERBOSE:
+            self.console.print(message, style="dim")
+
+    def warn(self, message: str) -> None:
+        """A warning (shown even with -q)."""
+        self.console.print(f"[yellow]warning:[/yellow] {message}")
+
+    def error(self, message: str) -> None:
+        """An error (always shown). The message is printed verbatim, never as markup."""
+        self.console.print("[red]error:[/red] ", end="")
+        self.console.print(message, markup=False)
+
+
+terminal = Terminal()
+
+
+def emit_result(text: str) -> None:
+    """Write one machine-readable line to stdout."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def emit_json(obj: Any) -> None:
+    """Write one JSON object to stdout."""
+    emit_result(json.dumps(obj, sort_keys=True, default=str))

@@ -1,0 +1,138 @@
+"""`trainctl list | status JOB | events JOB`: read the job store only; no server needed."""
+
+from __future__ import annotations
+
+import time
+
+import typer
+from rich.table import Table
+
+from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store
+from trainctl.cli.console import emit_json, terminal
+from trainctl.state import JobRecord
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
+def status_json(record: JobRecord) -> dict[str, object]:
+    """The `status --json` object: a stable, documented shape."""
+    data = record.to_json()
+    data["attempts_count"] = len(record.attempts)
+    return data
+
+
+def list_jobs(storage: str | None = STORAGE_OPTION, as_json: bool = JSON_OPTION) -> None:
+    """List the jobs in the storage root, newest first."""
+    store = open_store(storage)
+    records = []
+    for job_id in store.list_jobs():
+        try:
+            records.append(store.read_state(job_id))
+        except Exception as exc:  # one unreadable job must not hide the others
+            terminal.warn(f"{job_id}: cannot read state ({exc})")
+    records.sort(key=lambda r: r.created_at, reverse=True)
+    if as_json:
+        emit_json(
+            [
+                {
+                    "job_id": r.job_id,
+                    "name": r.name,
+                    "state": r.state.value,
+                    "created_at": r.created_at,
+                    "attempts": len(r.attempts),
+                    "step": r.step,
+                }
+                for r in records
+            ]
+        )
+        return
+    if not records:
+        terminal.info(f"no jobs under {store.root}")
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("JOB", "NAME", "STATE", "ATTEMPTS", "STEP", "AGE"):
+        table.add_column(column)
+    now = time.time()
+    for r in records:
+        table.add_row(
+            r.job_id,
+            r.name,
+            r.state.value,
+            str(len(r.attempts)),
+            "" if r.step is None else str(r.step),
+            _age(now - r.created_at),
+        )
+    terminal.console.print(table)
+
+
+def status(
+    job_id: str = typer.Argument(..., help="Job id."),
+    storage: str | None = STORAGE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Show a job's state, nodes and attempts."""
+    store = open_store(storage)
+    record = store.read_state(job_id)
+    if as_json:
+        emit_json(status_json(record))
+        return
+    console = terminal.console
+    console.print(
+        f"[bold]{record.job_id}[/bold]  {record.name}  [bold]{record.state.value}[/bold]"
+        + (f"  ({record.reason})" if record.reason else "")
+    )
+    if record.step is not None:
+        console.print(f"step {record.step}")
+    if record.fingerprint:
+        console.print(f"final step {record.final_step}, fingerprint {record.fingerprint}")
+    table = Table(box=None, pad_edge=False, title=None)
+    for column in ("NODE", "STATE", "PID", "STEP", "REASON"):
+        table.add_column(column)
+    for node in record.nodes:
+        table.add_row(
+            node.name,
+            node.state.value,
+            "" if node.pid is None else str(node.pid),
+            "" if node.step is None else str(node.step),
+            node.reason,
+        )
+    console.print(table)
+    attempts = Table(box=None, pad_edge=False)
+    for column in ("ATTEMPT", "STATE", "WORLD", "DURATION", "REASON"):
+        attempts.add_column(column)
+    for a in record.attempts:
+        end = a.ended_at if a.ended_at is not None else time.time()
+        attempts.add_row(
+            str(a.number), a.state.value, str(a.world_size), f"{end - a.started_at:.1f}s", a.reason
+        )
+    console.print(attempts)
+
+
+def events(
+    job_id: str = typer.Argument(..., help="Job id."),
+    storage: str | None = STORAGE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Show a job's events in time order."""
+    store = open_store(storage)
+    record = store.read_state(job_id)
+    items = store.read_events(job_id)
+    if as_json:
+        emit_json([e.to_json() for e in items])
+        return
+    start = record.created_at
+    table = Table(box=None, pad_edge=False)
+    for column in ("T+", "KIND", "NODE", "MESSAGE"):
+        table.add_column(column)
+    for e in items:
+        table.add_row(f"{e.time - start:7.2f}s", e.kind, e.node or "", e.message)
+    terminal.console.print(table)

@@ -1,0 +1,139 @@
+"""`trainctl launch RECIPE.yaml | SCRIPT.py [options] [-- SCRIPT_ARGS]`."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store
+from trainctl.cli.console import emit_json, emit_result, terminal
+from trainctl.errors import UserError
+from trainctl.launch.plan import Facts, plan_attempt, render_plan
+from trainctl.recovery.controller import Controller, ControllerOptions, new_record
+from trainctl.spec import JobSpec, check_job_id, load_recipe, script_spec, spec_to_yaml
+from trainctl.state import Event
+from trainctl.store import JobStore
+
+
+def _load_spec(target: str, script_args: list[str], overrides: dict[str, object]) -> JobSpec:
+    suffix = Path(target).suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        spec = load_recipe(target, overrides)
+        if script_args:
+            spec = spec.model_copy(update={"args": (*spec.args, *script_args)})
+        return spec
+    if suffix == ".py":
+        return script_spec(target, script_args, overrides)
+    raise UserError(
+        "cannot tell what to launch",
+        where="TARGET",
+        value=target,
+        fix="pass a recipe (.yaml/.yml) or a training script (.py)",
+    )
+
+
+def _new_job_id(name: str) -> str:
+    stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:32].strip("-") or "job"
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def _dry_run(spec: JobSpec, store: JobStore, job_id: str, rdzv_port: int, as_json: bool) -> None:
+    root = store.root
+    run_dir = f"{store.job_url(job_id)}" if store.local else f"~/.cache/trainctl/{job_id}"
+    facts = Facts(
+        python=sys.executable,
+        storage_root=root,
+        run_dir=run_dir,
+        rdzv_port=rdzv_port,
+        checkpoint_root=store.checkpoint_root(job_id, spec.checkpoint.storage),
+    )
+    nodes = tuple(f"node-{i}" for i in range(spec.nodes))
+    spares = tuple(f"node-{i}" for i in range(spec.nodes, spec.nodes + spec.spare_nodes))
+    plan = plan_attempt(spec, facts, job_id, 0, nodes, spares=spares)
+    if as_json:
+        emit_json(plan.to_json())
+    else:
+        emit_result(render_plan(plan))
+
+
+def launch(
+    target: str = typer.Argument(..., help="A recipe (.yaml) or a plain torchrun script (.py)."),
+    script_args: list[str] | None = typer.Argument(
+        None, help="Arguments for the script, after --."
+    ),
+    nodes: int | None = typer.Option(None, "--nodes", min=1, help="Number of nodes."),
+    nproc_per_node: int | None = typer.Option(
+        None, "--nproc-per-node", min=1, help="Worker processes per node."
+    ),
+    storage: str | None = STORAGE_OPTION,
+    job_id: str | None = typer.Option(None, "--job-id", help="Job id (default: name-time-random)."),
+    max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Stop after S steps."),
+    seed: int | None = typer.Option(None, "--seed", help="Override the recipe's seed."),
+    rdzv_port: int = typer.Option(
+        0, "--rdzv-port", min=0, max=65535, help="Rendezvous port (default: chosen at start)."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run; start nothing."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Launch a job on the local scheduler (simulated nodes) and run it to the end."""
+    overrides: dict[str, object] = {
+        "nodes": nodes,
+        "nproc_per_node": nproc_per_node,
+        "max_steps": max_steps,
+        "seed": seed,
+    }
+    spec = _load_spec(target, list(script_args or []), overrides)
+    store = open_store(storage)
+    job = check_job_id(job_id) if job_id else _new_job_id(spec.name)
+    if dry_run:
+        _dry_run(spec, store, job, rdzv_port, as_json)
+        return
+    now = time.time()
+    record = new_record(job, spec, now)
+    store.create(record, spec_to_yaml(spec))
+    store.append_event(
+        job,
+        Event(
+            time=now,
+            kind="job_created",
+            message=f"{spec.name}: {spec.nodes} node(s) x {spec.nproc_per_node} worker(s)",
+            data={"target": target},
+        ),
+    )
+    if not as_json:
+        emit_result(job)
+    terminal.info(
+        f"job [bold]{job}[/bold]: {spec.name}, {spec.nodes} node(s) x "
+        f"{spec.nproc_per_node} worker(s), store {store.root}"
+    )
+    controller = Controller(
+        spec, store, record, ControllerOptions(python=sys.executable, on_message=terminal.info)
+    )
+    controller.install_signal_handlers()
+    code = controller.run()
+    final = record
+    summary = f"job {job} {final.state.value}: {final.reason}"
+    if final.fingerprint:
+        summary += f"\n  final step {final.final_step}, fingerprint {final.fingerprint}"
+    if code == 0:
+        terminal.info(summary)
+    elif final.state.value == "stopped":
+        terminal.warn(summary)
+    else:
+        terminal.error(summary)
+    if as_json:
+        emit_json(
+            {
+                "job_id": job,
+                "state": final.state.value,
+                "exit_code": int(code),
+                "final_step": final.final_step,
+                "fingerprint": final.fingerprint,
+                "reason": final.reason,
+            }
+        )
+    raise typer.Exit(int(code))

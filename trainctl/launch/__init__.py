@@ -1,0 +1,1 @@
+"""Planning (pure) and the scheduler adapters that start node agents."""

@@ -1,0 +1,213 @@
+"""Pure planning: a JobSpec plus facts gathered at the edge -> the exact commands to run.
+
+`plan_attempt` builds a `LaunchPlan` for one attempt: per node, the torchrun argv and the
+environment the node agent adds for it. Nothing here touches processes, sockets or the clock;
+`render_plan` prints the plan for ``--dry-run`` (golden-tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+
+from trainctl.spec import JobSpec
+
+RDZV_PORT_PLACEHOLDER = 0
+"""A rendezvous port of 0 means 'chosen when the job starts' (the controller binds port 0)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Facts:
+    """What the edge gathered once and passes in as data (no hidden look-ups in the planner)."""
+
+    python: str
+    """The Python interpreter the node agents and torchrun run with."""
+    storage_root: str
+    """The job store root (path or URL)."""
+    run_dir: str
+    """Local directory for logs and torchrun error files."""
+    rdzv_host: str = "127.0.0.1"
+    rdzv_port: int = RDZV_PORT_PLACEHOLDER
+    control_endpoint: str = ""
+    """host:port of the controller's control channel ('' in a dry run)."""
+    checkpoint_root: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class NodePlan:
+    """What runs on one node: the agent runs `argv` with `env` added to its own environment."""
+
+    name: str
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    log_path: str
+    error_dir: str
+
+    def env_dict(self) -> dict[str, str]:
+        return dict(self.env)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    job_id: str
+    attempt: int
+    world_size: int
+    rdzv_endpoint: str
+    nodes: tuple[NodePlan, ...]
+    excluded: tuple[str, ...] = ()
+    spares: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> LaunchPlan:
+        raw_nodes = data["nodes"]
+        assert isinstance(raw_nodes, list)
+        nodes = tuple(
+            NodePlan(
+                name=n["name"],
+                argv=tuple(n["argv"]),
+                env=tuple((k, v) for k, v in n["env"]),
+                log_path=n["log_path"],
+                error_dir=n["error_dir"],
+            )
+            for n in raw_nodes
+        )
+        excluded = data.get("excluded", ())
+        spares = data.get("spares", ())
+        assert isinstance(excluded, (list, tuple)) and isinstance(spares, (list, tuple))
+        return cls(
+            job_id=str(data["job_id"]),
+            attempt=int(str(data["attempt"])),
+            world_size=int(str(data["world_size"])),
+            rdzv_endpoint=str(data["rdzv_endpoint"]),
+            nodes=nodes,
+            excluded=tuple(excluded),
+            spares=tuple(spares),
+        )
+
+
+def node_names(count: int, prefix: str = "node") -> tuple[str, ...]:
+    return tuple(f"{prefix}-{i}" for i in range(count))
+
+
+def rdzv_conf(spec: JobSpec) -> str:
+    """Rendezvous settings: the controller hosts the store, so no agent is the host.
+
+    The keep-alive and last-call values are the tuned ones measured on this project's machine
+    (node-loss recovery 47 s with torchrun's defaults, 5.5 s tuned).
+    """
+    return ",".join(
+        [
+            "is_host=false",
+            f"join_timeout={int(spec.launch.join_timeout_s)}",
+            "last_call_timeout=1",
+            "keep_alive_interval=1",
+            "keep_alive_max_attempt=3",
+            "close_timeout=5",
+        ]
+    )
+
+
+def torchrun_argv(
+    spec: JobSpec, facts: Facts, job_id: str, attempt: int, num_nodes: int, error_dir: str
+) -> tuple[str, ...]:
+    """torchrun's command line for one node of an attempt (torchrun is called, never forked)."""
+    port = str(facts.rdzv_port) if facts.rdzv_port else "<rdzv-port>"
+    return (
+        facts.python,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={num_nodes}",
+        f"--nproc-per-node={spec.nproc_per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={facts.rdzv_host}:{port}",
+        f"--rdzv-id={job_id}-a{attempt}",
+        f"--rdzv-conf={rdzv_conf(spec)}",
+        f"--max-restarts={spec.launch.max_restarts}",
+        f"--monitor-interval={spec.launch.monitor_interval_s:g}",
+        f"--log-dir={error_dir}",
+        spec.script,
+        *spec.args,
+    )
+
+
+def node_env(spec: JobSpec, facts: Facts, job_id: str, attempt: int, node: str) -> dict[str, str]:
+    """The variables a node's agent adds for torchrun and the workers (sorted, deterministic)."""
+    env: dict[str, str] = {
+        "TRAINCTL_JOB_ID": job_id,
+        "TRAINCTL_NODE": node,
+        "TRAINCTL_ATTEMPT": str(attempt),
+        "TRAINCTL_STORAGE": facts.storage_root,
+        "TRAINCTL_SEED": str(spec.seed),
+        "TRAINCTL_CONFIG": json.dumps(spec.config, sort_keys=True, separators=(",", ":")),
+        # One intra-op thread per worker: the simulated nodes share the host's cores.
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    if spec.max_steps is not None:
+        env["TRAINCTL_MAX_STEPS"] = str(spec.max_steps)
+    if facts.checkpoint_root:
+        env["TRAINCTL_CHECKPOINT_ROOT"] = facts.checkpoint_root
+    ckpt = spec.checkpoint
+    env["TRAINCTL_CHECKPOINT"] = json.dumps(
+        ckpt.model_dump(mode="json"), sort_keys=True, separators=(",", ":")
+    )
+    env.update(spec.env)
+    return dict(sorted(env.items()))
+
+
+def plan_attempt(
+    spec: JobSpec,
+    facts: Facts,
+    job_id: str,
+    attempt: int,
+    nodes: tuple[str, ...],
+    excluded: tuple[str, ...] = (),
+    spares: tuple[str, ...] = (),
+) -> LaunchPlan:
+    """The commands for one attempt on `nodes` (already stripped of excluded ones)."""
+    assert nodes, "an attempt needs at least one node"
+    node_plans = []
+    for name in nodes:
+        error_dir = f"{facts.run_dir}/attempt-{attempt}/{name}"
+        node_plans.append(
+            NodePlan(
+                name=name,
+                argv=torchrun_argv(spec, facts, job_id, attempt, len(nodes), error_dir),
+                env=tuple(node_env(spec, facts, job_id, attempt, name).items()),
+                log_path=f"{facts.run_dir}/logs/{name}.log",
+                error_dir=error_dir,
+            )
+        )
+    port = str(facts.rdzv_port) if facts.rdzv_port else "<rdzv-port>"
+    return LaunchPlan(
+        job_id=job_id,
+        attempt=attempt,
+        world_size=len(nodes) * spec.nproc_per_node,
+        rdzv_endpoint=f"{facts.rdzv_host}:{port}",
+        nodes=tuple(node_plans),
+        excluded=excluded,
+        spares=spares,
+    )
+
+
+def render_plan(plan: LaunchPlan) -> str:
+    """Human- and diff-friendly text of a plan: per node, the env and the exact argv."""
+    lines = [
+        f"job {plan.job_id} attempt {plan.attempt}: {len(plan.nodes)} node(s), "
+        f"world size {plan.world_size}, rendezvous {plan.rdzv_endpoint}",
+    ]
+    if plan.excluded:
+        lines.append(f"excluded: {', '.join(plan.excluded)}")
+    if plan.spares:
+        lines.append(f"spares: {', '.join(plan.spares)}")
+    for node in plan.nodes:
+        lines.append("")
+        lines.append(f"[{node.name}]  log: {node.log_path}")
+        for key, value in node.env:
+            lines.append(f"  {key}={shlex.quote(value)}")
+        lines.append("  " + " \\\n    ".join(shlex.quote(arg) for arg in node.argv))
+    return "\n".join(lines)

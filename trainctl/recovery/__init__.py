@@ -1,0 +1,1 @@
+"""Failure handling: pure decisions (policy), the controller loop, and the goodput ledger."""

@@ -1,0 +1,293 @@
+"""JobSpec: what to run, validated once at the edge and frozen.
+
+A recipe is a YAML file (``recipes/tiny-gpt.yaml``); a plain script launch builds the same
+`JobSpec` from flags. Every validation problem becomes a `UserError` naming the file, the field
+path, the bad value and the fix, so nothing starts on bad input.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trainctl.errors import UserError
+
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+"""Job ids become path segments and Slurm job names: no `/`, no `..`, at most 64 characters."""
+
+URL_SCHEMES = ("file", "s3")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class CheckpointSpec(_Frozen):
+    """The recipe's ``checkpoint:`` section."""
+
+    interval_steps: int = Field(default=0, ge=0)
+    """Save every N steps (0: no periodic checkpoints)."""
+    keep_last: int = Field(default=2, ge=2)
+    """Keep the newest N committed steps (at least 2: the newest may still be uploading)."""
+    keep_every: int = Field(default=0, ge=0)
+    """Also keep every step that is a multiple of this (0: none)."""
+    storage: str | None = None
+    """Where checkpoints go (path, file:// or s3://); default `<root>/checkpoints/<job id>`."""
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    """Passed to fsspec/s3fs (endpoint_url, ...). Credentials belong in the environment."""
+    part_size_mb: int = Field(default=64, ge=5, le=5120)
+    """Multipart part size for object storage uploads."""
+    concurrency: int = Field(default=8, ge=1, le=256)
+    """Concurrent part uploads / ranged reads per rank."""
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_storage_url(value)
+        return value
+
+
+class LaunchSpec(_Frozen):
+    """How torchrun is driven (the ``launch:`` section)."""
+
+    max_restarts: int = Field(default=0, ge=0)
+    """torchrun's in-place worker restarts per attempt (``--max-restarts``)."""
+    monitor_interval_s: float = Field(default=0.1, gt=0)
+    """How often torchrun's agent checks its workers."""
+    join_timeout_s: float = Field(default=120.0, gt=0)
+    """How long the rendezvous waits for every node to join."""
+    stop_grace_s: float = Field(default=5.0, gt=0, le=60)
+    """After SIGTERM, how long workers get before SIGKILL."""
+
+
+class JobSpec(_Frozen):
+    """A validated job: recipe file plus command-line overrides."""
+
+    name: str
+    """Human name of the job (recipe file stem by default)."""
+    script: str
+    """Training script (absolute path once loaded)."""
+    args: tuple[str, ...] = ()
+    """Arguments passed to the script."""
+    nodes: int = Field(default=1, ge=1, le=1024)
+    """Number of nodes (simulated nodes with the local scheduler)."""
+    nproc_per_node: int = Field(default=1, ge=1, le=64)
+    """Worker processes per node."""
+    min_nodes: int | None = Field(default=None, ge=1)
+    """Fewest nodes the job may shrink to after excluding bad ones (default: `nodes`)."""
+    spare_nodes: int = Field(default=0, ge=0, le=64)
+    """Standby nodes that replace a failed one."""
+    max_steps: int | None = Field(default=None, ge=1)
+    """Stop after this many steps (passed to the script as TRAINCTL_MAX_STEPS)."""
+    seed: int = 0
+    """Seed of the deterministic data and initialisation."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Extra environment variables for the workers."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """Free-form settings for the training script (model size, learning rate...)."""
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    launch: LaunchSpec = Field(default_factory=LaunchSpec)
+    uses_runtime: bool = True
+    """Whether the script uses trainctl.runtime (recipes do; plain scripts may not)."""
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ValueError(f"invalid environment variable name {key!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _node_counts(self) -> JobSpec:
+        if self.min_nodes is not None and self.min_nodes > self.nodes:
+            raise ValueError(f"min_nodes ({self.min_nodes}) cannot exceed nodes ({self.nodes})")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.nproc_per_node
+
+
+def check_job_id(job_id: str, where: str = "--job-id") -> str:
+    """Return `job_id` if it is a safe path segment, else raise a UserError."""
+    if not JOB_ID_PATTERN.fullmatch(job_id) or ".." in job_id:
+        raise UserError(
+            "invalid job id",
+            where=where,
+            value=job_id,
+            fix="use 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit",
+        )
+    return job_id
+
+
+def check_storage_url(url: str, where: str = "storage") -> str:
+    """Accept a plain path, file:// or s3://bucket[/prefix]; raise a UserError otherwise."""
+    if "://" in url:
+        scheme, rest = url.split("://", 1)
+        if scheme not in URL_SCHEMES:
+            raise UserError(
+                f"unsupported storage scheme {scheme!r}",
+                where=where,
+                value=url,
+                fix="use a local path, file:///abs/path or s3://bucket/prefix",
+            )
+        if scheme == "s3" and not rest.split("/", 1)[0]:
+            raise UserError(
+                "s3 URL has no bucket",
+                where=where,
+                value=url,
+                fix="use s3://bucket/prefix",
+            )
+        if scheme == "file" and not rest.startswith("/"):
+            raise UserError(
+                "file URL must be absolute",
+                where=where,
+                value=url,
+                fix="use file:///abs/path or a plain path",
+            )
+    elif not url.strip():
+        raise UserError("empty storage path", where=where, value=url, fix="give a path or URL")
+    return url
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "<top level>"
+
+
+def _fix_for(error: Any) -> str:
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        return "remove the field or check its spelling (see the recipe reference in README.md)"
+    if kind == "missing":
+        return "add the field"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"use a value of the right type: {error.get('msg', '')}"
+    return str(error.get("msg", "fix the value"))
+
+
+def validation_to_user_error(error: ValidationError, source: str) -> UserError:
+    """Turn pydantic's first error into one message naming file, field, value and fix."""
+    first = error.errors()[0]
+    field = _field_path(tuple(first.get("loc", ())))
+    has_value = first.get("type") != "missing"
+    return UserError(
+        first.get("msg", "invalid value")
+        if first.get("type") != "extra_forbidden"
+        else "unknown field",
+        where=f"{source}: {field}",
+        value=first.get("input") if has_value else None,
+        has_value=has_value,
+        fix=_fix_for(first),
+    )
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(
+            "recipe file not found", where=str(path), fix="check the path to the recipe"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"cannot read recipe: {exc.strerror}", where=str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or "malformed YAML"
+        raise UserError(
+            f"malformed YAML: {problem}", where=where, fix="fix the YAML syntax at that line"
+        ) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(
+            "a recipe must be a YAML mapping",
+            where=str(path),
+            value=type(data).__name__,
+            fix="write `key: value` fields at the top level",
+        )
+    return data
+
+
+def load_recipe(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> JobSpec:
+    """Load and validate a recipe, applying command-line overrides (None values are ignored).
+
+    The script path is resolved relative to the recipe's directory and must exist.
+    Raises UserError on any problem; never starts anything.
+    """
+    recipe = Path(path)
+    data = _read_yaml(recipe)
+    data.setdefault("name", recipe.stem)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    source = str(path)
+    script = data.get("script")
+    if isinstance(script, str):
+        script_path = Path(script)
+        if not script_path.is_absolute():
+            script_path = (recipe.parent / script_path).resolve()
+        if not script_path.is_file():
+            raise UserError(
+                "training script not found",
+                where=f"{source}: script",
+                value=script,
+                fix=f"create {script_path} or fix the path (relative to the recipe's directory)",
+            )
+        data["script"] = str(script_path)
+    if "args" in data and isinstance(data["args"], list):
+        data["args"] = tuple(str(arg) for arg in data["args"])
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise validation_to_user_error(exc, source) from None
+
+
+def script_spec(
+    script: str,
+    args: list[str],
+    overrides: dict[str, Any] | None = None,
+) -> JobSpec:
+    """Build a JobSpec for an unmodified torchrun script (no recipe, no trainctl imports)."""
+    script_path = Path(script)
+    if not script_path.is_file():
+        raise UserError(
+            "training script not found", where="SCRIPT", value=script, fix="check the path"
+        )
+    data: dict[str, Any] = {
+        "name": script_path.stem,
+        "script": str(script_path.resolve()),
+        "args": tuple(args),
+        "uses_runtime": False,
+    }
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise validation_to_user_error(exc, "command line") from None
+
+
+def spec_to_yaml(spec: JobSpec) -> str:
+    """The spec as YAML, as stored in the job store (reloadable by `spec_from_yaml`)."""
+    data = spec.model_dump(mode="json")
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def spec_from_yaml(text: str, source: str) -> JobSpec:
+    """Reload a stored spec."""
+    data = yaml.safe_load(text)
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise validation_to_user_error(exc, source) from None

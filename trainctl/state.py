@@ -1,0 +1,234 @@
+"""Job, attempt and node states, their allowed transitions, and the records the store keeps.
+
+A *job* lives across attempts (and scheduler requeues); an *attempt* is one launch of the
+node agents and their torchrun processes; a *node* is one host (or simulated host) in an
+attempt. Each state has a documented meaning; an illegal transition is a bug and raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+
+class JobState(str, enum.Enum):
+    PENDING = "pending"
+    """Accepted and stored; nothing started yet."""
+    RUNNING = "running"
+    """An attempt is running."""
+    RECOVERING = "recovering"
+    """An attempt failed; trainctl is restoring and relaunching."""
+    SUCCEEDED = "succeeded"
+    """Every worker exited 0."""
+    FAILED = "failed"
+    """Ended with a failure; a retry (requeue or `trainctl resume`) is allowed."""
+    STOPPED = "stopped"
+    """Stopped on request (Ctrl-C, SIGTERM, preemption)."""
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.STOPPED)
+
+
+JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.PENDING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.STOPPED}),
+    JobState.RUNNING: frozenset(
+        {JobState.RECOVERING, JobState.SUCCEEDED, JobState.FAILED, JobState.STOPPED}
+    ),
+    JobState.RECOVERING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.STOPPED}),
+    # A failed or stopped job may be resumed; a succeeded one is final.
+    JobState.FAILED: frozenset({JobState.RUNNING, JobState.PENDING}),
+    JobState.STOPPED: frozenset({JobState.RUNNING, JobState.PENDING}),
+    JobState.SUCCEEDED: frozenset(),
+}
+
+
+class AttemptState(str, enum.Enum):
+    STARTING = "starting"
+    """Node agents are starting, probing and joining the rendezvous."""
+    RUNNING = "running"
+    """Workers are running."""
+    SUCCEEDED = "succeeded"
+    """Every node's torchrun exited 0."""
+    FAILED = "failed"
+    """A node or worker failed."""
+    STOPPED = "stopped"
+    """Stopped on request."""
+
+
+ATTEMPT_TRANSITIONS: dict[AttemptState, frozenset[AttemptState]] = {
+    AttemptState.STARTING: frozenset(
+        {AttemptState.RUNNING, AttemptState.FAILED, AttemptState.STOPPED, AttemptState.SUCCEEDED}
+    ),
+    AttemptState.RUNNING: frozenset(
+        {AttemptState.SUCCEEDED, AttemptState.FAILED, AttemptState.STOPPED}
+    ),
+    AttemptState.SUCCEEDED: frozenset(),
+    AttemptState.FAILED: frozenset(),
+    AttemptState.STOPPED: frozenset(),
+}
+
+
+class NodeState(str, enum.Enum):
+    PENDING = "pending"
+    """Planned; its agent has not reported yet."""
+    STARTING = "starting"
+    """Agent up, probing health / joining the rendezvous."""
+    RUNNING = "running"
+    """torchrun and its workers are running."""
+    SUCCEEDED = "succeeded"
+    """torchrun exited 0."""
+    FAILED = "failed"
+    """torchrun exited non-zero, or the agent vanished."""
+    STOPPED = "stopped"
+    """Stopped on request."""
+    EXCLUDED = "excluded"
+    """Kept out of the job (unhealthy or blamed)."""
+    SPARE = "spare"
+    """On standby, ready to replace a failed node."""
+
+
+NODE_TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
+    NodeState.PENDING: frozenset(
+        {NodeState.STARTING, NodeState.FAILED, NodeState.STOPPED, NodeState.EXCLUDED}
+    ),
+    NodeState.SPARE: frozenset({NodeState.PENDING, NodeState.STOPPED, NodeState.EXCLUDED}),
+    NodeState.STARTING: frozenset(
+        {
+            NodeState.RUNNING,
+            NodeState.FAILED,
+            NodeState.STOPPED,
+            NodeState.EXCLUDED,
+            NodeState.SUCCEEDED,
+        }
+    ),
+    NodeState.RUNNING: frozenset(
+        {NodeState.SUCCEEDED, NodeState.FAILED, NodeState.STOPPED, NodeState.EXCLUDED}
+    ),
+    NodeState.SUCCEEDED: frozenset(),
+    NodeState.FAILED: frozenset({NodeState.EXCLUDED}),
+    NodeState.STOPPED: frozenset(),
+    NodeState.EXCLUDED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A state machine was asked to make a move its table forbids: a bug in trainctl."""
+
+
+def check_transition(table: dict[Any, frozenset[Any]], current: Any, new: Any) -> None:
+    """Raise IllegalTransition unless `current -> new` is allowed (staying put is allowed)."""
+    if current != new and new not in table[current]:
+        raise IllegalTransition(f"{type(current).__name__}: {current.value} -> {new.value}")
+
+
+@dataclasses.dataclass
+class NodeRecord:
+    name: str
+    state: NodeState = NodeState.PENDING
+    pid: int | None = None
+    host: str = "127.0.0.1"
+    exit_code: int | None = None
+    reason: str = ""
+    step: int | None = None
+
+    def move(self, new: NodeState, reason: str = "") -> None:
+        check_transition(NODE_TRANSITIONS, self.state, new)
+        self.state = new
+        if reason:
+            self.reason = reason
+
+
+@dataclasses.dataclass
+class AttemptRecord:
+    number: int
+    started_at: float
+    state: AttemptState = AttemptState.STARTING
+    ended_at: float | None = None
+    world_size: int = 0
+    nodes: list[str] = dataclasses.field(default_factory=list)
+    exit_code: int | None = None
+    reason: str = ""
+    scheduler_restart_count: int | None = None
+
+    def move(self, new: AttemptState, reason: str = "") -> None:
+        check_transition(ATTEMPT_TRANSITIONS, self.state, new)
+        self.state = new
+        if reason:
+            self.reason = reason
+
+
+@dataclasses.dataclass
+class JobRecord:
+    """Everything `state.json` holds. Written whole, atomically, by the controller."""
+
+    job_id: str
+    name: str
+    created_at: float
+    updated_at: float
+    state: JobState = JobState.PENDING
+    reason: str = ""
+    scheduler: str = "local"
+    controller_pid: int | None = None
+    controller_host: str | None = None
+    nodes: list[NodeRecord] = dataclasses.field(default_factory=list)
+    attempts: list[AttemptRecord] = dataclasses.field(default_factory=list)
+    step: int | None = None
+    final_step: int | None = None
+    fingerprint: str | None = None
+    exit_code: int | None = None
+
+    def move(self, new: JobState, reason: str = "") -> None:
+        check_transition(JOB_TRANSITIONS, self.state, new)
+        self.state = new
+        if reason:
+            self.reason = reason
+
+    def node(self, name: str) -> NodeRecord:
+        for record in self.nodes:
+            if record.name == name:
+                return record
+        raise KeyError(name)
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["state"] = self.state.value
+        for node in data["nodes"]:
+            node["state"] = node["state"].value
+        for attempt in data["attempts"]:
+            attempt["state"] = attempt["state"].value
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JobRecord:
+        data = dict(data)
+        nodes = [NodeRecord(**{**n, "state": NodeState(n["state"])}) for n in data.pop("nodes", [])]
+        attempts = [
+            AttemptRecord(**{**a, "state": AttemptState(a["state"])})
+            for a in data.pop("attempts", [])
+        ]
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in data.items() if k in known}
+        fields["state"] = JobState(fields["state"])
+        return cls(nodes=nodes, attempts=attempts, **fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One thing that happened, stored as one object (object stores cannot append)."""
+
+    time: float
+    kind: str
+    message: str
+    node: str | None = None
+    attempt: int | None = None
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Event:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
