@@ -1,0 +1,195 @@
+"""`trainctl health [JOB]`: probe this machine, or show a job's node verdicts (issue 4).
+
+Without JOB: run the node gate's probes here (GPUs through NVML, disk at the storage root and
+any `--path`, memory, optionally `--endpoint`) and print a table on stderr, or the result as
+JSON on stdout with `--json`. With JOB: show each node's latest verdict from the job store
+(``jobs/<JOB>/nodes/<node>.json``). Exit status 1 when anything is UNHEALTHY, else 0.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION
+from trainctl.cli.console import emit_json, terminal
+from trainctl.errors import NotFoundError, UserError
+from trainctl.exitcodes import ExitCode
+from trainctl.health.gate import GateConfig, GateResult, preflight
+from trainctl.health.readings import NvmlStatus
+from trainctl.health.verdict import (
+    GIB,
+    HealthVerdict,
+    NodeVerdictRecord,
+    Verdict,
+    worst_status,
+)
+from trainctl.store import JobStore, resolve_storage_root
+
+_STYLE = {Verdict.OK: "green", Verdict.DEGRADED: "yellow", Verdict.UNHEALTHY: "red"}
+
+
+def health(
+    job_id: str | None = typer.Argument(None, help="Show this job's node verdicts instead."),
+    as_json: bool = JSON_OPTION,
+    storage: str | None = STORAGE_OPTION,
+    paths: list[str] = typer.Option(
+        [], "--path", help="Also check free disk space here (repeatable)."
+    ),
+    endpoint: str | None = typer.Option(
+        None, "--endpoint", help="Check that HOST:PORT accepts a TCP connection."
+    ),
+    min_free_gb: float = typer.Option(
+        1.0, "--min-free-gb", help="Free disk space required at each path, in GiB."
+    ),
+) -> None:
+    """Probe this machine's GPUs (NVML) and host, or show a job's last node verdicts."""
+    root = resolve_storage_root(storage)
+    if job_id is None:
+        statuses = [_probe_here(root, paths, endpoint, min_free_gb, as_json)]
+    else:
+        statuses = _show_job(root, job_id, as_json)
+    if worst_status(statuses) is Verdict.UNHEALTHY:
+        raise typer.Exit(int(ExitCode.FAILED))
+
+
+# --- this machine ------------------------------------------------------------------------------
+
+
+def _parse_endpoint(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(
+            "expected HOST:PORT", where="--endpoint", value=text, fix="e.g. --endpoint head:29400"
+        )
+    return host.strip("[]"), int(port)
+
+
+def _probe_here(
+    root: str, paths: list[str], endpoint: str | None, min_free_gb: float, as_json: bool
+) -> Verdict:
+    if min_free_gb < 0:
+        raise UserError("must not be negative", where="--min-free-gb", value=min_free_gb)
+    config = GateConfig(
+        paths=(root, *paths),
+        min_free_disk_bytes=int(min_free_gb * GIB),
+        rendezvous=None if endpoint is None else _parse_endpoint(endpoint),
+    )
+    result = preflight(config)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        _print_probe(result)
+    return result.verdict.status
+
+
+def _status_text(status: Verdict) -> str:
+    return f"[{_STYLE[status]}]{status.value}[/]"
+
+
+def _part(verdict: HealthVerdict, subject: str) -> HealthVerdict | None:
+    """A sub-verdict stored in a worst-of evidence dict, if present."""
+    data = verdict.evidence.get(subject)
+    return HealthVerdict.from_dict(data) if isinstance(data, dict) and "status" in data else None
+
+
+def _print_probe(result: GateResult) -> None:
+    console = terminal.console
+    nvml = result.nvml
+    if nvml.status is not NvmlStatus.AVAILABLE:
+        console.print(escape(nvml.message), markup=True)
+    table = Table(box=None, pad_edge=False, title=f"health of {escape(result.host.hostname)}")
+    for column in ("CHECK", "STATUS", "DETAIL"):
+        table.add_column(column)
+    gpus = _part(result.verdict, "gpus")
+    if gpus is not None:
+        per_gpu = [(k, _part(gpus, k)) for k in gpus.evidence if k.startswith("gpu")]
+        if per_gpu:
+            for subject, verdict in per_gpu:
+                if verdict is not None:
+                    table.add_row(subject, _status_text(verdict.status), escape(verdict.reason))
+        else:
+            table.add_row("gpus", _status_text(gpus.status), escape(gpus.reason))
+    host = _part(result.verdict, "host")
+    if host is not None:
+        for subject in host.evidence:
+            part = _part(host, subject)
+            if part is not None:
+                table.add_row(escape(subject), _status_text(part.status), escape(part.reason))
+    for path in result.skipped_paths:
+        table.add_row(f"disk {escape(path)}", "-", "object store: no local disk to measure")
+    console.print(table)
+    status = result.verdict.status
+    console.print(f"verdict: {_status_text(status)}: {escape(result.verdict.reason)}")
+
+
+# --- a job's nodes -----------------------------------------------------------------------------
+
+
+def read_node_records(root: str, job_id: str) -> dict[str, dict[str, Any]]:
+    """Raw ``nodes/<node>.json`` documents of a job, by node name.
+
+    Raises NotFoundError when the job has neither state nor node verdicts.
+    """
+    store = JobStore(root)
+    records = store.read_node_verdicts(job_id)
+    if not records and not store.exists(job_id):
+        raise NotFoundError(
+            "no such job",
+            where=root,
+            value=job_id,
+            fix="run `trainctl list` to see the jobs in this storage root (or pass --storage)",
+        )
+    return records
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f}s ago"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.0f}h ago"
+
+
+def _show_job(root: str, job_id: str, as_json: bool) -> list[Verdict]:
+    raw = read_node_records(root, job_id)
+    records: dict[str, NodeVerdictRecord] = {}
+    unreadable: dict[str, str] = {}
+    for node, data in sorted(raw.items()):
+        try:
+            records[node] = NodeVerdictRecord.from_dict(data)
+        except ValueError as bad:
+            unreadable[node] = str(bad)
+    statuses = [record.verdict.status for record in records.values()]
+    if as_json:
+        nodes: dict[str, Any] = {node: record.to_dict() for node, record in records.items()}
+        nodes |= {node: {"node": node, "error": error} for node, error in unreadable.items()}
+        emit_json({"job_id": job_id, "status": worst_status(statuses).value, "nodes": nodes})
+        return statuses
+    if not records and not unreadable:
+        terminal.info(f"{job_id}: no node verdicts yet")
+        return statuses
+    table = Table(box=None, pad_edge=False, title=f"node health of {escape(job_id)}")
+    for column in ("NODE", "STATUS", "PHASE", "CHECKED", "REASON"):
+        table.add_column(column)
+    now = time.time()
+    for node, record in records.items():
+        table.add_row(
+            escape(node),
+            _status_text(record.verdict.status),
+            escape(record.phase),
+            _age(now - record.checked_at),
+            escape(record.verdict.reason),
+        )
+    for node, error in unreadable.items():
+        table.add_row(escape(node), "?", "", "", escape(f"unreadable record: {error}"))
+    terminal.console.print(table)
+    for node, record in records.items():
+        terminal.detail(f"{node} evidence: {json.dumps(record.verdict.evidence, sort_keys=True)}")
+    return statuses
