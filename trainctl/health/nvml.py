@@ -198,7 +198,12 @@ class NvmlProbe:
                 gpus.append(GpuReading(index=index, errors=(lost[index],)))
                 continue
             gpu = read_gpu(index, handles[index], tuple(xids.get(index, ())))
-            extra_errors = (self._event_errors[index],) if index in self._event_errors else ()
+            event_error = self._event_errors.get(index)
+            # A lost GPU also fails event registration; that repeats the loss, not news.
+            known_codes = {error.code for error in gpu.errors}
+            extra_errors = (
+                (event_error,) if event_error and event_error.code not in known_codes else ()
+            )
             extra_not_supported = ("xid_events",) if index in self._events_not_supported else ()
             gpus.append(
                 dataclasses.replace(

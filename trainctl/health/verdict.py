@@ -185,14 +185,20 @@ def _describe_xid(xid: int) -> str:
 def _gpu_findings(gpu: GpuReading, policy: GpuPolicy) -> list[tuple[Verdict, str]]:
     """Every rule that fires on one GPU, as (status, reason). Empty: nothing wrong."""
     findings: list[tuple[Verdict, str]] = []
+    # One failure usually repeats on every query (a dead GPU): report each distinct failure
+    # once, naming the queries it hit.
+    probes_by_failure: dict[tuple[int | None, str], list[str]] = {}
     for error in gpu.errors:
-        if error.code == NVML_ERROR_GPU_IS_LOST:
-            reason = f"GPU is lost (fell off the bus): NVML said so on {error.probe}"
-        elif error.code == NVML_ERROR_RESET_REQUIRED:
-            reason = f"GPU requires a reset: NVML said so on {error.probe}"
+        probes_by_failure.setdefault((error.code, error.message), []).append(error.probe)
+    for (code, message), probes in probes_by_failure.items():
+        where = ", ".join(probes)
+        if code == NVML_ERROR_GPU_IS_LOST:
+            reason = f"GPU is lost (fell off the bus): NVML said so on {where}"
+        elif code == NVML_ERROR_RESET_REQUIRED:
+            reason = f"GPU requires a reset: NVML said so on {where}"
         else:
             # Fail closed: on a machine with GPUs, a query we cannot answer is a fault.
-            reason = f"NVML error on {error.probe}: {error.message} (code {error.code})"
+            reason = f"NVML error on {where}: {message} (code {code})"
         findings.append((Verdict.UNHEALTHY, reason))
 
     fatal = [xid for xid in gpu.xid_events if xid in policy.fatal_xids]
