@@ -41,7 +41,8 @@ HANG_TABLE = [
         [],
         {},
         600.0,
-        "hang timeout 600 s = max(floor 60 s, first-step allowance 600 s): no step has finished yet",
+        "hang timeout 600 s = max(floor 60 s, first-step allowance 600 s): "
+        "no step has finished yet",
     ),
     (
         [],

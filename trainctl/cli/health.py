@@ -98,6 +98,17 @@ def _part(verdict: HealthVerdict, subject: str) -> HealthVerdict | None:
     return HealthVerdict.from_dict(data) if isinstance(data, dict) and "status" in data else None
 
 
+def _gpu_detail(verdict: HealthVerdict) -> str:
+    """The reason when something is wrong; for a healthy GPU its name and temperature."""
+    reading = verdict.evidence.get("reading", {})
+    if verdict.status is not Verdict.OK or not isinstance(reading, dict):
+        return verdict.reason
+    facts = [str(reading["name"])] if reading.get("name") else []
+    if reading.get("temperature_c") is not None:
+        facts.append(f"{reading['temperature_c']} °C")
+    return ", ".join(facts) or verdict.reason
+
+
 def _print_probe(result: GateResult) -> None:
     console = terminal.console
     nvml = result.nvml
@@ -112,7 +123,9 @@ def _print_probe(result: GateResult) -> None:
         if per_gpu:
             for subject, verdict in per_gpu:
                 if verdict is not None:
-                    table.add_row(subject, _status_text(verdict.status), escape(verdict.reason))
+                    table.add_row(
+                        subject, _status_text(verdict.status), escape(_gpu_detail(verdict))
+                    )
         else:
             table.add_row("gpus", _status_text(gpus.status), escape(gpus.reason))
     host = _part(result.verdict, "host")

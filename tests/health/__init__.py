@@ -1,0 +1,1 @@
+"""Tests of trainctl.health and `trainctl health` (issue 4)."""
