@@ -197,3 +197,10 @@ def test_probe_kept_open_sees_xids_raised_between_reads(
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["[(), ()]", "[(48, 79), ()]", "[(), ()]"]
+
+
+def test_build_without_a_compiler_says_so(tmp_path: Path) -> None:
+    from tests.health.conftest import fakenvml
+
+    with pytest.raises(fakenvml.CompilerMissing, match="no C compiler 'no-such-cc'"):
+        fakenvml.build_fake_nvml(tmp_path, compiler="no-such-cc")

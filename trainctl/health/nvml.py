@@ -266,15 +266,16 @@ class NvmlProbe:
         return xids
 
     def close(self) -> None:
-        """Free the event set and shut NVML down (only what was opened)."""
-        if self._event_set is not None:
-            try:
-                pynvml.nvmlEventSetFree(self._event_set)
-            finally:
-                self._event_set = None
-        if self._initialized:
-            self._initialized = False
-            pynvml.nvmlShutdown()
+        """Free the event set and shut NVML down (only what was opened), even if freeing fails."""
+        event_set, self._event_set = self._event_set, None
+        try:
+            if event_set is not None:
+                pynvml.nvmlEventSetFree(event_set)
+        finally:
+            if self._initialized:
+                self._initialized = False
+                self._handles.clear()
+                pynvml.nvmlShutdown()
 
 
 def read_nvml(*, xid_wait_ms: int = 0) -> NvmlReading:
