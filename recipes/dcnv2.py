@@ -76,7 +76,7 @@ def build(config: dict[str, Any]) -> tuple[nn.Module, list[nn.Module]]:
         int(config["cross_layers"]),
         [int(d) for d in config["deep"]],
     )
-    return model, [model.embeddings, model.deep]
+    return model, [*model.embeddings, model.deep]
 
 
 def _teacher(config: dict[str, Any]) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -64,7 +64,7 @@ class LaunchPlan:
     @classmethod
     def from_json(cls, data: dict[str, object]) -> LaunchPlan:
         raw_nodes = data["nodes"]
-        assert isinstance(raw_nodes, list)
+        assert isinstance(raw_nodes, (list, tuple))
         nodes = tuple(
             NodePlan(
                 name=n["name"],

@@ -173,4 +173,29 @@ def init(backend: str | None = None, timeout_s: float = 120.0) -> RankContext:
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGUSR1, on_stop)
+    _record_uncaught_exceptions()
     return ctx
+
+
+def _record_uncaught_exceptions() -> None:
+    """Write torchrun's error file for an uncaught exception (what `@record` does).
+
+    The node agent reads these files to tell a software error (the same exception everywhere)
+    from a node fault (a worker killed by a signal writes none).
+    """
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    handler = ErrorHandler()
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if isinstance(value, Exception):
+            try:
+                handler.record_exception(value)
+            except Exception as exc:  # the original error matters more than this one
+                print(f"trainctl: could not write the error file: {exc}", file=sys.stderr)
+        previous(kind, value, tb)
+
+    sys.excepthook = hook

@@ -1,0 +1,130 @@
+"""Running trainctl as a user would: a subprocess under a hard external timeout.
+
+gloo's init can hang past its own timeout, so every job runs under `timeout -s KILL`; after each
+run the harness asserts that no process of the job (tagged TRAINCTL_JOB_ID=<id>) is left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import REPO, sealed_env
+
+JOB_TIMEOUT_S = 240
+
+
+def job_processes(job_id: str) -> list[int]:
+    needle = f"TRAINCTL_JOB_ID={job_id}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as handle:
+                if needle not in handle.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                stat = handle.read().decode(errors="replace")
+        except OSError:
+            continue
+        if stat[stat.rfind(")") + 2 :].split()[0] not in ("Z", "X"):
+            found.append(int(name))
+    return found
+
+
+def assert_no_leftovers(job_id: str, wait_s: float = 5.0) -> None:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if not job_processes(job_id):
+            return
+        time.sleep(0.1)
+    leftovers = job_processes(job_id)
+    for pid in leftovers:  # do not poison later tests
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise AssertionError(f"processes of job {job_id} left behind: {leftovers}")
+
+
+@dataclasses.dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+def trainctl(*args: str, storage: Path | str, timeout_s: float = 60, **env: str) -> Result:
+    """Run a short trainctl command (no job processes)."""
+    proc = subprocess.run(
+        ["timeout", "-s", "KILL", str(timeout_s), sys.executable, "-m", "trainctl.cli.main", *args],
+        cwd=REPO,
+        env=sealed_env(storage, **env),
+        capture_output=True,
+        text=True,
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def launch(
+    *args: str, job_id: str, storage: Path | str, timeout_s: float = JOB_TIMEOUT_S, **env: str
+) -> Result:
+    """Run `trainctl launch ... --job-id JOB` to the end; assert nothing is left behind."""
+    try:
+        return trainctl(
+            "launch", "--job-id", job_id, *args, storage=storage, timeout_s=timeout_s, **env
+        )
+    finally:
+        assert_no_leftovers(job_id)
+
+
+def start_launch(*args: str, job_id: str, storage: Path | str, **env: str) -> subprocess.Popen[str]:
+    """Start `trainctl launch` in the background (the caller signals and waits)."""
+    return subprocess.Popen(
+        [
+            "timeout",
+            "-s",
+            "KILL",
+            str(JOB_TIMEOUT_S),
+            sys.executable,
+            "-m",
+            "trainctl.cli.main",
+            "launch",
+            "--job-id",
+            job_id,
+            *args,
+        ],
+        cwd=REPO,
+        env=sealed_env(storage, **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def read_state(storage: Path, job_id: str) -> dict[str, Any]:
+    return json.loads((Path(storage) / "jobs" / job_id / "state.json").read_text())
+
+
+def wait_for_step(storage: Path, job_id: str, step: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            state = read_state(storage, job_id)
+        except (FileNotFoundError, ValueError):
+            state = {}
+        if (state.get("step") or 0) >= step:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not reach step {step} in {timeout_s}s")

@@ -1,0 +1,120 @@
+"""CLI golden tests in a sealed environment (NO_COLOR=1, COLUMNS=80, temp storage)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.e2e.harness import trainctl
+from trainctl.exitcodes import EXIT_CODE_MEANINGS, ExitCode
+
+GOLDEN = REPO / "tests" / "golden"
+
+
+def normalise(text: str, storage: Path) -> str:
+    return (
+        text.replace(str(storage), "<storage>")
+        .replace(sys.executable, "<python>")
+        .replace(str(REPO), "<repo>")
+    )
+
+
+def test_dry_run_golden(storage: Path) -> None:
+    result = trainctl(
+        "launch",
+        "recipes/tiny-gpt.yaml",
+        "--nodes",
+        "2",
+        "--job-id",
+        "golden",
+        "--rdzv-port",
+        "29500",
+        "--dry-run",
+        storage=storage,
+    )
+    assert result.returncode == 0, result.stderr
+    got = normalise(result.stdout, storage)
+    expected = (GOLDEN / "dry-run-tiny-gpt.txt").read_text()
+    assert got == expected
+    assert not (storage / "jobs").exists(), "a dry run must not write the store"
+
+
+def test_dry_run_json_is_one_object(storage: Path) -> None:
+    result = trainctl(
+        "launch", "recipes/dcnv2.yaml", "--dry-run", "--json", "--job-id", "d", storage=storage
+    )
+    plan = json.loads(result.stdout)
+    assert plan["job_id"] == "d" and plan["world_size"] == 2 and len(plan["nodes"]) == 2
+
+
+BAD_INPUTS = [
+    (["launch", "recipes/nope.yaml"], "recipes/nope.yaml: recipe file not found"),
+    (["launch", "recipes/tiny-gpt.yaml", "--nodes", "0"], "Invalid value for '--nodes'"),
+    (["launch", "recipes/tiny-gpt.yaml", "--storage", "gs://b"], "--storage: unsupported"),
+    (["launch", "recipes/tiny-gpt.yaml", "--job-id", "../up"], "--job-id: invalid job id"),
+    (["launch", "README.md"], "TARGET: cannot tell what to launch"),
+    (["launch", "nope.py"], "SCRIPT: training script not found"),
+    (["status", "nope"], "no such job"),
+    (["launch", "recipes/tiny-gpt.yaml", "--bogus"], "No such option"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS)
+def test_bad_input_exits_2_with_one_message(storage: Path, args: list[str], message: str) -> None:
+    result = trainctl(*args, storage=storage)
+    assert result.returncode == ExitCode.BAD_INPUT, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert not (storage / "jobs").exists()
+
+
+def test_bad_recipe_field_via_cli(storage: Path, tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    (tmp_path / "t.py").write_text("")
+    recipe.write_text("script: t.py\ncheckpoint:\n  interval_step: 5\n")
+    result = trainctl("launch", str(recipe), storage=storage)
+    assert result.returncode == 2
+    assert f"{recipe}: checkpoint.interval_step: unknown field (got 5)" in result.stderr
+    assert "fix: remove the field" in result.stderr
+
+
+def test_list_empty_and_json(storage: Path) -> None:
+    assert trainctl("list", "--json", storage=storage).json() == []
+    assert "no jobs under" in trainctl("list", storage=storage).stderr
+
+
+def test_exit_code_table_matches_readme() -> None:
+    readme = (REPO / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(\d)` \| ([^|]+?) \|", readme, flags=re.M))
+    assert {int(k): v.strip() for k, v in rows.items()} == {
+        int(code): meaning for code, meaning in EXIT_CODE_MEANINGS.items()
+    }
+    assert set(EXIT_CODE_MEANINGS) == set(ExitCode)
+
+
+def test_cli_surface_is_deliberate(storage: Path) -> None:
+    """Every command and launch option, listed: growth of the surface is a decision."""
+    top = trainctl("--help", storage=storage).stdout
+    for command in ("launch", "list", "status", "events", "health", "ckpt"):
+        assert re.search(rf"│ {command}\s", top), command
+    launch_help = trainctl("launch", "--help", storage=storage).stdout
+    options = sorted(set(re.findall(r"(--[a-z][a-z-]+)", launch_help)))
+    assert options == sorted(
+        [
+            "--nodes",
+            "--nproc-per-node",
+            "--storage",
+            "--job-id",
+            "--max-steps",
+            "--seed",
+            "--rdzv-port",
+            "--dry-run",
+            "--json",
+            "--help",
+        ]
+    )

@@ -1,0 +1,133 @@
+"""Recipe validation: every bad input names file, field, value and fix; nothing starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from trainctl.errors import UserError
+from trainctl.exitcodes import ExitCode
+from trainctl.spec import check_job_id, check_storage_url, load_recipe, script_spec
+from trainctl.store import resolve_storage_root
+
+
+def write_recipe(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "train.py").write_text("print('hi')\n")
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_recipes_load() -> None:
+    for name in ("tiny-gpt", "dcnv2"):
+        spec = load_recipe(REPO / "recipes" / f"{name}.yaml")
+        assert spec.name == name
+        assert Path(spec.script).is_file()
+        assert spec.nodes == 2 and spec.checkpoint.keep_last >= 2
+
+
+def test_overrides_apply_and_defaults_fill(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, "script: train.py\n")
+    spec = load_recipe(path, {"nodes": 3, "nproc_per_node": None, "max_steps": 7})
+    assert spec.nodes == 3 and spec.nproc_per_node == 1 and spec.max_steps == 7
+    assert spec.name == "job" and spec.script == str((tmp_path / "train.py").resolve())
+    assert spec.world_size == 3
+
+
+BAD_RECIPES = [
+    ("script: train.py\nnodez: 2\n", "job.yaml: nodez", "unknown field", "remove the field"),
+    ("script: train.py\nnodes: two\n", "job.yaml: nodes", "valid integer", "right type"),
+    ("script: train.py\nnodes: 0\n", "job.yaml: nodes", "greater than or equal to 1", "(got 0)"),
+    (
+        "script: train.py\ncheckpoint:\n  keep_last: 1\n",
+        "job.yaml: checkpoint.keep_last",
+        "greater than or equal to 2",
+        "(got 1)",
+    ),
+    (
+        "script: train.py\ncheckpoint:\n  storage: gs://b/x\n",
+        "storage",
+        "unsupported storage scheme",
+        "s3://bucket/prefix",
+    ),
+    ("script: missing.py\n", "job.yaml: script", "training script not found", "missing.py"),
+    ("nodes: 2\n", "job.yaml: script", "Field required", "add the field"),
+    ("script: train.py\nnodes: [2\n", "job.yaml:3:1", "malformed YAML", "fix the YAML"),
+    ("- a\n- b\n", "job.yaml", "must be a YAML mapping", "key: value"),
+    ("script: train.py\nnodes: 2\nmin_nodes: 3\n", "job.yaml", "min_nodes (3) cannot exceed", ""),
+    (
+        "script: train.py\nenv:\n  BAD-NAME: x\n",
+        "job.yaml: env",
+        "invalid environment variable",
+        "",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "where", "problem", "detail"), BAD_RECIPES)
+def test_bad_recipes_raise_one_clear_user_error(
+    tmp_path: Path, text: str, where: str, problem: str, detail: str
+) -> None:
+    path = write_recipe(tmp_path, text)
+    with pytest.raises(UserError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert where in message and problem in message and detail in message
+    assert info.value.exit_code == ExitCode.BAD_INPUT
+
+
+def test_missing_recipe_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("job_id", ["a", "job-1", "x.y_z", "A" * 64])
+def test_good_job_ids(job_id: str) -> None:
+    assert check_job_id(job_id) == job_id
+
+
+@pytest.mark.parametrize("job_id", ["", "../x", "a/b", "a..b", ".hidden", "-x", "A" * 65, "a b"])
+def test_bad_job_ids(job_id: str) -> None:
+    with pytest.raises(UserError, match="invalid job id"):
+        check_job_id(job_id)
+
+
+@pytest.mark.parametrize("url", ["/abs", "rel/path", "file:///abs", "s3://bucket", "s3://b/p/q"])
+def test_good_storage_urls(url: str) -> None:
+    assert check_storage_url(url) == url
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("gs://b", "unsupported storage scheme"),
+        ("s3://", "no bucket"),
+        ("file://rel", "must be absolute"),
+        ("  ", "empty storage path"),
+    ],
+)
+def test_bad_storage_urls(url: str, problem: str) -> None:
+    with pytest.raises(UserError, match=problem):
+        check_storage_url(url)
+
+
+def test_storage_root_resolution_order(tmp_path: Path) -> None:
+    assert resolve_storage_root(str(tmp_path / "a"), {}) == str(tmp_path / "a")
+    assert resolve_storage_root(None, {"TRAINCTL_STORAGE": f"file://{tmp_path}/b/"}) == str(
+        tmp_path / "b"
+    )
+    assert resolve_storage_root(None, {"TRAINCTL_STORAGE": "s3://bkt/p/"}) == "s3://bkt/p"
+    assert resolve_storage_root(None, {}).endswith(".trainctl")
+    with pytest.raises(UserError, match="TRAINCTL_STORAGE"):
+        resolve_storage_root(None, {"TRAINCTL_STORAGE": "ftp://x"})
+
+
+def test_script_spec(tmp_path: Path) -> None:
+    script = tmp_path / "s.py"
+    script.write_text("")
+    spec = script_spec(str(script), ["--a", "b c"], {"nodes": 2})
+    assert spec.args == ("--a", "b c") and spec.nodes == 2 and not spec.uses_runtime
+    with pytest.raises(UserError, match="training script not found"):
+        script_spec(str(tmp_path / "nope.py"), [], {})
