@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 import trainctl.state as state_module
-
 from trainctl.state import (
     ATTEMPT_TRANSITIONS,
     JOB_TRANSITIONS,

@@ -55,6 +55,10 @@ class CorruptObjectError(StorageError):
         self.problems = problems
         super().__init__(f"{key}: " + "; ".join(problems))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # DCP pickles a rank's exception to every rank: keep it reconstructible.
+        return (type(self), (self.key, self.problems))
+
 
 @dataclass(frozen=True)
 class TransferConfig:
