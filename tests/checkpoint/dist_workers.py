@@ -1,0 +1,194 @@
+"""Worker functions for the multi-rank checkpoint tests (imported by spawned processes).
+
+Each worker joins a gloo process group through a file rendezvous (no ports), builds a small
+FSDP2 model on CPU, and saves or restores through the real `Checkpointer`. Rank 0 writes what
+the parent asserts on (fingerprints, events) as a torch file next to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from trainctl.checkpoint.checkpointer import Checkpointer
+
+WIDTH = 96  # uneven shards on 2 ranks are exercised by the 10-wide head
+
+
+def build_model() -> nn.Module:
+    torch.manual_seed(1234)
+    return nn.Sequential(
+        nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 10)
+    )
+
+
+def shard(model: nn.Module) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+class AppState(Stateful):
+    """What the runtime passes: model and optimizer through DCP's state-dict helpers."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state_dict["model"],
+            optim_state_dict=state_dict["optim"],
+        )
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    generator = torch.Generator().manual_seed(step)
+    batch = torch.randn(8, WIDTH, generator=generator)
+    model(batch).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def fingerprint(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model and optimizer state, on every rank, for exact comparison."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    full = {f"model.{k}": v for k, v in get_model_state_dict(model, options=options).items()}
+    optim = get_optimizer_state_dict(model, optimizer, options=options)
+    for name, per_param in optim["state"].items():
+        for key, value in per_param.items():
+            full[f"optim.{name}.{key}"] = torch.as_tensor(value).clone()
+    return {k: v.detach().clone() for k, v in full.items()}
+
+
+def new_extra() -> dict[str, Any]:
+    return {"step": 0, "rng": torch.zeros_like(torch.get_rng_state()), "data_position": [0, 0]}
+
+
+def run(world_size: int, target: Callable[..., None], args: tuple[Any, ...], init_dir: str) -> None:
+    """Run `target(rank, *args)` on `world_size` spawned ranks; raise if any rank failed."""
+    mp.start_processes(
+        _entry,
+        args=(world_size, target, args, init_dir),
+        nprocs=world_size,
+        join=True,
+        start_method="spawn",
+    )
+
+
+def _entry(
+    rank: int, world_size: int, target: Callable[..., None], args: tuple[Any, ...], init_dir: str
+) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_dir}/rendezvous",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        target(rank, *args)
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- scenarios
+
+
+def save_while_training(
+    rank: int, roots: list[tuple[str, dict[str, Any]]], out_file: str, steps: int
+) -> None:
+    """Train `steps` steps, saving every 2 to each root while training continues."""
+    model = shard(build_model())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    events: list[tuple[str, dict[str, Any]]] = []
+    checkpointers = [
+        Checkpointer(
+            root,
+            interval_steps=2,
+            keep_last=5,
+            storage_options=options,
+            part_size=5 << 20,
+            concurrency=2,
+            on_event=lambda name, fields: events.append((name, fields)),
+        )
+        for root, options in roots
+    ]
+    prints: dict[int, dict[str, torch.Tensor]] = {}
+    torch.manual_seed(99)  # the RNG state saved as an extra
+    for step in range(1, steps + 1):
+        train_step(model, optimizer, step)  # overlaps the previous save's upload
+        extra = {"step": step, "rng": torch.get_rng_state(), "data_position": [step, 7 * step]}
+        for checkpointer in checkpointers:
+            checkpointer.maybe_save(step, {"app": AppState(model, optimizer), "extra": extra})
+        if checkpointers[0].should_save(step):
+            prints[step] = fingerprint(model, optimizer)
+            prints[step]["extra.rng"] = extra["rng"].clone()
+    outcomes = [checkpointer.wait() for checkpointer in checkpointers]
+    for checkpointer in checkpointers:
+        checkpointer.close()
+    if rank == 0:
+        torch.save({"prints": prints, "events": events, "outcomes": outcomes}, out_file)
+
+
+def restore(rank: int, roots: list[tuple[str, dict[str, Any]]], out_file: str) -> None:
+    """Restore each root into a fresh model; record the step, fingerprint, extras and events."""
+    results = []
+    for root, options in roots:
+        model = shard(build_model())
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        train_step(model, optimizer, 0)  # optimizer state must exist to be loaded into
+        events: list[tuple[str, dict[str, Any]]] = []
+        checkpointer = Checkpointer(
+            root,
+            interval_steps=2,
+            keep_last=5,
+            storage_options=options,
+            part_size=5 << 20,
+            on_event=lambda name, fields, sink=events: sink.append((name, fields)),
+        )
+        extra = new_extra()
+        step = checkpointer.restore_latest({"app": AppState(model, optimizer), "extra": extra})
+        checkpointer.close()
+        results.append(
+            {
+                "step": step,
+                "print": fingerprint(model, optimizer),
+                "extra": extra,
+                "events": events,
+            }
+        )
+    if rank == 0:
+        torch.save(results, out_file)

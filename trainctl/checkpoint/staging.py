@@ -1,0 +1,104 @@
+"""Staging: a training-safe copy of the state, in host buffers allocated once and reused.
+
+DCP's default staging allocates a fresh (unpinned) CPU copy on every save; on this machine
+page faults make a fresh copy about 5x slower than copying into memory that already exists
+(2.1 vs 11.4 GiB/s). `Stager` allocates the buffers on the first save (pinned when CUDA is
+available) and copies into them on every later save, so the training loop stalls only for
+a memcpy and host memory stays flat save after save.
+
+The buffers are reused, so a staged state is valid only until the next `stage` call: the
+`Checkpointer` waits for the previous upload before staging again (back-pressure).
+
+Allocation and copy use torch's own helpers for DTensor/ShardedTensor-aware state dicts
+(`_create_cpu_state_dict`, `_copy_state_dict`: what DCP's `BlockingAsyncStager` uses); they
+are private, so they are imported here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+from torch.distributed.tensor import DTensor
+
+
+def _layout(value: Any, path: str = "") -> list[tuple[Any, ...]]:
+    """Everything that decides whether cached buffers fit: keys, container kinds, tensor
+    shapes/dtypes (local and global for DTensors). Values of non-tensor leaves do not matter."""
+    if isinstance(value, DTensor):
+        local = value._local_tensor
+        return [(path, "dtensor", value.dtype, tuple(value.shape), tuple(local.shape))]
+    if isinstance(value, torch.Tensor):
+        return [(path, "tensor", value.dtype, tuple(value.shape))]
+    if isinstance(value, Mapping):
+        entries: list[tuple[Any, ...]] = [(path, "dict", tuple(sorted(map(str, value))))]
+        for key in sorted(value, key=str):
+            entries.extend(_layout(value[key], f"{path}/{key}"))
+        return entries
+    if isinstance(value, list | tuple):
+        entries = [(path, type(value).__name__, len(value))]
+        for index, item in enumerate(value):
+            entries.extend(_layout(item, f"{path}/{index}"))
+        return entries
+    return [(path, "leaf")]
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, DTensor):
+        return int(value._local_tensor.nbytes)
+    if isinstance(value, torch.Tensor):
+        return int(value.nbytes)
+    if isinstance(value, Mapping):
+        return sum(_tensor_bytes(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
+
+
+class Stager:
+    """Copies state dicts into reused host buffers.
+
+    Args:
+        pin_memory: page-lock the buffers (fast device-to-host copies); default: when CUDA is
+            available. Pinned memory cannot be swapped: it costs one state of host RAM per rank.
+    """
+
+    def __init__(self, pin_memory: bool | None = None) -> None:
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._buffers: dict[str, Any] | None = None
+        self._layout: list[tuple[Any, ...]] | None = None
+        self.num_allocations = 0
+        """How many times buffers were (re)allocated: 1 unless the state's layout changed."""
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes held by the staging buffers."""
+        return _tensor_bytes(self._buffers) if self._buffers is not None else 0
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A copy of `state_dict` whose tensors live in the reused host buffers.
+
+        Non-tensor leaves (ints, bytes, strings) are carried as they are (immutable). Returns
+        once the copy is complete (device copies are synchronised). Blocks the caller: this is
+        the checkpoint's stall.
+        """
+        layout = _layout(state_dict)
+        if self._buffers is None or layout != self._layout:
+            # First save, or the state changed shape (e.g. optimizer state appeared): allocate.
+            self._buffers = _create_cpu_state_dict(state_dict, pin_memory=self.pin_memory)
+            self._layout = layout
+            self.num_allocations += 1
+        non_blocking = self.pin_memory and torch.cuda.is_available()
+        staged = _copy_state_dict(
+            state_dict, self._buffers, non_blocking=non_blocking, type_check=False
+        )
+        if non_blocking:
+            torch.cuda.synchronize()
+        return staged
+
+    def close(self) -> None:
+        """Drop the buffers (the next `stage` allocates again)."""
+        self._buffers = None
+        self._layout = None
