@@ -18,6 +18,7 @@ from torch.distributed.fsdp import fully_shard
 from trainctl import runtime
 
 Batch = tuple[torch.Tensor, ...]
+WARMUP_STEPS = 2
 
 
 def batch_generator(seed: int, step: int) -> torch.Generator:
@@ -58,7 +59,7 @@ def train(
     model, blocks = build_model(config)
     shard_model(model, blocks, ctx.distributed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(config["lr"]), weight_decay=0.01)
-    step = 0
+    step = start_step = 0
     if ctx.is_main:
         params = sum(p.numel() for p in model.parameters())  # DTensor numel is global
         ctx.log(
@@ -66,6 +67,7 @@ def train(
             f"steps {max_steps}, attempt {ctx.attempt}"
         )
     started = time.perf_counter()
+    warm_step, warm_time = step, started
     while step < max_steps:
         batch = rank_slice(
             make_batch(config, batch_generator(ctx.seed, step)), ctx.rank, ctx.world_size
@@ -78,8 +80,14 @@ def train(
         ctx.progress(step)
         if ctx.is_main and (step % 10 == 0 or step == max_steps):
             ctx.log(f"step {step} loss {loss.item():.5f} ({time.perf_counter() - started:.1f}s)")
+        if step == start_step + WARMUP_STEPS:
+            warm_step, warm_time = step, time.perf_counter()
         if ctx.should_stop():
             ctx.log(f"stop requested at step {step}")
             break
+    if ctx.is_main and step > warm_step:
+        elapsed = time.perf_counter() - warm_time
+        ctx.log(f"throughput: {step - warm_step} steps in {elapsed:.3f}s "
+                f"({(step - warm_step) / elapsed:.3f} steps/s after {WARMUP_STEPS} warm-up steps)")
     ctx.finish(model, step)
     ctx.close()

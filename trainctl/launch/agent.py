@@ -119,7 +119,7 @@ class Agent:
             self._handle_control()
             if self.stop_reason is not None:
                 return self.shutdown(self.stop_reason)
-            select.select([self.workers], [], [], 0.05)
+            select.select([self.workers], [], [], 0.2)
             self._forward_progress(pending)
             now = time.monotonic()
             if pending and now - last_flush >= PROGRESS_BATCH_S:
