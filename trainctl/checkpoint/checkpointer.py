@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,6 +55,14 @@ from trainctl.checkpoint.storage import MIB, Storage, TransferConfig, open_stora
 from trainctl.errors import TrainctlError
 
 log = logging.getLogger(__name__)
+
+# DCP warns on every save/load without a process group; one process (tests, the CLI, a
+# notebook) is a supported mode here, so the warning is noise.
+warnings.filterwarnings(
+    "ignore",
+    message="torch.distributed is disabled, unavailable or uninitialized",
+    category=UserWarning,
+)
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 
