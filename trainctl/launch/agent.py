@@ -71,8 +71,10 @@ class Agent:
         self.stop_reason: str | None = None
         self.grace_s = float(node.env_dict().get("TRAINCTL_STOP_GRACE_S", "5"))
 
-    def send(self, kind: str, **fields: Any) -> None:
-        self.control.send({"type": kind, "node": self.node.name, "time": time.time(), **fields})
+    def send(self, message_type: str, **fields: Any) -> None:
+        self.control.send(
+            {"node": self.node.name, "time": time.time(), **fields, "type": message_type}
+        )
 
     def start_torchrun(self) -> None:
         env = dict(os.environ)
