@@ -16,6 +16,7 @@ import torch
 from torch.distributed.fsdp import fully_shard
 
 from trainctl import runtime
+from trainctl.runtime.checkpoint import checkpointing
 
 Batch = tuple[torch.Tensor, ...]
 WARMUP_STEPS = 2
@@ -59,7 +60,11 @@ def train(
     model, blocks = build_model(config)
     shard_model(model, blocks, ctx.distributed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(config["lr"]), weight_decay=0.01)
-    step = start_step = 0
+    ckpt = checkpointing(ctx, model, optimizer)
+    step = start_step = ckpt.restore() if ckpt else 0
+    if step:
+        ctx.log(f"resumed from the checkpoint of step {step}")
+    step_sleep_s = float(config.get("step_sleep_s", 0.0))  # tests: slow steps down
     if ctx.is_main:
         params = sum(p.numel() for p in model.parameters())  # DTensor numel is global
         ctx.log(
@@ -77,17 +82,25 @@ def train(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if step_sleep_s:
+            time.sleep(step_sleep_s)
         ctx.progress(step)
+        if ckpt:
+            ckpt.maybe_save(step)
         if ctx.is_main and (step % 10 == 0 or step == max_steps):
             ctx.log(f"step {step} loss {loss.item():.5f} ({time.perf_counter() - started:.1f}s)")
         if step == start_step + WARMUP_STEPS:
             warm_step, warm_time = step, time.perf_counter()
         if ctx.should_stop():
             ctx.log(f"stop requested at step {step}")
+            if ckpt and not ckpt.checkpointer.should_save(step):
+                ckpt.save(step)  # preempted: leave a checkpoint of exactly this step
             break
     if ctx.is_main and step > warm_step:
         elapsed = time.perf_counter() - warm_time
         ctx.log(f"throughput: {step - warm_step} steps in {elapsed:.3f}s "
                 f"({(step - warm_step) / elapsed:.3f} steps/s after {WARMUP_STEPS} warm-up steps)")
+    if ckpt:
+        ckpt.finish()
     ctx.finish(model, step)
     ctx.close()

@@ -128,3 +128,67 @@ def wait_for_step(storage: Path, job_id: str, step: int, timeout_s: float = 120)
             return
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} did not reach step {step} in {timeout_s}s")
+
+
+def worker_pid(job_id: str, rank: int, timeout_s: float = 60) -> int:
+    """The pid of the worker process with global `rank` (not the agent, not torchrun)."""
+    wanted = {f"TRAINCTL_JOB_ID={job_id}".encode(), f"RANK={rank}".encode()}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for pid in job_processes(job_id):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as handle:
+                    env = set(handle.read().split(b"\0"))
+                with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                    cmdline = handle.read()
+            except OSError:
+                continue
+            if wanted <= env and b"torch.distributed.run" not in cmdline:
+                return pid
+        time.sleep(0.1)
+    raise AssertionError(f"no worker with rank {rank} in job {job_id}")
+
+
+def events(storage: Path, job_id: str) -> list[dict[str, Any]]:
+    directory = Path(storage) / "jobs" / job_id / "events"
+    found = []
+    for path in sorted(directory.glob("*.json")) if directory.exists() else []:
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return sorted(found, key=lambda e: e["time"])
+
+
+def wait_for_event(storage: Path, job_id: str, kind: str, timeout_s: float = 120,
+                   **fields: Any) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for event in events(storage, job_id):
+            if event["kind"] == kind and all(event["data"].get(k) == v for k, v in fields.items()):
+                return event
+        time.sleep(0.1)
+    raise AssertionError(f"no {kind} {fields} event in job {job_id} within {timeout_s}s")
+
+
+def write_recipe(directory: Path, name: str = "ckpt-gpt", **sections: Any) -> Path:
+    """A tiny-gpt recipe (smaller model, slower steps) with sections overridden."""
+    import yaml
+
+    recipe: dict[str, Any] = {
+        "name": name,
+        "script": str(REPO / "recipes" / "tiny_gpt.py"),
+        "nodes": 2,
+        "seed": 0,
+        "config": {"vocab": 256, "dim": 128, "layers": 2, "heads": 4, "seq_len": 32,
+                   "batch_size": 8, "lr": 0.003, "steps": 30},
+        "checkpoint": {"interval_steps": 5, "keep_last": 2},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path

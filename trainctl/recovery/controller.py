@@ -80,7 +80,7 @@ class Controller:
         self._last_announced_step = 0
 
     # -- recording ---------------------------------------------------------------------------
-    def event(self, kind: str, message: str, node: str | None = None, **data: Any) -> None:
+    def event(self, kind: str, message: str, /, node: str | None = None, **data: Any) -> None:
         attempt = self.record.attempts[-1].number if self.record.attempts else None
         self.store.append_event(
             self.record.job_id,
@@ -208,12 +208,13 @@ class Controller:
             )
             self._dirty = True
         elif kind == "event":
+            data = {**(message.get("data") or {}), "rank": message.get("rank")}
+            data.pop("node", None)  # the reporting node is the event's own node
             self.event(
                 str(message.get("kind", "worker_event")),
                 str(message.get("message", "")),
                 node=node_name,
-                rank=message.get("rank"),
-                **(message.get("data") or {}),
+                **data,
             )
         elif kind == "exit":
             code = int(message.get("code", 1))

@@ -77,7 +77,7 @@ class RankContext:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def event(self, kind: str, message: str, **data: Any) -> None:
+    def event(self, kind: str, message: str, /, **data: Any) -> None:
         """Record an event in the job store (through the node agent)."""
         self.reporter.event(kind, message, **data)
 
@@ -109,11 +109,14 @@ def _default_backend() -> str:
 
 
 def _init_process_group(rank: int, world_size: int, backend: str, timeout_s: float) -> None:
-    """Join the process group through a store namespaced by attempt and restart.
+    """Join the process group through a store that holds nothing from an earlier round.
 
-    torchrun's workers share the rendezvous store across restarts; without a prefix a restarted
-    worker can read a dead worker's gloo address (stock restarts succeeded 5 of 10 times on
-    this project's machine, with the prefix 8 of 8).
+    trainctl's agents run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, so each
+    rendezvous round bootstraps on a fresh store hosted by that round's rank 0. Under a shared
+    store that outlives rounds (stock torchrun), a restarted worker can read a dead worker's
+    gloo address (stock restarts succeeded 5 of 10 times on this project's machine), so there
+    the keys are also namespaced by restart count — the fix measured 8 of 8 with one agent;
+    with several agents the counts can disagree, which is why trainctl avoids that mode.
     """
     import torch.distributed as dist
 
@@ -131,9 +134,10 @@ def _init_process_group(rank: int, world_size: int, backend: str, timeout_s: flo
     )
     prefix = (
         f"trainctl/{os.environ.get('TRAINCTL_JOB_ID', 'job')}"
-        f"/a{os.environ.get('TRAINCTL_ATTEMPT', '0')}"
-        f"/r{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        f"/a{os.environ.get('TRAINCTL_ATTEMPT', '0')}/"
     )
+    if agent_store:
+        prefix += f"r{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
     store = dist.PrefixStore(prefix, base)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 

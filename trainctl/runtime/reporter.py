@@ -72,7 +72,7 @@ class Reporter:
             reliable=True,
         )
 
-    def event(self, kind: str, message: str, **data: Any) -> None:
+    def event(self, kind: str, message: str, /, **data: Any) -> None:
         self.send(
             {"type": "event", "rank": self.rank, "kind": kind, "message": message, "data": data},
             reliable=True,

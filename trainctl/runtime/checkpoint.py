@@ -1,0 +1,135 @@
+"""Checkpointing from a training script: the recipe's `checkpoint:` section, ready to use.
+
+    ckpt = runtime.checkpointing(ctx, model, optimizer)     # None when the recipe saves none
+    step = ckpt.restore() if ckpt else 0                     # newest committed, verified step
+    ...
+    if ckpt: ckpt.maybe_save(step)                           # async: returns after staging
+
+`TrainingCheckpoint` bundles the FSDP2 model and optimizer (sharded state dicts through DCP's
+`get_state_dict`/`set_state_dict`, so restore reshards to any world size) with the trainer's
+own state: the step (which is also the data position: batches are drawn per step) and the
+global RNG state, so a resumed run is bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+from trainctl.checkpoint.checkpointer import Checkpointer
+from trainctl.checkpoint.storage import MIB
+
+if TYPE_CHECKING:
+    from trainctl.runtime import RankContext
+
+
+class ModelAndOptimizer(Stateful):
+    """FSDP2 model + optimizer as DCP `Stateful` (sharded: no gather on save)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optim": optim_state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state_dict["model"],
+            optim_state_dict=state_dict["optim"],
+        )
+
+
+class TrainerState(Stateful):
+    """The step (= data position) and the global CPU RNG state, identical on every rank."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": torch.tensor(self.step, dtype=torch.int64), "rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step = int(state_dict["step"].item())
+        torch.set_rng_state(state_dict["rng"])
+
+
+class TrainingCheckpoint:
+    """A job's checkpoints as a training loop uses them."""
+
+    def __init__(
+        self, checkpointer: Checkpointer, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self.checkpointer = checkpointer
+        self.trainer = TrainerState()
+        self.state = {"app": ModelAndOptimizer(model, optimizer), "trainer": self.trainer}
+
+    def restore(self) -> int:
+        """Load the newest committed, verified step; returns the step to continue from (0: none)."""
+        step = self.checkpointer.restore_latest(self.state)
+        return 0 if step is None else self.trainer.step
+
+    def maybe_save(self, step: int) -> bool:
+        """Save when `step` is on the interval; returns whether a save started."""
+        if not self.checkpointer.should_save(step):
+            return False
+        self.save(step)
+        return True
+
+    def save(self, step: int) -> None:
+        """Stage now, upload in the background (after the previous upload finished)."""
+        self.trainer.step = step
+        self.checkpointer.save(step, self.state, extra={"step": step})
+
+    def finish(self) -> None:
+        """Wait for the last upload and release the checkpoint process group's resources."""
+        self.checkpointer.wait()
+        self.checkpointer.close()
+
+
+def checkpointing(
+    ctx: RankContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> TrainingCheckpoint | None:
+    """Build the job's checkpointing from the environment the node agent set, or None.
+
+    A collective when torch.distributed is initialised: call it on every rank. Events
+    (commits, failures, skipped steps, GC) go to the job store through the node agent.
+    """
+    spec = json.loads(os.environ.get("TRAINCTL_CHECKPOINT") or "{}")
+    root = os.environ.get("TRAINCTL_CHECKPOINT_ROOT")
+    if not root or not spec.get("interval_steps"):
+        return None
+
+    def on_event(name: str, fields: dict[str, Any]) -> None:
+        ctx.event(name, _describe(name, fields), **fields)
+
+    checkpointer = Checkpointer(
+        root,
+        interval_steps=int(spec["interval_steps"]),
+        keep_last=int(spec.get("keep_last", 2)),
+        keep_every=int(spec.get("keep_every") or 0) or None,
+        storage_options=spec.get("storage_options") or None,
+        part_size=int(spec.get("part_size_mb", 64)) * MIB,
+        concurrency=int(spec.get("concurrency", 8)),
+        on_event=on_event,
+    )
+    return TrainingCheckpoint(checkpointer, model, optimizer)
+
+
+def _describe(name: str, fields: dict[str, Any]) -> str:
+    step = fields.get("step")
+    reason = fields.get("reason") or fields.get("error")
+    text = name.replace("_", " ")
+    if step is not None:
+        text += f" step {step}"
+    if reason:
+        text += f": {reason}"
+    return text
