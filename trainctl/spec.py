@@ -66,6 +66,39 @@ class LaunchSpec(_Frozen):
     """After SIGTERM, how long workers get before SIGKILL."""
 
 
+class HealthSpec(_Frozen):
+    """Node health and progress watching (the ``health:`` section).
+
+    The hang timeout between steps is derived from observed step times as
+    max(`hang_floor_s`, `hang_k` x p99 of the last `hang_window` step times) unless
+    `hang_timeout_s` pins it; before a rank's first step `first_step_allowance_s` applies
+    instead (the first step also imports, joins the process group and builds the model).
+    """
+
+    probe_interval_s: float = Field(default=30.0, ge=0)
+    """How often each node agent re-probes GPUs and host while running (0: only before start)."""
+    min_free_disk_gb: float = Field(default=1.0, ge=0)
+    """Free space required at the run directory, the store and the checkpoint root (GiB)."""
+    require_nvml: bool = False
+    """True on GPU clusters: a missing NVML library is then UNHEALTHY instead of fail-open."""
+    hang_timeout_s: float | None = Field(default=None, gt=0)
+    """Pin the hang timeout between steps (seconds); default: derived from step times."""
+    hang_floor_s: float = Field(default=60.0, gt=0)
+    """The derived hang timeout is never shorter than this."""
+    hang_k: float = Field(default=5.0, gt=0)
+    """The derived hang timeout is at least this multiple of the p99 step time."""
+    hang_window: int = Field(default=100, ge=1)
+    """How many recent step times (all ranks together) the p99 is taken over."""
+    first_step_allowance_s: float = Field(default=600.0, gt=0)
+    """Hang timeout before a rank's first reported step."""
+    straggler_factor: float = Field(default=1.2, gt=1)
+    """A node is a straggler when its step (busy) time exceeds this multiple of the others'."""
+    straggler_window: int = Field(default=20, ge=2)
+    """How many recent steps the straggler judgement looks at."""
+    stack_dump_timeout_s: float = Field(default=15.0, gt=0)
+    """After a hang, how long the controller waits for every node's stack dumps."""
+
+
 class JobSpec(_Frozen):
     """A validated job: recipe file plus command-line overrides."""
 
@@ -93,6 +126,12 @@ class JobSpec(_Frozen):
     """Free-form settings for the training script (model size, learning rate...)."""
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     launch: LaunchSpec = Field(default_factory=LaunchSpec)
+    health: HealthSpec = Field(default_factory=HealthSpec)
+    node_env: dict[str, dict[str, str]] = Field(default_factory=dict)
+    """Extra environment for one node's agent, torchrun and workers, by node name
+    (``node-1: {FAKE_NVML_FILE: /tmp/xid79.nvml}``); applied after `env`. With the local
+    scheduler this is how a test gives each simulated node its own fake NVML fault file;
+    `--dry-run` shows the result in each node's environment."""
     uses_runtime: bool = True
     """Whether the script uses trainctl.runtime (recipes do; plain scripts may not)."""
 
@@ -104,10 +143,25 @@ class JobSpec(_Frozen):
                 raise ValueError(f"invalid environment variable name {key!r}")
         return value
 
+    @field_validator("node_env")
+    @classmethod
+    def _node_env_names(cls, value: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        for node, env in value.items():
+            if not re.fullmatch(r"node-[0-9]+", node):
+                raise ValueError(f"invalid node name {node!r}: nodes are named node-0, node-1, ...")
+            cls._env_names(env)
+        return value
+
     @model_validator(mode="after")
     def _node_counts(self) -> JobSpec:
         if self.min_nodes is not None and self.min_nodes > self.nodes:
             raise ValueError(f"min_nodes ({self.min_nodes}) cannot exceed nodes ({self.nodes})")
+        num_nodes = self.nodes + self.spare_nodes
+        for node in self.node_env:
+            if int(node.split("-", 1)[1]) >= num_nodes:
+                raise ValueError(
+                    f"node_env names {node}, but the job has only node-0..node-{num_nodes - 1}"
+                )
         return self
 
     @property

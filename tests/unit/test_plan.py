@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from trainctl.launch.plan import Facts, LaunchPlan, plan_attempt, render_plan
-from trainctl.spec import JobSpec
+from trainctl.launch.plan import Facts, GatePlan, LaunchPlan, plan_attempt, render_plan
+from trainctl.spec import HealthSpec, JobSpec
 
 SPEC = JobSpec(
     name="t",
@@ -57,3 +57,35 @@ def test_unknown_port_is_shown_as_placeholder() -> None:
     plan = plan_attempt(SPEC, facts, "j", 0, ("node-0",))
     assert plan.rdzv_endpoint == "127.0.0.1:<rdzv-port>"
     assert "--rdzv-endpoint=127.0.0.1:<rdzv-port>" in plan.nodes[0].argv
+
+
+def test_node_env_reaches_only_its_node_and_wins_over_env() -> None:
+    spec = SPEC.model_copy(
+        update={"node_env": {"node-1": {"FAKE_NVML_FILE": "/f/xid.nvml", "EXTRA": "2"}}}
+    )
+    plan = plan_attempt(spec, FACTS, "j", 0, ("node-0", "node-1"))
+    node0, node1 = (n.env_dict() for n in plan.nodes)
+    assert "FAKE_NVML_FILE" not in node0 and node0["EXTRA"] == "1"
+    assert node1["FAKE_NVML_FILE"] == "/f/xid.nvml" and node1["EXTRA"] == "2"
+    assert "  FAKE_NVML_FILE=/f/xid.nvml" in render_plan(plan)
+
+
+def test_gate_settings_come_from_the_health_section_and_print() -> None:
+    spec = SPEC.model_copy(
+        update={
+            "health": HealthSpec(probe_interval_s=0, min_free_disk_gb=20, require_nvml=True),
+        }
+    )
+    plan = plan_attempt(spec, FACTS, "j", 0, ("node-0",))
+    assert plan.gate == GatePlan(
+        paths=("/store/jobs/j", "/store", "/store/checkpoints/j"),
+        min_free_disk_gb=20,
+        require_nvml=True,
+        probe_interval_s=0,
+    )
+    assert LaunchPlan.from_json(plan.to_json()) == plan
+    assert render_plan(plan).splitlines()[1] == (
+        "health gate: free disk >= 20 GiB at /store/jobs/j, /store, /store/checkpoints/j; "
+        "rendezvous reachable; NVML required; no re-probes while running"
+    )
+    assert plan.nodes[0].env_dict()["TRAINCTL_STOP_GRACE_S"] == "5"

@@ -49,6 +49,35 @@ class NodePlan:
 
 
 @dataclasses.dataclass(frozen=True)
+class GatePlan:
+    """What each node agent's health gate checks, before joining and every `probe_interval_s`.
+
+    The agent also tests that the rendezvous endpoint accepts a TCP connection.
+    """
+
+    paths: tuple[str, ...]
+    """Directories needing free space: the run directory, the store and the checkpoint root
+    (object-store URLs are listed as skipped by the gate)."""
+    min_free_disk_gb: float = 1.0
+    require_nvml: bool = False
+    """False: a machine without NVML passes (fail-open); True: missing NVML is UNHEALTHY."""
+    probe_interval_s: float = 30.0
+    """0: probe only before starting torchrun."""
+
+    def describe(self) -> str:
+        nvml = "NVML required" if self.require_nvml else "NVML fail-open when absent"
+        every = (
+            f"re-probe every {self.probe_interval_s:g} s"
+            if self.probe_interval_s
+            else "no re-probes while running"
+        )
+        return (
+            f"health gate: free disk >= {self.min_free_disk_gb:g} GiB at "
+            f"{', '.join(self.paths)}; rendezvous reachable; {nvml}; {every}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class LaunchPlan:
     job_id: str
     attempt: int
@@ -57,6 +86,7 @@ class LaunchPlan:
     nodes: tuple[NodePlan, ...]
     excluded: tuple[str, ...] = ()
     spares: tuple[str, ...] = ()
+    gate: GatePlan = GatePlan(paths=())
 
     def to_json(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -78,6 +108,9 @@ class LaunchPlan:
         excluded = data.get("excluded", ())
         spares = data.get("spares", ())
         assert isinstance(excluded, (list, tuple)) and isinstance(spares, (list, tuple))
+        raw_gate = data.get("gate", {"paths": ()})
+        assert isinstance(raw_gate, dict)
+        gate = GatePlan(**{**raw_gate, "paths": tuple(raw_gate["paths"])})
         return cls(
             job_id=str(data["job_id"]),
             attempt=int(str(data["attempt"])),
@@ -86,6 +119,7 @@ class LaunchPlan:
             nodes=nodes,
             excluded=tuple(excluded),
             spares=tuple(spares),
+            gate=gate,
         )
 
 
@@ -142,6 +176,8 @@ def node_env(spec: JobSpec, facts: Facts, job_id: str, attempt: int, node: str) 
         "TRAINCTL_ATTEMPT": str(attempt),
         "TRAINCTL_STORAGE": facts.storage_root,
         "TRAINCTL_SEED": str(spec.seed),
+        # The agent's SIGTERM -> SIGKILL grace when stopping its tree (the recipe's setting).
+        "TRAINCTL_STOP_GRACE_S": f"{spec.launch.stop_grace_s:g}",
         "TRAINCTL_CONFIG": json.dumps(spec.config, sort_keys=True, separators=(",", ":")),
         # One intra-op thread per worker: the simulated nodes share the host's cores.
         "OMP_NUM_THREADS": "1",
@@ -160,7 +196,21 @@ def node_env(spec: JobSpec, facts: Facts, job_id: str, attempt: int, node: str) 
         ckpt.model_dump(mode="json"), sort_keys=True, separators=(",", ":")
     )
     env.update(spec.env)
+    env.update(spec.node_env.get(node, {}))
     return dict(sorted(env.items()))
+
+
+def gate_plan(spec: JobSpec, facts: Facts) -> GatePlan:
+    """The health gate's settings: the recipe's ``health:`` section and the job's paths."""
+    paths = [facts.run_dir, facts.storage_root]
+    if facts.checkpoint_root:
+        paths.append(facts.checkpoint_root)
+    return GatePlan(
+        paths=tuple(dict.fromkeys(paths)),
+        min_free_disk_gb=spec.health.min_free_disk_gb,
+        require_nvml=spec.health.require_nvml,
+        probe_interval_s=spec.health.probe_interval_s,
+    )
 
 
 def plan_attempt(
@@ -195,6 +245,7 @@ def plan_attempt(
         nodes=tuple(node_plans),
         excluded=excluded,
         spares=spares,
+        gate=gate_plan(spec, facts),
     )
 
 
@@ -208,6 +259,7 @@ def render_plan(plan: LaunchPlan) -> str:
         lines.append(f"excluded: {', '.join(plan.excluded)}")
     if plan.spares:
         lines.append(f"spares: {', '.join(plan.spares)}")
+    lines.append(plan.gate.describe())
     for node in plan.nodes:
         lines.append("")
         lines.append(f"[{node.name}]  log: {node.log_path}")
