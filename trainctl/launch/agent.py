@@ -1,10 +1,14 @@
 """The node agent: one per node, owns everything that runs there.
 
-It connects to the controller (one connection per node), runs the pre-rendezvous health gate,
-starts torchrun with the node's planned argv and environment, relays its workers' heartbeats in
-batches, reports torchrun's exit with any error files, and on ``stop`` (or when the controller
-goes away) tears the node's whole process tree down: torchrun's workers live in their own
-sessions, so the agent is a child subreaper and walks /proc to find them.
+It connects to the controller (one connection per node), runs the pre-rendezvous health gate
+and reports its ``verdict`` (an UNHEALTHY node never starts torchrun: it waits for the
+controller's ``stop``), starts torchrun with the node's planned argv and environment, re-probes
+every ``health.probe_interval_s`` (a background thread; NVML stays open so XIDs between probes
+are seen), relays its workers' heartbeats in batches (every step's times kept, for straggler
+detection), dumps its workers' stacks on ``dump_stacks``, reports torchrun's exit with any
+error files, and on ``stop`` (or when the controller goes away) tears the node's whole process
+tree down: torchrun's workers live in their own sessions, so the agent is a child subreaper and
+walks /proc to find them.
 
 Run as ``python -m trainctl.launch.agent PLAN.json NODE``.
 """
@@ -18,16 +22,33 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from trainctl.launch import proctree
+from trainctl.health.gate import GateConfig, GateResult, NodeProber
+from trainctl.health.verdict import GIB, Verdict
+from trainctl.launch import proctree, stacks
 from trainctl.launch.control import ControlClient, WorkerChannel, worker_socket_address
 from trainctl.launch.plan import LaunchPlan, NodePlan
 
 PROGRESS_BATCH_S = 0.25
 """Heartbeats are forwarded at most this often (one message per node, not per worker)."""
+MAX_SAMPLES_PER_RANK = 256
+"""Per-step samples kept per rank between two forwards (bounded if the controller stalls)."""
+
+
+def gate_config(plan: LaunchPlan) -> GateConfig:
+    """The health gate for this plan: its paths and limits, and the rendezvous endpoint."""
+    host, _, port = plan.rdzv_endpoint.rpartition(":")
+    return GateConfig(
+        paths=plan.gate.paths,
+        min_free_disk_bytes=int(plan.gate.min_free_disk_gb * GIB),
+        rendezvous=(host, int(port)) if port.isdigit() and int(port) > 0 else None,
+        require_nvml=plan.gate.require_nvml,
+    )
 
 
 def collect_error_files(error_dir: str) -> list[dict[str, Any]]:
@@ -70,16 +91,76 @@ class Agent:
         self.torchrun: subprocess.Popen[bytes] | None = None
         self.stop_reason: str | None = None
         self.grace_s = float(node.env_dict().get("TRAINCTL_STOP_GRACE_S", "5"))
+        self.stacks_dir = Path(node.error_dir).parent / f"{node.name}-stacks"
+        self.prober: NodeProber | None = None
+        self._probing_done = threading.Event()
+        self._probe_thread: threading.Thread | None = None
 
     def send(self, message_type: str, **fields: Any) -> None:
         self.control.send(
             {"node": self.node.name, "time": time.time(), **fields, "type": message_type}
         )
 
+    # -- health ------------------------------------------------------------------------------
+    def probe(self, phase: str) -> GateResult:
+        """Probe now and report the verdict to the controller (``verdict`` message)."""
+        assert self.prober is not None
+        result = self.prober.probe()
+        record = result.record(self.node.name, phase=phase).to_dict()
+        self.send("verdict", phase=phase, record=record)
+        return result
+
+    def _probe_periodically(self) -> None:
+        interval = self.plan.gate.probe_interval_s
+        while not self._probing_done.wait(interval):
+            try:
+                self.probe("running")
+            except Exception as error:  # a probe bug must not kill the node's training
+                self.send(
+                    "event",
+                    kind="probe_error",
+                    message=f"{self.node.name}: health probe failed: {error!r}",
+                )
+
+    def start_probing(self) -> None:
+        if self.plan.gate.probe_interval_s > 0:
+            self._probe_thread = threading.Thread(
+                target=self._probe_periodically, name="health-probe", daemon=True
+            )
+            self._probe_thread.start()
+
+    def stop_probing(self) -> None:
+        self._probing_done.set()
+        if self._probe_thread is not None:
+            self._probe_thread.join(timeout=10)
+        if self.prober is not None:
+            self.prober.close()
+
+    def wait_for_stop(self) -> int:
+        """After an UNHEALTHY gate: stay connected (so the controller reads the verdict before
+        it sees this agent go) until it says stop or goes away."""
+        while self.stop_reason is None:
+            time.sleep(0.1)
+            self._handle_control()
+        return 0
+
+    # -- stacks ------------------------------------------------------------------------------
+    def dump_stacks(self) -> None:
+        """Dump every worker's Python stacks (in parallel) and send them to the controller."""
+        started = time.monotonic()
+        workers = stacks.find_workers(os.getpid())
+        dumps: list[dict[str, Any]] = []
+        if workers:
+            with ThreadPoolExecutor(max_workers=len(workers)) as pool:
+                dumps = list(pool.map(lambda w: stacks.dump_worker(w, self.stacks_dir), workers))
+        self.send("stacks", dumps=dumps, duration_s=time.monotonic() - started)
+
+    # -- torchrun ----------------------------------------------------------------------------
     def start_torchrun(self) -> None:
         env = dict(os.environ)
         env.update(self.node.env_dict())
         env["TRAINCTL_AGENT_SOCKET"] = self.worker_address
+        env[stacks.STACKS_DIR_ENV] = str(self.stacks_dir)
         Path(self.node.log_path).parent.mkdir(parents=True, exist_ok=True)
         Path(self.node.error_dir).mkdir(parents=True, exist_ok=True)
         with open(self.node.log_path, "ab") as log:
@@ -101,19 +182,31 @@ class Agent:
                 self.stop_reason = str(message.get("reason", "stop requested"))
             elif message.get("type") == "disconnected" and self.stop_reason is None:
                 self.stop_reason = "controller connection lost"
+            elif message.get("type") == "dump_stacks":
+                self.dump_stacks()
 
     def _forward_progress(self, pending: dict[str, Any]) -> None:
+        """Fold worker heartbeats into `pending`: per rank the latest heartbeat, plus
+        ``samples`` [step, step_time, busy_time] for every step since the last forward."""
         for message in self.workers.drain():
             kind = message.get("type", "progress")
             if kind == "progress":
-                pending[str(message["rank"])] = message
+                rank = str(message["rank"])
+                samples = pending[rank]["samples"] if rank in pending else []
+                sample = [message["step"], message.get("step_time"), message.get("busy_time")]
+                samples = [*samples, sample][-MAX_SAMPLES_PER_RANK:]
+                pending[rank] = {**message, "samples": samples}
             else:
                 # results and worker events are rare and must not be coalesced
                 self.send(kind, **{k: v for k, v in message.items() if k != "type"})
 
     def run(self) -> int:
         self.send("hello", pid=os.getpid(), attempt=self.plan.attempt)
+        self.prober = NodeProber(gate_config(self.plan))
+        if self.probe("preflight").verdict.status is Verdict.UNHEALTHY:
+            return self.wait_for_stop()  # never join the rendezvous
         self.start_torchrun()
+        self.start_probing()
         assert self.torchrun is not None
         pending: dict[str, Any] = {}
         last_flush = 0.0
@@ -175,6 +268,7 @@ def main(argv: list[str]) -> int:
     try:
         return agent.run()
     finally:
+        agent.stop_probing()
         agent.workers.close()
         with contextlib.suppress(Exception):
             agent.control.close()

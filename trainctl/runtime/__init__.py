@@ -19,6 +19,7 @@ process group.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -63,6 +64,15 @@ class RankContext:
     def progress(self, step: int) -> None:
         """Report that `step` steps have completed (feeds hang and straggler detection)."""
         self.reporter.progress(step)
+
+    def busy(self) -> contextlib.AbstractContextManager[None]:
+        """Mark work that waits for no other rank; its time is the step's busy time.
+
+        ``with ctx.busy(): batch = load(step)`` — straggler detection compares ranks' busy
+        times (wall-clock step times are equal across ranks in synchronous training). Optional:
+        without it, the wall-clock step time is reported alone.
+        """
+        return self.reporter.busy()
 
     @property
     def stop_requested_locally(self) -> bool:

@@ -1,18 +1,35 @@
-"""Worker -> node agent reports: progress heartbeats, results and events.
+"""Worker -> node agent reports: progress heartbeats, results, events and stack dumps.
 
 Unix datagrams to the agent's abstract socket (``TRAINCTL_AGENT_SOCKET``): a send never blocks
 the training loop, and with no agent (a plain torchrun run) reports are silently dropped.
+
+Each progress heartbeat carries the step's wall-clock `step_time` (since the previous
+heartbeat) and, when the script marked it, its `busy_time`: the time spent inside
+`Reporter.busy()` blocks since the previous heartbeat. Busy time is what straggler detection
+needs: in synchronous training every rank's wall-clock step time equals the slowest rank's
+(the fast ones wait in the collectives), while busy time — work that waits for no other rank,
+such as loading and preparing the batch or local compute before the first collective — shows
+which rank is slow.
+
+When ``TRAINCTL_STACKS_DIR`` is set (the node agent sets it), SIGUSR2 makes the worker write
+its Python stacks to ``<dir>/rank-<RANK>.txt`` (faulthandler): the agent's fallback when
+py-spy cannot read the process. A stopped process runs no handler, so py-spy comes first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import json
 import os
 import socket
 import time
-from typing import Any
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
 
 from trainctl.launch.control import unix_address
+from trainctl.launch.stacks import STACK_DUMP_SIGNAL, STACKS_DIR_ENV
 
 
 class Reporter:
@@ -24,10 +41,32 @@ class Reporter:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._sock.setblocking(False)
         self._last_step_time: float | None = None
+        self._busy_s: float | None = None
+        self._stacks_file: IO[str] | None = None
 
     @classmethod
     def from_env(cls, rank: int) -> Reporter:
-        return cls(os.environ.get("TRAINCTL_AGENT_SOCKET"), rank)
+        """A reporter to the agent named by the environment; registers stack dumps if asked."""
+        reporter = cls(os.environ.get("TRAINCTL_AGENT_SOCKET"), rank)
+        stacks_dir = os.environ.get(STACKS_DIR_ENV)
+        if stacks_dir:
+            reporter.enable_stack_dumps(Path(stacks_dir) / f"rank-{rank}.txt")
+        return reporter
+
+    def enable_stack_dumps(self, path: Path) -> None:
+        """On SIGUSR2, write every thread's Python stack to `path` (appending)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._stacks_file = open(path, "a")  # noqa: SIM115 - open for the process's lifetime
+        faulthandler.register(STACK_DUMP_SIGNAL, file=self._stacks_file, all_threads=True)
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Count the time inside the block as this step's busy time (blocks may repeat)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._busy_s = (self._busy_s or 0.0) + time.perf_counter() - started
 
     def send(self, message: dict[str, Any], reliable: bool = False) -> bool:
         """Send one message; `reliable` retries briefly rather than drop when the queue is full."""
@@ -47,10 +86,15 @@ class Reporter:
                 return False
 
     def progress(self, step: int) -> None:
-        """Mark that `step` completed (the heartbeat hang detection and straggler stats use)."""
+        """Mark that `step` completed (the heartbeat hang detection and straggler stats use).
+
+        Sends the wall-clock step time since the previous call and the busy time accumulated
+        in `busy()` blocks since then (None when the step had none), then resets both.
+        """
         now = time.time()
         step_time = None if self._last_step_time is None else now - self._last_step_time
         self._last_step_time = now
+        busy_time, self._busy_s = self._busy_s, None
         self.send(
             {
                 "type": "progress",
@@ -58,6 +102,7 @@ class Reporter:
                 "step": step,
                 "time": now,
                 "step_time": step_time,
+                "busy_time": busy_time,
             }
         )
 
@@ -82,3 +127,7 @@ class Reporter:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self._stacks_file is not None:
+            faulthandler.unregister(STACK_DUMP_SIGNAL)
+            self._stacks_file.close()
+            self._stacks_file = None

@@ -1,0 +1,169 @@
+"""Dumping the Python stacks of a node's workers when the controller suspects a hang.
+
+A hung worker may be stopped (SIGSTOP, a debugger) and then runs no signal handler, so the
+first tool is py-spy, which reads the process's memory from outside:
+
+- a stopped process (state ``T``/``t``): ``py-spy dump --nonblocking`` (blocking mode tries to
+  suspend the process with ptrace, which fails on one that is already stopped);
+- otherwise ``py-spy dump`` (a consistent snapshot), then ``--nonblocking``;
+- where py-spy is missing or may not read the process (no ptrace permission): SIGUSR2, on
+  which `trainctl.runtime` makes the worker write its stacks with faulthandler into
+  ``<stacks dir>/rank-<RANK>.txt``.
+
+Each dump records the method that produced it and the errors of the methods that failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from trainctl.launch import proctree
+
+STACKS_DIR_ENV = "TRAINCTL_STACKS_DIR"
+"""Set by the agent for its workers: where they write faulthandler dumps."""
+STACK_DUMP_SIGNAL = signal.SIGUSR2
+PY_SPY_TIMEOUT_S = 10.0
+FAULTHANDLER_WAIT_S = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerProcess:
+    pid: int
+    rank: int
+    local_rank: int
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            raw = handle.read().split(b"\0")
+    except OSError:
+        return {}
+    pairs = (item.decode(errors="replace").partition("=") for item in raw if b"=" in item)
+    return {key: value for key, _, value in pairs}
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            raw = handle.read().decode(errors="replace")
+    except OSError:
+        return None
+    return int(raw[raw.rfind(")") + 2 :].split()[1])
+
+
+def process_state(pid: int) -> str | None:
+    """The /proc state letter of `pid` (R, S, D, T, t, Z...), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            raw = handle.read().decode(errors="replace")
+    except OSError:
+        return None
+    return raw[raw.rfind(")") + 2 :].split()[0]
+
+
+def find_workers(root: int) -> list[WorkerProcess]:
+    """torchrun's worker processes below `root`: those with RANK set whose parent has none.
+
+    (A worker's own children, e.g. data-loader processes, inherit RANK and are skipped.)
+    """
+    ranked = {}
+    for pid in proctree.descendants(root):
+        env = _environ(pid)
+        if "RANK" in env:
+            ranked[pid] = env
+    workers = [
+        WorkerProcess(pid, int(env["RANK"]), int(env.get("LOCAL_RANK", "0")))
+        for pid, env in ranked.items()
+        if _parent(pid) not in ranked
+    ]
+    return sorted(workers, key=lambda w: w.rank)
+
+
+def py_spy_binary() -> str | None:
+    """py-spy beside the running interpreter (the project's venv), else on PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("py-spy")
+
+
+def _py_spy(binary: str, pid: int, nonblocking: bool) -> tuple[str | None, str | None]:
+    command = [binary, "dump", "--pid", str(pid)] + (["--nonblocking"] if nonblocking else [])
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=PY_SPY_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {PY_SPY_TIMEOUT_S:g} s"
+    except OSError as error:
+        return None, str(error)
+    if done.returncode == 0 and "Thread" in done.stdout:
+        return done.stdout, None
+    first_error = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[0]
+    return None, f"exit {done.returncode}: {first_error}"
+
+
+def _faulthandler(pid: int, path: Path) -> tuple[str | None, str | None]:
+    offset = path.stat().st_size if path.exists() else 0
+    try:
+        os.kill(pid, STACK_DUMP_SIGNAL)
+    except OSError as error:
+        return None, str(error)
+    deadline = time.monotonic() + FAULTHANDLER_WAIT_S
+    last_size = offset
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        size = path.stat().st_size if path.exists() else 0
+        if size > offset and size == last_size:  # written and no longer growing
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                handle.seek(offset)
+                return handle.read(), None
+        last_size = size
+    return None, f"no dump in {path} within {FAULTHANDLER_WAIT_S:g} s (process stopped?)"
+
+
+def dump_worker(worker: WorkerProcess, stacks_dir: Path) -> dict[str, Any]:
+    """Dump one worker's stacks: a dict with rank, pid, state, method, text and failures."""
+    state = process_state(worker.pid)
+    failures: list[str] = []
+    text: str | None = None
+    method: str | None = None
+    binary = py_spy_binary()
+    attempts: list[tuple[str, bool]] = []
+    if binary is None:
+        failures.append("py-spy: not installed")
+    elif state in ("T", "t"):
+        attempts = [("py-spy --nonblocking", True)]
+    else:
+        attempts = [("py-spy", False), ("py-spy --nonblocking", True)]
+    for name, nonblocking in attempts:
+        assert binary is not None
+        text, error = _py_spy(binary, worker.pid, nonblocking)
+        if text is not None:
+            method = name
+            break
+        failures.append(f"{name}: {error}")
+    if text is None:
+        text, error = _faulthandler(worker.pid, stacks_dir / f"rank-{worker.rank}.txt")
+        if text is not None:
+            method = "faulthandler (SIGUSR2)"
+        else:
+            failures.append(f"faulthandler: {error}")
+    return {
+        "rank": worker.rank,
+        "local_rank": worker.local_rank,
+        "pid": worker.pid,
+        "state": state,
+        "method": method,
+        "text": text,
+        "failures": failures,
+    }
