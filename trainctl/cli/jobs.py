@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store
@@ -23,10 +25,24 @@ def _age(seconds: float) -> str:
     return f"{seconds / 86400:.0f}d"
 
 
-def status_json(record: JobRecord) -> dict[str, object]:
-    """The `status --json` object: a stable, documented shape."""
+def status_json(
+    record: JobRecord, verdicts: dict[str, dict[str, Any]] | None = None
+) -> dict[str, object]:
+    """The `status --json` object: a stable, documented shape.
+
+    Each node carries ``health``: its last verdict from ``nodes/<node>.json`` (status, reason,
+    phase, checked_at; the evidence is in `trainctl health JOB --json`), or null.
+    """
     data = record.to_json()
     data["attempts_count"] = len(record.attempts)
+    verdicts = verdicts or {}
+    for node in data["nodes"]:
+        verdict = verdicts.get(node["name"])
+        node["health"] = (
+            None
+            if verdict is None
+            else {key: verdict.get(key) for key in ("status", "reason", "phase", "checked_at")}
+        )
     return data
 
 
@@ -82,8 +98,9 @@ def status(
     """Show a job's state, nodes and attempts."""
     store = open_store(storage)
     record = store.read_state(job_id)
+    verdicts = store.read_node_verdicts(job_id)
     if as_json:
-        emit_json(status_json(record))
+        emit_json(status_json(record, verdicts))
         return
     console = terminal.console
     console.print(
@@ -95,17 +112,25 @@ def status(
     if record.fingerprint:
         console.print(f"final step {record.final_step}, fingerprint {record.fingerprint}")
     table = Table(box=None, pad_edge=False, title=None)
-    for column in ("NODE", "STATE", "PID", "STEP", "REASON"):
+    for column in ("NODE", "STATE", "PID", "STEP", "HEALTH", "REASON"):
         table.add_column(column)
     for node in record.nodes:
+        verdict = verdicts.get(node.name, {})
         table.add_row(
             node.name,
             node.state.value,
             "" if node.pid is None else str(node.pid),
             "" if node.step is None else str(node.step),
+            str(verdict.get("status", "")),
             node.reason,
         )
     console.print(table)
+    for node in record.nodes:
+        verdict = verdicts.get(node.name, {})
+        if verdict.get("status") not in (None, "OK"):
+            console.print(
+                escape(f"{node.name} health: {verdict.get('status')}: {verdict.get('reason')}")
+            )
     attempts = Table(box=None, pad_edge=False)
     for column in ("ATTEMPT", "STATE", "WORLD", "DURATION", "REASON"):
         attempts.add_column(column)

@@ -4,6 +4,12 @@ The controller hosts the rendezvous store (so losing any node, node-0 included, 
 store with it) and the control channel the node agents report on. Every state change goes to
 the job store (state.json replaced atomically, one object per event), so `trainctl status`
 works from any shell with no server running.
+
+Health: agents report ``verdict`` messages (preflight and periodic probes); the controller
+writes each node's latest one to ``nodes/<node>.json`` and turns UNHEALTHY into a node-fault
+observation. From ``progress`` messages it watches for hangs (then asks every agent to dump
+its workers' stacks into ``stacks/attempt-<n>/<node>-rank-<r>.txt`` before declaring the
+attempt hung) and stragglers (a DEGRADED verdict merged into the node's record).
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from trainctl.exitcodes import ExitCode
+from trainctl.health.verdict import HealthVerdict, NodeVerdictRecord, Verdict, worst_of
 from trainctl.launch.control import ControlServer
 from trainctl.launch.local import LocalScheduler
 from trainctl.launch.plan import Facts, LaunchPlan, plan_attempt
 from trainctl.recovery import policy
+from trainctl.recovery.watch import HangCheck, ProgressWatch
 from trainctl.spec import JobSpec
 from trainctl.state import (
     AttemptRecord,
@@ -34,10 +42,27 @@ from trainctl.state import (
     NodeRecord,
     NodeState,
 )
-from trainctl.store import JobStore
+from trainctl.store import JobStore, join
 
 STATE_WRITE_INTERVAL_S = 1.0
 """Progress-only changes are written to state.json at most this often."""
+STRAGGLER_CHECK_INTERVAL_S = 1.0
+"""Straggler detection runs at most this often (and only when new step times arrived)."""
+
+
+@dataclasses.dataclass
+class PendingHang:
+    """A detected hang waiting for the agents' stack dumps before it is declared."""
+
+    check: HangCheck
+    detected_at: float
+    """Wall-clock time of detection."""
+    deadline: float
+    """Monotonic time after which the hang is declared with whatever stacks arrived."""
+    awaiting: set[str]
+    states: dict[int, str | None] = dataclasses.field(default_factory=dict)
+    """rank -> /proc state letter, from the dumps."""
+    declared: bool = False
 
 
 def start_rendezvous_store(host: str) -> tuple[Any, int]:
@@ -78,6 +103,11 @@ class Controller:
         self._last_state_write = 0.0
         self._dirty = False
         self._last_announced_step = 0
+        self.watch: ProgressWatch | None = None
+        self._probes: dict[str, NodeVerdictRecord] = {}
+        self._stragglers: dict[str, HealthVerdict] = {}
+        self._hang: PendingHang | None = None
+        self._last_straggler_check = 0.0
 
     # -- recording ---------------------------------------------------------------------------
     def event(self, kind: str, message: str, /, node: str | None = None, **data: Any) -> None:
@@ -177,7 +207,13 @@ class Controller:
             node = self.record.node(node_name)
         except KeyError:
             return
-        if kind == "started":
+        if kind == "started" and self.watch is not None:
+            self.watch.node_started(node_name, time.monotonic())
+        if kind == "verdict":
+            self._on_verdict(node_name, message, observations)
+        elif kind == "stacks":
+            self._on_stacks(node_name, message)
+        elif kind == "started":
             node.move(NodeState.RUNNING)
             self._dirty = True
             self.event(
@@ -190,7 +226,10 @@ class Controller:
             if self.record.attempts[-1].state == AttemptState.STARTING:
                 self.record.attempts[-1].move(AttemptState.RUNNING)
         elif kind == "progress":
-            steps = [int(r["step"]) for r in message.get("ranks", {}).values()]
+            ranks = message.get("ranks", {})
+            if self.watch is not None:
+                self.watch.record(node_name, ranks, time.monotonic())
+            steps = [int(r["step"]) for r in ranks.values()]
             if steps:
                 node.step = max(steps)
                 self.record.step = max(self.record.step or 0, node.step)
@@ -225,6 +264,8 @@ class Controller:
                 )
             )
             node.exit_code = code
+            if self.watch is not None:
+                self.watch.node_exited(node_name)
             self.event(
                 "node_exited",
                 f"{node_name}: torchrun exited with {code}",
@@ -235,6 +276,170 @@ class Controller:
             )
         elif kind == "disconnected" and node.exit_code is None:
             observations.append(policy.NodeLost(node_name, now))
+
+    # -- health ------------------------------------------------------------------------------
+    def _write_node_health(self, node: str) -> NodeVerdictRecord:
+        """Write ``nodes/<node>.json``: the latest probe verdict, merged with a straggler
+        verdict while the node is flagged (worst of both, each kept in the evidence)."""
+        probe = self._probes[node]
+        straggler = self._stragglers.get(node)
+        record = probe
+        if straggler is not None and straggler.status is not Verdict.OK:
+            merged = worst_of({"probe": probe.verdict, "progress": straggler})
+            record = NodeVerdictRecord(node, "running", time.time(), merged)
+        self.store.write_node(self.record.job_id, node, record.to_dict())
+        return record
+
+    def _on_verdict(
+        self, node: str, message: dict[str, Any], observations: list[policy.Observation]
+    ) -> None:
+        try:
+            record = NodeVerdictRecord.from_dict(message.get("record") or {})
+        except ValueError as bad:
+            self.event("verdict_unreadable", f"{node}: unreadable verdict: {bad}", node=node)
+            return
+        previous = self._probes.get(node)
+        self._probes[node] = record
+        self._write_node_health(node)
+        verdict = record.verdict
+        changed = previous is None or previous.verdict.status is not verdict.status
+        if record.phase == "preflight" or changed:
+            when = "before joining" if record.phase == "preflight" else "probe while running"
+            detail = "" if verdict.status is Verdict.OK else f": {verdict.reason}"
+            self.event(
+                "node_verdict",
+                f"{node}: {verdict.status.value} ({when}){detail}",
+                node=node,
+                phase=record.phase,
+                status=verdict.status.value,
+                reason=verdict.reason,
+            )
+        if verdict.status is Verdict.UNHEALTHY:
+            observations.append(
+                policy.NodeUnhealthy(node, record.checked_at, record.phase, verdict.reason)
+            )
+        elif verdict.status is Verdict.DEGRADED and changed:
+            self.say(f"{node} degraded: {verdict.reason}")
+
+    def _check_stragglers(self) -> None:
+        watch = self.watch
+        now = time.monotonic()
+        if watch is None or not watch.has_new_samples():
+            return
+        if now - self._last_straggler_check < STRAGGLER_CHECK_INTERVAL_S:
+            return
+        self._last_straggler_check = now
+        for node, verdict in watch.check_stragglers().items():
+            previous = self._stragglers.get(node)
+            self._stragglers[node] = verdict
+            was_flagged = previous is not None and previous.status is not Verdict.OK
+            flagged = verdict.status is not Verdict.OK
+            if flagged == was_flagged:
+                continue
+            if node in self._probes:
+                self._write_node_health(node)
+            if flagged:
+                self.event("straggler", f"{node}: {verdict.reason}", node=node, **verdict.evidence)
+                self.say(f"{node} degraded: {verdict.reason}")
+            else:
+                self.event(
+                    "straggler_cleared", f"{node}: {verdict.reason}", node=node, **verdict.evidence
+                )
+
+    def _check_hang(self, plan: LaunchPlan, server: ControlServer) -> None:
+        """Detect a hang once per attempt and ask every running agent for stack dumps."""
+        if self.watch is None or self._hang is not None:
+            return
+        check = self.watch.check_hang(time.monotonic())
+        if check is None:
+            return
+        now = time.time()
+        silent = ", ".join(
+            f"rank {h.member} ({self.watch.node_of(h.member) or 'node unknown'}) {h.silent_s:.1f} s"
+            for h in check.hung
+        )
+        self.event(
+            "hang_detected",
+            f"no progress within the hang timeout: {silent}; {check.timeout.explanation}; "
+            "dumping the stacks of every rank",
+            timeout_s=check.timeout.timeout_s,
+            explanation=check.timeout.explanation,
+            ranks=[
+                {
+                    "rank": h.member,
+                    "node": self.watch.node_of(h.member),
+                    "step": self.watch.step_of(h.member),
+                    "silent_s": h.silent_s,
+                }
+                for h in check.hung
+            ],
+        )
+        self.say(f"hang detected ({check.timeout.explanation}): dumping stacks")
+        awaiting = {
+            n.name
+            for n in plan.nodes
+            if n.name not in self.watch.exited
+            and server.send(n.name, {"type": "dump_stacks", "reason": "hang"})
+        }
+        deadline = time.monotonic() + self.spec.health.stack_dump_timeout_s
+        self._hang = PendingHang(check, now, deadline, awaiting)
+
+    def _on_stacks(self, node: str, message: dict[str, Any]) -> None:
+        hang = self._hang
+        attempt = self.record.attempts[-1].number
+        directory = join(self.store.job_url(self.record.job_id), "stacks", f"attempt-{attempt}")
+        saved = []
+        for dump in message.get("dumps", []):
+            rank = int(dump["rank"])
+            header = (
+                f"# rank {rank} (local rank {dump.get('local_rank')}) on {node}, "
+                f"pid {dump.get('pid')}, process state {dump.get('state')}\n"
+                f"# method: {dump.get('method') or 'none succeeded'}\n"
+            )
+            for failure in dump.get("failures", []):
+                header += f"# failed: {failure}\n"
+            body = dump.get("text") or "(no stacks could be read)\n"
+            # The store has no public writer for free-form objects yet; this is its atomic put.
+            self.store._write_atomic(
+                join(directory, f"{node}-rank-{rank}.txt"), (header + "\n" + body).encode()
+            )
+            saved.append(
+                f"rank {rank}: {dump.get('method') or 'no dump'}, state {dump.get('state')}"
+            )
+            if hang is not None:
+                hang.states[rank] = dump.get("state")
+        self.event(
+            "stacks_saved",
+            f"{node}: {'; '.join(saved) or 'no worker processes found'}",
+            node=node,
+            dumps=[{k: v for k, v in d.items() if k != "text"} for d in message.get("dumps", [])],
+            duration_s=message.get("duration_s"),
+        )
+        if hang is not None:
+            hang.awaiting.discard(node)
+
+    def _declare_hang(self, observations: list[policy.Observation]) -> None:
+        """Once every agent answered (or the deadline passed), observe the hang."""
+        hang, watch = self._hang, self.watch
+        if hang is None or watch is None or hang.declared:
+            return
+        if hang.awaiting and time.monotonic() < hang.deadline:
+            return
+        ranks = tuple(
+            policy.SilentRank(
+                rank=h.member,
+                node=watch.node_of(h.member),
+                step=watch.step_of(h.member),
+                silent_s=h.silent_s,
+                process_state=hang.states.get(h.member),
+            )
+            for h in hang.check.hung
+        )
+        timeout = hang.check.timeout
+        observations.append(
+            policy.Hang(hang.detected_at, timeout.timeout_s, timeout.explanation, ranks)
+        )
+        hang.declared = True
 
     def _announce_progress(self) -> None:
         step = self.record.step or 0
@@ -257,6 +462,9 @@ class Controller:
     def _run_attempt(self, server: ControlServer, rdzv_port: int) -> ExitCode:
         plan = self._start_attempt(server, rdzv_port)
         view = policy.AttemptView(nodes=tuple(n.name for n in plan.nodes))
+        self.watch = ProgressWatch(
+            self.spec.health, view.nodes, plan.world_size, self.spec.max_steps
+        )
         while True:
             observations: list[policy.Observation] = []
             try:
@@ -268,6 +476,9 @@ class Controller:
             except queue.Empty:
                 pass
             self._check_agents(plan, observations)
+            self._check_stragglers()
+            self._check_hang(plan, server)
+            self._declare_hang(observations)
             if self.stop_signal is not None:
                 observations.append(policy.StopRequested(self.stop_signal, time.time()))
             view = policy.observe(view, observations)
@@ -303,10 +514,14 @@ class Controller:
                 node.move(NodeState.SUCCEEDED)
             elif decision.action == policy.Action.STOP:
                 node.move(NodeState.STOPPED, decision.reason)
-            elif node_plan.name in exits and exits[node_plan.name].code != 0:
-                node.move(NodeState.FAILED, policy._describe_exit(exits[node_plan.name]))
             elif node_plan.name == decision.blamed:
                 node.move(NodeState.FAILED, decision.reason)
+            elif (
+                node_plan.name in exits
+                and exits[node_plan.name].code != 0
+                and not (exits[node_plan.name].stopped)
+            ):
+                node.move(NodeState.FAILED, policy._describe_exit(exits[node_plan.name]))
             else:
                 node.move(NodeState.STOPPED, "stopped after another node failed")
         exit_code = decision.exit_code if decision.exit_code is not None else ExitCode.FAILED
@@ -323,7 +538,12 @@ class Controller:
             self.record.move(JobState.FAILED, decision.reason)
         self.record.exit_code = int(exit_code)
         self.save_state()
-        self.event(f"job_{self.record.state.value}", decision.reason, exit_code=int(exit_code))
+        self.event(
+            f"job_{self.record.state.value}",
+            decision.reason,
+            exit_code=int(exit_code),
+            blamed=decision.blamed,
+        )
         return exit_code
 
 
