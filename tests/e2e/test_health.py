@@ -1,0 +1,231 @@
+"""End-to-end health: the pre-rendezvous gate, hang detection with stack dumps, stragglers.
+
+Real 2-node jobs on the local scheduler (real torchrun, gloo), real pynvml through the fake
+libnvidia-ml.so.1 (one fault file per node through the recipe's `node_env`), a real SIGSTOP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.e2e.harness import (
+    assert_no_leftovers,
+    job_processes,
+    launch,
+    read_state,
+    start_launch,
+    trainctl,
+    wait_for_step,
+)
+from tests.fakenvml.build import build_or_skip
+
+pytestmark = pytest.mark.e2e
+
+PACED = str(REPO / "tests" / "e2e" / "scripts" / "paced.py")
+
+
+@pytest.fixture(scope="module")
+def fake_nvml_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_or_skip(tmp_path_factory.mktemp("fakenvml"))
+
+
+def write_recipe(directory: Path, name: str, **fields: Any) -> str:
+    recipe = {"name": name, "script": PACED, "nodes": 2, "nproc_per_node": 1, **fields}
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def events(storage: Path, job_id: str) -> list[dict[str, Any]]:
+    result = trainctl("events", job_id, "--json", storage=storage)
+    assert result.returncode == 0, result.stderr
+    items: list[dict[str, Any]] = result.json()
+    return items
+
+
+def node_record(storage: Path, job_id: str, node: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(
+        (storage / "jobs" / job_id / "nodes" / f"{node}.json").read_text()
+    )
+    return data
+
+
+def nvml_env(lib_dir: Path, fault_file: Path) -> dict[str, str]:
+    previous = os.environ.get("LD_LIBRARY_PATH")
+    path = str(lib_dir) + (os.pathsep + previous if previous else "")
+    return {"LD_LIBRARY_PATH": path, "FAKE_NVML_FILE": str(fault_file)}
+
+
+def test_xid_79_before_start_keeps_the_node_out(
+    storage: Path, tmp_path: Path, fake_nvml_dir: Path
+) -> None:
+    healthy, broken = tmp_path / "node-0.nvml", tmp_path / "node-1.nvml"
+    healthy.write_text("device_count=2\n")
+    broken.write_text("device_count=2\ngpu.1.xid=79\n")
+    recipe = write_recipe(
+        tmp_path,
+        "xid",
+        max_steps=5,
+        node_env={
+            "node-0": nvml_env(fake_nvml_dir, healthy),
+            "node-1": nvml_env(fake_nvml_dir, broken),
+        },
+        launch={"stop_grace_s": 1},
+    )
+    dry = trainctl("launch", recipe, "--dry-run", "--job-id", "x", storage=storage)
+    assert f"FAKE_NVML_FILE={broken}" in dry.stdout and "health gate:" in dry.stdout
+
+    result = launch(recipe, job_id="xid", storage=storage)
+
+    assert result.returncode == 1, result.stderr
+    state = read_state(storage, "xid")
+    assert state["state"] == "failed"
+    assert "node-1" in state["reason"] and "UNHEALTHY before joining" in state["reason"]
+    assert "XID 79" in state["reason"]
+    nodes = {n["name"]: n for n in state["nodes"]}
+    assert nodes["node-1"]["state"] == "failed"
+    assert nodes["node-0"]["state"] == "stopped"
+    record = node_record(storage, "xid", "node-1")
+    assert record["status"] == "UNHEALTHY" and record["phase"] == "preflight"
+    gpu1 = record["evidence"]["gpus"]["evidence"]["gpu1"]
+    assert gpu1["status"] == "UNHEALTHY" and gpu1["evidence"]["reading"]["xid_events"] == [79]
+    assert node_record(storage, "xid", "node-0")["status"] == "OK"
+    items = events(storage, "xid")
+    started = {e["node"] for e in items if e["kind"] == "node_started"}
+    assert "node-1" not in started, "an UNHEALTHY node must not start torchrun"
+    log = (storage / "jobs" / "xid" / "logs" / "node-1.log").read_text()
+    assert "--- attempt" not in log
+    verdicts = [e for e in items if e["kind"] == "node_verdict" and e["node"] == "node-1"]
+    assert verdicts and "XID 79" in verdicts[0]["message"]
+    final = items[-1]
+    assert final["kind"] == "job_failed" and final["data"]["blamed"] == "node-1"
+
+    health = trainctl("health", "xid", "--json", storage=storage)
+    assert health.returncode == 1
+    shown = health.json()
+    assert shown["status"] == "UNHEALTHY"
+    assert shown["nodes"]["node-1"]["status"] == "UNHEALTHY"
+    assert shown["nodes"]["node-1"]["evidence"]["gpus"]["status"] == "UNHEALTHY"
+    assert shown["nodes"]["node-0"]["status"] == "OK"
+    status = trainctl("status", "xid", "--json", storage=storage).json()
+    assert {n["name"]: n["health"]["status"] for n in status["nodes"]} == {
+        "node-0": "OK",
+        "node-1": "UNHEALTHY",
+    }
+
+
+def worker_pid(job_id: str, node: str, rank: int) -> int:
+    """The worker process of `rank` on `node` (found through its /proc environment)."""
+    for pid in job_processes(job_id):
+        try:
+            raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        env = dict(item.decode().partition("=")[::2] for item in raw if b"=" in item)
+        if env.get("TRAINCTL_NODE") == node and env.get("RANK") == str(rank):
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            if b"RANK=" + str(rank).encode() not in Path(f"/proc/{parent}/environ").read_bytes():
+                return pid
+    raise AssertionError(f"no worker for rank {rank} on {node}")
+
+
+HANG_TIMEOUT_S = 3.0
+
+
+def test_sigstopped_worker_is_a_hang_with_stacks_of_every_rank(
+    storage: Path, tmp_path: Path
+) -> None:
+    recipe = write_recipe(
+        tmp_path,
+        "hang",
+        max_steps=100000,
+        config={"step_sleep_s": 0.05},
+        health={"hang_timeout_s": HANG_TIMEOUT_S, "probe_interval_s": 1},
+        launch={"stop_grace_s": 1},
+    )
+    job = "hang"
+    proc = start_launch(recipe, job_id=job, storage=storage)
+    stopped_pid = None
+    try:
+        wait_for_step(storage, job, 5)
+        stopped_pid = worker_pid(job, "node-1", 1)
+        os.kill(stopped_pid, signal.SIGSTOP)
+        stopped_at = time.time()
+        proc.wait(timeout=120)
+    finally:
+        if stopped_pid is not None:
+            try:
+                os.kill(stopped_pid, signal.SIGCONT)
+                os.kill(stopped_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert_no_leftovers(job)
+    stderr = proc.stderr.read() if proc.stderr else ""
+    assert proc.returncode == 1, stderr
+
+    items = events(storage, job)
+    detected = next(e for e in items if e["kind"] == "hang_detected")
+    latency = detected["time"] - stopped_at
+    print(f"hang-detection latency (SIGSTOP -> hang_detected): {latency:.2f} s")
+    assert latency <= HANG_TIMEOUT_S + 1.0, latency
+    assert "pinned by the recipe" in detected["message"]
+    assert detected["data"]["timeout_s"] == HANG_TIMEOUT_S
+
+    stacks = storage / "jobs" / job / "stacks" / "attempt-0"
+    node0, node1 = stacks / "node-0-rank-0.txt", stacks / "node-1-rank-1.txt"
+    assert node0.is_file() and node1.is_file(), sorted(p.name for p in stacks.glob("*"))
+    stopped_dump = node1.read_text()
+    assert "process state T" in stopped_dump and "# method: py-spy" in stopped_dump
+    assert "paced.py" in stopped_dump
+    assert "paced.py" in node0.read_text()  # the live rank waits in its all-reduce
+    saved = [e for e in items if e["kind"] == "stacks_saved"]
+    assert {e["node"] for e in saved} == {"node-0", "node-1"}
+
+    state = read_state(storage, job)
+    assert state["state"] == "failed"
+    assert state["reason"].startswith("hang: no progress")
+    assert "rank 1 on node-1 is stopped (state T)" in state["reason"]
+    assert f"hang timeout {HANG_TIMEOUT_S:g} s" in state["reason"]
+    assert items[-1]["kind"] == "job_failed" and items[-1]["data"]["blamed"] == "node-1"
+    nodes = {n["name"]: n["state"] for n in state["nodes"]}
+    assert nodes == {"node-0": "stopped", "node-1": "failed"}
+
+
+def test_slow_node_is_flagged_degraded_and_the_job_succeeds(storage: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(
+        tmp_path,
+        "slow",
+        max_steps=30,
+        config={"step_sleep_s": 0.02, "slow_nodes": ["node-1"], "slow_extra_s": 0.1},
+        health={"straggler_factor": 1.5, "straggler_window": 10},
+    )
+
+    result = launch(recipe, job_id="slow", storage=storage)
+
+    assert result.returncode == 0, result.stderr
+    assert read_state(storage, "slow")["state"] == "succeeded"
+    record = node_record(storage, "slow", "node-1")
+    assert record["status"] == "DEGRADED" and record["phase"] == "running"
+    assert "straggler" in record["reason"]
+    numbers = record["evidence"]["progress"]["evidence"]
+    assert numbers["measure"] == "busy"
+    assert numbers["ratio"] > 1.5 and numbers["median_step_s"] >= 0.1
+    assert node_record(storage, "slow", "node-0")["status"] == "OK"
+    flagged = [e for e in events(storage, "slow") if e["kind"] == "straggler"]
+    assert [e["node"] for e in flagged] == ["node-1"]
+    assert "median step" in flagged[0]["message"] and "×" in flagged[0]["message"]
+    health = trainctl("health", "slow", "--json", storage=storage)
+    assert health.returncode == 0
+    assert health.json()["nodes"]["node-1"]["status"] == "DEGRADED"
