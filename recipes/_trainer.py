@@ -98,8 +98,10 @@ def train(
             break
     if ctx.is_main and step > warm_step:
         elapsed = time.perf_counter() - warm_time
-        ctx.log(f"throughput: {step - warm_step} steps in {elapsed:.3f}s "
-                f"({(step - warm_step) / elapsed:.3f} steps/s after {WARMUP_STEPS} warm-up steps)")
+        ctx.log(
+            f"throughput: {step - warm_step} steps in {elapsed:.3f}s "
+            f"({(step - warm_step) / elapsed:.3f} steps/s after {WARMUP_STEPS} warm-up steps)"
+        )
     if ckpt:
         ckpt.finish()
     ctx.finish(model, step)

@@ -40,10 +40,13 @@ def s3() -> Iterator[S3]:
     server.start()
     host, port = server.get_host_and_port()
     direct = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=direct, aws_access_key_id="testing",
-                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(
-        Bucket=BUCKET
-    )
+    boto3.client(
+        "s3",
+        endpoint_url=direct,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket=BUCKET)
     proxy = OutageProxy(host, int(port))
     try:
         yield S3(proxy, direct)

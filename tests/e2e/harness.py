@@ -160,8 +160,9 @@ def events(storage: Path, job_id: str) -> list[dict[str, Any]]:
     return sorted(found, key=lambda e: e["time"])
 
 
-def wait_for_event(storage: Path, job_id: str, kind: str, timeout_s: float = 120,
-                   **fields: Any) -> dict[str, Any]:
+def wait_for_event(
+    storage: Path, job_id: str, kind: str, timeout_s: float = 120, **fields: Any
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for event in events(storage, job_id):
@@ -180,8 +181,16 @@ def write_recipe(directory: Path, name: str = "ckpt-gpt", **sections: Any) -> Pa
         "script": str(REPO / "recipes" / "tiny_gpt.py"),
         "nodes": 2,
         "seed": 0,
-        "config": {"vocab": 256, "dim": 128, "layers": 2, "heads": 4, "seq_len": 32,
-                   "batch_size": 8, "lr": 0.003, "steps": 30},
+        "config": {
+            "vocab": 256,
+            "dim": 128,
+            "layers": 2,
+            "heads": 4,
+            "seq_len": 32,
+            "batch_size": 8,
+            "lr": 0.003,
+            "steps": 30,
+        },
         "checkpoint": {"interval_steps": 5, "keep_last": 2},
     }
     for key, value in sections.items():

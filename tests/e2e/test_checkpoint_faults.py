@@ -39,16 +39,19 @@ def finish(proc, job: str, timeout_s: float = 200) -> int:  # type: ignore[no-un
         assert_no_leftovers(job)
 
 
-def uninterrupted_fingerprint(tmp_path: Path, storage: Path, steps: int, **sections: object) -> str:
+def uninterrupted_fingerprint(
+    tmp_path: Path,
+    storage: Path,
+    steps: int,
+    env: dict[str, str] | None = None,
+    **sections: object,
+) -> str:
     recipe = write_recipe(tmp_path, name="baseline", **sections)  # type: ignore[arg-type]
-    result = launch(str(recipe), "--max-steps", str(steps), job_id="baseline", storage=storage)
+    result = launch(
+        str(recipe), "--max-steps", str(steps), job_id="baseline", storage=storage, **(env or {})
+    )
     assert result.returncode == 0, result.stderr
     return str(read_state(storage, "baseline")["fingerprint"])
-
-
-def committed_steps(storage: Path, job: str) -> list[int]:
-    listing = trainctl("ckpt", "ls", job, "--json", storage=storage).json()
-    return sorted(s["step"] for s in listing if s["committed"])
 
 
 def test_corrupt_shard_is_reported_and_restore_falls_back(tmp_path: Path, storage: Path) -> None:
@@ -80,24 +83,37 @@ def test_worker_killed_mid_upload_partial_step_ignored_then_collected(
 ) -> None:
     steps = 20
     ckpt = {"storage": f"s3://{BUCKET}/ckpt", "part_size_mb": 5, "concurrency": 2}
-    sections = {"launch": {"max_restarts": 1}, "config": {"step_sleep_s": 0.2,
-                                                          "dim": 256, "layers": 4},
-                "checkpoint": ckpt}
-    expected = uninterrupted_fingerprint(tmp_path, storage, steps, **sections)
+    sections = {
+        "launch": {"max_restarts": 1},
+        "config": {"step_sleep_s": 0.2, "dim": 256, "layers": 4},
+        "checkpoint": ckpt,
+    }
+    expected = uninterrupted_fingerprint(tmp_path, storage, steps, s3.env(), **sections)
     recipe = write_recipe(tmp_path, **sections)  # type: ignore[arg-type]
     job = "midupload"
-    proc = start_launch(str(recipe), "--max-steps", str(steps), job_id=job, storage=storage,
-                        **s3.env())
+    proc = start_launch(
+        str(recipe), "--max-steps", str(steps), job_id=job, storage=storage, **s3.env()
+    )
     wait_for_event(storage, job, "checkpoint_committed", step=5)
     # Slow the endpoint's path to a crawl by cutting it right as step 10's upload starts,
     # then kill a worker while step 10 is still uncommitted.
     import boto3
 
-    client = boto3.client("s3", endpoint_url=s3.direct_url, aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3.direct_url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix=f"ckpt/{job}/step-000000010/").get("Contents", [])]
+        keys = [
+            o["Key"]
+            for o in client.list_objects_v2(
+                Bucket=BUCKET, Prefix=f"ckpt/{job}/step-000000010/"
+            ).get("Contents", [])
+        ]
         uploads = client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
         if keys or uploads:
             break
@@ -110,7 +126,7 @@ def test_worker_killed_mid_upload_partial_step_ignored_then_collected(
     assert restored and restored[0] in (5, 10)
     if restored[0] == 5:  # the kill landed before step 10 committed: it was skipped as partial
         assert ("restore_skipped", 10) in kinds or ("checkpoint_restored", 5) in kinds
-    remaining = trainctl("ckpt", "ls", job, "--json", storage=storage, **s3.env()).json()
+    remaining = trainctl("ckpt", "ls", job, "--json", storage=storage, **s3.env()).json()["steps"]
     assert all(s["committed"] for s in remaining), remaining  # leftovers were collected
     assert not client.list_multipart_uploads(Bucket=BUCKET).get("Uploads")
 
@@ -119,12 +135,15 @@ def test_storage_outage_fails_a_save_cleanly_and_a_later_one_commits(
     tmp_path: Path, storage: Path, s3: S3
 ) -> None:
     steps = 45
-    sections = {"config": {"step_sleep_s": 1.0},
-                "checkpoint": {"storage": f"s3://{BUCKET}/ckpt", "interval_steps": 5}}
+    sections = {
+        "config": {"step_sleep_s": 1.0},
+        "checkpoint": {"storage": f"s3://{BUCKET}/ckpt", "interval_steps": 5},
+    }
     recipe = write_recipe(tmp_path, **sections)  # type: ignore[arg-type]
     job = "outage"
-    proc = start_launch(str(recipe), "--max-steps", str(steps), job_id=job, storage=storage,
-                        **s3.env())
+    proc = start_launch(
+        str(recipe), "--max-steps", str(steps), job_id=job, storage=storage, **s3.env()
+    )
     wait_for_event(storage, job, "checkpoint_committed", step=5)
     s3.proxy.down()
     failed = wait_for_event(storage, job, "checkpoint_failed", timeout_s=60)
@@ -134,8 +153,10 @@ def test_storage_outage_fails_a_save_cleanly_and_a_later_one_commits(
     state = read_state(storage, job)
     assert state["state"] == "succeeded" and state["final_step"] == steps
     kinds = [(e["kind"], e["data"].get("step")) for e in events(storage, job)]
-    committed_after = [s for k, s in kinds if k == "checkpoint_committed" and s > failed["data"]["step"]]
+    committed_after = [
+        s for k, s in kinds if k == "checkpoint_committed" and s > failed["data"]["step"]
+    ]
     assert committed_after, kinds
-    listing = trainctl("ckpt", "ls", job, "--json", storage=storage, **s3.env()).json()
+    listing = trainctl("ckpt", "ls", job, "--json", storage=storage, **s3.env()).json()["steps"]
     assert listing and all(s["committed"] for s in listing)
     assert json.dumps(listing)  # the listing is plain JSON
