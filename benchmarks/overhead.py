@@ -45,20 +45,34 @@ def parse(text: str) -> float:
 def bare_torchrun(steps: int, config: str) -> float:
     """Two torchrun agents (2 simulated nodes) on a c10d rendezvous, tuned like trainctl's."""
     port = free_port()
-    env = {**os.environ, "TRAINCTL_MAX_STEPS": str(steps), "TRAINCTL_CONFIG": config,
-           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "TRAINCTL_MAX_STEPS": str(steps),
+        "TRAINCTL_CONFIG": config,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("TRAINCTL_AGENT_SOCKET", None)
     procs = []
     with tempfile.TemporaryDirectory() as logs:
         for node in range(2):
-            argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
-                    "--nproc-per-node=1", "--rdzv-backend=c10d",
-                    f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=bench-{port}",
-                    f"--rdzv-conf=is_host={'true' if node == 0 else 'false'},last_call_timeout=1",
-                    "--monitor-interval=0.1", str(SCRIPT)]
+            argv = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                f"--rdzv-id=bench-{port}",
+                f"--rdzv-conf=is_host={'true' if node == 0 else 'false'},last_call_timeout=1",
+                "--monitor-interval=0.1",
+                str(SCRIPT),
+            ]
             out = open(Path(logs) / f"n{node}.log", "w+")  # noqa: SIM115
-            procs.append((subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT),
-                          out))
+            procs.append(
+                (subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT), out)
+            )
             if node == 0:
                 time.sleep(0.5)  # node 0 hosts the store
         text = ""
@@ -72,12 +86,36 @@ def bare_torchrun(steps: int, config: str) -> float:
 
 
 def under_trainctl(steps: int) -> float:
+    """The same script through `trainctl launch`, checkpoints off (as under bare torchrun)."""
+    import yaml
+
     with tempfile.TemporaryDirectory() as store:
+        recipe = yaml.safe_load(RECIPE.read_text())
+        recipe["script"] = str(SCRIPT)
+        recipe["checkpoint"] = {"interval_steps": 0}
+        recipe_path = Path(store) / "overhead.yaml"
+        recipe_path.write_text(yaml.safe_dump(recipe))
         job = f"bench-{int(time.time() * 1000)}"
         proc = subprocess.run(
-            [sys.executable, "-m", "trainctl.cli.main", "-q", "launch", str(RECIPE), "--nodes", "2",
-             "--max-steps", str(steps), "--storage", store, "--job-id", job],
-            capture_output=True, text=True, timeout=600,
+            [
+                sys.executable,
+                "-m",
+                "trainctl.cli.main",
+                "-q",
+                "launch",
+                str(recipe_path),
+                "--nodes",
+                "2",
+                "--max-steps",
+                str(steps),
+                "--storage",
+                store,
+                "--job-id",
+                job,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         if proc.returncode != 0:
             raise RuntimeError(f"trainctl failed: {proc.stderr}")
@@ -104,8 +142,10 @@ def main() -> None:
         else:
             ours.append(under_trainctl(args.steps))
             bare.append(bare_torchrun(args.steps, config))
-        print(f"run {i + 1}: bare {bare[-1]:.3f} steps/s, trainctl {ours[-1]:.3f} steps/s",
-              file=sys.stderr)
+        print(
+            f"run {i + 1}: bare {bare[-1]:.3f} steps/s, trainctl {ours[-1]:.3f} steps/s",
+            file=sys.stderr,
+        )
     ratio = statistics.median(ours) / statistics.median(bare)
     result = {
         "benchmark": "overhead",
@@ -124,12 +164,18 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     print(f"{'':24}{'median steps/s':>16}{'runs':>30}")
-    print(f"{'bare torchrun (peer)':24}{result['bare_median']:>16.3f}"
-          f"{', '.join(f'{x:.3f}' for x in bare):>30}")
-    print(f"{'trainctl launch':24}{result['trainctl_median']:>16.3f}"
-          f"{', '.join(f'{x:.3f}' for x in ours):>30}")
-    print(f"ratio trainctl/bare = {ratio:.3f} (limit 1.000, target >= {TARGET}) "
-          f"{'MET' if result['targets_met'] else 'NOT MET'}")
+    print(
+        f"{'bare torchrun (peer)':24}{result['bare_median']:>16.3f}"
+        f"{', '.join(f'{x:.3f}' for x in bare):>30}"
+    )
+    print(
+        f"{'trainctl launch':24}{result['trainctl_median']:>16.3f}"
+        f"{', '.join(f'{x:.3f}' for x in ours):>30}"
+    )
+    print(
+        f"ratio trainctl/bare = {ratio:.3f} (limit 1.000, target >= {TARGET}) "
+        f"{'MET' if result['targets_met'] else 'NOT MET'}"
+    )
 
 
 if __name__ == "__main__":
