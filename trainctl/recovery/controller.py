@@ -503,6 +503,15 @@ class Controller:
             self.say(f"stopping: {decision.reason}")
         # Agents exit by themselves once torchrun ends or after a stop (grace + margin).
         self.scheduler.wait_agents(grace + 3.0)
+        # Record what arrived after the decision (a node's preflight verdict, its exit); the
+        # observations no longer change the outcome.
+        late: list[policy.Observation] = []
+        while True:
+            try:
+                node_name, message = server.messages.get_nowait()
+            except queue.Empty:
+                break
+            self._handle_message(node_name, message, late)
         leftovers = self.scheduler.stop_all(self.record.job_id, grace_s=1.0)
         if leftovers:
             self.event("cleanup", f"killed {len(leftovers)} leftover process(es)", pids=leftovers)
