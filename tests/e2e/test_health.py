@@ -229,3 +229,38 @@ def test_slow_node_is_flagged_degraded_and_the_job_succeeds(storage: Path, tmp_p
     health = trainctl("health", "slow", "--json", storage=storage)
     assert health.returncode == 0
     assert health.json()["nodes"]["node-1"]["status"] == "DEGRADED"
+
+
+def test_xid_while_running_fails_the_attempt_with_the_node_blamed(
+    storage: Path, tmp_path: Path, fake_nvml_dir: Path
+) -> None:
+    faults = {node: tmp_path / f"{node}.nvml" for node in ("node-0", "node-1")}
+    for fault_file in faults.values():
+        fault_file.write_text("device_count=1\n")
+    recipe = write_recipe(
+        tmp_path,
+        "xidrun",
+        max_steps=100000,
+        config={"step_sleep_s": 0.05},
+        node_env={node: nvml_env(fake_nvml_dir, path) for node, path in faults.items()},
+        health={"probe_interval_s": 0.5},
+        launch={"stop_grace_s": 1},
+    )
+    proc = start_launch(recipe, job_id="xidrun", storage=storage)
+    try:
+        wait_for_step(storage, "xidrun", 3)
+        # The fake library re-reads its file on every call: the GPU faults mid-run.
+        faults["node-0"].write_text("device_count=1\ngpu.0.xid=48\n")
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert_no_leftovers("xidrun")
+    assert proc.returncode == 1
+    state = read_state(storage, "xidrun")
+    assert state["reason"].startswith("node-0: UNHEALTHY while running: gpus: gpu0: XID 48")
+    record = node_record(storage, "xidrun", "node-0")
+    assert record["status"] == "UNHEALTHY" and record["phase"] == "running"
+    items = events(storage, "xidrun")
+    assert items[-1]["kind"] == "job_failed" and items[-1]["data"]["blamed"] == "node-0"

@@ -299,6 +299,10 @@ class Controller:
             self.event("verdict_unreadable", f"{node}: unreadable verdict: {bad}", node=node)
             return
         previous = self._probes.get(node)
+        if previous is not None and previous.verdict.status is Verdict.UNHEALTHY:
+            # UNHEALTHY sticks for the attempt: an XID is an event, delivered once, so the
+            # next probe of the same broken GPU looks clean.
+            return
         self._probes[node] = record
         self._write_node_health(node)
         verdict = record.verdict
