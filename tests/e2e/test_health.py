@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,11 @@ from tests.e2e.harness import (
     read_state,
     start_launch,
     trainctl,
+    wait_for_event,
     wait_for_step,
 )
 from tests.fakenvml.build import build_or_skip
+from trainctl.launch.stacks import STACKS_DIR_ENV, dump_with_faulthandler
 
 pytestmark = pytest.mark.e2e
 
@@ -249,7 +253,14 @@ def test_xid_while_running_fails_the_attempt_with_the_node_blamed(
     proc = start_launch(recipe, job_id="xidrun", storage=storage)
     try:
         wait_for_step(storage, "xidrun", 3)
-        # The fake library re-reads its file on every call: the GPU faults mid-run.
+        # The fake library re-reads its file on every call. A hot GPU is DEGRADED: recorded,
+        # and the job keeps running.
+        faults["node-1"].write_text("device_count=1\ngpu.0.temperature=95\n")
+        degraded = wait_for_event(storage, "xidrun", "node_verdict", status="DEGRADED")
+        assert degraded["node"] == "node-1" and "thermal slowdown" in degraded["message"]
+        assert node_record(storage, "xidrun", "node-1")["status"] == "DEGRADED"
+        wait_for_step(storage, "xidrun", read_state(storage, "xidrun")["step"] + 3)
+        # A fatal XID makes node-0 UNHEALTHY: a node fault.
         faults["node-0"].write_text("device_count=1\ngpu.0.xid=48\n")
         proc.wait(timeout=120)
     finally:
@@ -264,3 +275,28 @@ def test_xid_while_running_fails_the_attempt_with_the_node_blamed(
     assert record["status"] == "UNHEALTHY" and record["phase"] == "running"
     items = events(storage, "xidrun")
     assert items[-1]["kind"] == "job_failed" and items[-1]["data"]["blamed"] == "node-0"
+
+
+def test_faulthandler_fallback_dumps_a_running_worker(tmp_path: Path) -> None:
+    """Where py-spy cannot read a process, SIGUSR2 makes the runtime write its stacks."""
+    code = (
+        "import time\n"
+        "from trainctl.runtime.reporter import Reporter\n"
+        "reporter = Reporter.from_env(3)\n"
+        "print('ready', flush=True)\n"
+        "def waiting_for_peers():\n"
+        "    time.sleep(60)\n"
+        "waiting_for_peers()\n"
+    )
+    env = {**os.environ, STACKS_DIR_ENV: str(tmp_path), "PYTHONPATH": str(REPO)}
+    worker = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert worker.stdout is not None and worker.stdout.readline().strip() == "ready"
+        text, error = dump_with_faulthandler(worker.pid, tmp_path / "rank-3.txt")
+        assert error is None and text is not None
+        assert "waiting_for_peers" in text
+    finally:
+        worker.kill()
+        worker.wait()

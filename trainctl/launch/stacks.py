@@ -112,7 +112,12 @@ def _py_spy(binary: str, pid: int, nonblocking: bool) -> tuple[str | None, str |
     return None, f"exit {done.returncode}: {first_error}"
 
 
-def _faulthandler(pid: int, path: Path) -> tuple[str | None, str | None]:
+def dump_with_faulthandler(pid: int, path: Path) -> tuple[str | None, str | None]:
+    """SIGUSR2 `pid` and read what it appends to `path`: (text, None) or (None, why not).
+
+    Works only for a worker whose runtime registered the dump (`Reporter.from_env` with
+    ``TRAINCTL_STACKS_DIR`` set) and that is not stopped.
+    """
     offset = path.stat().st_size if path.exists() else 0
     try:
         os.kill(pid, STACK_DUMP_SIGNAL)
@@ -153,7 +158,7 @@ def dump_worker(worker: WorkerProcess, stacks_dir: Path) -> dict[str, Any]:
             break
         failures.append(f"{name}: {error}")
     if text is None:
-        text, error = _faulthandler(worker.pid, stacks_dir / f"rank-{worker.rank}.txt")
+        text, error = dump_with_faulthandler(worker.pid, stacks_dir / f"rank-{worker.rank}.txt")
         if text is not None:
             method = "faulthandler (SIGUSR2)"
         else:
