@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainctl.checkpoint.checksum import checksum_of
 from trainctl.checkpoint.layout import MANIFEST_NAME, manifest_key, parse_step_dir, step_key
 from trainctl.checkpoint.manifest import Manifest, ManifestError, ObjectProblem, check_listing
 from trainctl.checkpoint.retention import (
@@ -134,7 +135,9 @@ def verify_in(
     for record in sorted(manifest.objects, key=lambda r: r.path):
         if record.path not in bad:
             try:
-                storage.read(f"{step_key(step)}/{record.path}", record=record)
+                data = storage.read(f"{step_key(step)}/{record.path}", record=record)
+                if checksum_of(data) != record.checksum:
+                    problems.append(ObjectProblem(record.path, "whole-object checksum mismatch"))
             except CorruptObjectError as error:
                 problems.append(ObjectProblem(record.path, "; ".join(error.problems)))
             except FileNotFoundError:
