@@ -127,19 +127,34 @@ def test_xid_79_before_start_keeps_the_node_out(
     }
 
 
-def worker_pid(job_id: str, node: str, rank: int) -> int:
-    """The worker process of `rank` on `node` (found through its /proc environment)."""
+def node_worker(job_id: str, node: str) -> tuple[int, int]:
+    """(pid, rank) of the worker on `node`, found through /proc environ (TRAINCTL_NODE, RANK).
+
+    torchrun assigns ranks to nodes in join order, so node-1 may hold rank 0.
+    """
     for pid in job_processes(job_id):
         try:
             raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            parent_env = Path(f"/proc/{parent}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
         env = dict(item.decode().partition("=")[::2] for item in raw if b"=" in item)
-        if env.get("TRAINCTL_NODE") == node and env.get("RANK") == str(rank):
-            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            if b"RANK=" + str(rank).encode() not in Path(f"/proc/{parent}/environ").read_bytes():
-                return pid
-    raise AssertionError(f"no worker for rank {rank} on {node}")
+        is_worker = "RANK" in env and not any(item.startswith(b"RANK=") for item in parent_env)
+        if env.get("TRAINCTL_NODE") == node and is_worker:
+            return pid, int(env["RANK"])
+    raise AssertionError(f"no worker on {node}")
+
+
+def stop_launch(proc: subprocess.Popen[str]) -> None:
+    """End a background launch after a failed assertion: SIGTERM reaches trainctl."""
+    if proc.poll() is None:
+        proc.terminate()  # `timeout` forwards it to trainctl, which stops the job
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 HANG_TIMEOUT_S = 3.0
@@ -161,7 +176,7 @@ def test_sigstopped_worker_is_a_hang_with_stacks_of_every_rank(
     stopped_pid = None
     try:
         wait_for_step(storage, job, 5)
-        stopped_pid = worker_pid(job, "node-1", 1)
+        stopped_pid, stopped_rank = node_worker(job, "node-1")
         os.kill(stopped_pid, signal.SIGSTOP)
         stopped_at = time.time()
         proc.wait(timeout=120)
@@ -172,9 +187,7 @@ def test_sigstopped_worker_is_a_hang_with_stacks_of_every_rank(
                 os.kill(stopped_pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_launch(proc)
         assert_no_leftovers(job)
     stderr = proc.stderr.read() if proc.stderr else ""
     assert proc.returncode == 1, stderr
@@ -188,7 +201,9 @@ def test_sigstopped_worker_is_a_hang_with_stacks_of_every_rank(
     assert detected["data"]["timeout_s"] == HANG_TIMEOUT_S
 
     stacks = storage / "jobs" / job / "stacks" / "attempt-0"
-    node0, node1 = stacks / "node-0-rank-0.txt", stacks / "node-1-rank-1.txt"
+    live_rank = 1 - stopped_rank
+    node0 = stacks / f"node-0-rank-{live_rank}.txt"
+    node1 = stacks / f"node-1-rank-{stopped_rank}.txt"
     assert node0.is_file() and node1.is_file(), sorted(p.name for p in stacks.glob("*"))
     stopped_dump = node1.read_text()
     assert "process state T" in stopped_dump and "# method: py-spy" in stopped_dump
@@ -200,7 +215,7 @@ def test_sigstopped_worker_is_a_hang_with_stacks_of_every_rank(
     state = read_state(storage, job)
     assert state["state"] == "failed"
     assert state["reason"].startswith("hang: no progress")
-    assert "rank 1 on node-1 is stopped (state T)" in state["reason"]
+    assert f"rank {stopped_rank} on node-1 is stopped (state T)" in state["reason"]
     assert f"hang timeout {HANG_TIMEOUT_S:g} s" in state["reason"]
     assert items[-1]["kind"] == "job_failed" and items[-1]["data"]["blamed"] == "node-1"
     nodes = {n["name"]: n["state"] for n in state["nodes"]}
@@ -264,9 +279,7 @@ def test_xid_while_running_fails_the_attempt_with_the_node_blamed(
         faults["node-0"].write_text("device_count=1\ngpu.0.xid=48\n")
         proc.wait(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_launch(proc)
         assert_no_leftovers("xidrun")
     assert proc.returncode == 1
     state = read_state(storage, "xidrun")
