@@ -158,9 +158,11 @@ class Checkpointer:
         self._distributed = dist.is_available() and dist.is_initialized()
         if self._distributed and process_group is None:
             # Collective call: every rank constructs its Checkpointer at the same point.
-            process_group = dist.new_group(
+            group = dist.new_group(
                 backend="gloo", timeout=timedelta(seconds=collective_timeout_s)
             )
+            assert isinstance(group, dist.ProcessGroup), "every rank is a member of this group"
+            process_group = group
         self._group = process_group if self._distributed else None
         self.rank = dist.get_rank(self._group) if self._group is not None else 0
         self.world_size = dist.get_world_size(self._group) if self._group is not None else 1
