@@ -158,9 +158,7 @@ class Checkpointer:
         self._distributed = dist.is_available() and dist.is_initialized()
         if self._distributed and process_group is None:
             # Collective call: every rank constructs its Checkpointer at the same point.
-            group = dist.new_group(
-                backend="gloo", timeout=timedelta(seconds=collective_timeout_s)
-            )
+            group = dist.new_group(backend="gloo", timeout=timedelta(seconds=collective_timeout_s))
             assert isinstance(group, dist.ProcessGroup), "every rank is a member of this group"
             process_group = group
         self._group = process_group if self._distributed else None
