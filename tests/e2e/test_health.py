@@ -296,8 +296,8 @@ def test_faulthandler_fallback_dumps_a_running_worker(tmp_path: Path) -> None:
         "import time\n"
         "from trainctl.runtime.reporter import Reporter\n"
         "reporter = Reporter.from_env(3)\n"
-        "print('ready', flush=True)\n"
         "def waiting_for_peers():\n"
+        "    print('ready', flush=True)\n"
         "    time.sleep(60)\n"
         "waiting_for_peers()\n"
     )
