@@ -23,10 +23,13 @@ S3 calls are retried with exponential backoff on transient errors (connection re
 from __future__ import annotations
 
 import asyncio
+import base64
+import ctypes
 import mmap
 import os
 import random
 import shutil
+import sys
 import threading
 import uuid
 from abc import ABC, abstractmethod
@@ -312,9 +315,18 @@ class _LocalWriter(ObjectWriter):
         # Same directory, unique name: the rename below is atomic and never crosses devices.
         self._tmp_path = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._file = open(self._tmp_path, "wb")  # noqa: SIM115 (closed in _finish/_discard)
+        self._block_size = block_size
+        self._flushed = 0
 
     def _write(self, view: memoryview) -> None:
         self._file.write(view)
+        written = self._checksum.size
+        if written - self._flushed >= self._block_size:
+            # Start writeback of what is written so far without waiting for it, so the fsync in
+            # `close` finds most pages already on their way to disk instead of all of them.
+            self._file.flush()
+            _start_writeback(self._file.fileno(), self._flushed, written - self._flushed)
+            self._flushed = written
 
     def _finish(self) -> None:
         try:
@@ -332,6 +344,28 @@ class _LocalWriter(ObjectWriter):
         self._file.close()
         if os.path.exists(self._tmp_path):
             os.unlink(self._tmp_path)
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range: Any = None
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``: queue dirty pages for writeback and
+    return at once (no durability by itself; `close` still fsyncs). No-op elsewhere."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        _sync_file_range = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                function = libc.sync_file_range
+                function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                _sync_file_range = function
+            except (OSError, AttributeError):
+                pass
+    if _sync_file_range:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _fsync_dir(path: str) -> None:
@@ -539,19 +573,27 @@ class _S3Writer(ObjectWriter):
         buffer, filled = self._buffer, self._filled
         self._buffer, self._filled = None, 0
         number = len(self._parts) + 1
-        # A full part is sent straight from the pooled buffer (no copy); the short last part is
-        # sliced (botocore accepts bytes/bytearray, not memoryview).
-        body = buffer if filled == len(buffer) else bytes(memoryview(buffer)[:filled])
-        future = self._storage.submit(
-            lambda: self._storage.call_async(
+        # Parts are aligned with checksum blocks (block size == part size), so the part's CRC-32
+        # is the block just completed: S3 checks it on arrival (x-amz-checksum-crc32) and
+        # botocore does not compute it again.
+        # (`write` feeds the checksum before `_write`, so the block is complete here.)
+        crc = self._checksum.block_crc(number - 1)
+        body_view = memoryview(buffer)[:filled]
+        storage = self._storage
+
+        async def upload() -> Any:
+            return await storage.call_async(
                 "upload_part",
                 Bucket=self._bucket,
                 Key=self._s3_key,
                 UploadId=self._upload_id,
                 PartNumber=number,
-                Body=body,
+                ChecksumCRC32=base64.b64encode(crc.to_bytes(4, "big")).decode(),
+                # A fresh body per attempt: streamed from the pooled buffer in slices.
+                body_factory=lambda: _part_body(body_view),
             )
-        )
+
+        future = storage.submit(upload)
         future.add_done_callback(lambda _: self._storage.buffers.release(buffer))
         self._parts.append(future)
 
@@ -650,8 +692,11 @@ class S3Storage(Storage):
     async def call_async(self, method: str, *, attempts: int | None = None, **kwargs: Any) -> Any:
         """One S3 request with retries and backoff on transient errors (on the I/O loop)."""
         attempts = attempts or self.config.max_attempts
+        body_factory = kwargs.pop("body_factory", None)
         for attempt in range(1, attempts + 1):
             try:
+                if body_factory is not None:
+                    kwargs["Body"] = body_factory()
                 return await self.fs._call_s3(method, **kwargs)
             except Exception as error:
                 if attempt == attempts or not _is_retryable(error):
@@ -722,12 +767,9 @@ class S3Storage(Storage):
                 response = await self.call_async(
                     "get_object", Bucket=bucket, Key=s3_key, Range=f"bytes={start}-{end - 1}"
                 )
-                data = await _read_body(response["Body"])
-            if len(data) != end - start:
-                raise CorruptObjectError(
-                    s3_key, [f"range {start}..{end} returned {len(data)} bytes"]
-                )
-            view[start - base : end - base] = data
+                got = await _read_body_into(response["Body"], view[start - base : end - base])
+            if got != end - start:
+                raise CorruptObjectError(s3_key, [f"range {start}..{end} returned {got} bytes"])
 
         await asyncio.gather(*(fetch(r) for r in ranges))
 
@@ -823,8 +865,85 @@ class S3Storage(Storage):
             pass  # already completed or aborted by someone else
 
 
-async def _read_body(body: Any) -> bytes:
+STREAM_SLICE = 1 * MIB
+"""Bytes handed to the HTTP connection (upload) or taken from it (download) per step."""
+
+
+async def _read_body_into(body: Any, target: memoryview) -> int:
+    """Copy a response body into `target` slice by slice; returns the bytes received.
+
+    ``await body.read()`` would join the whole range into one new bytes object first: a
+    part-sized allocation per request (and fragmentation) on top of the destination buffer.
+    """
+    filled = 0
     try:
-        return bytes(await body.read())
+        while True:
+            chunk = await body.read(STREAM_SLICE)
+            if not chunk:
+                return filled
+            if filled + len(chunk) > len(target):
+                return filled + len(chunk)  # longer than asked: reported as a size mismatch
+            target[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
     finally:
         body.close()
+
+
+_PART_BODY: Any = None
+
+
+def _part_body(view: memoryview) -> Any:
+    """An upload body that streams `view` to the connection in `STREAM_SLICE` slices.
+
+    With a bytes/bytearray body, aiohttp writes the whole part in one call: on Python < 3.12.9
+    it first joins headers and body (a part-sized copy), and asyncio's transport then copies
+    whatever the socket did not take at once into its own buffer (another part-sized copy).
+    That is up to two transient part copies per request in flight, outside the bounded buffer
+    pool, and a source of malloc fragmentation (RSS growth save after save). Streaming slices
+    with a drain after each keeps the connection's buffer at about one slice.
+
+    The class is an aiohttp `Payload` (aiohttp sends it as is) that is also a seekable
+    file-like object (botocore takes its length and, over plain HTTP, reads it for the SigV4
+    payload hash). Built lazily: aiohttp is imported only when S3 is used.
+    """
+    global _PART_BODY
+    if _PART_BODY is None:
+        from aiohttp.payload import Payload
+
+        class PartBody(Payload):
+            def __init__(self, data: memoryview) -> None:
+                super().__init__(data, content_type="application/octet-stream")
+                self._data = data
+                self._size = len(data)
+                self._position = 0
+
+            def __len__(self) -> int:
+                return len(self._data)
+
+            def read(self, size: int = -1) -> bytes:
+                end = len(self._data) if size < 0 else self._position + size
+                chunk = bytes(self._data[self._position : end])
+                self._position += len(chunk)
+                return chunk
+
+            def seek(self, offset: int, whence: int = 0) -> int:
+                base = {0: 0, 1: self._position, 2: len(self._data)}[whence]
+                self._position = max(0, base + offset)
+                return self._position
+
+            def tell(self) -> int:
+                return self._position
+
+            def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+                return bytes(self._data).decode(encoding, errors)
+
+            async def write(self, writer: Any) -> None:
+                await self.write_with_length(writer, None)
+
+            async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+                end = len(self._data) if content_length is None else content_length
+                for offset in range(0, end, STREAM_SLICE):
+                    await writer.write(self._data[offset : min(offset + STREAM_SLICE, end)])
+
+        _PART_BODY = PartBody
+    return _PART_BODY(view)
