@@ -206,3 +206,27 @@ def test_commit_validation() -> None:
     assert "metadata" in validate_objects(1, 2, [_record("__0_0.distcp", b"d")])[0]
     dup = validate_objects(1, 2, [_record(".metadata", b"m"), _record(".metadata", b"m")])
     assert "written twice" in dup[0]
+
+
+def test_streaming_checksum_combines_whole_crc_from_blocks() -> None:
+    import os
+    import random
+
+    from trainctl.checkpoint.checksum import StreamingChecksum, checksum_of
+
+    rng = random.Random(3)
+    for block_size in (1, 7, 300):
+        for size in (0, 1, 299, 300, 301, 2000):
+            data = os.urandom(size)
+            summer = StreamingChecksum(block_size)
+            position = 0
+            while position < size:
+                step = rng.randint(1, 500)
+                summer.update(data[position : position + step])
+                position += step
+            assert summer.whole() == checksum_of(data)
+            assert summer.blocks() == [
+                checksum_of(data[i : i + block_size]) for i in range(0, size, block_size)
+            ]
+            for index, expected in enumerate(summer.blocks()):
+                assert f"crc32:{summer.block_crc(index):08x}" == expected
