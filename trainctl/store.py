@@ -233,6 +233,15 @@ class JobStore:
                     verdicts[name[: -len(".json")]] = json.loads(raw)
         return verdicts
 
+    # -- free-form job files (stack dumps, reports) ---------------------------------------------
+    def write_job_file(self, job_id: str, relative: str, data: bytes) -> str:
+        """Write `jobs/<id>/<relative>` atomically (replacing it whole); returns its URL."""
+        parts = [p for p in relative.split("/") if p]
+        assert parts and all(p not in (".", "..") for p in parts), relative
+        url = join(self.job_url(job_id), *parts)
+        self._write_atomic(url, data)
+        return url
+
     # -- logs --------------------------------------------------------------------------------
     def upload_logs(self, job_id: str) -> None:
         """Copy local node logs up to a remote root (no-op for local roots)."""

@@ -42,7 +42,7 @@ from trainctl.state import (
     NodeRecord,
     NodeState,
 )
-from trainctl.store import JobStore, join
+from trainctl.store import JobStore
 
 STATE_WRITE_INTERVAL_S = 1.0
 """Progress-only changes are written to state.json at most this often."""
@@ -391,7 +391,7 @@ class Controller:
     def _on_stacks(self, node: str, message: dict[str, Any]) -> None:
         hang = self._hang
         attempt = self.record.attempts[-1].number
-        directory = join(self.store.job_url(self.record.job_id), "stacks", f"attempt-{attempt}")
+        directory = f"stacks/attempt-{attempt}"
         saved = []
         for dump in message.get("dumps", []):
             rank = int(dump["rank"])
@@ -403,9 +403,10 @@ class Controller:
             for failure in dump.get("failures", []):
                 header += f"# failed: {failure}\n"
             body = dump.get("text") or "(no stacks could be read)\n"
-            # The store has no public writer for free-form objects yet; this is its atomic put.
-            self.store._write_atomic(
-                join(directory, f"{node}-rank-{rank}.txt"), (header + "\n" + body).encode()
+            self.store.write_job_file(
+                self.record.job_id,
+                f"{directory}/{node}-rank-{rank}.txt",
+                (header + "\n" + body).encode(),
             )
             saved.append(
                 f"rank {rank}: {dump.get('method') or 'no dump'}, state {dump.get('state')}"
@@ -534,7 +535,7 @@ class Controller:
                 and exits[node_plan.name].code != 0
                 and not (exits[node_plan.name].stopped)
             ):
-                node.move(NodeState.FAILED, policy._describe_exit(exits[node_plan.name]))
+                node.move(NodeState.FAILED, policy.describe_exit(exits[node_plan.name]))
             else:
                 node.move(NodeState.STOPPED, "stopped after another node failed")
         exit_code = decision.exit_code if decision.exit_code is not None else ExitCode.FAILED

@@ -189,7 +189,7 @@ def describe_hang(hang: Hang) -> str:
     )
 
 
-def _describe_exit(exit_: NodeExit) -> str:
+def describe_exit(exit_: NodeExit) -> str:
     how = f"signal {-exit_.code}" if exit_.code < 0 else f"exit code {exit_.code}"
     text = f"{exit_.node}: torchrun ended with {how}"
     if exit_.errors:
@@ -227,7 +227,7 @@ def decide(now: float, view: AttemptView) -> Decision:
         )
     if failures:
         first_failure = failures[0]
-        return Decision(Action.FAIL, _describe_exit(first_failure), ExitCode.FAILED)
+        return Decision(Action.FAIL, describe_exit(first_failure), ExitCode.FAILED)
     if len(view.exits) == len(view.nodes) and all(e.code == 0 for e in view.exits):
         return Decision(Action.SUCCEED, "every node finished", ExitCode.FINISHED)
     return Decision(Action.CONTINUE, "running")
