@@ -212,12 +212,15 @@ def _worker(rank: int, world: int, config: dict[str, Any], out_path: str, init_d
     def writer(name: str) -> Any:
         return FsspecWriter(f"{base}/{name}", **options)
 
+    # DCP's async peer gets its own group: its background collectives must not interleave with
+    # `worst`'s all_reduce on `group` (that deadlocked: the trap issue 3 describes).
+    async_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=900))
     async_stalls = []
     for index in range(2):
         dist.barrier(group=group)
         started = time.perf_counter()
         response = dcp.async_save(
-            state, storage_writer=writer(f"dcp-async-{index}"), process_group=group
+            state, storage_writer=writer(f"dcp-async-{index}"), process_group=async_group
         )
         async_stalls.append(worst(time.perf_counter() - started))
         (
