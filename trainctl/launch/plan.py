@@ -182,11 +182,14 @@ def node_env(spec: JobSpec, facts: Facts, job_id: str, attempt: int, node: str) 
         # One intra-op thread per worker: the simulated nodes share the host's cores.
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
-        # A fresh bootstrap store per rendezvous round, hosted by the round's rank 0: torchrun's
-        # shared store outlives rounds, so a restarted worker could read a dead peer's address,
-        # and agents may disagree on the restart count, so a count-keyed prefix cannot fix it.
-        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
     }
+    if spec.uses_runtime:
+        # A fresh bootstrap store per rendezvous round, hosted by the round's rank 0 (the
+        # runtime joins through it): torchrun's shared store outlives rounds, so a restarted
+        # worker could read a dead peer's address, and agents may disagree on the restart
+        # count, so a count-keyed prefix cannot fix it. Unmodified scripts keep torchrun's
+        # stock behaviour (their rank 0 would otherwise host a store it may tear down early).
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     if spec.max_steps is not None:
         env["TRAINCTL_MAX_STEPS"] = str(spec.max_steps)
     if facts.checkpoint_root:

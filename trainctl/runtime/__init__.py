@@ -104,6 +104,9 @@ class RankContext:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                # Rank 0 hosts this round's bootstrap store: let every rank get here before
+                # anyone tears the group down, so no rank is still talking to a closing store.
+                dist.barrier()
                 dist.destroy_process_group()
         self.reporter.close()
 
