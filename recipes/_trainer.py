@@ -74,16 +74,17 @@ def train(
     started = time.perf_counter()
     warm_step, warm_time = step, started
     while step < max_steps:
-        batch = rank_slice(
-            make_batch(config, batch_generator(ctx.seed, step)), ctx.rank, ctx.world_size
-        )
+        with ctx.busy():  # local work, no collective: what straggler detection compares
+            batch = rank_slice(
+                make_batch(config, batch_generator(ctx.seed, step)), ctx.rank, ctx.world_size
+            )
+            if step_sleep_s:
+                time.sleep(step_sleep_s)
         loss = loss_fn(model, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if step_sleep_s:
-            time.sleep(step_sleep_s)
         ctx.progress(step)
         if ckpt:
             ckpt.maybe_save(step)
