@@ -131,3 +131,30 @@ def test_script_spec(tmp_path: Path) -> None:
     assert spec.args == ("--a", "b c") and spec.nodes == 2 and not spec.uses_runtime
     with pytest.raises(UserError, match="training script not found"):
         script_spec(str(tmp_path / "nope.py"), [], {})
+
+
+def test_health_section_and_node_env(tmp_path: Path) -> None:
+    path = write_recipe(
+        tmp_path,
+        "script: train.py\nnodes: 2\nhealth:\n  hang_timeout_s: 5\n  straggler_factor: 1.5\n"
+        "node_env:\n  node-1: {FAKE_NVML_FILE: /x}\n",
+    )
+    spec = load_recipe(path)
+    assert spec.health.hang_timeout_s == 5 and spec.health.straggler_factor == 1.5
+    assert spec.node_env == {"node-1": {"FAKE_NVML_FILE": "/x"}}
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("health:\n  straggler_factor: 1.0\n", "job.yaml: health.straggler_factor"),
+        ("health:\n  hang_timeout_s: 0\n", "job.yaml: health.hang_timeout_s"),
+        ("health:\n  probe_every: 3\n", "job.yaml: health.probe_every"),
+        ("node_env:\n  node-7: {A: b}\n", "job.yaml"),
+    ],
+)
+def test_bad_health_and_node_env(tmp_path: Path, text: str, where: str) -> None:
+    path = write_recipe(tmp_path, "script: train.py\nnodes: 2\n" + text)
+    with pytest.raises(UserError) as info:
+        load_recipe(path)
+    assert where in str(info.value)

@@ -4,8 +4,10 @@ One TCP connection per node (never one per worker: connection set-up, not traffi
 stops scaling), carrying JSON objects one per line. Agents gather their own workers' heartbeats
 locally (`WorkerChannel`, a Unix datagram socket) and forward them in batches.
 
-Messages agent -> controller: ``hello``, ``verdict``, ``started``, ``progress``, ``result``,
-``event``, ``exit``. Controller -> agent: ``stop``.
+Messages agent -> controller: ``hello``, ``verdict`` (a health gate or probe record),
+``started``, ``progress`` (per-rank step, step time and busy time), ``result`` (final step and
+fingerprint), ``event`` (a worker's event, e.g. a checkpoint commit), ``stacks`` (dumps answering
+``dump_stacks``), ``exit``. Controller -> agent: ``stop``, ``dump_stacks``.
 """
 
 from __future__ import annotations
