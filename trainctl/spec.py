@@ -89,6 +89,9 @@ class HealthSpec(_Frozen):
     """The derived hang timeout is at least this multiple of the p99 step time."""
     hang_window: int = Field(default=100, ge=1)
     """How many recent step times (all ranks together) the p99 is taken over."""
+    checkpoint_allowance_s: float = Field(default=300.0, ge=0)
+    """Added to the hang timeout while a rank's checkpoint save is in progress (a save may wait
+    for the previous upload: back-pressure)."""
     first_step_allowance_s: float = Field(default=600.0, gt=0)
     """Hang timeout before a rank's first reported step."""
     straggler_factor: float = Field(default=1.2, gt=1)

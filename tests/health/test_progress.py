@@ -78,6 +78,18 @@ HANG_TABLE = [
     (
         [20.0] * 10,
         {"pinned_s": 45.0, "saving_checkpoint": True},
+        345.0,
+        "hang timeout 45 s, pinned by the recipe, + checkpoint allowance 300 s (save in progress)",
+    ),
+    (
+        [20.0] * 10,
+        {"pinned_s": 45.0, "saving_checkpoint": True, "checkpoint_allowance_s": 0.0},
+        45.0,
+        "hang timeout 45 s, pinned by the recipe",
+    ),
+    (
+        [20.0] * 10,
+        {"pinned_s": 45.0},
         45.0,
         "hang timeout 45 s, pinned by the recipe",
     ),

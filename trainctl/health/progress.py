@@ -66,6 +66,12 @@ def derive_hang_timeout(
     if pinned_s is not None:
         if pinned_s <= 0:
             raise ValueError(f"pinned hang timeout must be positive, got {pinned_s}")
+        if saving_checkpoint and checkpoint_allowance_s > 0:
+            return HangTimeout(
+                pinned_s + checkpoint_allowance_s,
+                f"hang timeout {pinned_s:g} s, pinned by the recipe, + checkpoint allowance "
+                f"{checkpoint_allowance_s:g} s (save in progress)",
+            )
         return HangTimeout(pinned_s, f"hang timeout {pinned_s:g} s, pinned by the recipe")
     if min(floor_s, k, first_step_allowance_s, checkpoint_allowance_s) < 0:
         raise ValueError("hang timeout parameters must not be negative")

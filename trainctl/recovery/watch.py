@@ -38,6 +38,8 @@ class RankProgress:
     samples: dict[int, float] = dataclasses.field(default_factory=dict)
     """step -> busy (or wall) seconds, the most recent ones only."""
     reports_busy: bool = False
+    saving: bool = False
+    """The rank's latest heartbeat says a checkpoint save of its step is in progress."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +77,7 @@ class ProgressWatch:
             rank = int(raw_rank)
             progress = self.ranks.setdefault(rank, RankProgress(node=node))
             step = int(beat["step"])
+            progress.saving = bool(beat.get("saving")) and step >= progress.step
             if step > progress.step:
                 progress.step = step
                 progress.last_progress_at = now
@@ -104,6 +107,18 @@ class ProgressWatch:
             pinned_s=self.health.hang_timeout_s,
         )
 
+    def saving_timeout(self) -> HangTimeout:
+        """The hang timeout for a rank whose checkpoint save is in progress."""
+        return derive_hang_timeout(
+            list(self.step_times),
+            floor_s=self.health.hang_floor_s,
+            k=self.health.hang_k,
+            first_step_allowance_s=self.health.first_step_allowance_s,
+            checkpoint_allowance_s=self.health.checkpoint_allowance_s,
+            saving_checkpoint=True,
+            pinned_s=self.health.hang_timeout_s,
+        )
+
     def first_step_timeout(self) -> HangTimeout:
         """Before a rank's first step (imports, rendezvous, model build) the allowance applies."""
         return derive_hang_timeout(
@@ -129,10 +144,20 @@ class ProgressWatch:
         watched = self._watched()
         steady = self.steady_timeout()
         hung = detect_hang(
-            now, {rank: p.last_progress_at for rank, p in watched.items()}, steady.timeout_s
+            now,
+            {rank: p.last_progress_at for rank, p in watched.items() if not p.saving},
+            steady.timeout_s,
         )
         if hung:
             return HangCheck(hung, steady)
+        saving = self.saving_timeout()
+        hung = detect_hang(
+            now,
+            {rank: p.last_progress_at for rank, p in watched.items() if p.saving},
+            saving.timeout_s,
+        )
+        if hung:
+            return HangCheck(hung, saving)
         if self.exited:
             return None  # the job is ending: ranks that never reported no longer matter
         unreported = [rank for rank in range(self.world_size) if rank not in self.ranks]

@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from trainctl.checkpoint.checkpointer import Checkpointer
 from trainctl.checkpoint.storage import MIB
+from trainctl.runtime.reporter import Reporter
 
 if TYPE_CHECKING:
     from trainctl.runtime import RankContext
@@ -66,9 +67,14 @@ class TrainingCheckpoint:
     """A job's checkpoints as a training loop uses them."""
 
     def __init__(
-        self, checkpointer: Checkpointer, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+        self,
+        checkpointer: Checkpointer,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        reporter: Reporter | None = None,
     ) -> None:
         self.checkpointer = checkpointer
+        self.reporter = reporter or Reporter(None, 0)
         self.trainer = TrainerState()
         self.state = {"app": ModelAndOptimizer(model, optimizer), "trainer": self.trainer}
 
@@ -86,6 +92,7 @@ class TrainingCheckpoint:
 
     def save(self, step: int) -> None:
         """Stage now, upload in the background (after the previous upload finished)."""
+        self.reporter.saving(step)
         self.trainer.step = step
         self.checkpointer.save(step, self.state, extra={"step": step})
 
@@ -121,7 +128,7 @@ def checkpointing(
         concurrency=int(spec.get("concurrency", 8)),
         on_event=on_event,
     )
-    return TrainingCheckpoint(checkpointer, model, optimizer)
+    return TrainingCheckpoint(checkpointer, model, optimizer, ctx.reporter)
 
 
 def _describe(name: str, fields: dict[str, Any]) -> str:

@@ -106,6 +106,22 @@ class Reporter:
             }
         )
 
+    def saving(self, step: int) -> None:
+        """Mark that a checkpoint save of `step` starts: until the next step the controller
+        allows the recipe's checkpoint allowance on top of the hang timeout (a save may wait
+        for the previous upload). Step timers are left alone."""
+        self.send(
+            {
+                "type": "progress",
+                "rank": self.rank,
+                "step": step,
+                "time": time.time(),
+                "step_time": None,
+                "busy_time": None,
+                "saving": True,
+            }
+        )
+
     def result(self, final_step: int, fingerprint: str) -> None:
         self.send(
             {
