@@ -21,12 +21,10 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
-    get_state_dict,
-    set_state_dict,
 )
-from torch.distributed.checkpoint.stateful import Stateful
 
 from trainctl.checkpoint.checkpointer import Checkpointer
+from trainctl.runtime.checkpoint import ModelAndOptimizer
 
 WIDTH = 96  # uneven shards on 2 ranks are exercised by the 10-wide head
 
@@ -48,25 +46,6 @@ def shard(model: nn.Module) -> nn.Module:
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
-
-
-class AppState(Stateful):
-    """What the runtime passes: model and optimizer through DCP's state-dict helpers."""
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_state_dict(
-            self.model,
-            self.optimizer,
-            model_state_dict=state_dict["model"],
-            optim_state_dict=state_dict["optim"],
-        )
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
@@ -152,7 +131,9 @@ def save_while_training(
         train_step(model, optimizer, step)  # overlaps the previous save's upload
         extra = {"step": step, "rng": torch.get_rng_state(), "data_position": [step, 7 * step]}
         for checkpointer in checkpointers:
-            checkpointer.maybe_save(step, {"app": AppState(model, optimizer), "extra": extra})
+            checkpointer.maybe_save(
+                step, {"app": ModelAndOptimizer(model, optimizer), "extra": extra}
+            )
         if checkpointers[0].should_save(step):
             prints[step] = fingerprint(model, optimizer)
             prints[step]["extra.rng"] = extra["rng"].clone()
@@ -180,7 +161,9 @@ def restore(rank: int, roots: list[tuple[str, dict[str, Any]]], out_file: str) -
             on_event=lambda name, fields, sink=events: sink.append((name, fields)),
         )
         extra = new_extra()
-        step = checkpointer.restore_latest({"app": AppState(model, optimizer), "extra": extra})
+        step = checkpointer.restore_latest(
+            {"app": ModelAndOptimizer(model, optimizer), "extra": extra}
+        )
         checkpointer.close()
         results.append(
             {

@@ -20,6 +20,7 @@ import torch.distributed.checkpoint as dcp
 from trainctl.checkpoint import inspect
 from trainctl.checkpoint.checkpointer import Checkpointer
 from trainctl.checkpoint.layout import step_dir_name
+from trainctl.runtime.checkpoint import ModelAndOptimizer
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -35,7 +36,7 @@ def _single_process_state() -> tuple[torch.nn.Module, torch.optim.Optimizer, dic
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     workers.train_step(model, optimizer, 0)
     extra = workers.new_extra()
-    return model, optimizer, {"app": workers.AppState(model, optimizer), "extra": extra}
+    return model, optimizer, {"app": ModelAndOptimizer(model, optimizer), "extra": extra}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_plain_dcp_load_reads_a_trainctl_checkpoint(saved_by_two_ranks: dict[str
     model, optimizer, _ = _single_process_state()
     extra = workers.new_extra()
     path = f"{saved_by_two_ranks['root']}/{step_dir_name(2)}"
-    dcp.load({"app": workers.AppState(model, optimizer), "extra": extra}, checkpoint_id=path)
+    dcp.load({"app": ModelAndOptimizer(model, optimizer), "extra": extra}, checkpoint_id=path)
     got = workers.fingerprint(model, optimizer)
     got["extra.rng"] = extra["rng"]
     _assert_same(saved_by_two_ranks["prints"][2], got)
@@ -180,7 +181,7 @@ def test_two_ranks_save_to_s3_and_restore_in_one_process(s3: Any, tmp_path: Path
     model, optimizer, _ = _single_process_state()
     reader = FsspecReader(f"{root}/{step_dir_name(2)}", **s3.storage_options)
     dcp.load(
-        {"app": workers.AppState(model, optimizer), "extra": workers.new_extra()},
+        {"app": ModelAndOptimizer(model, optimizer), "extra": workers.new_extra()},
         storage_reader=reader,
     )
     _assert_same(
