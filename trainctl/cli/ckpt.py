@@ -27,7 +27,7 @@ from rich.table import Table
 from trainctl.checkpoint import inspect
 from trainctl.checkpoint.retention import MIN_KEEP_LAST
 from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store
-from trainctl.cli.console import QUIET, emit_json, emit_result, terminal
+from trainctl.cli.console import QUIET, emit_json, emit_result, format_age, terminal
 from trainctl.errors import NotFoundError, UserError
 
 app = typer.Typer(
@@ -93,13 +93,7 @@ def _age(created_at: str | None, now: float) -> str:
         seconds = max(0.0, now - datetime.fromisoformat(created_at).timestamp())
     except ValueError:
         return "?"
-    if seconds < 90:
-        return f"{seconds:.0f}s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.0f}h"
-    return f"{seconds / 86400:.0f}d"
+    return format_age(seconds)
 
 
 @app.command("ls")

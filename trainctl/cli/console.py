@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
 QUIET, NORMAL, VERBOSE = -1, 0, 1
 
@@ -44,6 +45,26 @@ class Terminal:
 
 
 terminal = Terminal()
+
+
+def format_age(seconds: float) -> str:
+    """A short human duration: 42s, 17m, 5h, 3d."""
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
+def plain_table(*columns: str, title: str | None = None) -> Table:
+    """The borderless table every listing uses (fits COLUMNS=80, copy-paste friendly)."""
+    table = Table(box=None, pad_edge=False, title=title)
+    for column in columns:
+        table.add_column(column)
+    return table
 
 
 def emit_result(text: str) -> None:

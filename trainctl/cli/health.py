@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION
-from trainctl.cli.console import emit_json, terminal
+from trainctl.cli.console import emit_json, format_age, terminal
 from trainctl.errors import NotFoundError, UserError
 from trainctl.exitcodes import ExitCode
 from trainctl.health.gate import GateConfig, GateResult, preflight
@@ -161,15 +161,6 @@ def read_node_records(root: str, job_id: str) -> dict[str, dict[str, Any]]:
     return records
 
 
-def _age(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    if seconds < 90:
-        return f"{seconds:.0f}s ago"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f}m ago"
-    return f"{seconds / 3600:.0f}h ago"
-
-
 def _show_job(root: str, job_id: str, as_json: bool) -> list[Verdict]:
     raw = read_node_records(root, job_id)
     records: dict[str, NodeVerdictRecord] = {}
@@ -197,7 +188,7 @@ def _show_job(root: str, job_id: str, as_json: bool) -> list[Verdict]:
             escape(node),
             _status_text(record.verdict.status),
             escape(record.phase),
-            _age(now - record.checked_at),
+            format_age(now - record.checked_at) + " ago",
             escape(record.verdict.reason),
         )
     for node, error in unreadable.items():

@@ -7,22 +7,10 @@ from typing import Any
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store
-from trainctl.cli.console import emit_json, terminal
+from trainctl.cli.console import emit_json, format_age, plain_table, terminal
 from trainctl.state import JobRecord
-
-
-def _age(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    if seconds < 90:
-        return f"{seconds:.0f}s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.0f}h"
-    return f"{seconds / 86400:.0f}d"
 
 
 def status_json(
@@ -74,9 +62,7 @@ def list_jobs(storage: str | None = STORAGE_OPTION, as_json: bool = JSON_OPTION)
     if not records:
         terminal.info(f"no jobs under {store.root}")
         return
-    table = Table(box=None, pad_edge=False)
-    for column in ("JOB", "NAME", "STATE", "ATTEMPTS", "STEP", "AGE"):
-        table.add_column(column)
+    table = plain_table("JOB", "NAME", "STATE", "ATTEMPTS", "STEP", "AGE")
     now = time.time()
     for r in records:
         table.add_row(
@@ -85,7 +71,7 @@ def list_jobs(storage: str | None = STORAGE_OPTION, as_json: bool = JSON_OPTION)
             r.state.value,
             str(len(r.attempts)),
             "" if r.step is None else str(r.step),
-            _age(now - r.created_at),
+            format_age(now - r.created_at),
         )
     terminal.console.print(table)
 
@@ -111,9 +97,7 @@ def status(
         console.print(f"step {record.step}")
     if record.fingerprint:
         console.print(f"final step {record.final_step}, fingerprint {record.fingerprint}")
-    table = Table(box=None, pad_edge=False, title=None)
-    for column in ("NODE", "STATE", "PID", "STEP", "HEALTH", "REASON"):
-        table.add_column(column)
+    table = plain_table("NODE", "STATE", "PID", "STEP", "HEALTH", "REASON")
     for node in record.nodes:
         verdict = verdicts.get(node.name, {})
         table.add_row(
@@ -131,9 +115,7 @@ def status(
             console.print(
                 escape(f"{node.name} health: {verdict.get('status')}: {verdict.get('reason')}")
             )
-    attempts = Table(box=None, pad_edge=False)
-    for column in ("ATTEMPT", "STATE", "WORLD", "DURATION", "REASON"):
-        attempts.add_column(column)
+    attempts = plain_table("ATTEMPT", "STATE", "WORLD", "DURATION", "REASON")
     for a in record.attempts:
         end = a.ended_at if a.ended_at is not None else time.time()
         attempts.add_row(
@@ -155,9 +137,7 @@ def events(
         emit_json([e.to_json() for e in items])
         return
     start = record.created_at
-    table = Table(box=None, pad_edge=False)
-    for column in ("T+", "KIND", "NODE", "MESSAGE"):
-        table.add_column(column)
+    table = plain_table("T+", "KIND", "NODE", "MESSAGE")
     for e in items:
         table.add_row(f"{e.time - start:7.2f}s", e.kind, e.node or "", e.message)
     terminal.console.print(table)
