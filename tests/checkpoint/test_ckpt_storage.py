@@ -11,10 +11,10 @@ from trainctl.checkpoint.checksum import StreamingChecksum, checksum_of
 from trainctl.checkpoint.storage import (
     MIB,
     CorruptObjectError,
-    S3Storage,
     TransferConfig,
     open_storage,
 )
+from trainctl.checkpoint.storage_s3 import S3Storage
 
 PART = 5 * MIB  # S3's smallest legal part: many parts from a small object
 

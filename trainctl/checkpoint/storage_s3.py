@@ -1,0 +1,489 @@
+"""The S3 backend of the checkpoint storage seam (s3fs's async client): concurrent multipart
+uploads from a bounded, reused buffer pool, concurrent verified ranged reads, one retry policy."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from trainctl.checkpoint.checksum import BytesLike, StreamingChecksum
+from trainctl.checkpoint.layout import join
+from trainctl.checkpoint.manifest import ObjectRecord
+from trainctl.checkpoint.storage import (
+    MIB,
+    CorruptObjectError,
+    ObjectWriter,
+    PendingUpload,
+    Storage,
+    TransferConfig,
+    WrittenObject,
+)
+from trainctl.errors import StorageError
+
+T = TypeVar("T")
+
+S3_MIN_PART_SIZE = 5 * MIB
+"""S3 rejects non-final multipart parts smaller than 5 MiB."""
+S3_MAX_PARTS = 10_000
+
+
+class _BufferPool:
+    """At most `capacity` part buffers, allocated on first use and reused forever after.
+
+    This is what bounds upload memory to ``part_size * capacity`` and keeps it flat across
+    saves (no allocation per part, no growth).
+    """
+
+    def __init__(self, part_size: int, capacity: int) -> None:
+        self.part_size = part_size
+        self.capacity = capacity
+        self._free: list[bytearray] = []
+        self._allocated = 0
+        self._condition = threading.Condition()
+
+    def acquire(self) -> bytearray:
+        with self._condition:
+            while not self._free and self._allocated >= self.capacity:
+                self._condition.wait()
+            if self._free:
+                return self._free.pop()
+            self._allocated += 1
+        return bytearray(self.part_size)
+
+    def release(self, buffer: bytearray) -> None:
+        with self._condition:
+            self._free.append(buffer)
+            self._condition.notify()
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self._allocated * self.part_size
+
+
+def _is_retryable(error: BaseException) -> bool:
+    if isinstance(
+        error,
+        FileNotFoundError | FileExistsError | PermissionError | IsADirectoryError | ValueError,
+    ):
+        return False
+    if isinstance(error, OSError | asyncio.TimeoutError | TimeoutError):
+        return True
+    # botocore errors that s3fs did not translate (connection, read timeouts, 5xx)
+    module = type(error).__module__
+    return module.startswith(("botocore", "aiobotocore", "aiohttp"))
+
+
+class _S3Writer(ObjectWriter):
+    def __init__(self, storage: S3Storage, key: str) -> None:
+        super().__init__(key, storage.config.part_size)
+        self._storage = storage
+        self._bucket, self._s3_key = storage.bucket_key(key)
+        self._buffer: bytearray | None = None
+        self._filled = 0
+        self._upload_id: str | None = None
+        self._parts: list[Future[dict[str, Any]]] = []
+
+    def _write(self, view: memoryview) -> None:
+        part_size = self._storage.config.part_size
+        while len(view):
+            if self._buffer is None:
+                self._buffer = self._storage.buffers.acquire()  # blocks: bounded memory
+                self._filled = 0
+            take = min(len(view), part_size - self._filled)
+            self._buffer[self._filled : self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+            if self._filled == part_size:
+                self._send_part()
+
+    def _send_part(self) -> None:
+        assert self._buffer is not None
+        self._raise_failed_part()
+        if self._upload_id is None:
+            response = self._storage.call(
+                "create_multipart_upload", Bucket=self._bucket, Key=self._s3_key
+            )
+            self._upload_id = str(response["UploadId"])
+        if len(self._parts) >= S3_MAX_PARTS:
+            raise StorageError(f"{self.key}: more than {S3_MAX_PARTS} parts; raise part_size")
+        buffer, filled = self._buffer, self._filled
+        self._buffer, self._filled = None, 0
+        number = len(self._parts) + 1
+        # Parts are aligned with checksum blocks (block size == part size), so the part's CRC-32
+        # is the block just completed: S3 checks it on arrival (x-amz-checksum-crc32) and
+        # botocore does not compute it again.
+        # (`write` feeds the checksum before `_write`, so the block is complete here.)
+        crc = self._checksum.block_crc(number - 1)
+        body_view = memoryview(buffer)[:filled]
+        storage = self._storage
+
+        async def upload() -> Any:
+            return await storage.call_async(
+                "upload_part",
+                Bucket=self._bucket,
+                Key=self._s3_key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                ChecksumCRC32=base64.b64encode(crc.to_bytes(4, "big")).decode(),
+                # A fresh body per attempt: streamed from the pooled buffer in slices.
+                body_factory=lambda: _part_body(body_view),
+            )
+
+        future = storage.submit(upload)
+        future.add_done_callback(lambda _: self._storage.buffers.release(buffer))
+        self._parts.append(future)
+
+    def _raise_failed_part(self) -> None:
+        for future in self._parts:
+            if future.done() and future.exception() is not None:
+                raise StorageError(f"{self.key}: part upload failed") from future.exception()
+
+    def _finish(self) -> None:
+        try:
+            if self._upload_id is None:
+                data = bytes(memoryview(self._buffer)[: self._filled]) if self._buffer else b""
+                self._release_buffer()
+                self._storage.call("put_object", Bucket=self._bucket, Key=self._s3_key, Body=data)
+                return
+            if self._filled:
+                self._send_part()
+            self._release_buffer()
+            etags = []
+            for number, future in enumerate(self._parts, start=1):
+                response = future.result()
+                etags.append({"PartNumber": number, "ETag": response["ETag"]})
+            self._storage.call(
+                "complete_multipart_upload",
+                Bucket=self._bucket,
+                Key=self._s3_key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": etags},
+            )
+        except BaseException:
+            self._aborted = True
+            self._discard()
+            raise
+
+    def _release_buffer(self) -> None:
+        if self._buffer is not None:
+            self._storage.buffers.release(self._buffer)
+            self._buffer = None
+
+    def _discard(self) -> None:
+        self._release_buffer()
+        for future in self._parts:
+            try:
+                future.result()  # parts still running hold pooled buffers: let them finish
+            except Exception:
+                pass
+        if self._upload_id is not None:
+            self._storage.call(
+                "abort_multipart_upload",
+                Bucket=self._bucket,
+                Key=self._s3_key,
+                UploadId=self._upload_id,
+                attempts=1,
+            )
+
+
+class S3Storage(Storage):
+    """Objects under ``s3://bucket/prefix`` through s3fs's async client (aiobotocore).
+
+    Requests run on fsspec's I/O event loop, so concurrency costs no threads: part uploads and
+    ranged reads are coroutines scheduled there from whichever thread writes or reads.
+    """
+
+    def __init__(self, root: str, config: TransferConfig, storage_options: dict[str, Any]) -> None:
+        super().__init__(root, config)
+        if config.part_size < S3_MIN_PART_SIZE:
+            raise ValueError(
+                f"part_size must be >= {S3_MIN_PART_SIZE} bytes on S3 (S3's minimum part size), "
+                f"got {config.part_size}"
+            )
+        import s3fs  # lazily: local-only users never import the S3 stack
+
+        self._bucket, _, self._prefix = root[len("s3://") :].partition("/")
+        self._prefix = self._prefix.strip("/")
+        if not self._bucket:
+            raise ValueError(f"no bucket in {root!r}")
+        options = dict(storage_options)
+        # One retry policy, ours (TransferConfig): botocore and s3fs would otherwise each retry
+        # on top of it and turn an outage into minutes of silent waiting.
+        config_kwargs = dict(options.pop("config_kwargs", None) or {})
+        config_kwargs.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+        # skip_instance_cache: each Storage owns its client, so closing one never breaks another.
+        self.fs = s3fs.S3FileSystem(
+            skip_instance_cache=True, config_kwargs=config_kwargs, **options
+        )
+        self.fs.retries = 1
+        self.buffers = _BufferPool(config.part_size, config.concurrency)
+        self._read_limit: asyncio.Semaphore | None = None
+
+    def bucket_key(self, key: str) -> tuple[str, str]:
+        """The bucket and full object key of `key`."""
+        return self._bucket, join(self._prefix, key)
+
+    # -- request plumbing
+
+    async def call_async(self, method: str, *, attempts: int | None = None, **kwargs: Any) -> Any:
+        """One S3 request with retries and backoff on transient errors (on the I/O loop)."""
+        attempts = attempts or self.config.max_attempts
+        body_factory = kwargs.pop("body_factory", None)
+        for attempt in range(1, attempts + 1):
+            try:
+                if body_factory is not None:
+                    kwargs["Body"] = body_factory()
+                return await self.fs._call_s3(method, **kwargs)
+            except Exception as error:
+                if attempt == attempts or not _is_retryable(error):
+                    raise
+                await asyncio.sleep(self.config.retry_delay(attempt))
+        raise AssertionError("unreachable")
+
+    def call(self, method: str, *, attempts: int | None = None, **kwargs: Any) -> Any:
+        """`call_async` from a normal thread (blocks until the request finished)."""
+        return self.submit(lambda: self.call_async(method, attempts=attempts, **kwargs)).result()
+
+    def submit(self, make: Callable[[], Awaitable[T]]) -> Future[T]:
+        """Schedule a coroutine on the I/O loop; returns a thread-safe future."""
+
+        async def run() -> T:
+            return await make()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.fs.loop)
+
+    # -- objects
+
+    def open_writer(self, key: str) -> ObjectWriter:
+        return _S3Writer(self, key)
+
+    def put(self, key: str, data: BytesLike, *, exclusive: bool = False) -> WrittenObject:
+        summer = StreamingChecksum(self.config.part_size)
+        summer.update(data)
+        bucket, s3_key = self.bucket_key(key)
+        body = bytes(data)
+        if exclusive:
+            # If-None-Match: * makes the create atomic on S3 (412 -> FileExistsError).
+            self.call("put_object", Bucket=bucket, Key=s3_key, Body=body, IfNoneMatch="*")
+        else:
+            self.call("put_object", Bucket=bucket, Key=s3_key, Body=body)
+        return WrittenObject(
+            key, summer.size, summer.whole(), summer.block_size, tuple(summer.blocks())
+        )
+
+    def read(
+        self, key: str, start: int = 0, end: int | None = None, record: ObjectRecord | None = None
+    ) -> memoryview:
+        size = self.size(key)
+        if size is None:
+            raise FileNotFoundError(self.url(key))
+        end = size if end is None else min(end, size)
+        first, last = record.block_range(start, end) if record else (start, end)
+        last = min(last, size)
+        buffer = bytearray(max(0, last - first))
+        view = memoryview(buffer)
+        chunk = record.block_size if record else self.config.part_size
+        ranges = [(o, min(o + chunk, last)) for o in range(first, last, chunk)]
+        bucket, s3_key = self.bucket_key(key)
+        self.submit(lambda: self._read_ranges(bucket, s3_key, ranges, view, first)).result()
+        if record is not None:
+            if size != record.size:
+                raise CorruptObjectError(key, [f"size {size} != recorded {record.size}"])
+            self._verify(key, first, view, record)
+        return view[start - first : end - first]
+
+    async def _read_ranges(
+        self, bucket: str, s3_key: str, ranges: list[tuple[int, int]], view: memoryview, base: int
+    ) -> None:
+        limit = asyncio.Semaphore(self.config.concurrency)
+
+        async def fetch(byte_range: tuple[int, int]) -> None:
+            start, end = byte_range
+            async with limit:
+                response = await self.call_async(
+                    "get_object", Bucket=bucket, Key=s3_key, Range=f"bytes={start}-{end - 1}"
+                )
+                got = await _read_body_into(response["Body"], view[start - base : end - base])
+            if got != end - start:
+                raise CorruptObjectError(s3_key, [f"range {start}..{end} returned {got} bytes"])
+
+        await asyncio.gather(*(fetch(r) for r in ranges))
+
+    def size(self, key: str) -> int | None:
+        bucket, s3_key = self.bucket_key(key)
+        try:
+            response = self.call("head_object", Bucket=bucket, Key=s3_key)
+        except FileNotFoundError:
+            return None
+        return int(response["ContentLength"])
+
+    def _list_pages(self, prefix: str, delimiter: str | None) -> list[dict[str, Any]]:
+        bucket, s3_prefix = self.bucket_key(prefix)
+        s3_prefix = s3_prefix + "/" if s3_prefix else ""
+        pages, token = [], None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": s3_prefix}
+            if delimiter:
+                kwargs["Delimiter"] = delimiter
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self.call("list_objects_v2", **kwargs)
+            pages.append(page)
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return pages
+
+    def _relative(self, s3_key: str) -> str:
+        return s3_key[len(self._prefix) :].lstrip("/") if self._prefix else s3_key
+
+    def list_objects(self, prefix: str = "") -> dict[str, int]:
+        found = {}
+        for page in self._list_pages(prefix, None):
+            for item in page.get("Contents", []):
+                found[self._relative(item["Key"])] = int(item["Size"])
+        return found
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        names = []
+        for page in self._list_pages(prefix, "/"):
+            for common in page.get("CommonPrefixes", []):
+                names.append(common["Prefix"].rstrip("/").rsplit("/", 1)[-1])
+        return sorted(names)
+
+    def delete(self, key: str) -> None:
+        bucket, s3_key = self.bucket_key(key)
+        self.call("delete_object", Bucket=bucket, Key=s3_key)
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = list(self.list_objects(prefix))
+        bucket = self._bucket
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": self.bucket_key(key)[1]} for key in keys[start : start + 1000]]
+            self.call("delete_objects", Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+        return len(keys)
+
+    def rename(self, key: str, new_key: str) -> None:
+        bucket, source = self.bucket_key(key)
+        _, target = self.bucket_key(new_key)
+        self.call(
+            "copy_object", Bucket=bucket, Key=target, CopySource={"Bucket": bucket, "Key": source}
+        )
+        self.call("delete_object", Bucket=bucket, Key=source)
+
+    def list_uploads(self, prefix: str = "") -> list[PendingUpload]:
+        bucket, s3_prefix = self.bucket_key(prefix)
+        uploads: list[PendingUpload] = []
+        markers: dict[str, Any] = {}
+        while True:
+            page = self.call("list_multipart_uploads", Bucket=bucket, Prefix=s3_prefix, **markers)
+            for item in page.get("Uploads", []):
+                uploads.append(
+                    PendingUpload(
+                        key=self._relative(item["Key"]),
+                        upload_id=item["UploadId"],
+                        initiated=str(item.get("Initiated", "")),
+                    )
+                )
+            if not page.get("IsTruncated"):
+                return uploads
+            markers = {
+                "KeyMarker": page.get("NextKeyMarker", ""),
+                "UploadIdMarker": page.get("NextUploadIdMarker", ""),
+            }
+
+    def abort_upload(self, upload: PendingUpload) -> None:
+        bucket, s3_key = self.bucket_key(upload.key)
+        try:
+            self.call(
+                "abort_multipart_upload", Bucket=bucket, Key=s3_key, UploadId=upload.upload_id
+            )
+        except FileNotFoundError:
+            pass  # already completed or aborted by someone else
+
+
+STREAM_SLICE = 1 * MIB
+"""Bytes handed to the HTTP connection (upload) or taken from it (download) per step."""
+
+
+async def _read_body_into(body: Any, target: memoryview) -> int:
+    """Copy a response body into `target` slice by slice; returns the bytes received.
+
+    ``await body.read()`` would join the whole range into one new bytes object first: a
+    part-sized allocation per request (and fragmentation) on top of the destination buffer.
+    """
+    filled = 0
+    try:
+        while True:
+            chunk = await body.read(STREAM_SLICE)
+            if not chunk:
+                return filled
+            if filled + len(chunk) > len(target):
+                return filled + len(chunk)  # longer than asked: reported as a size mismatch
+            target[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+    finally:
+        body.close()
+
+
+_PART_BODY: Any = None
+
+
+def _part_body(view: memoryview) -> Any:
+    """An upload body that streams `view` to the connection in `STREAM_SLICE` slices.
+
+    With a bytes/bytearray body, aiohttp writes the whole part in one call: on Python < 3.12.9
+    it first joins headers and body (a part-sized copy), and asyncio's transport then copies
+    whatever the socket did not take at once into its own buffer (another part-sized copy).
+    That is up to two transient part copies per request in flight, outside the bounded buffer
+    pool, and a source of malloc fragmentation (RSS growth save after save). Streaming slices
+    with a drain after each keeps the connection's buffer at about one slice.
+
+    The class is an aiohttp `Payload` (aiohttp sends it as is) that is also a seekable
+    file-like object (botocore takes its length and, over plain HTTP, reads it for the SigV4
+    payload hash). Built lazily: aiohttp is imported only when S3 is used.
+    """
+    global _PART_BODY
+    if _PART_BODY is None:
+        from aiohttp.payload import Payload
+
+        class PartBody(Payload):
+            def __init__(self, data: memoryview) -> None:
+                super().__init__(data, content_type="application/octet-stream")
+                self._data = data
+                self._size = len(data)
+                self._position = 0
+
+            def __len__(self) -> int:
+                return len(self._data)
+
+            def read(self, size: int = -1) -> bytes:
+                end = len(self._data) if size < 0 else self._position + size
+                chunk = bytes(self._data[self._position : end])
+                self._position += len(chunk)
+                return chunk
+
+            def seek(self, offset: int, whence: int = 0) -> int:
+                base = {0: 0, 1: self._position, 2: len(self._data)}[whence]
+                self._position = max(0, base + offset)
+                return self._position
+
+            def tell(self) -> int:
+                return self._position
+
+            def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+                return bytes(self._data).decode(encoding, errors)
+
+            async def write(self, writer: Any) -> None:
+                await self.write_with_length(writer, None)
+
+            async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+                end = len(self._data) if content_length is None else content_length
+                for offset in range(0, end, STREAM_SLICE):
+                    await writer.write(self._data[offset : min(offset + STREAM_SLICE, end)])
+
+        _PART_BODY = PartBody
+    return _PART_BODY(view)
