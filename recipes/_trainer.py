@@ -106,4 +106,4 @@ def train(
     if ckpt:
         ckpt.finish()
     ctx.finish(model, step)
-    ctx.close()
+    ctx.exit(0)
