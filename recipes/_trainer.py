@@ -17,6 +17,7 @@ from torch.distributed.fsdp import fully_shard
 
 from trainctl import runtime
 from trainctl.runtime.checkpoint import checkpointing
+from trainctl.runtime.fingerprint import model_fingerprint
 
 Batch = tuple[torch.Tensor, ...]
 WARMUP_STEPS = 2
@@ -62,9 +63,20 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(config["lr"]), weight_decay=0.01)
     ckpt = checkpointing(ctx, model, optimizer)
     step = start_step = ckpt.restore() if ckpt else 0
+    # Tests: fingerprint the weights at every save and after a restore (collectives), so a
+    # resharded restore can be checked bit for bit against what was saved.
+    check_fingerprints = bool(config.get("fingerprint_checkpoints", False))
     if step:
         ctx.log(f"resumed from the checkpoint of step {step}")
+        if check_fingerprints:
+            digest = model_fingerprint(model)
+            if digest:
+                ctx.event(
+                    "restored_fingerprint", f"restored step {step}", step=step, fingerprint=digest
+                )
     step_sleep_s = float(config.get("step_sleep_s", 0.0))  # tests: slow steps down
+    fail_at_step = int(config.get("fail_at_step", 0))  # tests: a software error at that step
+    fail_in = config.get("fail_in_attempts", [0])  # ... in these attempts ("all": every one)
     if ctx.is_main:
         params = sum(p.numel() for p in model.parameters())  # DTensor numel is global
         ctx.log(
@@ -80,14 +92,18 @@ def train(
             )
             if step_sleep_s:
                 time.sleep(step_sleep_s)
+        if step + 1 == fail_at_step and (fail_in == "all" or ctx.attempt in fail_in):
+            raise RuntimeError(f"injected failure at step {step + 1}")
         loss = loss_fn(model, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         ctx.progress(step)
-        if ckpt:
-            ckpt.maybe_save(step)
+        if ckpt and ckpt.maybe_save(step) and check_fingerprints:
+            digest = model_fingerprint(model)
+            if digest:
+                ctx.event("saved_fingerprint", f"saved step {step}", step=step, fingerprint=digest)
         if ctx.is_main and (step % 10 == 0 or step == max_steps):
             ctx.log(f"step {step} loss {loss.item():.5f} ({time.perf_counter() - started:.1f}s)")
         if step == start_step + WARMUP_STEPS:
@@ -105,5 +121,17 @@ def train(
         )
     if ckpt:
         ckpt.finish()
+    if step > start_step:
+        # The last step's loss over the whole global batch (each rank saw its slice), so runs
+        # at different world sizes compare.
+        final = loss.detach().clone()
+        if ctx.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(final, op=dist.ReduceOp.SUM)
+            final /= ctx.world_size
+        if ctx.is_main:
+            value = float(final.item())
+            ctx.event("train_finished", f"final loss {value:.6f}", step=step, loss=value)
     ctx.finish(model, step)
     ctx.exit(0)

@@ -56,14 +56,116 @@ class CheckpointSpec(_Frozen):
 class LaunchSpec(_Frozen):
     """How torchrun is driven (the ``launch:`` section)."""
 
-    max_restarts: int = Field(default=0, ge=0)
-    """torchrun's in-place worker restarts per attempt (``--max-restarts``)."""
+    max_restarts: int = Field(default=10, ge=0)
+    """Relaunches inside the allocation, all causes together (0: the first failure ends the
+    job with exit 1 for the scheduler to requeue). torchrun itself never restarts: trainctl
+    decides every restart, so it can blame, exclude and restore first."""
     monitor_interval_s: float = Field(default=0.1, gt=0)
     """How often torchrun's agent checks its workers."""
     join_timeout_s: float = Field(default=120.0, gt=0)
     """How long the rendezvous waits for every node to join."""
     stop_grace_s: float = Field(default=5.0, gt=0, le=60)
     """After SIGTERM, how long workers get before SIGKILL."""
+
+
+FAILURE_CAUSES = (
+    "node_fault",
+    "worker_crash",
+    "software_error",
+    "hang",
+    "storage",
+)
+"""How the policy classifies a failed attempt (see `trainctl.recovery.policy.classify`)."""
+
+
+class RecoverySpec(_Frozen):
+    """What happens after a failure (the ``recovery:`` section)."""
+
+    crash_loop_limit: int = Field(default=3, ge=1)
+    """Give up (exit 3) when the same failure signature repeats this many times in a row with
+    no new committed checkpoint in between."""
+    restarts_per_cause: dict[str, int] = Field(
+        default_factory=lambda: {
+            "node_fault": 8,
+            "worker_crash": 5,
+            "software_error": 3,
+            "hang": 3,
+            "storage": 5,
+        }
+    )
+    """Retry budget per failure cause (a cause left out keeps its default); `launch.max_restarts`
+    caps the total."""
+    exclude_s: float = Field(default=3600.0, gt=0)
+    """How long a blamed node stays on the blocklist; after that a clean health probe lets it
+    back."""
+    drain_blamed_nodes: bool = False
+    """Slurm: also drain a blamed node (needs operator rights)."""
+
+    @field_validator("restarts_per_cause")
+    @classmethod
+    def _causes(cls, value: dict[str, int]) -> dict[str, int]:
+        defaults = cls.model_fields["restarts_per_cause"].get_default(call_default_factory=True)
+        for cause, budget in value.items():
+            if cause not in FAILURE_CAUSES:
+                raise ValueError(
+                    f"unknown failure cause {cause!r}: use one of {', '.join(FAILURE_CAUSES)}"
+                )
+            if budget < 0:
+                raise ValueError(f"restarts_per_cause.{cause} must be >= 0")
+        return {**defaults, **value}
+
+    def budget(self, cause: str) -> int:
+        return self.restarts_per_cause.get(cause, 3)
+
+
+FAULT_KINDS = ("kill-node", "kill-worker", "hang", "nvml-xid", "storage-outage")
+"""Faults `trainctl launch --fault` can inject (local scheduler, a testing feature)."""
+
+
+class FaultSpec(_Frozen):
+    """One injected fault: `KIND[:NODE]@step=N[,for=SECONDS]`."""
+
+    kind: str
+    node: str | None = None
+    step: int = Field(ge=1)
+    duration_s: float = Field(default=10.0, gt=0)
+    """storage-outage: how long storage refuses every request."""
+
+    def describe(self) -> str:
+        where = f":{self.node}" if self.node else ""
+        extra = f",for={self.duration_s:g}" if self.kind == "storage-outage" else ""
+        return f"{self.kind}{where}@step={self.step}{extra}"
+
+
+def parse_fault(text: str, where: str = "--fault") -> FaultSpec:
+    """Parse `KIND[:NODE]@step=N[,for=S]`, e.g. ``kill-node:node-1@step=7``."""
+    match = re.fullmatch(
+        r"(?P<kind>[a-z-]+)(?::(?P<node>node-[0-9]+))?@step=(?P<step>[0-9]+)"
+        r"(?:,for=(?P<for>[0-9.]+)s?)?",
+        text.strip(),
+    )
+    fix = (
+        "write KIND[:NODE]@step=N, e.g. kill-node:node-1@step=7 or storage-outage@step=5,for=10; "
+        f"kinds: {', '.join(FAULT_KINDS)}"
+    )
+    if match is None:
+        raise UserError("cannot parse the fault", where=where, value=text, fix=fix)
+    kind = match["kind"]
+    if kind not in FAULT_KINDS:
+        raise UserError("unknown fault kind", where=where, value=text, fix=fix)
+    node = match["node"]
+    if kind != "storage-outage" and node is None:
+        raise UserError(
+            f"a {kind} fault needs a node", where=where, value=text, fix=f"write {kind}:node-1@..."
+        )
+    if int(match["step"]) < 1:
+        raise UserError("the step must be >= 1", where=where, value=text, fix=fix)
+    return FaultSpec(
+        kind=kind,
+        node=node,
+        step=int(match["step"]),
+        duration_s=float(match["for"]) if match["for"] else 10.0,
+    )
 
 
 class HealthSpec(_Frozen):
@@ -130,6 +232,9 @@ class JobSpec(_Frozen):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     launch: LaunchSpec = Field(default_factory=LaunchSpec)
     health: HealthSpec = Field(default_factory=HealthSpec)
+    recovery: RecoverySpec = Field(default_factory=RecoverySpec)
+    faults: tuple[FaultSpec, ...] = ()
+    """Faults to inject (``trainctl launch --fault``; local scheduler only, for tests and demos)."""
     node_env: dict[str, dict[str, str]] = Field(default_factory=dict)
     """Extra environment for one node's agent, torchrun and workers, by node name
     (``node-1: {FAKE_NVML_FILE: /tmp/xid79.nvml}``); applied after `env`. With the local
@@ -160,6 +265,12 @@ class JobSpec(_Frozen):
         if self.min_nodes is not None and self.min_nodes > self.nodes:
             raise ValueError(f"min_nodes ({self.min_nodes}) cannot exceed nodes ({self.nodes})")
         num_nodes = self.nodes + self.spare_nodes
+        for fault in self.faults:
+            if fault.node is not None and int(fault.node.split("-", 1)[1]) >= num_nodes:
+                raise ValueError(
+                    f"fault {fault.describe()} names {fault.node}, but the job has only "
+                    f"node-0..node-{num_nodes - 1}"
+                )
         for node in self.node_env:
             if int(node.split("-", 1)[1]) >= num_nodes:
                 raise ValueError(
@@ -170,6 +281,11 @@ class JobSpec(_Frozen):
     @property
     def world_size(self) -> int:
         return self.nodes * self.nproc_per_node
+
+    @property
+    def fewest_nodes(self) -> int:
+        """The smallest number of nodes the job may run on (`min_nodes`, default `nodes`)."""
+        return self.min_nodes if self.min_nodes is not None else self.nodes
 
 
 def check_job_id(job_id: str, where: str = "--job-id") -> str:

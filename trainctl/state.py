@@ -37,9 +37,10 @@ JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
         {JobState.RECOVERING, JobState.SUCCEEDED, JobState.FAILED, JobState.STOPPED}
     ),
     JobState.RECOVERING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.STOPPED}),
+    # RUNNING -> RECOVERING also covers `trainctl resume` after the controller itself died.
     # A failed or stopped job may be resumed; a succeeded one is final.
-    JobState.FAILED: frozenset({JobState.RUNNING, JobState.PENDING}),
-    JobState.STOPPED: frozenset({JobState.RUNNING, JobState.PENDING}),
+    JobState.FAILED: frozenset({JobState.RUNNING, JobState.PENDING, JobState.RECOVERING}),
+    JobState.STOPPED: frozenset({JobState.RUNNING, JobState.PENDING, JobState.RECOVERING}),
     JobState.SUCCEEDED: frozenset(),
 }
 
@@ -89,11 +90,30 @@ class NodeState(str, enum.Enum):
     """On standby, ready to replace a failed node."""
 
 
+_RELAUNCHABLE = frozenset(
+    {NodeState.STARTING, NodeState.SPARE, NodeState.EXCLUDED, NodeState.PENDING}
+)
+"""Where a node goes after an attempt ended: into the next attempt, back on standby, or out."""
+
 NODE_TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
     NodeState.PENDING: frozenset(
-        {NodeState.STARTING, NodeState.FAILED, NodeState.STOPPED, NodeState.EXCLUDED}
+        {
+            NodeState.STARTING,
+            NodeState.FAILED,
+            NodeState.STOPPED,
+            NodeState.EXCLUDED,
+            NodeState.SPARE,
+        }
     ),
-    NodeState.SPARE: frozenset({NodeState.PENDING, NodeState.STOPPED, NodeState.EXCLUDED}),
+    NodeState.SPARE: frozenset(
+        {
+            NodeState.PENDING,
+            NodeState.STARTING,
+            NodeState.STOPPED,
+            NodeState.EXCLUDED,
+            NodeState.FAILED,
+        }
+    ),
     NodeState.STARTING: frozenset(
         {
             NodeState.RUNNING,
@@ -106,10 +126,12 @@ NODE_TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
     NodeState.RUNNING: frozenset(
         {NodeState.SUCCEEDED, NodeState.FAILED, NodeState.STOPPED, NodeState.EXCLUDED}
     ),
-    NodeState.SUCCEEDED: frozenset(),
-    NodeState.FAILED: frozenset({NodeState.EXCLUDED}),
-    NodeState.STOPPED: frozenset(),
-    NodeState.EXCLUDED: frozenset(),
+    # After an attempt: relaunched, put on standby, or kept out.
+    NodeState.SUCCEEDED: _RELAUNCHABLE,
+    NodeState.FAILED: _RELAUNCHABLE,
+    NodeState.STOPPED: _RELAUNCHABLE,
+    # Readmitted once the exclusion expired and a probe came back clean.
+    NodeState.EXCLUDED: frozenset({NodeState.PENDING, NodeState.SPARE, NodeState.STARTING}),
 }
 
 
@@ -151,6 +173,16 @@ class AttemptRecord:
     exit_code: int | None = None
     reason: str = ""
     scheduler_restart_count: int | None = None
+    """Slurm's SLURM_RESTART_COUNT when the attempt started (None: first run or not Slurm)."""
+    cause: str | None = None
+    """How the policy classified the failure (node_fault, worker_crash, ...)."""
+    blamed: str | None = None
+    restored_step: int | None = None
+    """The checkpoint step the attempt restored (None: none reported)."""
+    first_step: int | None = None
+    first_step_at: float | None = None
+    last_step: int | None = None
+    last_step_at: float | None = None
 
     def move(self, new: AttemptState, reason: str = "") -> None:
         check_transition(ATTEMPT_TRANSITIONS, self.state, new)
@@ -178,6 +210,14 @@ class JobRecord:
     final_step: int | None = None
     fingerprint: str | None = None
     exit_code: int | None = None
+    restarts: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Relaunches so far, by failure cause (the budgets in the recipe's ``recovery:``)."""
+    failures: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """Recent failure signatures with the newest committed step at the time (crash loops)."""
+    committed_step: int | None = None
+    """Newest checkpoint step committed during this job, as reported by the workers."""
+    faults_fired: list[str] = dataclasses.field(default_factory=list)
+    """Injected faults already fired (so `resume` does not fire them again)."""
 
     def move(self, new: JobState, reason: str = "") -> None:
         check_transition(JOB_TRANSITIONS, self.state, new)

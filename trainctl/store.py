@@ -219,6 +219,26 @@ class JobStore:
         return events
 
     # -- nodes -------------------------------------------------------------------------------
+    def write_blocklist(self, job_id: str, entries: dict[str, dict[str, Any]]) -> None:
+        """Replace ``blocklist.json`` (node -> reason, cause, since, expires_at) atomically.
+
+        It lives in the job store, so it survives controller restarts, `resume` and requeues.
+        """
+        payload = json.dumps({"nodes": entries}, indent=2, sort_keys=True).encode()
+        self._write_atomic(join(self.job_url(job_id), "blocklist.json"), payload)
+
+    def read_blocklist(self, job_id: str) -> dict[str, dict[str, Any]]:
+        raw = self._read(join(self.job_url(job_id), "blocklist.json"))
+        if raw is None:
+            return {}
+        try:
+            nodes = json.loads(raw).get("nodes", {})
+        except ValueError as bad:
+            raise StorageError(
+                f"{self.job_url(job_id)}/blocklist.json is unreadable: {bad}"
+            ) from None
+        return {str(k): dict(v) for k, v in nodes.items()}
+
     def write_node(self, job_id: str, node: str, data: dict[str, Any]) -> None:
         payload = json.dumps(data, indent=2, sort_keys=True, default=str).encode()
         self._write_atomic(join(self.job_url(job_id), "nodes", f"{node}.json"), payload)

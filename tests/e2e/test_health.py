@@ -96,7 +96,7 @@ def test_xid_79_before_start_keeps_the_node_out(
     assert "node-1" in state["reason"] and "UNHEALTHY before joining" in state["reason"]
     assert "XID 79" in state["reason"]
     nodes = {n["name"]: n for n in state["nodes"]}
-    assert nodes["node-1"]["state"] == "failed"
+    assert nodes["node-1"]["state"] == "excluded"  # on the blocklist, with the verdict
     assert nodes["node-0"]["state"] == "stopped"
     record = node_record(storage, "xid", "node-1")
     assert record["status"] == "UNHEALTHY" and record["phase"] == "preflight"
@@ -221,7 +221,7 @@ def test_sigstopped_worker_is_a_hang_with_stacks_of_every_rank(
     assert f"hang timeout {HANG_TIMEOUT_S:g} s" in state["reason"]
     assert items[-1]["kind"] == "job_failed" and items[-1]["data"]["blamed"] == "node-1"
     nodes = {n["name"]: n["state"] for n in state["nodes"]}
-    assert nodes == {"node-0": "stopped", "node-1": "failed"}
+    assert nodes == {"node-0": "stopped", "node-1": "excluded"}
 
 
 def test_slow_node_is_flagged_degraded_and_the_job_succeeds(storage: Path, tmp_path: Path) -> None:

@@ -91,16 +91,21 @@ def test_plain_torchrun_script_runs_unmodified(storage: Path) -> None:
     assert "plain rank 1/2 done" in logs
 
 
-def test_failing_worker_fails_the_job_with_retry_allowed(storage: Path) -> None:
+def test_a_bug_is_a_crash_loop_and_the_job_gives_up(storage: Path) -> None:
     script = str(REPO / "tests" / "e2e" / "scripts" / "plain_ddp.py")
-    # A bad step count makes every worker raise ValueError before training.
+    # A bad step count makes every worker raise ValueError before training, every time.
     result = launch(
         script, "--nodes", "2", job_id="crash", storage=storage, PLAIN_STEPS="not-a-number"
     )
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 3, result.stderr
     state = read_state(storage, "crash")
     assert state["state"] == "failed"
-    assert "torchrun ended with exit code" in state["reason"]
+    assert "crash loop: the same failure 3 times" in state["reason"]
+    # A plain script writes no error file (no @record, no trainctl.runtime), so the evidence is
+    # torchrun's exit code alone: a worker crash, three times the same.
+    assert [a["cause"] for a in state["attempts"]] == ["worker_crash"] * 3
+    # a software error is never a node's fault
+    assert all(n["state"] != "excluded" for n in state["nodes"])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -56,6 +56,11 @@ def test_node_and_attempt_moves() -> None:
     node.move(NodeState.EXCLUDED)
     with pytest.raises(IllegalTransition):
         node.move(NodeState.RUNNING)
+    # readmitted after the exclusion expired: it starts (and probes) again
+    node.move(NodeState.STARTING)
+    node.move(NodeState.RUNNING)
+    node.move(NodeState.STOPPED, "another node failed")
+    node.move(NodeState.SPARE)  # back on standby
     attempt = AttemptRecord(number=0, started_at=0.0)
     attempt.move(AttemptState.RUNNING)
     attempt.move(AttemptState.FAILED)

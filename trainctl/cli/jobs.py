@@ -14,14 +14,22 @@ from trainctl.state import JobRecord
 
 
 def status_json(
-    record: JobRecord, verdicts: dict[str, dict[str, Any]] | None = None
+    record: JobRecord,
+    verdicts: dict[str, dict[str, Any]] | None = None,
+    blocklist: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, object]:
     """The `status --json` object: a stable, documented shape.
 
     Each node carries ``health``: its last verdict from ``nodes/<node>.json`` (status, reason,
-    phase, checked_at; the evidence is in `trainctl health JOB --json`), or null.
+    phase, checked_at; the evidence is in `trainctl health JOB --json`), or null. ``excluded``
+    is the job's blocklist: node -> reason, cause, since, expires_at, active.
     """
     data = record.to_json()
+    now = time.time()
+    data["excluded"] = {
+        node: {**entry, "active": float(entry.get("expires_at", 0)) > now}
+        for node, entry in (blocklist or {}).items()
+    }
     data["attempts_count"] = len(record.attempts)
     verdicts = verdicts or {}
     for node in data["nodes"]:
@@ -85,8 +93,9 @@ def status(
     store = open_store(storage)
     record = store.read_state(job_id)
     verdicts = store.read_node_verdicts(job_id)
+    blocklist = store.read_blocklist(job_id)
     if as_json:
-        emit_json(status_json(record, verdicts))
+        emit_json(status_json(record, verdicts, blocklist))
         return
     console = terminal.console
     console.print(
@@ -115,13 +124,29 @@ def status(
             console.print(
                 escape(f"{node.name} health: {verdict.get('status')}: {verdict.get('reason')}")
             )
-    attempts = plain_table("ATTEMPT", "STATE", "WORLD", "DURATION", "REASON")
+    now = time.time()
+    for name, entry in sorted(blocklist.items()):
+        expires = float(entry.get("expires_at", 0))
+        until = (
+            f"for another {format_age(expires - now)}" if expires > now else "expired: may return"
+        )
+        console.print(escape(f"excluded {name} ({until}): {entry.get('reason', '')}"))
+    attempts = plain_table("ATTEMPT", "STATE", "NODES", "WORLD", "DURATION", "CAUSE", "REASON")
     for a in record.attempts:
-        end = a.ended_at if a.ended_at is not None else time.time()
+        end = a.ended_at if a.ended_at is not None else now
         attempts.add_row(
-            str(a.number), a.state.value, str(a.world_size), f"{end - a.started_at:.1f}s", a.reason
+            str(a.number),
+            a.state.value,
+            ",".join(a.nodes),
+            str(a.world_size),
+            f"{end - a.started_at:.1f}s",
+            a.cause or "",
+            a.reason,
         )
     console.print(attempts)
+    if record.restarts:
+        spent = ", ".join(f"{cause} {count}" for cause, count in sorted(record.restarts.items()))
+        console.print(f"restarts: {spent}")
 
 
 def events(

@@ -6,6 +6,7 @@ import secrets
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import typer
 
@@ -14,8 +15,9 @@ from trainctl.cli.console import emit_json, emit_result, terminal
 from trainctl.errors import UserError
 from trainctl.launch.plan import Facts, plan_attempt, render_plan
 from trainctl.recovery.controller import Controller, ControllerOptions, new_record
-from trainctl.spec import JobSpec, check_job_id, load_recipe, script_spec, spec_to_yaml
-from trainctl.state import Event
+from trainctl.recovery.faults import check_faults
+from trainctl.spec import JobSpec, check_job_id, load_recipe, parse_fault, script_spec, spec_to_yaml
+from trainctl.state import Event, JobRecord
 from trainctl.store import JobStore
 
 
@@ -77,6 +79,12 @@ def launch(
         0, "--rdzv-port", min=0, max=65535, help="Rendezvous port (default: chosen at start)."
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run; start nothing."),
+    fault: list[str] | None = typer.Option(
+        None,
+        "--fault",
+        help="Testing: inject KIND[:NODE]@step=N[,for=S] (kill-node, kill-worker, hang, "
+        "nvml-xid, storage-outage); repeatable; local scheduler only.",
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Launch a job on the local scheduler (simulated nodes) and run it to the end."""
@@ -86,7 +94,10 @@ def launch(
         "max_steps": max_steps,
         "seed": seed,
     }
+    if fault:
+        overrides["faults"] = tuple(parse_fault(text).model_dump() for text in fault)
     spec = _load_spec(target, list(script_args or []), overrides)
+    check_faults(spec, "local")
     store = open_store(storage)
     job = check_job_id(job_id) if job_id else _new_job_id(spec.name)
     if dry_run:
@@ -110,11 +121,45 @@ def launch(
         f"job [bold]{job}[/bold]: {spec.name}, {spec.nodes} node(s) x "
         f"{spec.nproc_per_node} worker(s), store {store.root}"
     )
+    run_controller(spec, store, record, as_json)
+
+
+def controller_lock(store: JobStore, job_id: str) -> IO[bytes]:
+    """Hold the job's controller lock (released when this process ends, however it ends).
+
+    One controller per job: a second `launch --job-id` or `resume` while one runs is refused.
+    The lock is a local file lock in the job's run directory (the controller's host).
+    """
+    import fcntl
+
+    path = store.local_job_dir(job_id) / "controller.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("ab")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(
+            "the job's controller is already running",
+            where="JOB",
+            value=job_id,
+            fix=f"watch it with `trainctl status {job_id}`; resume only after it ended",
+        ) from None
+    return handle
+
+
+def run_controller(spec: JobSpec, store: JobStore, record: JobRecord, as_json: bool) -> None:
+    """Run the job's controller in this process to the end; exit with the job's code."""
+    job = record.job_id
+    lock = controller_lock(store, job)
     controller = Controller(
         spec, store, record, ControllerOptions(python=sys.executable, on_message=terminal.info)
     )
     controller.install_signal_handlers()
-    code = controller.run()
+    try:
+        code = controller.run()
+    finally:
+        lock.close()
     final = record
     summary = f"job {job} {final.state.value}: {final.reason}"
     if final.fingerprint:

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from trainctl.cli import ckpt, health, jobs, launch
+from trainctl.cli import ckpt, health, jobs, launch, resume
 from trainctl.cli.console import NORMAL, QUIET, VERBOSE, terminal
 from trainctl.errors import TrainctlError
 from trainctl.exitcodes import ExitCode
@@ -38,6 +38,7 @@ def _global_options(
 
 
 app.command("launch", context_settings={"allow_interspersed_args": True})(launch.launch)
+app.command("resume")(resume.resume)
 app.command("list")(jobs.list_jobs)
 app.command("status")(jobs.status)
 app.command("events")(jobs.events)

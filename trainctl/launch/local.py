@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from trainctl.launch import proctree
-from trainctl.launch.plan import LaunchPlan, NodePlan
 
 
 class LocalScheduler:
@@ -24,31 +23,27 @@ class LocalScheduler:
         self.python = python
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start_node(
-        self, plan_path: str, plan: LaunchPlan, node: NodePlan, control_endpoint: str
+    def start_agent(
+        self, node: str, env: dict[str, str], log_path: str, control_endpoint: str
     ) -> int:
-        """Start the node's agent; returns its pid."""
-        env = dict(os.environ)
-        env.update(node.env_dict())
-        Path(node.log_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(node.log_path, "ab") as log:
+        """Start the node's agent (it lives for the whole job); returns its pid."""
+        env = {**os.environ, **env}
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
             process = subprocess.Popen(
-                [
-                    self.python,
-                    "-m",
-                    "trainctl.launch.agent",
-                    plan_path,
-                    node.name,
-                    control_endpoint,
-                ],
+                [self.python, "-m", "trainctl.launch.agent", node, control_endpoint],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        self.agents[node.name] = process
+        self.agents[node] = process
         return process.pid
+
+    def agent_running(self, node: str) -> bool:
+        process = self.agents.get(node)
+        return process is not None and process.poll() is None
 
     def agent_exit_code(self, node: str) -> int | None:
         process = self.agents.get(node)
@@ -61,6 +56,15 @@ class LocalScheduler:
             for pid in proctree.tagged("TRAINCTL_JOB_ID", job_id)
             if pid in set(proctree.tagged("TRAINCTL_NODE", node))
         ]
+
+    def worker_pids(self, job_id: str, node: str, local_rank: int | None = None) -> list[int]:
+        """The node's training workers (torchrun sets LOCAL_RANK for its workers only)."""
+        found = []
+        for pid in self.node_processes(job_id, node):
+            rank = proctree.environ(pid).get("LOCAL_RANK")
+            if rank is not None and (local_rank is None or rank == str(local_rank)):
+                found.append(pid)
+        return sorted(found)
 
     def kill_node(self, job_id: str, node: str, grace_s: float = 0.0) -> None:
         """Kill a node the hard way (as if the host died): every tagged process, SIGKILL."""

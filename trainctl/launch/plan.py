@@ -160,7 +160,8 @@ def torchrun_argv(
         f"--rdzv-endpoint={facts.rdzv_host}:{port}",
         f"--rdzv-id={job_id}-a{attempt}",
         f"--rdzv-conf={rdzv_conf(spec)}",
-        f"--max-restarts={spec.launch.max_restarts}",
+        # trainctl decides every restart (blame, exclusion, restore first): torchrun never does.
+        "--max-restarts=0",
         f"--monitor-interval={spec.launch.monitor_interval_s:g}",
         f"--log-dir={error_dir}",
         spec.script,
@@ -198,6 +199,22 @@ def node_env(spec: JobSpec, facts: Facts, job_id: str, attempt: int, node: str) 
     env["TRAINCTL_CHECKPOINT"] = json.dumps(
         ckpt.model_dump(mode="json"), sort_keys=True, separators=(",", ":")
     )
+    env.update(spec.env)
+    env.update(spec.node_env.get(node, {}))
+    return dict(sorted(env.items()))
+
+
+def agent_env(spec: JobSpec, facts: Facts, job_id: str, node: str) -> dict[str, str]:
+    """The environment a node agent starts with (it lives across attempts): the job and node
+    tags every process of the node inherits (how a node is found and killed), and the recipe's
+    ``env``/``node_env`` (the health probes may need them, e.g. the fake NVML in tests)."""
+    env = {
+        "TRAINCTL_JOB_ID": job_id,
+        "TRAINCTL_NODE": node,
+        "TRAINCTL_STORAGE": facts.storage_root,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     env.update(spec.env)
     env.update(spec.node_env.get(node, {}))
     return dict(sorted(env.items()))

@@ -69,6 +69,17 @@ def descendants(root: int) -> list[int]:
     return [pid for pid in found if states.get(pid) not in ("Z", "X")]
 
 
+def environ(pid: int) -> dict[str, str]:
+    """A process's initial environment ({} when it is gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return {}
+    pairs = (item.decode(errors="replace").partition("=") for item in raw.split(b"\0") if item)
+    return {key: value for key, _, value in pairs}
+
+
 def tagged(variable: str, value: str) -> list[int]:
     """Live processes whose environment has `variable=value` (our job/node tags)."""
     needle = f"{variable}={value}".encode()

@@ -1,0 +1,121 @@
+"""`trainctl resume JOB`: pick a job up from the store and run it on — idempotently.
+
+What schedulers call on requeue and what on-call runs after the controller itself died. It
+reads the job store, refuses if the job's controller is still running (a lock held for the
+controller's lifetime, plus its recorded pid), waits for what is left of the dead controller's
+processes to go (its agents tear themselves down when it vanishes) and kills only what is still
+there, closes the interrupted attempt, and runs the controller: the next attempt restores the
+newest committed checkpoint. A job that already succeeded is left alone (exit 0).
+"""
+
+from __future__ import annotations
+
+import time
+
+import typer
+
+from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store
+from trainctl.cli.console import emit_json, terminal
+from trainctl.cli.launch import run_controller
+from trainctl.errors import UserError
+from trainctl.launch import proctree
+from trainctl.spec import check_job_id, spec_from_yaml
+from trainctl.state import AttemptState, Event, JobState, NodeState
+
+LEFTOVER_WAIT_S = 15.0
+"""How long the dead controller's agents get to tear their nodes down by themselves."""
+
+
+def resume(
+    job_id: str = typer.Argument(..., help="The job to resume."),
+    storage: str | None = STORAGE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Resume a job from its newest committed checkpoint (idempotent; scheduler hook)."""
+    store = open_store(storage)
+    check_job_id(job_id, where="JOB")
+    record = store.read_state(job_id)
+    if record.state == JobState.SUCCEEDED:
+        terminal.info(f"job {job_id} already succeeded: nothing to resume")
+        if as_json:
+            emit_json(
+                {
+                    "job_id": job_id,
+                    "state": record.state.value,
+                    "exit_code": 0,
+                    "final_step": record.final_step,
+                    "fingerprint": record.fingerprint,
+                    "reason": record.reason,
+                }
+            )
+        raise typer.Exit(0)
+    text = store.read_spec_text(job_id)
+    if text is None:
+        raise UserError(
+            "the job has no stored spec",
+            where=f"{store.job_url(job_id)}/spec.yaml",
+            fix="the job store is incomplete; launch the job again",
+        )
+    spec = spec_from_yaml(text, f"{store.job_url(job_id)}/spec.yaml")
+    _clear_leftovers(job_id)
+    now = time.time()
+    if record.attempts and record.attempts[-1].state in (
+        AttemptState.STARTING,
+        AttemptState.RUNNING,
+    ):
+        attempt = record.attempts[-1]
+        attempt.ended_at = now
+        attempt.cause = "controller_lost"
+        attempt.move(AttemptState.FAILED, "the controller stopped without ending the attempt")
+        store.append_event(
+            job_id,
+            Event(
+                time=now,
+                kind="attempt_ended",
+                message=f"attempt {attempt.number} failed: its controller went away",
+                attempt=attempt.number,
+                data={
+                    "outcome": "controller_lost",
+                    "reason": "controller lost",
+                    "cause": "controller_lost",
+                    "blamed": None,
+                    "first_step": attempt.first_step,
+                    "first_step_at": attempt.first_step_at,
+                    "last_step": attempt.last_step,
+                    "last_step_at": attempt.last_step_at,
+                    "restored_step": attempt.restored_step,
+                    "failed_at": attempt.last_step_at,
+                    "decided_at": now,
+                },
+            ),
+        )
+    for node in record.nodes:
+        if node.state in (NodeState.STARTING, NodeState.RUNNING, NodeState.PENDING):
+            node.move(NodeState.FAILED, "controller lost")
+        node.pid = None
+    if record.state != JobState.PENDING:
+        record.move(JobState.RECOVERING, "resumed")
+    store.write_state(record)
+    store.append_event(
+        job_id,
+        Event(
+            time=now,
+            kind="job_resumed",
+            message=f"resumed (was {record.state.value}); restoring the newest checkpoint",
+            data={"committed_step": record.committed_step},
+        ),
+    )
+    terminal.info(f"resuming job [bold]{job_id}[/bold] from the store {store.root}")
+    run_controller(spec, store, record, as_json)
+
+
+def _clear_leftovers(job_id: str) -> None:
+    """Wait for the dead controller's processes on this host to go; kill what stays."""
+    deadline = time.monotonic() + LEFTOVER_WAIT_S
+    while time.monotonic() < deadline:
+        if not proctree.tagged("TRAINCTL_JOB_ID", job_id):
+            return
+        time.sleep(0.1)
+    left = proctree.tagged("TRAINCTL_JOB_ID", job_id)
+    terminal.warn(f"killing {len(left)} process(es) left by the previous controller")
+    proctree.kill_tree(left, grace_s=2.0)
