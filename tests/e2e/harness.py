@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import REPO, sealed_env
+from trainctl.launch.zygote import worker_identity
 
 JOB_TIMEOUT_S = 240
 
@@ -131,22 +132,21 @@ def wait_for_step(storage: Path, job_id: str, step: int, timeout_s: float = 120)
 
 
 def worker_pid(job_id: str, rank: int, timeout_s: float = 60) -> int:
-    """The pid of the worker process with global `rank` (not the agent, not torchrun)."""
-    wanted = {f"TRAINCTL_JOB_ID={job_id}".encode(), f"RANK={rank}".encode()}
+    """The pid of the worker process with global `rank` (not the agent, torchrun or the shim;
+    a warm worker carries its rank in its name, not its environment)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for pid in job_processes(job_id):
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as handle:
-                    env = set(handle.read().split(b"\0"))
-                with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                    cmdline = handle.read()
-            except OSError:
-                continue
-            if wanted <= env and b"torch.distributed.run" not in cmdline:
+            identity = worker_identity(pid)
+            if identity is not None and identity[0] == rank:
                 return pid
         time.sleep(0.1)
     raise AssertionError(f"no worker with rank {rank} in job {job_id}")
+
+
+def workers(job_id: str) -> list[int]:
+    """Every training worker of the job alive now."""
+    return [pid for pid in job_processes(job_id) if worker_identity(pid) is not None]
 
 
 def events(storage: Path, job_id: str) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ from tests.e2e.harness import (
 )
 from tests.fakenvml.build import build_or_skip
 from trainctl.launch.stacks import STACKS_DIR_ENV, dump_with_faulthandler
+from trainctl.launch.zygote import worker_identity
 
 pytestmark = pytest.mark.e2e
 
@@ -128,21 +129,19 @@ def test_xid_79_before_start_keeps_the_node_out(
 
 
 def node_worker(job_id: str, node: str) -> tuple[int, int]:
-    """(pid, rank) of the worker on `node`, found through /proc environ (TRAINCTL_NODE, RANK).
+    """(pid, rank) of the worker on `node` (its node tag in /proc environ, its rank from
+    `worker_identity`: a warm worker carries it in its name).
 
     torchrun assigns ranks to nodes in join order, so node-1 may hold rank 0.
     """
     for pid in job_processes(job_id):
         try:
             raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            parent_env = Path(f"/proc/{parent}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        env = dict(item.decode().partition("=")[::2] for item in raw if b"=" in item)
-        is_worker = "RANK" in env and not any(item.startswith(b"RANK=") for item in parent_env)
-        if env.get("TRAINCTL_NODE") == node and is_worker:
-            return pid, int(env["RANK"])
+        identity = worker_identity(pid)
+        if identity is not None and f"TRAINCTL_NODE={node}".encode() in raw:
+            return pid, identity[0]
     raise AssertionError(f"no worker on {node}")
 
 

@@ -22,12 +22,12 @@ import pytest
 from tests.e2e.harness import (
     assert_no_leftovers,
     events,
-    job_processes,
     launch,
     read_state,
     start_launch,
     trainctl,
     wait_for_step,
+    workers,
     write_recipe,
 )
 from tests.fakenvml.build import build_or_skip
@@ -273,18 +273,6 @@ def test_controller_killed_then_resume_finishes_without_duplicates(
     assert state["attempts"][0]["cause"] == "controller_lost"
     assert state["attempts"][-1]["restored_step"] is not None
     assert "job_resumed" in kinds(storage, "ctl")
-
-
-def workers(job_id: str) -> list[int]:
-    found = []
-    for pid in job_processes(job_id):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(item.startswith(b"LOCAL_RANK=") for item in env):
-            found.append(pid)
-    return found
 
 
 def test_repeating_bug_is_a_crash_loop_exit_3(tmp_path: Path, storage: Path) -> None:

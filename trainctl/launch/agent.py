@@ -36,6 +36,7 @@ from trainctl.health.verdict import GIB, Verdict
 from trainctl.launch import proctree, stacks
 from trainctl.launch.control import ControlClient, WorkerChannel, worker_socket_address
 from trainctl.launch.plan import GatePlan, LaunchPlan, NodePlan
+from trainctl.launch.zygote import ZYGOTE_ENV
 
 PROGRESS_BATCH_S = 0.25
 """Heartbeats are forwarded at most this often (one message per node, not per worker)."""
@@ -142,6 +143,10 @@ class Agent:
         self._probe_thread: threading.Thread | None = None
         self._warm: WarmTorchrun | None = None
         self._log: IO[bytes] | None = None
+        self.zygote: subprocess.Popen[bytes] | None = None
+        self.zygote_address = (
+            f"@trainctl/zygote/{os.environ.get('TRAINCTL_JOB_ID', 'job')}/{node}/{os.getpid()}"
+        )
 
     def send(self, message_type: str, **fields: Any) -> None:
         attempt = self.attempt.plan.attempt if self.attempt is not None else None
@@ -222,6 +227,18 @@ class Agent:
             self._log = open(path, "ab", buffering=0)  # noqa: SIM115 - lives as long as the agent
         return self._log
 
+    def start_zygote(self, log_path: str) -> None:
+        """Start the node's warm-worker zygote (once; again if it died)."""
+        if os.environ.get("TRAINCTL_WARM_WORKERS") != "1":
+            return
+        if self.zygote is None or self.zygote.poll() is not None:
+            self.zygote = subprocess.Popen(
+                [self.python, "-m", "trainctl.launch.zygote", self.zygote_address],
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_file(log_path),
+                stderr=subprocess.STDOUT,
+            )
+
     def warm_up(self, log_path: str) -> None:
         """Have a torchrun importing torch now, ready for the next attempt."""
         if self._warm is None or self._warm.process.poll() is not None:
@@ -231,6 +248,8 @@ class Agent:
         node = attempt.node
         env = node.env_dict()
         env["TRAINCTL_AGENT_SOCKET"] = attempt.workers.address
+        if self.zygote is not None and self.zygote.poll() is None:
+            env[ZYGOTE_ENV] = self.zygote_address
         env[stacks.STACKS_DIR_ENV] = str(attempt.stacks_dir)
         log = self._log_file(node.log_path)
         Path(node.error_dir).mkdir(parents=True, exist_ok=True)
@@ -257,6 +276,7 @@ class Agent:
             if kind == "launch" and self.attempt is None:
                 plan = LaunchPlan.from_json(json.loads(Path(str(message["plan"])).read_text()))
                 node = next(n for n in plan.nodes if n.name == self.name)
+                self.start_zygote(node.log_path)
                 self.attempt = Attempt(plan, node)
             elif kind == "stop" and self.attempt is not None and self.attempt.stop is None:
                 self.attempt.stop = (
@@ -295,6 +315,9 @@ class Agent:
     def run(self) -> int:
         """Serve the controller until it says shutdown or goes away."""
         self.send("hello", pid=os.getpid())
+        log_path = os.environ.get("TRAINCTL_AGENT_LOG")
+        if log_path:
+            self.start_zygote(log_path)
         while self.quit_reason is None:
             self._handle_control()
             if self.attempt is not None:
@@ -366,13 +389,14 @@ class Agent:
                 return
 
     def _attempt_processes(self) -> list[int]:
-        """Every descendant except the warm torchrun on standby."""
-        keep = self._warm.process.pid if self._warm is not None else None
-        pids = proctree.descendants(os.getpid())
-        if keep is None:
-            return pids
-        spare = set(proctree.descendants(keep)) | {keep}
-        return [pid for pid in pids if pid not in spare]
+        """Every descendant except what waits for the next attempt: the warm torchrun and the
+        zygote itself (its children are this attempt's workers)."""
+        spare: set[int] = set()
+        if self._warm is not None:
+            spare |= set(proctree.descendants(self._warm.process.pid)) | {self._warm.process.pid}
+        if self.zygote is not None:
+            spare.add(self.zygote.pid)
+        return [pid for pid in proctree.descendants(os.getpid()) if pid not in spare]
 
     def shutdown(self, attempt: Attempt, reason: str, mode: str) -> None:
         """Stop torchrun and every descendant: SIGKILL at once (``kill``), or SIGTERM, the
@@ -401,6 +425,9 @@ class Agent:
             self.prober.close()
         if self._warm is not None:
             self._warm.discard()
+        if self.zygote is not None and self.zygote.poll() is None:
+            self.zygote.kill()
+            self.zygote.wait()
         proctree.kill_tree(proctree.descendants(os.getpid()), 1.0)
         if self._log is not None:
             self._log.close()

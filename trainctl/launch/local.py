@@ -58,11 +58,13 @@ class LocalScheduler:
         ]
 
     def worker_pids(self, job_id: str, node: str, local_rank: int | None = None) -> list[int]:
-        """The node's training workers (torchrun sets LOCAL_RANK for its workers only)."""
+        """The node's training workers (`zygote.worker_identity`), all or one local rank."""
+        from trainctl.launch.zygote import worker_identity
+
         found = []
         for pid in self.node_processes(job_id, node):
-            rank = proctree.environ(pid).get("LOCAL_RANK")
-            if rank is not None and (local_rank is None or rank == str(local_rank)):
+            identity = worker_identity(pid)
+            if identity is not None and local_rank in (None, identity[1]):
                 found.append(pid)
         return sorted(found)
 

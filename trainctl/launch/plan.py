@@ -164,9 +164,15 @@ def torchrun_argv(
         "--max-restarts=0",
         f"--monitor-interval={spec.launch.monitor_interval_s:g}",
         f"--log-dir={error_dir}",
+        *(("-m", "trainctl.launch.shim") if warm_workers(spec) else ()),
         spec.script,
         *spec.args,
     )
+
+
+def warm_workers(spec: JobSpec) -> bool:
+    """Whether workers are forked from the node's zygote (recipes using trainctl.runtime)."""
+    return spec.launch.warm_workers and spec.uses_runtime
 
 
 def node_env(spec: JobSpec, facts: Facts, job_id: str, attempt: int, node: str) -> dict[str, str]:
@@ -215,6 +221,8 @@ def agent_env(spec: JobSpec, facts: Facts, job_id: str, node: str) -> dict[str, 
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
     }
+    if warm_workers(spec):
+        env["TRAINCTL_WARM_WORKERS"] = "1"
     env.update(spec.env)
     env.update(spec.node_env.get(node, {}))
     return dict(sorted(env.items()))

@@ -71,18 +71,19 @@ def process_state(pid: int) -> str | None:
 
 
 def find_workers(root: int) -> list[WorkerProcess]:
-    """torchrun's worker processes below `root`: those with RANK set whose parent has none.
+    """torchrun's worker processes below `root` (`zygote.worker_identity`: RANK in the
+    environment, or a warm worker's name), skipping a worker's own children (data loaders
+    inherit its identity)."""
+    from trainctl.launch.zygote import worker_identity
 
-    (A worker's own children, e.g. data-loader processes, inherit RANK and are skipped.)
-    """
     ranked = {}
     for pid in proctree.descendants(root):
-        env = _environ(pid)
-        if "RANK" in env:
-            ranked[pid] = env
+        identity = worker_identity(pid)
+        if identity is not None:
+            ranked[pid] = identity
     workers = [
-        WorkerProcess(pid, int(env["RANK"]), int(env.get("LOCAL_RANK", "0")))
-        for pid, env in ranked.items()
+        WorkerProcess(pid, rank, local_rank)
+        for pid, (rank, local_rank) in ranked.items()
         if _parent(pid) not in ranked
     ]
     return sorted(workers, key=lambda w: w.rank)

@@ -378,6 +378,7 @@ class Controller:
                 continue
             log_path = f"{facts.run_dir}/logs/{name}.log"
             env = agent_env(self.spec, facts, self.record.job_id, name)
+            env["TRAINCTL_AGENT_LOG"] = log_path
             if any(f.kind == "storage-outage" for f in self.spec.faults):
                 env[FAULTS_DIR_ENV] = f"{facts.run_dir}/faults"
             pid = self.scheduler.start_agent(name, env, log_path, facts.control_endpoint)
