@@ -1,0 +1,320 @@
+"""Pure rendering of the sbatch batch script that runs one trainctl job on Slurm.
+
+`render_sbatch` turns a job and its Slurm options into an `SbatchScript`: the script text and
+the exact sbatch argv (``--dry-run`` prints both; nothing here touches Slurm, processes or the
+clock). The script is the same on the first run and on every requeue: it runs
+``python -m trainctl.cli.main resume JOB --storage ROOT`` on the batch host (the allocation's
+first node); `trainctl resume` starts a job that never ran and resumes one that did, from its
+newest committed checkpoint, and starts one node agent per node with ``srun``.
+
+Values reach two parsers, and each gets its own quoting:
+
+- ``#SBATCH`` lines are read by sbatch, not by a shell: its parser takes ``"..."`` with ``\\``
+  escaping the next character (also inside single quotes, unlike a shell), never expands ``$``,
+  and ends an unquoted value at ``#``. Values are written bare when they are plainly safe,
+  else double-quoted with ``\\`` and ``"`` escaped (checked against sbatch 22.05 in
+  tests/slurm). A directive is one line, so control characters are refused.
+- the shell part gets `shlex.quote`, so spaces, quotes, ``$(...)``, backticks and newlines
+  arrive verbatim and nothing is executed.
+
+Validation raises `UserError` for what sbatch would refuse (or silently change): a malformed
+partition or time limit, a job name over 1024 bytes, a signal time over 65535 s, a ``%`` or
+``\\`` the output path would turn into a filename pattern.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+
+from trainctl.errors import UserError
+
+JOB_NAME_MAX_BYTES = 1024
+"""slurmctld refuses longer job names ("Pathname ... too long")."""
+SIGNAL_GRACE_MAX_S = 65535
+"""The largest `--signal=...@TIME` sbatch accepts."""
+DEFAULT_SIGNAL_GRACE_S = 120
+RESUME_MODULE = ("-m", "trainctl.cli.main", "resume")
+"""The batch script runs `python -m trainctl.cli.main resume JOB --storage ROOT`."""
+
+PARTITION_PATTERN = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")
+NODE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
+ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+TIME_LIMIT_PATTERN = re.compile(
+    r"\d+(:\d+){0,2}"  # minutes | minutes:seconds | hours:minutes:seconds
+    r"|\d+-\d+(:\d+){0,2}"  # days-hours | days-hours:minutes | days-hours:minutes:seconds
+    r"|UNLIMITED|INFINITE",
+    re.IGNORECASE,
+)
+BARE_DIRECTIVE_VALUE = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+OWNED_SBATCH_OPTIONS = (
+    "--job-name",
+    "--nodes",
+    "--ntasks-per-node",
+    "--requeue",
+    "--no-requeue",
+    "--open-mode",
+    "--signal",
+    "--exclude",
+    "--nodelist",
+    "--partition",
+    "--time",
+    "--chdir",
+    "--output",
+    "--error",
+    "--parsable",
+    "--wrap",
+    "--array",
+)
+"""sbatch options trainctl sets itself (or that would break requeue and exclusion)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SlurmOptions:
+    """How a job asks Slurm for its allocation (the recipe's `slurm:` section and CLI flags)."""
+
+    partition: str | None = None
+    """`--partition`: one partition or a comma-separated list; None: the cluster's default."""
+    time_limit: str | None = None
+    """`--time`, in a format sbatch accepts (`MM`, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`,
+    `D-HH:MM:SS`, `UNLIMITED`); None: the partition's default."""
+    signal_grace_s: int = DEFAULT_SIGNAL_GRACE_S
+    """Slurm sends USR1 to the batch process this long before the time limit
+    (`--signal=B:USR1@N`): the time to commit a checkpoint and requeue. Slurm may send it up
+    to 60 s earlier than asked."""
+    drain_bad_nodes: bool = False
+    """Also drain (`scontrol update State=DRAIN`) a node the job blamed, for every job, not
+    only exclude it from this one. Needs Slurm operator rights."""
+    extra_args: tuple[str, ...] = ()
+    """More sbatch options, one per item in long form (`--account=ml`, `--gres=gpu:8`),
+    written as `#SBATCH` lines. Options trainctl sets itself are refused."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SbatchScript:
+    """A rendered batch script and the exact command that submits it."""
+
+    text: str
+    """The batch script (`#SBATCH` lines, then the shell part)."""
+    script_path: str
+    """Where the script is written before submission (kept for on-call to read)."""
+    argv: tuple[str, ...]
+    """The sbatch command line: `sbatch --parsable SCRIPT_PATH` (prints the Slurm job id)."""
+
+    def describe(self) -> str:
+        """The dry-run view: the command line, then the script as it will be written."""
+        return f"$ {shlex.join(self.argv)}\n--- {self.script_path}\n{self.text}"
+
+
+def render_sbatch(
+    job_id: str,
+    job_name: str,
+    nodes: int,
+    options: SlurmOptions,
+    *,
+    exclude: Sequence[str],
+    python: str,
+    storage_root: str,
+    workdir: str,
+    log_path: str,
+    env: Mapping[str, str],
+    script_path: str | None = None,
+) -> SbatchScript:
+    """Render the batch script for `job_id` on `nodes` nodes, avoiding the `exclude` nodes.
+
+    `python` is the interpreter (with trainctl installed) on the compute nodes; `storage_root`
+    the job store every node reaches; `workdir` the job's working directory (`--chdir`);
+    `log_path` the batch output, appended to across requeues; `env` exported before the
+    command. `script_path` defaults to `batch.sbatch` beside the log. Every path must be
+    absolute (the script runs on another host, in another directory); the storage root may
+    be a URL. Raises `UserError` for a value sbatch would refuse or alter.
+    """
+    _check_job_name(job_name)
+    _check_options(options)
+    if nodes < 1:
+        raise UserError("a job needs at least one node", where="--nodes", value=nodes)
+    for name in exclude:
+        if not NODE_NAME_PATTERN.fullmatch(name):
+            raise UserError(
+                "not a Slurm node name",
+                where="the job's excluded nodes (blocklist)",
+                value=name,
+                fix="node names are letters, digits, '_', '.' and '-'",
+            )
+    for label, path in (("python", python), ("workdir", workdir), ("log path", log_path)):
+        _check_absolute(label, path)
+    if "://" not in storage_root:
+        _check_absolute("storage root", storage_root)
+    _check_output_path(log_path)
+    for name, value in env.items():
+        _check_env(name, value)
+    if script_path is None:
+        script_path = f"{log_path.rsplit('/', 1)[0]}/batch.sbatch"
+    _check_absolute("script path", script_path)
+
+    directives = [
+        ("--job-name", job_name),
+        ("--nodes", str(nodes)),
+        ("--ntasks-per-node", "1"),
+        ("--requeue", None),
+        ("--open-mode", "append"),
+        ("--signal", f"B:USR1@{options.signal_grace_s}"),
+    ]
+    if exclude:
+        directives.append(("--exclude", ",".join(sorted(set(exclude)))))
+    if options.partition is not None:
+        directives.append(("--partition", options.partition))
+    if options.time_limit is not None:
+        directives.append(("--time", options.time_limit))
+    directives += [("--chdir", workdir), ("--output", log_path.replace("%", "%%"))]
+
+    lines = ["#!/bin/bash"]
+    lines += [_directive(option, value) for option, value in directives]
+    lines += [_directive(*_split_option(arg)) for arg in options.extra_args]
+    lines += [
+        "#",
+        f"# trainctl job {job_id}.",
+        "# Slurm runs this script on the first node of the allocation, on the first run and",
+        "# after every requeue, and it does the same each time:",
+        "# `trainctl resume` starts the job if it never ran, else resumes it from its newest",
+        "# committed checkpoint, and starts one node agent per node with srun. `exec` makes",
+        "# trainctl the batch process itself, so the USR1 of --signal=B:... reaches it.",
+        "set -euo pipefail",
+    ]
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items())]
+    lines += [
+        'echo "trainctl: batch script on ${SLURMD_NODENAME:-?}, Slurm job ${SLURM_JOB_ID:-?},'
+        ' restart ${SLURM_RESTART_COUNT:-0}" >&2',
+        shlex.join(("exec", python, *RESUME_MODULE, job_id, "--storage", storage_root)),
+    ]
+    return SbatchScript(
+        text="\n".join(lines) + "\n",
+        script_path=script_path,
+        argv=("sbatch", "--parsable", script_path),
+    )
+
+
+def _directive(option: str, value: str | None) -> str:
+    if value is None:
+        return f"#SBATCH {option}"
+    return f"#SBATCH {option}={_directive_value(value)}"
+
+
+def _split_option(arg: str) -> tuple[str, str | None]:
+    option, equals, value = arg.partition("=")
+    return option, value if equals else None
+
+
+def _directive_value(value: str) -> str:
+    """`value` as sbatch's `#SBATCH` parser will read it back, verbatim."""
+    if BARE_DIRECTIVE_VALUE.fullmatch(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _check_job_name(job_name: str) -> None:
+    if not job_name:
+        raise UserError("the Slurm job name is empty", where="job name", value=job_name)
+    if CONTROL_CHARACTERS.search(job_name):
+        raise UserError(
+            "the Slurm job name holds a control character (newline, tab, ...)",
+            where="job name",
+            value=job_name,
+            fix="use printable characters only",
+        )
+    if len(job_name.encode()) > JOB_NAME_MAX_BYTES:
+        raise UserError(
+            f"the Slurm job name is longer than {JOB_NAME_MAX_BYTES} bytes",
+            where="job name",
+            value=f"{job_name[:40]}... ({len(job_name.encode())} bytes)",
+            fix="shorten the name",
+        )
+
+
+def _check_options(options: SlurmOptions) -> None:
+    if options.partition is not None and not PARTITION_PATTERN.fullmatch(options.partition):
+        raise UserError(
+            "not a Slurm partition name (or comma-separated list of them)",
+            where="--partition",
+            value=options.partition,
+            fix="`sinfo -s` lists the partitions",
+        )
+    if options.time_limit is not None and not TIME_LIMIT_PATTERN.fullmatch(options.time_limit):
+        raise UserError(
+            "not a time limit sbatch accepts",
+            where="--time",
+            value=options.time_limit,
+            fix="use MINUTES, HH:MM:SS, DAYS-HH, DAYS-HH:MM:SS or UNLIMITED (e.g. 04:00:00)",
+        )
+    grace = options.signal_grace_s
+    if isinstance(grace, bool) or not isinstance(grace, int) or not 0 < grace <= 65535:
+        raise UserError(
+            f"the preemption signal's grace must be whole seconds in 1..{SIGNAL_GRACE_MAX_S}",
+            where="slurm.signal_grace_s",
+            value=grace,
+            fix="leave time to commit a checkpoint, e.g. 120",
+        )
+    for index, arg in enumerate(options.extra_args):
+        _check_extra_arg(index, arg)
+
+
+def _check_extra_arg(index: int, arg: str) -> None:
+    where = f"slurm.extra_args[{index}]"
+    if not arg.startswith("--") or len(arg) < 3:
+        raise UserError(
+            "extra sbatch options must be long options, one per item",
+            where=where,
+            value=arg,
+            fix="write `--account=ml`, not `-A ml`",
+        )
+    if CONTROL_CHARACTERS.search(arg):
+        raise UserError("an sbatch option holds a control character", where=where, value=arg)
+    name = arg.split("=", 1)[0]
+    # sbatch accepts any unambiguous prefix of a long option (`--requ` is `--requeue`).
+    owned = [option for option in OWNED_SBATCH_OPTIONS if option.startswith(name)]
+    if owned:
+        raise UserError(
+            f"trainctl sets {owned[0]} itself",
+            where=where,
+            value=arg,
+            fix="use trainctl's own flags (--nodes, --partition, --time) and recipe fields",
+        )
+
+
+def _check_absolute(label: str, path: str) -> None:
+    if not path.startswith("/"):
+        raise UserError(
+            f"the {label} must be an absolute path: the batch script runs on another host",
+            where=label,
+            value=path,
+            fix="pass an absolute path",
+        )
+    if CONTROL_CHARACTERS.search(path):
+        raise UserError(f"the {label} holds a control character", where=label, value=path)
+
+
+def _check_output_path(log_path: str) -> None:
+    # Slurm reads `\` in an output path as "no filename patterns" and drops it.
+    if "\\" in log_path:
+        raise UserError(
+            "Slurm would not keep a backslash in the output path",
+            where="log path",
+            value=log_path,
+            fix="choose a storage root without backslashes",
+        )
+
+
+def _check_env(name: str, value: str) -> None:
+    if not ENV_NAME_PATTERN.fullmatch(name):
+        raise UserError(
+            "not an environment variable name",
+            where="env",
+            value=name,
+            fix="names are letters, digits and '_', not starting with a digit",
+        )
+    if "\0" in value:
+        raise UserError("an environment value holds a NUL byte", where=f"env {name}")
