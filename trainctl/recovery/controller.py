@@ -143,6 +143,7 @@ class Controller:
         self.faults: FaultInjector | None = None
         self._failed_at: float | None = None
         self.active_nodes: tuple[str, ...] = ()
+        self._last_refill = 0.0
         """The nodes of the attempt being started or running."""
 
     # -- recording ---------------------------------------------------------------------------
@@ -385,6 +386,31 @@ class Controller:
             self.record.node(name).pid = pid
             self.started[name] = time.monotonic()
 
+    def _refill_spares(self) -> None:
+        """Keep the standby pool full: a node whose exclusion expired gets its agent back and
+        a standby probe; a clean verdict readmits it (`_on_standby_verdict`)."""
+        now = time.monotonic()
+        if now - self._last_refill < 1.0:
+            return
+        self._last_refill = now
+        waiting = [n for n in self._standby() if n in self.connected or self._agent_up(n)]
+        wanted = self.spec.spare_nodes - len(waiting)
+        expired = [
+            n
+            for n, e in sorted(self.blocklist.items())
+            if not e.active(time.time()) and not self._agent_up(n) and n not in self.active_nodes
+        ]
+        if wanted > 0 and expired:
+            self.event(
+                "node_reprobe",
+                f"{expired[0]}: exclusion expired; probing it before letting it back",
+                node=expired[0],
+            )
+            self._start_agents(expired[:wanted])
+
+    def _agent_up(self, name: str) -> bool:
+        return name in self.connected or self.scheduler.agent_running(name)
+
     def _stop_agent(self, name: str, reason: str) -> None:
         assert self.server is not None
         self.server.send(name, {"type": "shutdown", "reason": reason})
@@ -489,6 +515,7 @@ class Controller:
             self._declare_hang(observations)
             if self.faults is not None:
                 self.faults.tick()
+            self._refill_spares()
             if self.stop_signal is not None:
                 observations.append(policy.StopRequested(self.stop_signal, time.time()))
             view = policy.observe(view, observations)
@@ -800,6 +827,18 @@ class Controller:
             status=verdict.status.value,
             reason=verdict.reason,
         )
+        exclusion = self.blocklist.get(node)
+        clean = verdict.status is not Verdict.UNHEALTHY
+        if clean and exclusion is not None and not exclusion.active(time.time()):
+            del self.blocklist[node]
+            self._save_blocklist()
+            self.record.node(node).move(NodeState.SPARE, "readmitted after a clean probe")
+            self.event(
+                "node_readmitted",
+                f"{node}: exclusion expired and the probe is clean: back on standby",
+                node=node,
+            )
+            self.save_state()
         if verdict.status is Verdict.UNHEALTHY:
             now = time.time()
             reason = f"{node}: UNHEALTHY on standby: {verdict.reason}"

@@ -25,8 +25,9 @@ import json
 import os
 import signal
 import sys
+import time
 from datetime import timedelta
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 import torch
 
@@ -52,6 +53,9 @@ class RankContext:
     reporter: Reporter
     distributed: bool
     _stop_signal: list[str] = dataclasses.field(default_factory=list)
+    _step_log: IO[str] | None = None
+    """``TRAINCTL_STEP_LOG``: rank 0 appends "time pid step world_size" per step (benchmarks
+    time recoveries from it, for trainctl and plain torchrun alike)."""
 
     @property
     def is_main(self) -> bool:
@@ -64,6 +68,8 @@ class RankContext:
     def progress(self, step: int) -> None:
         """Report that `step` steps have completed (feeds hang and straggler detection)."""
         self.reporter.progress(step)
+        if self._step_log is not None:
+            self._step_log.write(f"{time.time():.6f} {os.getpid()} {step} {self.world_size}\n")
 
     def busy(self) -> contextlib.AbstractContextManager[None]:
         """Mark work that waits for no other rank; its time is the step's busy time.
@@ -198,6 +204,10 @@ def init(backend: str | None = None, timeout_s: float = 120.0) -> RankContext:
         reporter=Reporter.from_env(rank),
         distributed=distributed,
     )
+
+    step_log = os.environ.get("TRAINCTL_STEP_LOG")
+    if step_log and rank == 0:
+        ctx._step_log = open(step_log, "a", buffering=1)  # noqa: SIM115 - open for the run
 
     def on_stop(signum: int, _frame: object) -> None:
         ctx._stop_signal.append(signal.Signals(signum).name)

@@ -1,0 +1,523 @@
+"""Recovery: how long a failure idles the job, and how often recovery works — trainctl vs torchrun.
+
+One invocation, one training script (recipes/tiny_gpt.py, small config, async checkpoints every
+10 steps to local disk, identical for every contender), two simulated nodes of one worker each:
+
+1. **Worker crash** (SIGKILL of one worker mid-run) and **node loss** (SIGKILL of every process of
+   one node, as a dead host): for each contender, the success rate over N runs (the job
+   reaches its last step and exits 0; trainctl runs must also end with the uninterrupted
+   run's fingerprint) and the median time from the kill to the first step completed after
+   the restart (read from the step log the script writes: `TRAINCTL_STEP_LOG`).
+   Contenders: `trainctl launch` (node loss: one spare node; the fault injected with `--fault`)
+   and plain torchrun with two agents on a c10d rendezvous, `--max-restarts=3`, with torchrun's
+   default rendezvous settings and with the tuned ones trainctl uses (node loss: `--nnodes=1:2`,
+   the node that does not host the rendezvous store is the one killed — torchrun's best case).
+2. **Goodput** over a long run (default 10 minutes) with a node failure every 2 minutes, for
+   trainctl (one spare; the killed node comes back after its exclusion expires) and for
+   plain tuned torchrun (the killed agent is replaced at once by a fresh one, as a scheduler
+   would): goodput = steps reached × the run's median step time / wall time.
+
+Targets (issue 5): node loss ≤ 3 s, worker crash ≤ 2.5 s, 100% success, goodput ≥ 95%.
+
+    python benchmarks/recovery.py [--runs 20] [--peer-runs 5] [--goodput-minutes 10]
+                                  [--failure-every 120] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "recipes" / "tiny_gpt.py"
+CONFIG = {
+    "vocab": 256,
+    "dim": 128,
+    "layers": 2,
+    "heads": 4,
+    "seq_len": 32,
+    "batch_size": 8,
+    "lr": 0.003,
+    "steps": 1_000_000,
+    "step_sleep_s": 0.05,
+}
+CHECKPOINT = {"interval_steps": 10, "keep_last": 2}
+TUNED_RDZV = (
+    "join_timeout=120,last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3,"
+    "close_timeout=5"
+)
+FAULT_STEP = 15
+MAX_STEPS = 40
+RUN_TIMEOUT_S = 150.0
+TARGETS = {
+    "node_loss_s": 3.0,
+    "worker_crash_s": 2.5,
+    "success_rate": 1.0,
+    "goodput": 0.95,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def read_steps(path: Path) -> list[tuple[float, int, int]]:
+    """(time, pid, step) per line of a step log."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3:
+                rows.append((float(parts[0]), int(parts[1]), int(parts[2])))
+    return rows
+
+
+def first_step_after(log: Path, killed_at: float) -> float | None:
+    """Seconds from the kill to the first step completed by a process started after it."""
+    rows = read_steps(log)
+    before = {pid for t, pid, _ in rows if t <= killed_at}
+    after = [t for t, pid, _ in rows if t > killed_at and pid not in before]
+    return min(after) - killed_at if after else None
+
+
+def wait_for_step(log: Path, step: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(s >= step for _, _, s in read_steps(log)):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def tagged(variable: str, value: str) -> list[int]:
+    needle = f"{variable}={value}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in Path(f"/proc/{name}/environ").read_bytes().split(b"\0"):
+                found.append(int(name))
+    return found
+
+
+def kill_all(pids: list[int], sig: int = signal.SIGKILL) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+# -- trainctl -------------------------------------------------------------------------------
+def trainctl_recipe(
+    directory: Path, name: str, log: Path, *, spares: int, max_steps: int | None, **extra: Any
+) -> Path:
+    recipe: dict[str, Any] = {
+        "name": name,
+        "script": str(SCRIPT),
+        "nodes": 2,
+        "spare_nodes": spares,
+        "seed": 0,
+        "config": CONFIG,
+        "checkpoint": CHECKPOINT,
+        "env": {"TRAINCTL_STEP_LOG": str(log)},
+        **extra,
+    }
+    if max_steps is not None:
+        recipe["max_steps"] = max_steps
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def trainctl_cmd(*args: str, storage: Path) -> list[str]:
+    return [
+        "timeout",
+        "-s",
+        "KILL",
+        str(int(RUN_TIMEOUT_S)),
+        sys.executable,
+        "-m",
+        "trainctl.cli.main",
+        *args,
+        "--storage",
+        str(storage),
+    ]
+
+
+def fault_time(storage: Path, job: str) -> float | None:
+    for path in sorted((storage / "jobs" / job / "events").glob("*.json")):
+        event = json.loads(path.read_text())
+        if event["kind"] == "fault_injected":
+            return float(event["time"])
+    return None
+
+
+def trainctl_run(work: Path, fault: str, run: int, reference: str | None) -> dict[str, Any]:
+    job = f"tc-{fault.split(':')[0]}-{run}"
+    log = work / f"{job}.steps"
+    spares = 1 if fault.startswith("kill-node") else 0
+    recipe = trainctl_recipe(work, job, log, spares=spares, max_steps=MAX_STEPS)
+    storage = work / "store"
+    proc = subprocess.run(
+        trainctl_cmd(
+            "launch", str(recipe), "--job-id", job, "--json", "--fault", fault, storage=storage
+        ),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    killed = fault_time(storage, job)
+    latency = first_step_after(log, killed) if killed is not None else None
+    fingerprint = None
+    with contextlib.suppress(ValueError):
+        fingerprint = json.loads(proc.stdout).get("fingerprint")
+    ok = proc.returncode == 0 and latency is not None
+    if reference is not None:
+        ok = ok and fingerprint == reference
+    kill_all(tagged("TRAINCTL_JOB_ID", job))
+    return {"ok": ok, "latency_s": latency, "exit": proc.returncode, "fingerprint": fingerprint}
+
+
+def trainctl_reference(work: Path) -> str:
+    """The uninterrupted run's fingerprint (the correctness oracle for every trainctl run)."""
+    log = work / "reference.steps"
+    recipe = trainctl_recipe(work, "reference", log, spares=0, max_steps=MAX_STEPS)
+    proc = subprocess.run(
+        trainctl_cmd(
+            "launch", str(recipe), "--job-id", "reference", "--json", storage=work / "store"
+        ),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"the reference run failed:\n{proc.stderr[-3000:]}")
+    return str(json.loads(proc.stdout)["fingerprint"])
+
+
+# -- plain torchrun ---------------------------------------------------------------------------
+def torchrun_agent(
+    work: Path, run: str, node: str, port: int, log: Path, *, tuned: bool, elastic: bool
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "BENCH_RUN": run,
+        "BENCH_NODE": node,
+        "TRAINCTL_JOB_ID": run,
+        "TRAINCTL_CONFIG": json.dumps(CONFIG),
+        "TRAINCTL_CHECKPOINT": json.dumps(CHECKPOINT),
+        "TRAINCTL_CHECKPOINT_ROOT": str(work / "ckpt" / run),
+        "TRAINCTL_STEP_LOG": str(log),
+        "TRAINCTL_MAX_STEPS": str(MAX_STEPS if not run.startswith("good") else 10**9),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("TRAINCTL_AGENT_SOCKET", None)
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={'1:2' if elastic else '2'}",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        f"--rdzv-id={run}",
+        "--max-restarts=100" if run.startswith("good") else "--max-restarts=3",
+        "--monitor-interval=0.1",
+    ]
+    if tuned:
+        argv.append(f"--rdzv-conf={TUNED_RDZV}")
+    argv.append(str(SCRIPT))
+    out = open(work / f"{run}-{node}.log", "ab")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def node_pids(run: str, node: str) -> list[int]:
+    on_node = set(tagged("BENCH_NODE", node))
+    return [pid for pid in tagged("BENCH_RUN", run) if pid in on_node]
+
+
+def worker_of(run: str, node: str) -> int | None:
+    for pid in node_pids(run, node):
+        with contextlib.suppress(OSError):
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if any(e.startswith(b"LOCAL_RANK=") for e in env) and b"distributed.run" not in cmdline:
+                return pid
+    return None
+
+
+def torchrun_run(work: Path, scenario: str, tuned: bool, run: int) -> dict[str, Any]:
+    name = f"tr-{scenario}-{'tuned' if tuned else 'default'}-{run}"
+    log = work / f"{name}.steps"
+    port = free_port()
+    elastic = scenario == "node_loss"
+    agents = [torchrun_agent(work, name, "a", port, log, tuned=tuned, elastic=elastic)]
+    time.sleep(1.0)  # node a hosts the rendezvous store
+    agents.append(torchrun_agent(work, name, "b", port, log, tuned=tuned, elastic=elastic))
+    result: dict[str, Any] = {"ok": False, "latency_s": None, "exit": None}
+    try:
+        if not wait_for_step(log, FAULT_STEP, 120):
+            result["exit"] = "never reached the fault step"
+            return result
+        killed = time.time()
+        if scenario == "worker_crash":
+            worker = worker_of(name, "b")
+            if worker is None:
+                result["exit"] = "no worker found"
+                return result
+            os.kill(worker, signal.SIGKILL)
+            survivors = agents
+        else:
+            kill_all(node_pids(name, "b"))
+            survivors = agents[:1]
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while time.monotonic() < deadline and any(a.poll() is None for a in survivors):
+            time.sleep(0.1)
+        codes = [a.poll() for a in survivors]
+        reached = max((s for _, _, s in read_steps(log)), default=0)
+        result["latency_s"] = first_step_after(log, killed)
+        result["exit"] = codes
+        result["ok"] = all(c == 0 for c in codes) and reached >= MAX_STEPS
+        return result
+    finally:
+        kill_all(tagged("BENCH_RUN", name))
+        for agent in agents:
+            with contextlib.suppress(Exception):
+                agent.wait(timeout=5)
+
+
+# -- goodput ----------------------------------------------------------------------------------
+def goodput_figure(log: Path, started: float, ended: float) -> dict[str, Any]:
+    rows = [r for r in read_steps(log) if started <= r[0] <= ended]
+    if len(rows) < 3:
+        return {"goodput": 0.0, "steps": 0, "median_step_s": None, "wall_s": ended - started}
+    by_pid: dict[int, list[tuple[float, int]]] = {}
+    for t, pid, step in rows:
+        by_pid.setdefault(pid, []).append((t, step))
+    deltas = []
+    for series in by_pid.values():
+        deltas += [b[0] - a[0] for a, b in itertools.pairwise(series) if b[1] == a[1] + 1]
+    median = statistics.median(deltas)
+    steps = max(step for _, _, step in rows)
+    wall = ended - started
+    return {
+        "goodput": steps * median / wall,
+        "steps": steps,
+        "median_step_s": median,
+        "wall_s": wall,
+    }
+
+
+def trainctl_goodput(work: Path, minutes: float, every_s: float) -> dict[str, Any]:
+    job = "tc-goodput"
+    log = work / f"{job}.steps"
+    recipe = trainctl_recipe(
+        work,
+        job,
+        log,
+        spares=1,
+        max_steps=None,
+        recovery={"exclude_s": every_s / 2},
+        launch={"max_restarts": 1000},
+    )
+    storage = work / "store"
+    started = time.time()
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "trainctl.cli.main", "launch", str(recipe)),
+            *("--job-id", job, "--storage", str(storage)),
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    failures = 0
+    try:
+        end = started + minutes * 60
+        next_failure = started + every_s
+        while time.time() < end:
+            time.sleep(0.2)
+            if time.time() >= next_failure:
+                state = json.loads((storage / "jobs" / job / "state.json").read_text())
+                victim = state["attempts"][-1]["nodes"][-1]
+                on_node = set(tagged("TRAINCTL_NODE", victim))
+                kill_all([p for p in tagged("TRAINCTL_JOB_ID", job) if p in on_node])
+                failures += 1
+                next_failure += every_s
+        ended = time.time()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        kill_all(tagged("TRAINCTL_JOB_ID", job))
+    return {**goodput_figure(log, started, ended), "failures": failures}
+
+
+def torchrun_goodput(work: Path, minutes: float, every_s: float) -> dict[str, Any]:
+    name = "good-torchrun"
+    log = work / f"{name}.steps"
+    port = free_port()
+    started = time.time()
+    a = torchrun_agent(work, name, "a", port, log, tuned=True, elastic=True)
+    time.sleep(1.0)
+    b = torchrun_agent(work, name, "b", port, log, tuned=True, elastic=True)
+    failures = 0
+    try:
+        end = started + minutes * 60
+        next_failure = started + every_s
+        while time.time() < end:
+            time.sleep(0.2)
+            if time.time() >= next_failure:
+                kill_all(node_pids(name, "b"))
+                b.wait()
+                failures += 1
+                # a replacement node joins at once (as a scheduler would provide)
+                b = torchrun_agent(work, name, "b", port, log, tuned=True, elastic=True)
+                next_failure += every_s
+        ended = time.time()
+    finally:
+        kill_all(tagged("BENCH_RUN", name))
+        for agent in (a, b):
+            with contextlib.suppress(Exception):
+                agent.wait(timeout=5)
+    return {**goodput_figure(log, started, ended), "failures": failures}
+
+
+# -- report -----------------------------------------------------------------------------------
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    latencies = [r["latency_s"] for r in results if r["ok"] and r["latency_s"] is not None]
+    return {
+        "runs": len(results),
+        "succeeded": sum(1 for r in results if r["ok"]),
+        "success_rate": sum(1 for r in results if r["ok"]) / len(results) if results else 0.0,
+        "median_s": statistics.median(latencies) if latencies else None,
+        "min_s": min(latencies) if latencies else None,
+        "max_s": max(latencies) if latencies else None,
+        "exits": [r["exit"] for r in results if not r["ok"]],
+    }
+
+
+def repeat(count: int, label: str, one: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
+    results = []
+    for i in range(count):
+        result = one(i)
+        results.append(result)
+        lat = result["latency_s"]
+        print(
+            f"  {label} run {i + 1}/{count}: {'ok' if result['ok'] else 'FAILED'}"
+            + (f", kill -> first step {lat:.2f} s" if lat is not None else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+    return summarise(results)
+
+
+def fmt(value: float | None, unit: str = " s") -> str:
+    return "—" if value is None else f"{value:.2f}{unit}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20, help="trainctl runs per failure kind")
+    parser.add_argument("--peer-runs", type=int, default=5, help="torchrun runs per variant")
+    parser.add_argument("--goodput-minutes", type=float, default=10.0)
+    parser.add_argument("--failure-every", type=float, default=120.0, help="seconds")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    figures: dict[str, Any] = {"targets": TARGETS, "settings": vars(args)}
+    with tempfile.TemporaryDirectory(prefix="trainctl-recovery-") as tmp:
+        work = Path(tmp)
+        (work / "store").mkdir()
+        print("reference run (uninterrupted)...", file=sys.stderr, flush=True)
+        reference = trainctl_reference(work)
+        latency: dict[str, dict[str, Any]] = {}
+        for scenario, fault in (
+            ("worker_crash", f"kill-worker:node-1@step={FAULT_STEP}"),
+            ("node_loss", f"kill-node:node-1@step={FAULT_STEP}"),
+        ):
+            print(f"{scenario}:", file=sys.stderr, flush=True)
+            latency[scenario] = {
+                "trainctl": repeat(
+                    args.runs, "trainctl", lambda i, f=fault: trainctl_run(work, f, i, reference)
+                ),
+                "torchrun_tuned": repeat(
+                    args.peer_runs,
+                    "torchrun tuned",
+                    lambda i, s=scenario: torchrun_run(work, s, True, i),
+                ),
+                "torchrun_default": repeat(
+                    args.peer_runs,
+                    "torchrun default",
+                    lambda i, s=scenario: torchrun_run(work, s, False, i),
+                ),
+            }
+        figures["latency"] = latency
+        goodput: dict[str, Any] = {}
+        if args.goodput_minutes > 0:
+            print(f"goodput, {args.goodput_minutes:g} min each:", file=sys.stderr, flush=True)
+            goodput["trainctl"] = trainctl_goodput(work, args.goodput_minutes, args.failure_every)
+            goodput["torchrun_tuned"] = torchrun_goodput(
+                work, args.goodput_minutes, args.failure_every
+            )
+        figures["goodput"] = goodput
+
+    tc = latency
+    checks = {
+        "worker_crash_s": (tc["worker_crash"]["trainctl"]["median_s"], TARGETS["worker_crash_s"]),
+        "node_loss_s": (tc["node_loss"]["trainctl"]["median_s"], TARGETS["node_loss_s"]),
+    }
+    met = {name: value is not None and value <= target for name, (value, target) in checks.items()}
+    for scenario in ("worker_crash", "node_loss"):
+        met[f"{scenario}_success"] = tc[scenario]["trainctl"]["success_rate"] >= 1.0
+    if goodput:
+        met["goodput"] = goodput["trainctl"]["goodput"] >= TARGETS["goodput"]
+    figures["met"] = met
+    figures["targets_met"] = all(met.values())
+
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return 0
+    print(f"{'failure':<14}{'contender':<20}{'success':>10}{'median kill->step':>20}{'target':>10}")
+    for scenario in ("worker_crash", "node_loss"):
+        target = TARGETS[f"{scenario}_s"]
+        for contender, row in tc[scenario].items():
+            rate = f"{row['succeeded']}/{row['runs']}"
+            print(
+                f"{scenario:<14}{contender:<20}{rate:>10}{fmt(row['median_s']):>20}"
+                + (f"{'≤ ' + str(target) + ' s':>10}" if contender == "trainctl" else "")
+            )
+    if goodput:
+        print()
+        print(f"{'goodput':<34}{'goodput':>10}{'steps':>8}{'failures':>10}{'target':>10}")
+        for contender, row in goodput.items():
+            target = f"{'≥ 95%':>10}" if contender == "trainctl" else ""
+            share = f"{row['goodput'] * 100:>9.1f}%"
+            print(f"{contender:<34}{share}{row['steps']:>8}{row['failures']:>10}{target}")
+    missed = ", ".join(k for k, v in met.items() if not v) or "none missed"
+    print(f"\ntargets met: {figures['targets_met']} ({missed})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""`trainctl report`: run as a user would (a subprocess, sealed environment) on a job store built
+from synthetic events; checks the JSON contract, the HTML/SVG/PNG pictures and the errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO, sealed_env
+from tests.unit.test_goodput import node_failure_with_spare
+from trainctl.exitcodes import ExitCode
+from trainctl.recovery.png import PNG_SIGNATURE
+from trainctl.state import JobRecord, JobState
+from trainctl.store import JobStore
+
+JOB = "nf-1"
+
+
+def run(*args: str, storage: Path) -> subprocess.CompletedProcess[str]:
+    """`trainctl ARGS` in the sealed CLI environment (the report starts no job processes)."""
+    return subprocess.run(
+        ["timeout", "-s", "KILL", "60", sys.executable, "-m", "trainctl.cli.main", *args],
+        cwd=REPO,
+        env=sealed_env(storage),
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.fixture
+def job_store(storage: Path) -> Path:
+    """A store holding one finished job: a node failure recovered on a spare (132 s wall)."""
+    _, events, _ = node_failure_with_spare()
+    store = JobStore(str(storage))
+    # state.json without attempts: the report must work from the events alone
+    store.write_state(
+        JobRecord(JOB, "tiny-gpt", created_at=0.0, updated_at=0.0, state=JobState.SUCCEEDED)
+    )
+    for event in events:
+        store.append_event(JOB, event)
+    return storage
+
+
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    assert data.startswith(PNG_SIGNATURE)
+    chunks, offset = [], len(PNG_SIGNATURE)
+    while offset < len(data):
+        (length,) = struct.unpack(">I", data[offset : offset + 4])
+        kind = data[offset + 4 : offset + 8]
+        body = data[offset + 8 : offset + 8 + length]
+        (crc,) = struct.unpack(">I", data[offset + 8 + length : offset + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
+        chunks.append((kind, body))
+        offset += 12 + length
+    return chunks
+
+
+def svg_of(html: str) -> ET.Element:
+    """The inline SVG of the HTML page, parsed (it must be well-formed XML)."""
+    match = re.search(r"<svg.*?</svg>", html, flags=re.S)
+    assert match, "no <svg> in the page"
+    return ET.fromstring(match.group(0))
+
+
+def test_json_is_the_ledger_and_the_picture_path(job_store: Path) -> None:
+    result = run("report", JOB, "--json", storage=job_store)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    report: dict[str, Any] = json.loads(result.stdout)
+    assert report["wall_s"] == pytest.approx(132)
+    assert report["goodput"] == pytest.approx(98 / 132)
+    assert report["categories"] == pytest.approx(
+        {
+            "productive": 98,
+            "checkpoint_stall": 1,
+            "startup": 10,
+            "failure_detection": 4.5,
+            "restart": 6,
+            "restore": 2,
+            "replayed": 9,
+            "waiting": 1.5,
+        }
+    )
+    assert [(a["number"], a["outcome"], a["nodes"]) for a in report["attempts"]] == [
+        (1, "failed", ["n0", "n1"]),
+        (2, "succeeded", ["n0", "n2"]),
+    ]
+    (failure,) = report["failures"]
+    assert (failure["node"], failure["cause"], failure["time"]) == ("n1", "node_fault", 59.5)
+    picture = Path(report["picture"])
+    assert picture == job_store / "jobs" / JOB / "report.html"
+    page = picture.read_text()
+    assert page.startswith("<!doctype html>")
+    for outside in ("<script", "<link", "src=", "href=", "url("):  # self-contained, no network
+        assert outside not in page, outside
+    svg = svg_of(page)
+    titles = [t.text or "" for t in svg.iter("{http://www.w3.org/2000/svg}title")]
+    assert any("n1: node agent lost" in t for t in titles), "failure reason as a tooltip"
+    assert any(t.startswith("checkpoint step 40") for t in titles), "checkpoint tick"
+    assert any("failure_detection" in t for t in titles), "legend"
+
+
+def test_human_output_goes_to_stderr(job_store: Path) -> None:
+    result = run("report", JOB, storage=job_store)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"{JOB}  succeeded  wall 2m12s  goodput 74.2%")
+    row = next(line for line in lines if line.startswith("failure_detection"))
+    assert row.split() == ["failure_detection", "4.5", "3.4%"]
+    failure = "failed at T+59.5s: attempt 1 on n1 (node_fault): n1: node agent lost"
+    assert failure in lines
+    assert lines[-1] == f"timeline: {job_store / 'jobs' / JOB / 'report.html'}"
+
+
+def test_png_out_decodes_to_the_declared_size(job_store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "timeline.png"
+    result = run("report", JOB, "--json", "--out", str(out), storage=job_store)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["picture"] == str(out)
+    chunks = png_chunks(out.read_bytes())
+    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
+    width, height, depth, color, _, _, _ = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert (depth, color) == (8, 2) and width == 1200 and height > 100
+    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+    stride = 1 + 3 * width
+    assert len(raw) == height * stride
+    assert {raw[row * stride] for row in range(height)} == {0}, "filter type 0 on every row"
+    green = bytes((0x43, 0xA0, 0x47))  # productive
+    assert green in raw, "productive time is drawn"
+
+
+def test_svg_out_is_well_formed(job_store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "timeline.svg"
+    assert run("report", JOB, "--out", str(out), storage=job_store).returncode == 0
+    assert ET.fromstring(out.read_text()).tag == "{http://www.w3.org/2000/svg}svg"
+
+
+def test_unknown_job_is_one_clear_error(storage: Path) -> None:
+    result = run("report", "nope", storage=storage)
+    assert result.returncode == ExitCode.BAD_INPUT
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {storage}: no such job (got 'nope')"]
+
+
+def test_out_in_a_missing_directory_is_bad_input(job_store: Path, tmp_path: Path) -> None:
+    result = run("report", JOB, "--out", str(tmp_path / "no" / "x.png"), storage=job_store)
+    assert result.returncode == ExitCode.BAD_INPUT
+    assert "--out: the directory for the picture does not exist" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""

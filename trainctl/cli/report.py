@@ -1,0 +1,144 @@
+"""`trainctl report JOB`: where a job's time went (the goodput ledger) and a timeline picture.
+
+Reads the job store only (no server needed). The ledger goes to stderr as tables, or with
+``--json`` as one object on stdout; the picture is written to ``--out`` or to the job's local
+run directory (``report.html``). A ``.png`` suffix writes a PNG, ``.svg`` a bare SVG, anything
+else a self-contained HTML page.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.markup import escape
+
+from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store
+from trainctl.cli.console import emit_json, plain_table, terminal
+from trainctl.errors import UserError
+from trainctl.recovery.goodput import CATEGORIES, Ledger, build_ledger
+from trainctl.recovery.timeline import (
+    format_duration,
+    format_share,
+    layout,
+    to_html,
+    to_png,
+    to_svg,
+)
+
+OUT_OPTION = typer.Option(
+    None,
+    "--out",
+    help="Where to write the timeline picture (.html, .svg or .png). "
+    "Default: report.html in the job's local run directory.",
+)
+
+
+def render_picture(ledger: Ledger, path: Path) -> bytes:
+    """The picture for `path`'s suffix: PNG, bare SVG, or an HTML page."""
+    picture = layout(ledger)
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        return to_png(picture)
+    if suffix == ".svg":
+        return to_svg(picture).encode()
+    return to_html(ledger, picture).encode()
+
+
+def write_picture(path: Path, data: bytes) -> None:
+    """Write `data` to `path` whole (a temporary file renamed into place)."""
+    directory = path.parent
+    if not directory.is_dir():
+        raise UserError(
+            "the directory for the picture does not exist",
+            where="--out",
+            value=str(path),
+            fix=f"create {directory} first, or pass --out with an existing directory",
+        )
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".report-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as error:
+        raise UserError(
+            f"cannot write the picture: {error.strerror or error}",
+            where="--out",
+            value=str(path),
+            fix="pass --out with a path you can write",
+        ) from None
+
+
+def report_json(ledger: Ledger, picture: Path) -> dict[str, Any]:
+    """The `report --json` object: the ledger (see `Ledger.to_json`) plus the picture's path."""
+    data = ledger.to_json()
+    data["picture"] = str(picture)
+    return data
+
+
+def _print_ledger(ledger: Ledger, picture: Path) -> None:
+    console = terminal.console
+    wall = ledger.wall_s
+    totals = ledger.seconds
+    state = ledger.state + (", still running" if ledger.live else "")
+    console.print(
+        f"[bold]{escape(ledger.job_id)}[/bold]  {escape(state)}  wall {format_duration(wall)}  "
+        f"goodput [bold]{format_share(totals['productive'], wall)}[/bold]"
+    )
+    categories = plain_table("CATEGORY", "SECONDS", "SHARE")
+    for column in categories.columns[1:]:
+        column.justify = "right"
+    for category in CATEGORIES:
+        seconds = totals[category.value]
+        categories.add_row(category.value, f"{seconds:.1f}", format_share(seconds, wall))
+    categories.add_row("wall", f"{wall:.1f}", format_share(wall, wall))
+    console.print(categories)
+    attempts = plain_table("ATTEMPT", "NODES", "WORLD", "START", "STEPS", "OUTCOME", "CAUSE")
+    for a in ledger.attempts:
+        steps = f"{a.restored_step or 0}→{a.last_step}" if a.last_step is not None else "no step"
+        attempts.add_row(
+            str(a.number),
+            escape(",".join(a.nodes)),
+            "" if a.world_size is None else str(a.world_size),
+            f"T+{format_duration(a.started_at - ledger.start)}",
+            steps,
+            escape(a.outcome),
+            escape(a.cause or ""),
+        )
+    console.print(attempts)
+    for failure in ledger.failures:
+        where = f" on {failure.node}" if failure.node else ""
+        cause = f" ({failure.cause})" if failure.cause else ""
+        console.print(
+            escape(
+                f"{failure.outcome} at T+{format_duration(failure.time - ledger.start)}: "
+                f"attempt {failure.attempt}{where}{cause}: {failure.reason or 'no reason given'}"
+            )
+        )
+    console.print(f"timeline: {escape(str(picture))}")
+
+
+def report(
+    job_id: str = typer.Argument(..., help="Job id."),
+    storage: str | None = STORAGE_OPTION,
+    as_json: bool = JSON_OPTION,
+    out: str | None = OUT_OPTION,
+) -> None:
+    """Show where a job's time went (goodput) and write its timeline picture."""
+    store = open_store(storage)
+    record = store.read_state(job_id)
+    ledger = build_ledger(record, store.read_events(job_id), now=time.time())
+    path = Path(out).expanduser().absolute() if out else store.local_job_dir(job_id) / "report.html"
+    write_picture(path, render_picture(ledger, path))
+    if as_json:
+        emit_json(report_json(ledger, path))
+        return
+    _print_ledger(ledger, path)
