@@ -25,10 +25,18 @@ $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
 install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
 
+DEMO_JOB ?= demo-$(shell date +%Y%m%d-%H%M%S)
+
+# A 2-node job with a spare; node-1 is killed at step 15 (as a dead host): trainctl blames and
+# excludes it, promotes the spare, restores the newest checkpoint and finishes; then the
+# job's status and its goodput report (with a timeline picture).
 demo: install
-	$(BIN)/trainctl launch recipes/tiny-gpt.yaml --nodes 2
-	@echo "--- trainctl list"
-	$(BIN)/trainctl list
+	$(BIN)/trainctl launch recipes/tiny-gpt-spare.yaml --job-id $(DEMO_JOB) \
+		--fault kill-node:node-1@step=15
+	@echo "--- trainctl status $(DEMO_JOB)"
+	$(BIN)/trainctl status $(DEMO_JOB)
+	@echo "--- trainctl report $(DEMO_JOB)"
+	$(BIN)/trainctl report $(DEMO_JOB)
 
 lint: dev
 	$(BIN)/ruff check trainctl tests benchmarks recipes

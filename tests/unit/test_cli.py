@@ -119,3 +119,24 @@ def test_cli_surface_is_deliberate(storage: Path) -> None:
             "--help",
         ]
     )
+
+
+def test_text_from_the_store_is_shown_verbatim_never_as_markup(storage: Path) -> None:
+    """Error messages hold brackets (gloo: ``[/__w/.../pair.cc:553] Connection closed``)."""
+    from trainctl.state import AttemptRecord, AttemptState, Event, JobRecord, JobState
+    from trainctl.store import JobStore
+
+    reason = "node-0: RuntimeError: [/__w/gloo/pair.cc:553] Connection closed [bold]x[/bold]"
+    store = JobStore(str(storage))
+    record = JobRecord(job_id="brackets", name="n", created_at=1.0, updated_at=1.0)
+    attempt = AttemptRecord(number=0, started_at=1.0, nodes=["node-0"], reason=reason)
+    attempt.state = AttemptState.FAILED
+    record.attempts.append(attempt)
+    record.state, record.reason = JobState.FAILED, reason
+    store.create(record, "name: n\nscript: x.py\n")
+    store.append_event("brackets", Event(time=2.0, kind="attempt_ended", message=reason))
+    for command in ("status", "events", "report"):
+        result = trainctl(command, "brackets", storage=storage)
+        assert result.returncode == 0, (command, result.stderr)
+        assert "[/__w/gloo/pair.cc:553]" in result.stderr, command
+        assert "[bold]x[/bold]" in result.stderr, command

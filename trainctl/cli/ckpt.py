@@ -14,6 +14,7 @@ from typing import Any
 
 import typer
 import yaml
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -241,4 +242,4 @@ def collect_garbage(
     if not actions:
         terminal.info(f"nothing to delete under {where.root}")
     for action in actions:
-        terminal.info(f"{verb} {action.path}: {action.reason}")
+        terminal.info(escape(f"{verb} {action.path}: {action.reason}"))

@@ -13,6 +13,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 QUIET, NORMAL, VERBOSE = -1, 0, 1
 
@@ -59,9 +60,19 @@ def format_age(seconds: float) -> str:
     return f"{seconds / 86400:.0f}d"
 
 
+class PlainTable(Table):
+    """A table whose string cells are shown verbatim: they hold data from the store (error
+    messages like ``[/gloo/.../pair.cc:553] Connection closed``), never markup."""
+
+    def add_row(self, *renderables: Any, **kwargs: Any) -> None:
+        super().add_row(
+            *(Text(cell) if isinstance(cell, str) else cell for cell in renderables), **kwargs
+        )
+
+
 def plain_table(*columns: str, title: str | None = None) -> Table:
     """The borderless table every listing uses (fits COLUMNS=80, copy-paste friendly)."""
-    table = Table(box=None, pad_edge=False, title=title)
+    table = PlainTable(box=None, pad_edge=False, title=title)
     for column in columns:
         table.add_column(column)
     return table

@@ -15,6 +15,7 @@ from typing import Any
 import typer
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION
 from trainctl.cli.console import emit_json, format_age, terminal
@@ -88,8 +89,8 @@ def _probe_here(
     return result.verdict.status
 
 
-def _status_text(status: Verdict) -> str:
-    return f"[{_STYLE[status]}]{status.value}[/]"
+def _status_text(status: Verdict) -> Text:
+    return Text(status.value, style=_STYLE[status])
 
 
 def _part(verdict: HealthVerdict, subject: str) -> HealthVerdict | None:
@@ -123,22 +124,20 @@ def _print_probe(result: GateResult) -> None:
         if per_gpu:
             for subject, verdict in per_gpu:
                 if verdict is not None:
-                    table.add_row(
-                        subject, _status_text(verdict.status), escape(_gpu_detail(verdict))
-                    )
+                    table.add_row(subject, _status_text(verdict.status), _gpu_detail(verdict))
         else:
-            table.add_row("gpus", _status_text(gpus.status), escape(gpus.reason))
+            table.add_row("gpus", _status_text(gpus.status), gpus.reason)
     host = _part(result.verdict, "host")
     if host is not None:
         for subject in host.evidence:
             part = _part(host, subject)
             if part is not None:
-                table.add_row(escape(subject), _status_text(part.status), escape(part.reason))
+                table.add_row(subject, _status_text(part.status), part.reason)
     for path in result.skipped_paths:
-        table.add_row(f"disk {escape(path)}", "-", "object store: no local disk to measure")
+        table.add_row(f"disk {path}", "-", "object store: no local disk to measure")
     console.print(table)
     status = result.verdict.status
-    console.print(f"verdict: {_status_text(status)}: {escape(result.verdict.reason)}")
+    console.print(Text.assemble("verdict: ", _status_text(status), f": {result.verdict.reason}"))
 
 
 # --- a job's nodes -----------------------------------------------------------------------------
@@ -185,15 +184,16 @@ def _show_job(root: str, job_id: str, as_json: bool) -> list[Verdict]:
     now = time.time()
     for node, record in records.items():
         table.add_row(
-            escape(node),
+            node,
             _status_text(record.verdict.status),
-            escape(record.phase),
+            record.phase,
             format_age(now - record.checked_at) + " ago",
-            escape(record.verdict.reason),
+            record.verdict.reason,
         )
     for node, error in unreadable.items():
-        table.add_row(escape(node), "?", "", "", escape(f"unreadable record: {error}"))
+        table.add_row(node, "?", "", "", f"unreadable record: {error}")
     terminal.console.print(table)
     for node, record in records.items():
-        terminal.detail(f"{node} evidence: {json.dumps(record.verdict.evidence, sort_keys=True)}")
+        evidence = json.dumps(record.verdict.evidence, sort_keys=True)
+        terminal.detail(escape(f"{node} evidence: {evidence}"))
     return statuses

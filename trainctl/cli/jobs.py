@@ -50,7 +50,7 @@ def list_jobs(storage: str | None = STORAGE_OPTION, as_json: bool = JSON_OPTION)
         try:
             records.append(store.read_state(job_id))
         except Exception as exc:  # one unreadable job must not hide the others
-            terminal.warn(f"{job_id}: cannot read state ({exc})")
+            terminal.warn(escape(f"{job_id}: cannot read state ({exc})"))
     records.sort(key=lambda r: r.created_at, reverse=True)
     if as_json:
         emit_json(
@@ -99,8 +99,9 @@ def status(
         return
     console = terminal.console
     console.print(
-        f"[bold]{record.job_id}[/bold]  {record.name}  [bold]{record.state.value}[/bold]"
-        + (f"  ({record.reason})" if record.reason else "")
+        f"[bold]{escape(record.job_id)}[/bold]  {escape(record.name)}  "
+        f"[bold]{record.state.value}[/bold]"
+        + (f"  ({escape(record.reason)})" if record.reason else "")
     )
     if record.step is not None:
         console.print(f"step {record.step}")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import IO
 
 import typer
+from rich.markup import escape
 
 from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store
 from trainctl.cli.console import emit_json, emit_result, terminal
@@ -153,7 +154,12 @@ def run_controller(spec: JobSpec, store: JobStore, record: JobRecord, as_json: b
     job = record.job_id
     lock = controller_lock(store, job)
     controller = Controller(
-        spec, store, record, ControllerOptions(python=sys.executable, on_message=terminal.info)
+        spec,
+        store,
+        record,
+        ControllerOptions(
+            python=sys.executable, on_message=lambda line: terminal.info(escape(line))
+        ),
     )
     controller.install_signal_handlers()
     try:
@@ -161,7 +167,7 @@ def run_controller(spec: JobSpec, store: JobStore, record: JobRecord, as_json: b
     finally:
         lock.close()
     final = record
-    summary = f"job {job} {final.state.value}: {final.reason}"
+    summary = escape(f"job {job} {final.state.value}: {final.reason}")
     if final.fingerprint:
         summary += f"\n  final step {final.final_step}, fingerprint {final.fingerprint}"
     if code == 0:

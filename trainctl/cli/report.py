@@ -106,12 +106,12 @@ def _print_ledger(ledger: Ledger, picture: Path) -> None:
         steps = f"{a.restored_step or 0}→{a.last_step}" if a.last_step is not None else "no step"
         attempts.add_row(
             str(a.number),
-            escape(",".join(a.nodes)),
+            ",".join(a.nodes),
             "" if a.world_size is None else str(a.world_size),
             f"T+{format_duration(a.started_at - ledger.start)}",
             steps,
-            escape(a.outcome),
-            escape(a.cause or ""),
+            a.outcome,
+            a.cause or "",
         )
     console.print(attempts)
     for failure in ledger.failures:
