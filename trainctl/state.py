@@ -202,6 +202,8 @@ class JobRecord:
     state: JobState = JobState.PENDING
     reason: str = ""
     scheduler: str = "local"
+    scheduler_job_id: str | None = None
+    """The scheduler's id for the job (Slurm: the job id sbatch printed)."""
     controller_pid: int | None = None
     controller_host: str | None = None
     nodes: list[NodeRecord] = dataclasses.field(default_factory=list)

@@ -81,14 +81,17 @@ class JobStore:
             return join(base.rstrip("/"), job_id)
         return join(self.root, "checkpoints", job_id)
 
-    def local_job_dir(self, job_id: str) -> Path:
-        """A local directory for the job's logs and sockets (inside the store when it is local)."""
+    def local_job_dir(self, job_id: str, create: bool = True) -> Path:
+        """A local directory for the job's logs and sockets (inside the store when it is local).
+
+        `create=False`: only the path (a dry run writes nothing)."""
         if self.local:
             path = Path(self.job_url(job_id))
         else:
             cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
             path = cache / "trainctl" / check_job_id(job_id)
-        path.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
         return path
 
     # -- low-level I/O -----------------------------------------------------------------------

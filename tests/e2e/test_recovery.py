@@ -11,7 +11,10 @@ no process of the job is left, no committed checkpoint is lost.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import REPO, sealed_env
 from tests.e2e.harness import (
     assert_no_leftovers,
     events,
@@ -244,8 +248,6 @@ def test_controller_killed_then_resume_finishes_without_duplicates(
     try:
         wait_for_step(storage, "ctl", 12)
         controller = read_state(storage, "ctl")["controller_pid"]
-        import os
-
         os.kill(controller, signal.SIGKILL)
         proc.wait(timeout=30)
         most = 0
@@ -259,20 +261,42 @@ def test_controller_killed_then_resume_finishes_without_duplicates(
 
         sampler = threading.Thread(target=count_workers, daemon=True)
         sampler.start()
-        result = trainctl("resume", "ctl", "--json", storage=storage, timeout_s=240)
+        resumed = start_resume("ctl", storage)
+        deadline = time.monotonic() + 60
+        while len(read_state(storage, "ctl")["attempts"]) < 2:  # the resumed attempt began
+            assert time.monotonic() < deadline and resumed.poll() is None
+            time.sleep(0.1)
+        # a second resume while the first runs starts nothing
+        twice = trainctl("resume", "ctl", storage=storage)
+        out, err = resumed.communicate(timeout=240)
         done.set()
         sampler.join()
     finally:
         if proc.poll() is None:
             proc.kill()
         assert_no_leftovers("ctl")
-    assert result.returncode == 0, result.stderr
-    assert result.json()["fingerprint"] == baseline["fingerprint"]
+    assert twice.returncode == 2 and "already running" in twice.stderr, twice.stderr
+    assert resumed.returncode == 0, err
+    assert json.loads(out)["fingerprint"] == baseline["fingerprint"]
     assert most <= 2, f"{most} workers at once: a duplicate attempt ran"
     state = read_state(storage, "ctl")
     assert state["attempts"][0]["cause"] == "controller_lost"
     assert state["attempts"][-1]["restored_step"] is not None
     assert "job_resumed" in kinds(storage, "ctl")
+
+
+def start_resume(job_id: str, storage: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            *("timeout", "-s", "KILL", "240", sys.executable, "-m", "trainctl.cli.main"),
+            *("resume", job_id, "--json"),
+        ],
+        cwd=REPO,
+        env=sealed_env(storage),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_repeating_bug_is_a_crash_loop_exit_3(tmp_path: Path, storage: Path) -> None:

@@ -114,6 +114,9 @@ def test_cli_surface_is_deliberate(storage: Path) -> None:
             "--seed",
             "--rdzv-port",
             "--dry-run",
+            "--scheduler",
+            "--partition",
+            "--time",
             "--fault",
             "--json",
             "--help",
@@ -140,3 +143,45 @@ def test_text_from_the_store_is_shown_verbatim_never_as_markup(storage: Path) ->
         assert result.returncode == 0, (command, result.stderr)
         assert "[/__w/gloo/pair.cc:553]" in result.stderr, command
         assert "[bold]x[/bold]" in result.stderr, command
+
+
+def test_slurm_dry_run_prints_the_sbatch_command_and_script(storage: Path) -> None:
+    result = trainctl(
+        "launch",
+        "recipes/tiny-gpt.yaml",
+        "--scheduler",
+        "slurm",
+        "--partition",
+        "gpu",
+        "--time",
+        "01:00:00",
+        "--job-id",
+        "sdry",
+        "--dry-run",
+        storage=storage,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith("$ sbatch --parsable ")
+    for line in ("#SBATCH --nodes=2", "#SBATCH --requeue", "#SBATCH --partition=gpu"):
+        assert line in out, line
+    assert "resume sdry --storage" in out
+    assert not (storage / "jobs").exists(), "a dry run must not write the store"
+
+
+def test_slurm_options_need_the_slurm_scheduler(storage: Path) -> None:
+    result = trainctl("launch", "recipes/tiny-gpt.yaml", "--time", "10", storage=storage)
+    assert result.returncode == 2
+    assert "--partition and --time are Slurm options" in result.stderr
+    assert "Traceback" not in result.stderr
+    faults = trainctl(
+        "launch",
+        "recipes/tiny-gpt.yaml",
+        "--scheduler",
+        "slurm",
+        "--fault",
+        "kill-node:node-1@step=3",
+        "--dry-run",
+        storage=storage,
+    )
+    assert faults.returncode == 2 and "local scheduler only" in faults.stderr

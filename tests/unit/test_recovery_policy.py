@@ -69,6 +69,12 @@ def decision_for(*observations: object) -> Decision:
             Cause.WORKER_CRASH,
             None,
         ),
+        # the checkpoint store failed under the script: storage trouble, nobody's node
+        (
+            [NodeExit("node-0", 1, 1.0, errors=("RestoreError: no checkpoint could be read",))],
+            Cause.STORAGE,
+            None,
+        ),
         # torchrun itself killed by a signal, first in time
         (
             [NodeExit("node-0", -9, 1.0), NodeExit("node-1", 1, 2.0, errors=("KeyError: x",))],

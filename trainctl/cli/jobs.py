@@ -84,6 +84,30 @@ def list_jobs(storage: str | None = STORAGE_OPTION, as_json: bool = JSON_OPTION)
     terminal.console.print(table)
 
 
+def _slurm_view(record: JobRecord) -> dict[str, object] | None:
+    """Slurm's view of a Slurm job (squeue), read through one table; None for other jobs."""
+    if record.scheduler != "slurm" or not record.scheduler_job_id:
+        return None
+    from trainctl.launch.slurm import SlurmClient, SlurmError
+
+    try:
+        view = SlurmClient().job_view(record.scheduler_job_id)
+    except SlurmError as error:
+        return {"state": None, "describe": f"Slurm unavailable: {error}"}
+    if view is None:
+        return {"state": None, "describe": "Slurm no longer knows the job (it ended a while ago)"}
+    return {
+        "state": view.state,
+        "reason": view.reason,
+        "meaning": view.meaning.summary,
+        "active": view.meaning.active,
+        "nodes": list(view.nodes),
+        "excluded": list(view.exc_nodes),
+        "restart_count": view.restart_count,
+        "describe": view.describe(),
+    }
+
+
 def status(
     job_id: str = typer.Argument(..., help="Job id."),
     storage: str | None = STORAGE_OPTION,
@@ -94,8 +118,11 @@ def status(
     record = store.read_state(job_id)
     verdicts = store.read_node_verdicts(job_id)
     blocklist = store.read_blocklist(job_id)
+    slurm = _slurm_view(record)
     if as_json:
-        emit_json(status_json(record, verdicts, blocklist))
+        data = status_json(record, verdicts, blocklist)
+        data["slurm"] = slurm
+        emit_json(data)
         return
     console = terminal.console
     console.print(
@@ -103,6 +130,8 @@ def status(
         f"[bold]{record.state.value}[/bold]"
         + (f"  ({escape(record.reason)})" if record.reason else "")
     )
+    if slurm is not None:
+        console.print(escape(f"slurm job {record.scheduler_job_id}: {slurm['describe']}"))
     if record.step is not None:
         console.print(f"step {record.step}")
     if record.fingerprint:

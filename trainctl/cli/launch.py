@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -14,7 +15,9 @@ from rich.markup import escape
 from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store
 from trainctl.cli.console import emit_json, emit_result, terminal
 from trainctl.errors import UserError
+from trainctl.exitcodes import ExitCode
 from trainctl.launch.plan import Facts, plan_attempt, render_plan
+from trainctl.launch.scheduler import NodeScheduler
 from trainctl.recovery.controller import Controller, ControllerOptions, new_record
 from trainctl.recovery.faults import check_faults
 from trainctl.spec import JobSpec, check_job_id, load_recipe, parse_fault, script_spec, spec_to_yaml
@@ -80,6 +83,11 @@ def launch(
         0, "--rdzv-port", min=0, max=65535, help="Rendezvous port (default: chosen at start)."
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run; start nothing."),
+    scheduler: str = typer.Option(
+        "local", "--scheduler", help="local (simulated nodes on this host) or slurm (sbatch)."
+    ),
+    partition: str | None = typer.Option(None, "--partition", help="Slurm partition."),
+    time_limit: str | None = typer.Option(None, "--time", help="Slurm time limit (sbatch --time)."),
     fault: list[str] | None = typer.Option(
         None,
         "--fault",
@@ -88,7 +96,7 @@ def launch(
     ),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Launch a job on the local scheduler (simulated nodes) and run it to the end."""
+    """Launch a job: run it to the end here (local scheduler) or submit it to Slurm."""
     overrides: dict[str, object] = {
         "nodes": nodes,
         "nproc_per_node": nproc_per_node,
@@ -97,10 +105,26 @@ def launch(
     }
     if fault:
         overrides["faults"] = tuple(parse_fault(text).model_dump() for text in fault)
+    if scheduler not in ("local", "slurm"):
+        raise UserError(
+            "unknown scheduler", where="--scheduler", value=scheduler, fix="use local or slurm"
+        )
+    if scheduler == "local" and (partition or time_limit):
+        raise UserError(
+            "--partition and --time are Slurm options",
+            where="--partition/--time",
+            value=partition or time_limit,
+            fix="add --scheduler slurm, or drop them",
+        )
     spec = _load_spec(target, list(script_args or []), overrides)
-    check_faults(spec, "local")
+    check_faults(spec, scheduler)
     store = open_store(storage)
     job = check_job_id(job_id) if job_id else _new_job_id(spec.name)
+    if scheduler == "slurm":
+        from trainctl.cli import slurm_launch
+
+        slurm_launch.submit(spec, store, job, target, partition, time_limit, dry_run, as_json)
+        return
     if dry_run:
         _dry_run(spec, store, job, rdzv_port, as_json)
         return
@@ -149,8 +173,19 @@ def controller_lock(store: JobStore, job_id: str) -> IO[bytes]:
     return handle
 
 
-def run_controller(spec: JobSpec, store: JobStore, record: JobRecord, as_json: bool) -> None:
-    """Run the job's controller in this process to the end; exit with the job's code."""
+def run_controller(
+    spec: JobSpec,
+    store: JobStore,
+    record: JobRecord,
+    as_json: bool,
+    scheduler: NodeScheduler | None = None,
+    rdzv_host: str = "127.0.0.1",
+    after: Callable[[ExitCode], None] | None = None,
+) -> None:
+    """Run the job's controller in this process to the end; exit with the job's code.
+
+    `after` runs last, with the exit code (Slurm: requeue the job when it should run again).
+    """
     job = record.job_id
     lock = controller_lock(store, job)
     controller = Controller(
@@ -158,8 +193,11 @@ def run_controller(spec: JobSpec, store: JobStore, record: JobRecord, as_json: b
         store,
         record,
         ControllerOptions(
-            python=sys.executable, on_message=lambda line: terminal.info(escape(line))
+            python=sys.executable,
+            rdzv_host=rdzv_host,
+            on_message=lambda line: terminal.info(escape(line)),
         ),
+        scheduler=scheduler,
     )
     controller.install_signal_handlers()
     try:
@@ -187,4 +225,6 @@ def run_controller(spec: JobSpec, store: JobStore, record: JobRecord, as_json: b
                 "reason": final.reason,
             }
         )
+    if after is not None:
+        after(code)
     raise typer.Exit(int(code))

@@ -10,17 +10,24 @@ newest committed checkpoint. A job that already succeeded is left alone (exit 0)
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 import typer
+from rich.markup import escape
 
 from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store
 from trainctl.cli.console import emit_json, terminal
 from trainctl.cli.launch import run_controller
 from trainctl.errors import UserError
+from trainctl.exitcodes import ExitCode
 from trainctl.launch import proctree
-from trainctl.spec import check_job_id, spec_from_yaml
-from trainctl.state import AttemptState, Event, JobState, NodeState
+from trainctl.launch.slurm import SlurmClient, SlurmError
+from trainctl.launch.slurm_nodes import SlurmAllocation, SlurmNodes, inside_allocation
+from trainctl.spec import JobSpec, check_job_id, spec_from_yaml
+from trainctl.state import AttemptState, Event, JobRecord, JobState, NodeRecord, NodeState
+from trainctl.store import JobStore
 
 LEFTOVER_WAIT_S = 15.0
 """How long the dead controller's agents get to tear their nodes down by themselves."""
@@ -57,6 +64,7 @@ def resume(
             fix="the job store is incomplete; launch the job again",
         )
     spec = spec_from_yaml(text, f"{store.job_url(job_id)}/spec.yaml")
+    slurm = _slurm_allocation(record)
     _clear_leftovers(job_id)
     now = time.time()
     if record.attempts and record.attempts[-1].state in (
@@ -90,10 +98,11 @@ def resume(
             ),
         )
     for node in record.nodes:
-        if node.state in (NodeState.STARTING, NodeState.RUNNING, NodeState.PENDING):
+        if node.state in (NodeState.STARTING, NodeState.RUNNING):
             node.move(NodeState.FAILED, "controller lost")
         node.pid = None
-    if record.state != JobState.PENDING:
+    was, was_pending = record.state.value, record.state == JobState.PENDING
+    if not was_pending:
         record.move(JobState.RECOVERING, "resumed")
     store.write_state(record)
     store.append_event(
@@ -101,12 +110,88 @@ def resume(
         Event(
             time=now,
             kind="job_resumed",
-            message=f"resumed (was {record.state.value}); restoring the newest checkpoint",
+            message=(
+                "started by the scheduler"
+                if was_pending
+                else f"resumed (was {was}); restoring the newest committed checkpoint"
+            ),
             data={"committed_step": record.committed_step},
         ),
     )
     terminal.info(f"resuming job [bold]{job_id}[/bold] from the store {store.root}")
-    run_controller(spec, store, record, as_json)
+    if slurm is None:
+        run_controller(spec, store, record, as_json)
+        return
+    client, allocation = slurm
+    run_controller(
+        spec,
+        store,
+        record,
+        as_json,
+        scheduler=SlurmNodes(allocation.slurm_job_id, sys.executable, client),
+        rdzv_host=allocation.address,
+        after=lambda code: _after_slurm_run(store, spec, record, client, allocation, code),
+    )
+
+
+def _slurm_allocation(record: JobRecord) -> tuple[SlurmClient, SlurmAllocation] | None:
+    """Inside the job's Slurm allocation: read it (once, here) and make its nodes the job's."""
+    if record.scheduler != "slurm" or not inside_allocation():
+        return None
+    client = SlurmClient()
+    allocation = SlurmAllocation.from_env(client, os.environ)
+    known = {node.name: node for node in record.nodes}
+    record.nodes = [known.get(name) or NodeRecord(name=name) for name in allocation.nodes] + [
+        n for n in record.nodes if n.name not in allocation.nodes and n.state == NodeState.EXCLUDED
+    ]
+    record.scheduler_job_id = allocation.slurm_job_id
+    return client, allocation
+
+
+def _after_slurm_run(
+    store: JobStore,
+    spec: JobSpec,
+    record: JobRecord,
+    client: SlurmClient,
+    allocation: SlurmAllocation,
+    code: ExitCode,
+) -> None:
+    """The last thing the batch process does: requeue the job when it should run again.
+
+    Preempted (exit 4): `scontrol requeue` — the next run resumes from the checkpoint just
+    committed. Failed with nodes excluded (exit 1: the allocation could not continue): requeue
+    with the blocklist as the job's ExcNodeList, draining the nodes if the recipe says so.
+    """
+    now = time.time()
+    excluded = sorted(
+        name
+        for name, entry in store.read_blocklist(record.job_id).items()
+        if float(entry.get("expires_at", 0)) > now
+    )
+    if code == ExitCode.FAILED and excluded:
+        if spec.recovery.drain_blamed_nodes:
+            for name in excluded:
+                try:
+                    client.drain(name, f"trainctl job {record.job_id}: {record.reason}"[:200])
+                except SlurmError as error:
+                    terminal.warn(escape(f"could not drain {name}: {error}"))
+        _event(
+            store,
+            record,
+            "requeue",
+            f"requeued by trainctl, excluding {', '.join(excluded)}",
+            excluded=excluded,
+        )
+        client.requeue_excluding(allocation.slurm_job_id, excluded)
+    elif code == ExitCode.PREEMPTED:
+        _event(store, record, "requeue", "requeued by trainctl after preemption")
+        client.requeue(allocation.slurm_job_id)
+
+
+def _event(store: JobStore, record: JobRecord, kind: str, message: str, **data: object) -> None:
+    store.append_event(
+        record.job_id, Event(time=time.time(), kind=kind, message=message, data=data)
+    )
 
 
 def _clear_leftovers(job_id: str) -> None:

@@ -443,6 +443,10 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # Slurm's `scancel --signal=USR1 --full` reaches every step's task, agents included: the
+    # controller (the batch process) gets it too and stops the attempt in order, with a
+    # checkpoint. The agent must not die of it.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         return agent.run()
     finally:

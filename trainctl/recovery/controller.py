@@ -13,11 +13,8 @@ Every state change goes to the job store (state.json replaced atomically, one ob
 event), so `trainctl status` works from any shell with no server running, and `trainctl
 resume` can pick the job up after the controller itself died.
 
-Health: agents report ``verdict`` messages (preflight, standby and periodic probes); the
-controller writes each node's latest one to ``nodes/<node>.json`` and turns UNHEALTHY into a
-node-fault observation. From ``progress`` messages it watches for hangs (then asks every agent
-to dump its workers' stacks into ``stacks/attempt-<n>/<node>-rank-<r>.txt`` before declaring
-the attempt hung) and stragglers (a DEGRADED verdict merged into the node's record).
+Health and progress watching during an attempt (verdicts, stragglers, hangs and their stack
+dumps) live in `trainctl.recovery.monitoring`; spares' standby verdicts are handled here.
 """
 
 from __future__ import annotations
@@ -35,13 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from trainctl.exitcodes import ExitCode
-from trainctl.health.verdict import HealthVerdict, NodeVerdictRecord, Verdict, worst_of
+from trainctl.health.verdict import HealthVerdict, NodeVerdictRecord, Verdict
 from trainctl.launch.control import ControlServer
 from trainctl.launch.local import LocalScheduler
 from trainctl.launch.plan import Facts, LaunchPlan, agent_env, gate_plan, plan_attempt
+from trainctl.launch.scheduler import NodeScheduler
 from trainctl.recovery import policy
 from trainctl.recovery.faults import FAULTS_DIR_ENV, FaultInjector
-from trainctl.recovery.watch import HangCheck, ProgressWatch
+from trainctl.recovery.monitoring import AttemptMonitoring, PendingHang
+from trainctl.recovery.watch import ProgressWatch
 from trainctl.spec import JobSpec
 from trainctl.state import (
     AttemptRecord,
@@ -56,29 +55,12 @@ from trainctl.store import JobStore
 
 STATE_WRITE_INTERVAL_S = 1.0
 """Progress-only changes are written to state.json at most this often."""
-STRAGGLER_CHECK_INTERVAL_S = 1.0
-"""Straggler detection runs at most this often (and only when new step times arrived)."""
 AGENT_CONNECT_TIMEOUT_S = 60.0
 """How long a node agent may take to connect before its node counts as lost."""
 KILL_WAIT_S = 5.0
 """After a failure, how long survivors get to report their torchrun killed."""
 FAILURE_HISTORY = 20
 """Failure signatures remembered for crash-loop detection."""
-
-
-@dataclasses.dataclass
-class PendingHang:
-    """A detected hang waiting for the agents' stack dumps before it is declared."""
-
-    check: HangCheck
-    detected_at: float
-    """Wall-clock time of detection."""
-    deadline: float
-    """Monotonic time after which the hang is declared with whatever stacks arrived."""
-    awaiting: set[str]
-    states: dict[int, str | None] = dataclasses.field(default_factory=dict)
-    """rank -> /proc state letter, from the dumps."""
-    declared: bool = False
 
 
 def start_rendezvous_store(host: str) -> tuple[Any, int]:
@@ -109,20 +91,20 @@ class AttemptOutcome:
     decided_at: float
 
 
-class Controller:
+class Controller(AttemptMonitoring):
     def __init__(
         self,
         spec: JobSpec,
         store: JobStore,
         record: JobRecord,
         options: ControllerOptions,
-        scheduler: LocalScheduler | None = None,
+        scheduler: NodeScheduler | None = None,
     ) -> None:
         self.spec = spec
         self.store = store
         self.record = record
         self.options = options
-        self.scheduler = scheduler or LocalScheduler(options.python)
+        self.scheduler: NodeScheduler = scheduler or LocalScheduler(options.python)
         self.stop_signal: str | None = None
         self._last_state_write = 0.0
         self._dirty = False
@@ -195,12 +177,16 @@ class Controller:
             for n, e in self.store.read_blocklist(self.record.job_id).items()
         }
         run_dir = self.store.local_job_dir(self.record.job_id)
-        self.faults = FaultInjector(
-            self.spec,
-            self.record.job_id,
-            self.scheduler,
-            run_dir / "faults",
-            self.record.faults_fired,
+        self.faults = (
+            FaultInjector(
+                self.spec,
+                self.record.job_id,
+                self.scheduler,
+                run_dir / "faults",
+                self.record.faults_fired,
+            )
+            if isinstance(self.scheduler, LocalScheduler) and self.spec.faults
+            else None
         )
         try:
             return self._run_job()
@@ -245,7 +231,8 @@ class Controller:
         out = self._excluded_now()
         names = [n.name for n in self.record.nodes]
         last = self.record.attempts[-1].nodes if self.record.attempts else names[: self.spec.nodes]
-        preferred = [n for n in last if n not in out and n not in self.blocklist]
+        # (after a Slurm requeue the allocation may hold other nodes than the last attempt)
+        preferred = [n for n in last if n in names and n not in out and n not in self.blocklist]
         standby = [n for n in names if n not in last and n not in self.blocklist]
         expired = [n for n in names if n in self.blocklist and n not in out]
         return policy.select_nodes(
@@ -847,175 +834,6 @@ class Controller:
             )
             self._apply_exclusions((exclusion,))
             self.save_state()
-
-    # -- health ------------------------------------------------------------------------------
-    def _write_node_health(self, node: str) -> NodeVerdictRecord:
-        """Write ``nodes/<node>.json``: the latest probe verdict, merged with a straggler
-        verdict while the node is flagged (worst of both, each kept in the evidence)."""
-        probe = self._probes[node]
-        straggler = self._stragglers.get(node)
-        record = probe
-        if straggler is not None and straggler.status is not Verdict.OK:
-            merged = worst_of({"probe": probe.verdict, "progress": straggler})
-            record = NodeVerdictRecord(node, "running", time.time(), merged)
-        self.store.write_node(self.record.job_id, node, record.to_dict())
-        return record
-
-    def _on_verdict(
-        self, node: str, message: dict[str, Any], observations: list[policy.Observation]
-    ) -> None:
-        try:
-            record = NodeVerdictRecord.from_dict(message.get("record") or {})
-        except ValueError as bad:
-            self.event("verdict_unreadable", f"{node}: unreadable verdict: {bad}", node=node)
-            return
-        previous = self._probes.get(node)
-        if previous is not None and previous.verdict.status is Verdict.UNHEALTHY:
-            # UNHEALTHY sticks for the attempt: an XID is an event, delivered once, so the
-            # next probe of the same broken GPU looks clean.
-            return
-        self._probes[node] = record
-        self._write_node_health(node)
-        verdict = record.verdict
-        changed = previous is None or previous.verdict.status is not verdict.status
-        if record.phase == "preflight" or changed:
-            when = "before joining" if record.phase == "preflight" else "probe while running"
-            detail = "" if verdict.status is Verdict.OK else f": {verdict.reason}"
-            self.event(
-                "node_verdict",
-                f"{node}: {verdict.status.value} ({when}){detail}",
-                node=node,
-                phase=record.phase,
-                status=verdict.status.value,
-                reason=verdict.reason,
-            )
-        if verdict.status is Verdict.UNHEALTHY:
-            observations.append(
-                policy.NodeUnhealthy(node, record.checked_at, record.phase, verdict.reason)
-            )
-        elif verdict.status is Verdict.DEGRADED and changed:
-            self.say(f"{node} degraded: {verdict.reason}")
-
-    def _check_stragglers(self) -> None:
-        watch = self.watch
-        now = time.monotonic()
-        if watch is None or not watch.has_new_samples():
-            return
-        if now - self._last_straggler_check < STRAGGLER_CHECK_INTERVAL_S:
-            return
-        self._last_straggler_check = now
-        for node, verdict in watch.check_stragglers().items():
-            previous = self._stragglers.get(node)
-            self._stragglers[node] = verdict
-            was_flagged = previous is not None and previous.status is not Verdict.OK
-            flagged = verdict.status is not Verdict.OK
-            if flagged == was_flagged:
-                continue
-            if node in self._probes:
-                self._write_node_health(node)
-            if flagged:
-                self.event("straggler", f"{node}: {verdict.reason}", node=node, **verdict.evidence)
-                self.say(f"{node} degraded: {verdict.reason}")
-            else:
-                self.event(
-                    "straggler_cleared", f"{node}: {verdict.reason}", node=node, **verdict.evidence
-                )
-
-    def _check_hang(self, plan: LaunchPlan, server: ControlServer) -> None:
-        """Detect a hang once per attempt and ask every running agent for stack dumps."""
-        if self.watch is None or self._hang is not None:
-            return
-        check = self.watch.check_hang(time.monotonic())
-        if check is None:
-            return
-        now = time.time()
-        silent = ", ".join(
-            f"rank {h.member} ({self.watch.node_of(h.member) or 'node unknown'}) {h.silent_s:.1f} s"
-            for h in check.hung
-        )
-        self.event(
-            "hang_detected",
-            f"no progress within the hang timeout: {silent}; {check.timeout.explanation}; "
-            "dumping the stacks of every rank",
-            timeout_s=check.timeout.timeout_s,
-            explanation=check.timeout.explanation,
-            ranks=[
-                {
-                    "rank": h.member,
-                    "node": self.watch.node_of(h.member),
-                    "step": self.watch.step_of(h.member),
-                    "silent_s": h.silent_s,
-                }
-                for h in check.hung
-            ],
-        )
-        self.say(f"hang detected ({check.timeout.explanation}): dumping stacks")
-        awaiting = {
-            n.name
-            for n in plan.nodes
-            if n.name not in self.watch.exited
-            and server.send(n.name, {"type": "dump_stacks", "reason": "hang"})
-        }
-        deadline = time.monotonic() + self.spec.health.stack_dump_timeout_s
-        self._hang = PendingHang(check, now, deadline, awaiting)
-
-    def _on_stacks(self, node: str, message: dict[str, Any]) -> None:
-        hang = self._hang
-        attempt = self.record.attempts[-1].number
-        directory = f"stacks/attempt-{attempt}"
-        saved = []
-        for dump in message.get("dumps", []):
-            rank = int(dump["rank"])
-            header = (
-                f"# rank {rank} (local rank {dump.get('local_rank')}) on {node}, "
-                f"pid {dump.get('pid')}, process state {dump.get('state')}\n"
-                f"# method: {dump.get('method') or 'none succeeded'}\n"
-            )
-            for failure in dump.get("failures", []):
-                header += f"# failed: {failure}\n"
-            body = dump.get("text") or "(no stacks could be read)\n"
-            self.store.write_job_file(
-                self.record.job_id,
-                f"{directory}/{node}-rank-{rank}.txt",
-                (header + "\n" + body).encode(),
-            )
-            saved.append(
-                f"rank {rank}: {dump.get('method') or 'no dump'}, state {dump.get('state')}"
-            )
-            if hang is not None:
-                hang.states[rank] = dump.get("state")
-        self.event(
-            "stacks_saved",
-            f"{node}: {'; '.join(saved) or 'no worker processes found'}",
-            node=node,
-            dumps=[{k: v for k, v in d.items() if k != "text"} for d in message.get("dumps", [])],
-            duration_s=message.get("duration_s"),
-        )
-        if hang is not None:
-            hang.awaiting.discard(node)
-
-    def _declare_hang(self, observations: list[policy.Observation]) -> None:
-        """Once every agent answered (or the deadline passed), observe the hang."""
-        hang, watch = self._hang, self.watch
-        if hang is None or watch is None or hang.declared:
-            return
-        if hang.awaiting and time.monotonic() < hang.deadline:
-            return
-        ranks = tuple(
-            policy.SilentRank(
-                rank=h.member,
-                node=watch.node_of(h.member),
-                step=watch.step_of(h.member),
-                silent_s=h.silent_s,
-                process_state=hang.states.get(h.member),
-            )
-            for h in hang.check.hung
-        )
-        timeout = hang.check.timeout
-        observations.append(
-            policy.Hang(hang.detected_at, timeout.timeout_s, timeout.explanation, ranks)
-        )
-        hang.declared = True
 
     def _announce_progress(self) -> None:
         step = self.record.step or 0

@@ -237,11 +237,21 @@ COMMUNICATION_ERRORS = (
     "timed out",
     "timeout",
     "socket",
-    "store",
+    "tcpstore",
     "distnetworkerror",
     "disterror",
 )
 """Error messages a worker raises when a *peer* died: evidence against the peer, not itself."""
+
+
+STORAGE_ERRORS = ("storageerror", "restoreerror", "corruptobjecterror", "nosuchbucket")
+"""Errors of the job or checkpoint storage (trainctl's own types, S3's): not a bug in the
+script, not a node's fault; retried within `recovery.restarts_per_cause.storage`."""
+
+
+def is_storage_error(message: str) -> bool:
+    text = message.lower()
+    return any(marker in text for marker in STORAGE_ERRORS)
 
 
 def is_communication_error(message: str) -> bool:
@@ -274,7 +284,16 @@ def classify_exits(failures: Sequence[NodeExit]) -> Decision:
                 cause=Cause.WORKER_CRASH,
                 signature=f"crash:{exit_.code}",
             )
+        storage = [e for e in exit_.errors if e and is_storage_error(e)]
         own = [e for e in exit_.errors if e and not is_communication_error(e)]
+        if storage:
+            return Decision(
+                Action.FAIL,
+                describe_exit(dataclasses.replace(exit_, errors=(storage[0],))),
+                ExitCode.FAILED,
+                cause=Cause.STORAGE,
+                signature=f"storage:{_error_signature(storage[0])}",
+            )
         if own:
             return Decision(
                 Action.FAIL,
