@@ -181,13 +181,15 @@ def run_controller(
     scheduler: NodeScheduler | None = None,
     rdzv_host: str = "127.0.0.1",
     after: Callable[[ExitCode], None] | None = None,
+    lock: IO[bytes] | None = None,
 ) -> None:
     """Run the job's controller in this process to the end; exit with the job's code.
 
     `after` runs last, with the exit code (Slurm: requeue the job when it should run again).
+    `lock`: the controller lock, if the caller already holds it.
     """
     job = record.job_id
-    lock = controller_lock(store, job)
+    lock = lock or controller_lock(store, job)
     controller = Controller(
         spec,
         store,

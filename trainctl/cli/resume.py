@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store
 from trainctl.cli.console import emit_json, terminal
-from trainctl.cli.launch import run_controller
+from trainctl.cli.launch import controller_lock, run_controller
 from trainctl.errors import UserError
 from trainctl.exitcodes import ExitCode
 from trainctl.launch import proctree
@@ -30,7 +30,8 @@ from trainctl.state import AttemptState, Event, JobRecord, JobState, NodeRecord,
 from trainctl.store import JobStore
 
 LEFTOVER_WAIT_S = 15.0
-"""How long the dead controller's agents get to tear their nodes down by themselves."""
+"""How long the dead controller's agents get to tear their nodes down by themselves (they do
+when its connection drops); what is left after that is killed."""
 
 
 def resume(
@@ -41,6 +42,11 @@ def resume(
     """Resume a job from its newest committed checkpoint (idempotent; scheduler hook)."""
     store = open_store(storage)
     check_job_id(job_id, where="JOB")
+    store.read_state(job_id)  # an unknown job: one clear error, no lock file left behind
+    # The lock first: while another controller runs, nothing is read, killed or written. It
+    # is released only when that controller's process ends (however it ends), so once we
+    # hold it, whatever of the job is still running here is a dead controller's leftover.
+    lock = controller_lock(store, job_id)
     record = store.read_state(job_id)
     if record.state == JobState.SUCCEEDED:
         terminal.info(f"job {job_id} already succeeded: nothing to resume")
@@ -120,7 +126,7 @@ def resume(
     )
     terminal.info(f"resuming job [bold]{job_id}[/bold] from the store {store.root}")
     if slurm is None:
-        run_controller(spec, store, record, as_json)
+        run_controller(spec, store, record, as_json, lock=lock)
         return
     client, allocation = slurm
     run_controller(
@@ -131,6 +137,7 @@ def resume(
         scheduler=SlurmNodes(allocation.slurm_job_id, sys.executable, client),
         rdzv_host=allocation.address,
         after=lambda code: _after_slurm_run(store, spec, record, client, allocation, code),
+        lock=lock,
     )
 
 

@@ -213,15 +213,23 @@ class AttemptMonitoring:
             return
         if hang.awaiting and time.monotonic() < hang.deadline:
             return
+        # Every rank whose stacks were dumped is evidence, not only those past the timeout:
+        # in synchronous training the stopped rank and the ranks waiting for it fall silent
+        # together, and which one crosses the timeout first is a race.
+        silence = {h.member: h.silent_s for h in hang.check.hung}
+        now = time.monotonic()
+        for rank in hang.states:
+            if rank not in silence and rank in watch.ranks:
+                silence[rank] = now - watch.ranks[rank].last_progress_at
         ranks = tuple(
             policy.SilentRank(
-                rank=h.member,
-                node=watch.node_of(h.member),
-                step=watch.step_of(h.member),
-                silent_s=h.silent_s,
-                process_state=hang.states.get(h.member),
+                rank=rank,
+                node=watch.node_of(rank),
+                step=watch.step_of(rank),
+                silent_s=silent_s,
+                process_state=hang.states.get(rank),
             )
-            for h in hang.check.hung
+            for rank, silent_s in sorted(silence.items())
         )
         timeout = hang.check.timeout
         observations.append(
