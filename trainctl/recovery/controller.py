@@ -459,8 +459,9 @@ class Controller(AttemptMonitoring):
         self.record.attempts.append(attempt)
         self.record.move(JobState.RUNNING, f"attempt {number} on {len(names)} node(s)")
         for name in names:
-            self.record.node(name).move(NodeState.STARTING)
-            self.record.node(name).exit_code = None
+            node = self.record.node(name)
+            node.move(NodeState.STARTING)
+            node.exit_code, node.reason = None, ""
         self.save_state()
         extra = f" ({selection.reason})" if selection.reason else ""
         self.event(
