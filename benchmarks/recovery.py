@@ -43,6 +43,8 @@ from typing import Any
 
 import yaml
 
+from trainctl.launch import proctree
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "recipes" / "tiny_gpt.py"
 CONFIG = {
@@ -104,24 +106,6 @@ def wait_for_step(log: Path, step: int, timeout_s: float) -> bool:
             return True
         time.sleep(0.05)
     return False
-
-
-def tagged(variable: str, value: str) -> list[int]:
-    needle = f"{variable}={value}".encode()
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            if needle in Path(f"/proc/{name}/environ").read_bytes().split(b"\0"):
-                found.append(int(name))
-    return found
-
-
-def kill_all(pids: list[int], sig: int = signal.SIGKILL) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
 
 
 # -- trainctl -------------------------------------------------------------------------------
@@ -191,7 +175,7 @@ def trainctl_run(work: Path, fault: str, run: int, reference: str | None) -> dic
     ok = proc.returncode == 0 and latency is not None
     if reference is not None:
         ok = ok and fingerprint == reference
-    kill_all(tagged("TRAINCTL_JOB_ID", job))
+    proctree.signal_all(proctree.tagged("TRAINCTL_JOB_ID", job), signal.SIGKILL)
     return {"ok": ok, "latency_s": latency, "exit": proc.returncode, "fingerprint": fingerprint}
 
 
@@ -252,8 +236,8 @@ def torchrun_agent(
 
 
 def node_pids(run: str, node: str) -> list[int]:
-    on_node = set(tagged("BENCH_NODE", node))
-    return [pid for pid in tagged("BENCH_RUN", run) if pid in on_node]
+    on_node = set(proctree.tagged("BENCH_NODE", node))
+    return [pid for pid in proctree.tagged("BENCH_RUN", run) if pid in on_node]
 
 
 def worker_of(run: str, node: str) -> int | None:
@@ -288,7 +272,7 @@ def torchrun_run(work: Path, scenario: str, tuned: bool, run: int) -> dict[str, 
             os.kill(worker, signal.SIGKILL)
             survivors = agents
         else:
-            kill_all(node_pids(name, "b"))
+            proctree.signal_all(node_pids(name, "b"), signal.SIGKILL)
             survivors = agents[:1]
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while time.monotonic() < deadline and any(a.poll() is None for a in survivors):
@@ -300,7 +284,7 @@ def torchrun_run(work: Path, scenario: str, tuned: bool, run: int) -> dict[str, 
         result["ok"] = all(c == 0 for c in codes) and reached >= MAX_STEPS
         return result
     finally:
-        kill_all(tagged("BENCH_RUN", name))
+        proctree.signal_all(proctree.tagged("BENCH_RUN", name), signal.SIGKILL)
         for agent in agents:
             with contextlib.suppress(Exception):
                 agent.wait(timeout=5)
@@ -360,8 +344,11 @@ def trainctl_goodput(work: Path, minutes: float, every_s: float) -> dict[str, An
             if time.time() >= next_failure:
                 state = json.loads((storage / "jobs" / job / "state.json").read_text())
                 victim = state["attempts"][-1]["nodes"][-1]
-                on_node = set(tagged("TRAINCTL_NODE", victim))
-                kill_all([p for p in tagged("TRAINCTL_JOB_ID", job) if p in on_node])
+                on_node = set(proctree.tagged("TRAINCTL_NODE", victim))
+                proctree.signal_all(
+                    [p for p in proctree.tagged("TRAINCTL_JOB_ID", job) if p in on_node],
+                    signal.SIGKILL,
+                )
                 failures += 1
                 next_failure += every_s
         ended = time.time()
@@ -369,7 +356,7 @@ def trainctl_goodput(work: Path, minutes: float, every_s: float) -> dict[str, An
         proc.send_signal(signal.SIGINT)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=30)
-        kill_all(tagged("TRAINCTL_JOB_ID", job))
+        proctree.signal_all(proctree.tagged("TRAINCTL_JOB_ID", job), signal.SIGKILL)
     return {**goodput_figure(log, started, ended), "failures": failures}
 
 
@@ -388,7 +375,7 @@ def torchrun_goodput(work: Path, minutes: float, every_s: float) -> dict[str, An
         while time.time() < end:
             time.sleep(0.2)
             if time.time() >= next_failure:
-                kill_all(node_pids(name, "b"))
+                proctree.signal_all(node_pids(name, "b"), signal.SIGKILL)
                 b.wait()
                 failures += 1
                 # a replacement node joins at once (as a scheduler would provide)
@@ -396,7 +383,7 @@ def torchrun_goodput(work: Path, minutes: float, every_s: float) -> dict[str, An
                 next_failure += every_s
         ended = time.time()
     finally:
-        kill_all(tagged("BENCH_RUN", name))
+        proctree.signal_all(proctree.tagged("BENCH_RUN", name), signal.SIGKILL)
         for agent in (a, b):
             with contextlib.suppress(Exception):
                 agent.wait(timeout=5)

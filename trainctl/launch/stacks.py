@@ -41,16 +41,6 @@ class WorkerProcess:
     local_rank: int
 
 
-def _environ(pid: int) -> dict[str, str]:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as handle:
-            raw = handle.read().split(b"\0")
-    except OSError:
-        return {}
-    pairs = (item.decode(errors="replace").partition("=") for item in raw if b"=" in item)
-    return {key: value for key, _, value in pairs}
-
-
 def _parent(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:

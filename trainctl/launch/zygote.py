@@ -31,6 +31,8 @@ import sys
 import traceback
 from typing import Any
 
+from trainctl.launch import proctree
+
 PREIMPORTS = (
     "torch",
     "torch.distributed",
@@ -70,15 +72,13 @@ def worker_identity(pid: int) -> tuple[int, int] | None:
     if named:
         return int(named[1]), int(named[2])
     try:
-        with open(f"/proc/{pid}/environ", "rb") as handle:
-            raw = handle.read().split(b"\0")
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
             cmdline = handle.read()
     except OSError:
         return None
     if b"trainctl.launch.shim" in cmdline or b"torch.distributed.run" in cmdline:
         return None
-    env = dict(item.decode(errors="replace").partition("=")[::2] for item in raw if b"=" in item)
+    env = proctree.environ(pid)
     if "RANK" not in env or "LOCAL_RANK" not in env:
         return None
     return int(env["RANK"]), int(env["LOCAL_RANK"])
