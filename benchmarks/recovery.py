@@ -292,15 +292,24 @@ def torchrun_run(work: Path, scenario: str, tuned: bool, run: int) -> dict[str, 
 
 # -- goodput ----------------------------------------------------------------------------------
 def goodput_figure(log: Path, started: float, ended: float) -> dict[str, Any]:
-    rows = [r for r in read_steps(log) if started <= r[0] <= ended]
+    """Goodput, and where the rest of the wall time went (from the step log alone).
+
+    wall = startup (launch → first step) + consecutive step intervals + restart gaps + tail;
+    `step_excess_s` is what consecutive intervals took beyond the median step (checkpoint
+    stalls, noise, CPU taken by anything else), `replayed_steps` the work redone after restores.
+    """
+    rows = sorted(r for r in read_steps(log) if started <= r[0] <= ended)
     if len(rows) < 3:
         return {"goodput": 0.0, "steps": 0, "median_step_s": None, "wall_s": ended - started}
-    by_pid: dict[int, list[tuple[float, int]]] = {}
-    for t, pid, step in rows:
-        by_pid.setdefault(pid, []).append((t, step))
-    deltas = []
-    for series in by_pid.values():
-        deltas += [b[0] - a[0] for a, b in itertools.pairwise(series) if b[1] == a[1] + 1]
+    deltas: list[float] = []
+    gaps: list[float] = []
+    replayed = 0
+    for (t0, pid0, step0), (t1, pid1, step1) in itertools.pairwise(rows):
+        if pid1 == pid0 and step1 == step0 + 1:
+            deltas.append(t1 - t0)
+        else:
+            gaps.append(t1 - t0)
+            replayed += max(0, step0 - step1 + 1)
     median = statistics.median(deltas)
     steps = max(step for _, _, step in rows)
     wall = ended - started
@@ -308,7 +317,13 @@ def goodput_figure(log: Path, started: float, ended: float) -> dict[str, Any]:
         "goodput": steps * median / wall,
         "steps": steps,
         "median_step_s": median,
+        "mean_step_s": statistics.fmean(deltas),
         "wall_s": wall,
+        "startup_s": rows[0][0] - started,
+        "step_excess_s": sum(deltas) - len(deltas) * median,
+        "restart_gaps_s": [round(g, 3) for g in gaps],
+        "replayed_steps": replayed,
+        "tail_s": ended - rows[-1][0],
     }
 
 
@@ -435,14 +450,26 @@ def main() -> int:
     parser.add_argument(
         "--goodput-only", action="store_true", help="skip the latency runs (figures: goodput)"
     )
+    parser.add_argument(
+        "--trainctl-goodput-only",
+        action="store_true",
+        help="goodput: skip plain torchrun (for breaking down trainctl's own losses)",
+    )
+    parser.add_argument(
+        "--work", type=Path, help="keep stores and logs here (default: a deleted temp dir)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     CHECKPOINT["interval_steps"] = args.checkpoint_interval
 
     figures: dict[str, Any] = {"targets": TARGETS, "settings": vars(args)}
-    with tempfile.TemporaryDirectory(prefix="trainctl-recovery-") as tmp:
-        work = Path(tmp)
-        (work / "store").mkdir()
+    with contextlib.ExitStack() as stack:
+        if args.work is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="trainctl-rec-")))
+        else:
+            work = args.work.resolve()
+            work.mkdir(parents=True, exist_ok=True)
+        (work / "store").mkdir(exist_ok=True)
         print("reference run (uninterrupted)...", file=sys.stderr, flush=True)
         reference = trainctl_reference(work)
         latency: dict[str, dict[str, Any]] = {}
@@ -475,9 +502,10 @@ def main() -> int:
         if args.goodput_minutes > 0:
             print(f"goodput, {args.goodput_minutes:g} min each:", file=sys.stderr, flush=True)
             goodput["trainctl"] = trainctl_goodput(work, args.goodput_minutes, args.failure_every)
-            goodput["torchrun_tuned"] = torchrun_goodput(
-                work, args.goodput_minutes, args.failure_every
-            )
+            if not args.trainctl_goodput_only:
+                goodput["torchrun_tuned"] = torchrun_goodput(
+                    work, args.goodput_minutes, args.failure_every
+                )
         figures["goodput"] = goodput
 
     tc = latency
@@ -492,7 +520,7 @@ def main() -> int:
     figures["targets_met"] = all(met.values())
 
     if args.json:
-        print(json.dumps(figures, indent=2))
+        print(json.dumps(figures, indent=2, default=str))
         return 0
     print(f"{'failure':<14}{'contender':<20}{'success':>10}{'median kill->step':>20}{'target':>10}")
     for scenario in tc:
@@ -510,6 +538,14 @@ def main() -> int:
             target = f"{'≥ 95%':>10}" if contender == "trainctl" else ""
             share = f"{row['goodput'] * 100:>9.1f}%"
             print(f"{contender:<34}{share}{row['steps']:>8}{row['failures']:>10}{target}")
+            if row["median_step_s"] is not None:
+                print(
+                    f"  wall {row['wall_s']:.1f} s: startup {row['startup_s']:.1f} s, step "
+                    f"median {row['median_step_s'] * 1e3:.1f} ms (mean "
+                    f"{row['mean_step_s'] * 1e3:.1f} ms, excess {row['step_excess_s']:.1f} s), "
+                    f"restart gaps {sum(row['restart_gaps_s']):.1f} s, "
+                    f"{row['replayed_steps']} steps replayed"
+                )
     missed = ", ".join(k for k, v in met.items() if not v) or "none missed"
     print(f"\ntargets met: {figures['targets_met']} ({missed})")
     return 0

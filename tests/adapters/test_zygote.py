@@ -24,6 +24,9 @@ if mode == "exit":
     sys.exit(int(sys.argv[2]))
 if mode == "raise":
     raise ValueError("boom")
+if mode == "threads":
+    import torch
+    print("threads", torch.get_num_threads(), flush=True)
 if mode == "wait":
     open(sys.argv[2], "w").write(str(os.getpid()))
     time.sleep(60)
@@ -47,11 +50,15 @@ def zygote(tmp_path: Path) -> Iterator[str]:
         process.wait()
 
 
-def shim(zygote: str, tmp_path: Path, *args: str, wait: bool = True) -> subprocess.Popen[str]:
+def shim(
+    zygote: str | None, tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     script = tmp_path / "work" / "script.py"
     script.parent.mkdir(exist_ok=True)
     script.write_text(SCRIPT)
-    env = {**os.environ, ZYGOTE_ENV: zygote, "RANK": "3", "LOCAL_RANK": "1"}
+    env = {**(os.environ if env is None else env), "RANK": "3", "LOCAL_RANK": "1"}
+    if zygote is not None:
+        env[ZYGOTE_ENV] = zygote
     return subprocess.Popen(
         [sys.executable, "-m", "trainctl.launch.shim", str(script), *args],
         env=env,
@@ -69,6 +76,21 @@ def test_worker_runs_with_the_shims_argv_env_cwd_and_stdio(zygote: str, tmp_path
     assert proc.returncode == 7
     assert "argv ['exit', '7'] rank 3 cwd " + str(tmp_path) in out
     assert f"path0 {tmp_path / 'work'}" in out  # the script's directory, as `python script.py`
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("omp", [None, "1"])
+def test_worker_gets_the_torch_threads_a_cold_start_would(
+    zygote: str, tmp_path: Path, omp: str | None
+) -> None:
+    # The zygote imports torch with one thread; a worker must not inherit that silently.
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if omp is not None:
+        env["OMP_NUM_THREADS"] = omp
+    cold, _ = shim(None, tmp_path, "threads", env=env).communicate(timeout=60)
+    warm, _ = shim(zygote, tmp_path, "threads", env=env).communicate(timeout=60)
+    assert "threads " in cold
+    assert warm.splitlines()[-1] == cold.splitlines()[-1]
 
 
 @pytest.mark.timeout(60)

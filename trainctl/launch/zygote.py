@@ -84,6 +84,28 @@ def worker_identity(pid: int) -> tuple[int, int] | None:
     return int(env["RANK"]), int(env["LOCAL_RANK"])
 
 
+def torch_threads(env: dict[str, str]) -> int:
+    """The intra-op thread count a worker started the stock way would get.
+
+    OMP_NUM_THREADS when the environment sets it (torchrun does when a node runs more than one
+    worker), otherwise one per CPU the process may run on, as torch's OpenMP default is.
+    """
+    threads = env.get("OMP_NUM_THREADS", "").strip()
+    if threads.isdigit() and int(threads) > 0:
+        return int(threads)
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def _set_torch_threads(env: dict[str, str]) -> None:
+    # The zygote imported torch with one thread (no pool may exist before a fork): give the
+    # worker what it would have had, or it silently computes on one core.
+    import torch
+
+    wanted = torch_threads(env)
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
+
+
 def run_worker(request: dict[str, Any]) -> int:
     """In the forked child: become the worker the shim described, run it, return its code."""
     env = {str(k): str(v) for k, v in request["env"].items()}
@@ -97,11 +119,7 @@ def run_worker(request: dict[str, Any]) -> int:
     import random
 
     random.seed()  # every child would otherwise share the zygote's Python RNG state
-    threads = env.get("OMP_NUM_THREADS", "")
-    if threads.isdigit() and int(threads) > 1:
-        import torch
-
-        torch.set_num_threads(int(threads))
+    _set_torch_threads(env)
     script = argv[0]
     sys.argv = argv
     sys.path[0] = os.path.dirname(os.path.abspath(script))
