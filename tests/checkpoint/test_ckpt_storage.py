@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import os
+import zlib
 from typing import Any
 
 import pytest
@@ -64,6 +66,13 @@ def test_s3_upload_is_multipart_and_memory_is_bounded(s3: Any) -> None:
     # the object's ETag says how many parts it was uploaded in ("<md5>-<parts>")
     head = s3.client().head_object(Bucket=s3.bucket, Key="p/big")
     assert head["ETag"].strip('"').endswith("-5")
+    # the store keeps the composite of the part CRCs trainctl sent (no checksum of its own)
+    head = s3.client().head_object(Bucket=s3.bucket, Key="p/big", ChecksumMode="ENABLED")
+    part_crcs = b"".join(
+        zlib.crc32(data[o : o + PART]).to_bytes(4, "big") for o in range(0, len(data), PART)
+    )
+    composite = base64.b64encode(zlib.crc32(part_crcs).to_bytes(4, "big")).decode()
+    assert head["ChecksumCRC32"].split("-")[0] == composite  # S3 appends "-<parts>"
     assert storage.buffers.allocated_bytes <= 2 * PART
     # a second object reuses the same buffers: no growth
     _write_in_pieces(storage, "big2", data, piece=3 * MIB)
@@ -85,6 +94,36 @@ def test_corruption_and_truncation_are_detected(storage_root: Any) -> None:
     storage.put("obj", data[:-1])
     with pytest.raises(CorruptObjectError, match="size"):
         storage.read("obj", record=record)
+    storage.close()
+
+
+def test_span_reads_verify_as_the_reader_advances(storage_root: Any) -> None:
+    # What a restore does: start a span, consume its front while the rest is fetched.
+    storage = _open(storage_root, concurrency=2)
+    data = os.urandom(3 * PART + 4321)
+    record = _write_in_pieces(storage, "obj", data).to_record("obj", rank=0)
+    span = storage.read_span("obj", PART + 7, 3 * PART + 10, record)
+    assert (span.first, span.last) == (PART, len(data))  # widened to whole blocks
+    span.ready(2 * PART)
+    assert bytes(span.data[:PART]) == data[PART : 2 * PART]
+    span.ready(span.last)
+    assert bytes(span.data) == data[PART:]
+
+    corrupted = bytearray(data)
+    corrupted[2 * PART + 3] ^= 0xFF  # block 2
+    storage.put("obj", bytes(corrupted))
+    span = storage.read_span("obj", 0, len(data), record)
+    span.ready(2 * PART)  # the blocks before the damage are served
+    assert bytes(span.data[: 2 * PART]) == data[: 2 * PART]
+    with pytest.raises(CorruptObjectError, match="block 2"):
+        span.ready(2 * PART + 1)
+    span.cancel()
+
+    storage.put("obj", data[:-1])
+    with pytest.raises(CorruptObjectError, match="size"):
+        storage.read_span("obj", 0, 10, record)
+    with pytest.raises(FileNotFoundError):
+        storage.read_span("missing", 0, 10, None)
     storage.close()
 
 

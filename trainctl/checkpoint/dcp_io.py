@@ -29,26 +29,34 @@ from torch.distributed.checkpoint.filesystem import (
     FileSystemReader,
     FileSystemWriter,
 )
-from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+from torch.distributed.checkpoint.planner import (
+    LoadPlan,
+    LoadPlanner,
+    SavePlan,
+    SavePlanner,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from trainctl.checkpoint.layout import join
 from trainctl.checkpoint.manifest import Manifest
-from trainctl.checkpoint.storage import ObjectWriter, Storage, WrittenObject
+from trainctl.checkpoint.storage import ObjectWriter, SpanRead, Storage, WrittenObject
 
 
-class _BufferReader(io.RawIOBase):
-    """A seekable read-only stream over bytes already in memory (no copy).
+class _SpanReader(io.RawIOBase):
+    """A seekable read-only stream over a `SpanRead` (no copy).
 
-    `base` is the object offset of the first byte held, so DCP's absolute seeks into the object
-    land in the right place when only a span of it was fetched.
+    Reads block until the bytes they cover have arrived and been verified, so DCP deserialises
+    the front of a shard while the rest is still downloading. DCP seeks use object offsets;
+    the span may start past 0 when only part of the object was fetched.
     """
 
-    def __init__(self, data: memoryview, base: int = 0) -> None:
+    def __init__(self, span: SpanRead) -> None:
         super().__init__()
-        self._data = data
-        self._base = base
-        self._position = base
+        self._span = span
+        self._position = span.first
 
     def readable(self) -> bool:
         return True
@@ -65,15 +73,17 @@ class _BufferReader(io.RawIOBase):
         elif whence == io.SEEK_CUR:
             self._position += offset
         else:
-            self._position = self._base + len(self._data) + offset
+            self._position = self._span.last + offset
         return self._position
 
     def readinto(self, buffer: Any) -> int:
-        start = self._position - self._base
+        start = self._position - self._span.first
         if start < 0:
-            raise OSError(f"read at {self._position} before the fetched span at {self._base}")
-        chunk = self._data[start : start + len(memoryview(buffer))]
-        memoryview(buffer).cast("B")[: len(chunk)] = chunk
+            raise OSError(f"read at {self._position} before the fetched span at {self._span.first}")
+        target = memoryview(buffer).cast("B")
+        self._span.ready(self._position + len(target))
+        chunk = self._span.data[start : start + len(target)]
+        target[: len(chunk)] = chunk
         self._position += len(chunk)
         return len(chunk)
 
@@ -89,7 +99,7 @@ class StorageFileSystem(FileSystemBase):
         self.storage = storage
         self.manifest = manifest
         self._written: dict[str, WrittenObject] = {}
-        self._spans: dict[str, tuple[int, memoryview]] = {}
+        self._spans: dict[str, SpanRead] = {}
         self._lock = threading.Lock()  # DCP may write files from several threads
 
     def written_objects(self) -> dict[str, WrittenObject]:
@@ -122,23 +132,22 @@ class StorageFileSystem(FileSystemBase):
             span = self._spans.get(key)
         if span is None:
             # A whole-object read (DCP's .metadata): verified when a manifest is known.
-            span = (0, self.storage.read(key, record=self._record(key)))
-        yield _BufferReader(span[1], base=span[0])
+            span = SpanRead.complete(key, 0, self.storage.read(key, record=self._record(key)))
+        yield _SpanReader(span)
 
     def prefetch(self, path: str, start: int, end: int) -> None:
-        """Fetch ``[start, end)`` of an object (block-aligned, concurrent, verified) for the
-        reads DCP is about to make; `release` drops it."""
+        """Start fetching ``[start, end)`` of an object (block-aligned, concurrent, verified as
+        it is read) for the reads DCP is about to make; `release` drops it."""
         key = self.storage.key_of(path)
-        record = self._record(key)
-        if record is not None:
-            start, end = record.block_range(start, end)
-        data = self.storage.read(key, start, end, record=record)
+        span = self.storage.read_span(key, start, end, self._record(key))
         with self._lock:
-            self._spans[key] = (start, data)
+            self._spans[key] = span
 
     def release(self, path: str) -> None:
         with self._lock:
-            self._spans.pop(self.storage.key_of(path), None)
+            span = self._spans.pop(self.storage.key_of(path), None)
+        if span is not None:
+            span.cancel()  # a failed load must not leave ranged GETs running
 
     def concat_path(self, path: str | os.PathLike[str], suffix: str) -> str:
         return join(os.fspath(path), suffix)
@@ -203,13 +212,32 @@ class StorageWriter(FileSystemWriter):
     def file_system(self) -> StorageFileSystem:
         return cast(StorageFileSystem, self.fs)
 
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        # Small items first: DCP saves a replicated item (optimizer `step` scalars, param
+        # groups) once, in one rank's file, interleaved with that rank's shards. Every other
+        # rank loads them, and a verified read is whole blocks, so scattered they make each
+        # rank fetch nearly all of another rank's file. Together at the head of the file they
+        # cost one block.
+        ordered = sorted(plan.items, key=_write_size)
+        return super().write_data(dataclasses.replace(plan, items=ordered), planner)
+
+
+def _write_size(item: WriteItem) -> int:
+    """Bytes an item takes (0 for serialised objects: small by nature)."""
+    if item.type == WriteItemType.BYTE_IO or item.tensor_data is None:
+        return 0
+    numel = 1
+    for dim in item.tensor_data.size:
+        numel *= dim
+    return numel * item.tensor_data.properties.dtype.itemsize
+
 
 class StorageReader(FileSystemReader):
     """DCP reader for one step directory; verifies against `manifest` when one is given.
 
     Each shard file is fetched once, as the smallest block-aligned span covering the items this
     rank loads (a resharding load reads only part of other ranks' files), with concurrent ranged
-    reads; the next file is fetched while the current one is deserialised.
+    reads that all start at once; items are deserialised as their bytes arrive.
     """
 
     def __init__(self, path: str, storage: Storage, manifest: Manifest | None = None) -> None:
@@ -234,31 +262,25 @@ class StorageReader(FileSystemReader):
             items.setdefault(info.relative_path, []).append(item)
 
         fs = self.file_system
-        paths = list(spans)
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(1, thread_name_prefix="trainctl-prefetch") as prefetcher:
-            pending = None
-            for index, relative_path in enumerate(paths):
-                url = fs.concat_path(self.path, relative_path)
-                if pending is None:
-                    fs.prefetch(url, *spans[relative_path])
-                else:
-                    pending.result()
-                if index + 1 < len(paths):
-                    next_path = paths[index + 1]
-                    next_url = fs.concat_path(self.path, next_path)
-                    pending = prefetcher.submit(fs.prefetch, next_url, *spans[next_path])
-                else:
-                    pending = None
-                try:
-                    super().read_data(
-                        dataclasses.replace(plan, items=items[relative_path]), planner
-                    )
-                finally:
-                    fs.release(url)
-            if pending is not None:
-                pending.result()
+        urls = [(path, fs.concat_path(self.path, path)) for path in spans]
+        # Two spans in flight at most (memory: the file being deserialised and the next one);
+        # their ranged reads share the storage's concurrency first come, first served, and
+        # each file's items are deserialised in offset order as their bytes arrive.
+        try:
+            for index, (path, url) in enumerate(urls):
+                if index == 0:
+                    fs.prefetch(url, *spans[path])
+                if index + 1 < len(urls):
+                    ahead, ahead_url = urls[index + 1]
+                    fs.prefetch(ahead_url, *spans[ahead])
+                ordered = sorted(
+                    items[path], key=lambda i: self.storage_data[i.storage_index].offset
+                )
+                super().read_data(dataclasses.replace(plan, items=ordered), planner)
+                fs.release(url)
+        finally:
+            for _, url in urls:
+                fs.release(url)
         done: Future[None] = Future()
         done.set_result(None)
         return done

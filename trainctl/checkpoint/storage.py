@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,66 @@ class PendingUpload:
     key: str
     upload_id: str
     initiated: str
+
+
+class SpanRead:
+    """Bytes ``[first, last)`` of one object, fetched in the background in chunks.
+
+    `ready(end)` blocks until ``[first, end)`` has arrived (and, with a manifest record, been
+    verified), so a consumer can deserialise the front of a span while the rest downloads.
+    `data` is the whole span's buffer; only the part `ready` returned for may be read.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        first: int,
+        data: memoryview,
+        chunks: list[tuple[int, int, Future[None] | None]],
+        record: ObjectRecord | None,
+    ) -> None:
+        self.key = key
+        self.first = first
+        self.data = data
+        self._chunks = chunks  # (start, end, fetch) in object offsets; None: already present
+        self._record = record
+        self._verified = first  # every byte before this one arrived and was verified
+        self._next = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def complete(cls, key: str, first: int, data: memoryview) -> SpanRead:
+        """A span already in memory (and verified, if it had to be)."""
+        span = cls(key, first, data, [], None)
+        span._verified = first + len(data)
+        return span
+
+    @property
+    def last(self) -> int:
+        return self.first + len(self.data)
+
+    def ready(self, end: int) -> None:
+        """Block until bytes ``[first, end)`` are in `data` and verified; raise what a fetch
+        raised (CorruptObjectError, FileNotFoundError, StorageError...)."""
+        end = min(end, self.last)
+        with self._lock:  # one verifier at a time; chunks are verified in order
+            while self._verified < end:
+                start, stop, fetch = self._chunks[self._next]
+                if fetch is not None:
+                    fetch.result()
+                if self._record is not None:
+                    view = self.data[start - self.first : stop - self.first]
+                    problems = self._record.verify_range(start, view)
+                    if problems:
+                        raise CorruptObjectError(self.key, problems)
+                self._verified = stop
+                self._next += 1
+
+    def cancel(self) -> None:
+        """Stop fetching what has not arrived (a reader gave up on the span)."""
+        for _, _, fetch in self._chunks:
+            if fetch is not None:
+                fetch.cancel()
 
 
 class ObjectWriter(ABC):
@@ -225,6 +287,17 @@ class Storage(ABC):
         FileNotFoundError when the object does not exist.
         """
 
+    def read_span(self, key: str, start: int, end: int, record: ObjectRecord | None) -> SpanRead:
+        """Start reading ``[start, end)`` of `key` (block-aligned outward with a `record`).
+
+        The default reads it all before returning; backends with slow reads override it to
+        fetch in the background (`SpanRead.ready`). Raises FileNotFoundError when the object
+        does not exist and CorruptObjectError on a size mismatch, here or from `ready`.
+        """
+        first, last = record.block_range(start, end) if record else (start, end)
+        data = self.read(key, first, last, record=record)
+        return SpanRead.complete(key, first, data)
+
     @abstractmethod
     def size(self, key: str) -> int | None:
         """Size of `key`, or None when it does not exist."""
@@ -311,6 +384,10 @@ class InjectedOutage(Storage):
     ) -> memoryview:
         self._check()
         return self.inner.read(key, start, end, record)
+
+    def read_span(self, key: str, start: int, end: int, record: ObjectRecord | None) -> SpanRead:
+        self._check()
+        return self.inner.read_span(key, start, end, record)
 
     def size(self, key: str) -> int | None:
         self._check()

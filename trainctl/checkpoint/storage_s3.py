@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
@@ -18,6 +19,7 @@ from trainctl.checkpoint.storage import (
     CorruptObjectError,
     ObjectWriter,
     PendingUpload,
+    SpanRead,
     Storage,
     TransferConfig,
     WrittenObject,
@@ -86,6 +88,7 @@ class _S3Writer(ObjectWriter):
         self._filled = 0
         self._upload_id: str | None = None
         self._parts: list[Future[dict[str, Any]]] = []
+        self._part_crcs: list[str] = []
 
     def _write(self, view: memoryview) -> None:
         part_size = self._storage.config.part_size
@@ -104,8 +107,14 @@ class _S3Writer(ObjectWriter):
         assert self._buffer is not None
         self._raise_failed_part()
         if self._upload_id is None:
+            # Declaring CRC-32 makes the object's checksum the composite of the part CRCs that
+            # are sent anyway (without it S3 and S3-compatible stores compute a full-object
+            # checksum of their own over every byte again when the upload completes).
             response = self._storage.call(
-                "create_multipart_upload", Bucket=self._bucket, Key=self._s3_key
+                "create_multipart_upload",
+                Bucket=self._bucket,
+                Key=self._s3_key,
+                ChecksumAlgorithm="CRC32",
             )
             self._upload_id = str(response["UploadId"])
         if len(self._parts) >= S3_MAX_PARTS:
@@ -117,7 +126,8 @@ class _S3Writer(ObjectWriter):
         # is the block just completed: S3 checks it on arrival (x-amz-checksum-crc32) and
         # botocore does not compute it again.
         # (`write` feeds the checksum before `_write`, so the block is complete here.)
-        crc = self._checksum.block_crc(number - 1)
+        crc = base64.b64encode(self._checksum.block_crc(number - 1).to_bytes(4, "big")).decode()
+        self._part_crcs.append(crc)
         body_view = memoryview(buffer)[:filled]
         storage = self._storage
 
@@ -128,7 +138,7 @@ class _S3Writer(ObjectWriter):
                 Key=self._s3_key,
                 UploadId=self._upload_id,
                 PartNumber=number,
-                ChecksumCRC32=base64.b64encode(crc.to_bytes(4, "big")).decode(),
+                ChecksumCRC32=crc,
                 # A fresh body per attempt: streamed from the pooled buffer in slices.
                 body_factory=lambda: _part_body(body_view),
             )
@@ -155,7 +165,13 @@ class _S3Writer(ObjectWriter):
             etags = []
             for number, future in enumerate(self._parts, start=1):
                 response = future.result()
-                etags.append({"PartNumber": number, "ETag": response["ETag"]})
+                etags.append(
+                    {
+                        "PartNumber": number,
+                        "ETag": response["ETag"],
+                        "ChecksumCRC32": self._part_crcs[number - 1],
+                    }
+                )
             self._storage.call(
                 "complete_multipart_upload",
                 Bucket=self._bucket,
@@ -296,22 +312,52 @@ class S3Storage(Storage):
             self._verify(key, first, view, record)
         return view[start - first : end - first]
 
+    def read_span(self, key: str, start: int, end: int, record: ObjectRecord | None) -> SpanRead:
+        """Ranged GETs for ``[start, end)`` start now, in order, sharing the storage's
+        `concurrency` with every other read; `SpanRead.ready` waits (and verifies) up to a
+        point, so the front of the span can be used while the rest is in flight."""
+        size = self.size(key)
+        if size is None:
+            raise FileNotFoundError(self.url(key))
+        if record is not None and size != record.size:
+            raise CorruptObjectError(key, [f"size {size} != recorded {record.size}"])
+        first, last = record.block_range(start, end) if record else (start, min(end, size))
+        last = min(last, size)
+        view = memoryview(bytearray(max(0, last - first)))
+        chunk = record.block_size if record else self.config.part_size
+        bucket, s3_key = self.bucket_key(key)
+        chunks: list[tuple[int, int, Future[None] | None]] = []
+        for offset in range(first, last, chunk):
+            stop = min(offset + chunk, last)
+            fetch = self.submit(
+                functools.partial(self._fetch_range, bucket, s3_key, offset, stop, view, first)
+            )
+            chunks.append((offset, stop, fetch))
+        return SpanRead(key, first, view, chunks, record)
+
+    def _reads(self) -> asyncio.Semaphore:
+        # Created on first use from the I/O loop (asyncio primitives bind to the running loop).
+        if self._read_limit is None:
+            self._read_limit = asyncio.Semaphore(self.config.concurrency)
+        return self._read_limit
+
+    async def _fetch_range(
+        self, bucket: str, s3_key: str, start: int, end: int, view: memoryview, base: int
+    ) -> None:
+        async with self._reads():  # FIFO: ranges are served in the order they were asked for
+            response = await self.call_async(
+                "get_object", Bucket=bucket, Key=s3_key, Range=f"bytes={start}-{end - 1}"
+            )
+            got = await _read_body_into(response["Body"], view[start - base : end - base])
+        if got != end - start:
+            raise CorruptObjectError(s3_key, [f"range {start}..{end} returned {got} bytes"])
+
     async def _read_ranges(
         self, bucket: str, s3_key: str, ranges: list[tuple[int, int]], view: memoryview, base: int
     ) -> None:
-        limit = asyncio.Semaphore(self.config.concurrency)
-
-        async def fetch(byte_range: tuple[int, int]) -> None:
-            start, end = byte_range
-            async with limit:
-                response = await self.call_async(
-                    "get_object", Bucket=bucket, Key=s3_key, Range=f"bytes={start}-{end - 1}"
-                )
-                got = await _read_body_into(response["Body"], view[start - base : end - base])
-            if got != end - start:
-                raise CorruptObjectError(s3_key, [f"range {start}..{end} returned {got} bytes"])
-
-        await asyncio.gather(*(fetch(r) for r in ranges))
+        await asyncio.gather(
+            *(self._fetch_range(bucket, s3_key, start, end, view, base) for start, end in ranges)
+        )
 
     def size(self, key: str) -> int | None:
         bucket, s3_key = self.bucket_key(key)
