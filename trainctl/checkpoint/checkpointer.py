@@ -45,7 +45,7 @@ from trainctl.checkpoint.inspect import (
     check_step_listing_in,
     gc_in,
     read_manifest_in,
-    scan_steps_in,
+    step_numbers_in,
 )
 from trainctl.checkpoint.layout import manifest_key, step_key
 from trainctl.checkpoint.manifest import Manifest, ManifestError, ObjectRecord, validate_objects
@@ -385,19 +385,11 @@ class Checkpointer:
         load had already written part of `state`.
         """
         self.wait()
-        candidates = self._broadcast(
-            [(info.step, info.committed, info.problem) for info in scan_steps_in(self.storage)]
-            if self.rank == 0
-            else None
-        )
+        # Newest first, one manifest read per step tried: one LIST here, not a manifest read
+        # for every step retained.
+        candidates = self._broadcast(step_numbers_in(self.storage) if self.rank == 0 else None)
         touched = False
-        for step, committed, problem in sorted(candidates, reverse=True):
-            if not committed:
-                self._emit(
-                    RESTORE_SKIPPED,
-                    {"step": step, "reason": problem or "no manifest: the save never committed"},
-                )
-                continue
+        for step in sorted(candidates, reverse=True):
             checked = self._broadcast(self._check_step(step) if self.rank == 0 else None)
             if isinstance(checked, str):
                 self._emit(RESTORE_SKIPPED, {"step": step, "reason": checked})

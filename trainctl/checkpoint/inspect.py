@@ -86,13 +86,17 @@ def read_manifest_in(storage: Storage, step: int) -> Manifest:
     return Manifest.from_json(bytes(storage.read(manifest_key(step))))
 
 
+def step_numbers_in(storage: Storage) -> list[int]:
+    """The steps that have a directory under the storage root (committed or not), ascending."""
+    return sorted(
+        step for step in (parse_step_dir(name) for name in storage.list_dirs()) if step is not None
+    )
+
+
 def scan_steps_in(storage: Storage) -> list[StepInfo]:
     """Every step directory under the storage root, oldest first, with its commit state."""
     infos = []
-    for name in storage.list_dirs():
-        step = parse_step_dir(name)
-        if step is None:
-            continue
+    for step in step_numbers_in(storage):
         try:
             manifest = read_manifest_in(storage, step)
         except FileNotFoundError:

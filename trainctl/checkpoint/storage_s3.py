@@ -294,6 +294,10 @@ class S3Storage(Storage):
     def read(
         self, key: str, start: int = 0, end: int | None = None, record: ObjectRecord | None = None
     ) -> memoryview:
+        if record is None and start == 0 and end is None:
+            # A small whole object (manifest, DCP's .metadata): one GET, no HEAD first.
+            bucket, s3_key = self.bucket_key(key)
+            return memoryview(self.submit(lambda: self._get_whole(bucket, s3_key)).result())
         size = self.size(key)
         if size is None:
             raise FileNotFoundError(self.url(key))
@@ -334,6 +338,15 @@ class S3Storage(Storage):
             )
             chunks.append((offset, stop, fetch))
         return SpanRead(key, first, view, chunks, record)
+
+    async def _get_whole(self, bucket: str, s3_key: str) -> bytearray:
+        async with self._reads():
+            response = await self.call_async("get_object", Bucket=bucket, Key=s3_key)
+            data = bytearray(int(response["ContentLength"]))
+            got = await _read_body_into(response["Body"], memoryview(data))
+        if got != len(data):
+            raise CorruptObjectError(s3_key, [f"GET returned {got} of {len(data)} bytes"])
+        return data
 
     def _reads(self) -> asyncio.Semaphore:
         # Created on first use from the I/O loop (asyncio primitives bind to the running loop).
