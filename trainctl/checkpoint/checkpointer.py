@@ -311,11 +311,12 @@ class Checkpointer:
     def _prepare_step(self, step: int) -> str:
         """Rank 0, before writing: refuse a committed step, clear an uncommitted leftover."""
         try:
-            if self.storage.size(manifest_key(step)) is not None:
+            listed = self.storage.list_objects(step_key(step))  # one request; LISTs are fresh
+            if manifest_key(step) in listed:
                 return "committed"
             # Objects without a manifest: a save of this step crashed earlier. Clear them, or a
             # smaller world size would leave stale shards of the larger one beside the new ones.
-            if self.storage.list_objects(step_key(step)):
+            if listed:
                 self.storage.delete_prefix(step_key(step))
             return "ok"
         except Exception as error:
