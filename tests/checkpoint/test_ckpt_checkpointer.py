@@ -92,6 +92,34 @@ def test_saves_commit_and_restore_the_newest(storage_root: Any) -> None:
     assert [(s.step, s.committed, s.world_size) for s in steps] == [(20, True, 1), (30, True, 1)]
 
 
+def test_plans_cached_across_saves_follow_a_state_that_changes_shape(tmp_path: Path) -> None:
+    # Saves reuse DCP's plan while the layout holds; a new tensor, a resized one or a second
+    # checkpointer in the same process must never be written with a stale plan.
+    root = (str(tmp_path / "a"), {})
+    grown = _state(3)
+    grown["model"]["new"] = torch.arange(1000.0)
+    resized = _state(4, numel=1234)
+    with _checkpointer(root) as first, _checkpointer((str(tmp_path / "b"), {})) as second:
+        for step, state in ((1, _state(1)), (2, _state(2)), (3, grown), (4, resized)):
+            assert first.save(step, state).result().committed
+            other = _state(100 + step, numel=999)
+            assert second.save(step, other).result().committed
+            for checkpointer, expected in ((first, state), (second, other)):
+                restored = {
+                    "model": {k: torch.zeros_like(v) for k, v in expected["model"].items()},
+                    "extra": {
+                        "step": -1,
+                        "rng": torch.zeros_like(expected["extra"]["rng"]),
+                        "tag": "",
+                        "pos": [],
+                    },
+                }
+                assert checkpointer.restore_latest(restored) == step
+                _assert_state_equal(expected, restored)
+                for name, tensor in expected["model"].items():
+                    assert torch.equal(restored["model"][name], tensor), name
+
+
 def test_a_committed_step_is_never_overwritten(storage_root: Any) -> None:
     events = Recorder()
     with _checkpointer(storage_root, on_event=events) as checkpointer:

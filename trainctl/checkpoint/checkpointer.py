@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,7 +41,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 import trainctl
-from trainctl.checkpoint.dcp_io import StorageReader, StorageWriter, writer_objects
+from trainctl.checkpoint.dcp_io import (
+    CachingSavePlanner,
+    StorageReader,
+    StorageWriter,
+    writer_objects,
+)
 from trainctl.checkpoint.inspect import (
     check_step_listing_in,
     gc_in,
@@ -165,6 +171,7 @@ class Checkpointer:
         self.rank = dist.get_rank(self._group) if self._group is not None else 0
         self.world_size = dist.get_world_size(self._group) if self._group is not None else 1
         self._stager = Stager(pin_memory=pin_memory)
+        self._plan_key = f"trainctl-checkpointer-{uuid.uuid4().hex}"
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="trainctl-ckpt-upload")
         self._pending: Future[SaveOutcome] | None = None
         self._last_committed: int | None = None
@@ -272,6 +279,7 @@ class Checkpointer:
         dcp.save(
             staged,
             storage_writer=writer,
+            planner=CachingSavePlanner(self._plan_key),
             process_group=self._group,
             no_dist=self._group is None,
         )
@@ -485,6 +493,7 @@ class Checkpointer:
             self._executor.shutdown(wait=True)
             self._stager.close()
             self.storage.close()
+            CachingSavePlanner.forget(self._plan_key)
 
     def __enter__(self) -> Checkpointer:
         return self
