@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
@@ -298,23 +299,14 @@ class S3Storage(Storage):
             # A small whole object (manifest, DCP's .metadata): one GET, no HEAD first.
             bucket, s3_key = self.bucket_key(key)
             return memoryview(self.submit(lambda: self._get_whole(bucket, s3_key)).result())
-        size = self.size(key)
-        if size is None:
-            raise FileNotFoundError(self.url(key))
-        end = size if end is None else min(end, size)
-        first, last = record.block_range(start, end) if record else (start, end)
-        last = min(last, size)
-        buffer = bytearray(max(0, last - first))
-        view = memoryview(buffer)
-        chunk = record.block_size if record else self.config.part_size
-        ranges = [(o, min(o + chunk, last)) for o in range(first, last, chunk)]
-        bucket, s3_key = self.bucket_key(key)
-        self.submit(lambda: self._read_ranges(bucket, s3_key, ranges, view, first)).result()
-        if record is not None:
-            if size != record.size:
-                raise CorruptObjectError(key, [f"size {size} != recorded {record.size}"])
-            self._verify(key, first, view, record)
-        return view[start - first : end - first]
+        span = self.read_span(key, start, sys.maxsize if end is None else end, record)
+        try:
+            span.ready(span.last)
+        except BaseException:
+            span.cancel()
+            raise
+        stop = span.last if end is None else min(end, span.last)
+        return span.data[start - span.first : max(start, stop) - span.first]
 
     def read_span(self, key: str, start: int, end: int, record: ObjectRecord | None) -> SpanRead:
         """Ranged GETs for ``[start, end)`` start now, in order, sharing the storage's
@@ -364,13 +356,6 @@ class S3Storage(Storage):
             got = await _read_body_into(response["Body"], view[start - base : end - base])
         if got != end - start:
             raise CorruptObjectError(s3_key, [f"range {start}..{end} returned {got} bytes"])
-
-    async def _read_ranges(
-        self, bucket: str, s3_key: str, ranges: list[tuple[int, int]], view: memoryview, base: int
-    ) -> None:
-        await asyncio.gather(
-            *(self._fetch_range(bucket, s3_key, start, end, view, base) for start, end in ranges)
-        )
 
     def size(self, key: str) -> int | None:
         bucket, s3_key = self.bucket_key(key)
