@@ -297,9 +297,9 @@ class StorageReader(FileSystemReader):
         # their ranged reads share the storage's concurrency first come, first served, and
         # each file's items are deserialised in offset order as their bytes arrive.
         try:
+            if urls:
+                fs.prefetch(urls[0][1], *spans[urls[0][0]])
             for index, (path, url) in enumerate(urls):
-                if index == 0:
-                    fs.prefetch(url, *spans[path])
                 if index + 1 < len(urls):
                     ahead, ahead_url = urls[index + 1]
                     fs.prefetch(ahead_url, *spans[ahead])
@@ -310,7 +310,7 @@ class StorageReader(FileSystemReader):
                 fs.release(url)
         finally:
             for _, url in urls:
-                fs.release(url)
+                fs.release(url)  # no-op for spans already released
         done: Future[None] = Future()
         done.set_result(None)
         return done

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -276,27 +277,33 @@ class Storage(ABC):
         """Write a small object in one call. `exclusive`: raise FileExistsError if it exists
         (atomically where the backend can: ``link`` locally, ``If-None-Match: *`` on S3)."""
 
-    @abstractmethod
     def read(
         self, key: str, start: int = 0, end: int | None = None, record: ObjectRecord | None = None
     ) -> memoryview:
-        """Bytes ``[start, end)`` of `key` (`end` None: to the end).
+        """Bytes ``[start, end)`` of `key` (`end` None: to the end): a `read_span` waited to its
+        end.
 
         With a `record`, the size is checked and the covering blocks are read and verified; a
-        mismatch raises CorruptObjectError. Raises
-        FileNotFoundError when the object does not exist.
+        mismatch raises CorruptObjectError. Raises FileNotFoundError when the object does not
+        exist.
         """
+        span = self.read_span(key, start, sys.maxsize if end is None else end, record)
+        try:
+            span.ready(span.last)
+        except BaseException:
+            span.cancel()
+            raise
+        stop = span.last if end is None else min(end, span.last)
+        return span.data[start - span.first : max(start, stop) - span.first]
 
+    @abstractmethod
     def read_span(self, key: str, start: int, end: int, record: ObjectRecord | None) -> SpanRead:
-        """Start reading ``[start, end)`` of `key` (block-aligned outward with a `record`).
+        """Start reading ``[start, end)`` of `key` (block-aligned outward with a `record`,
+        clipped to the object's size); `SpanRead.ready` waits for and verifies a prefix.
 
-        The default reads it all before returning; backends with slow reads override it to
-        fetch in the background (`SpanRead.ready`). Raises FileNotFoundError when the object
-        does not exist and CorruptObjectError on a size mismatch, here or from `ready`.
+        Raises FileNotFoundError when the object does not exist and CorruptObjectError on a
+        size mismatch, here or from `ready`.
         """
-        first, last = record.block_range(start, end) if record else (start, end)
-        data = self.read(key, first, last, record=record)
-        return SpanRead.complete(key, first, data)
 
     @abstractmethod
     def size(self, key: str) -> int | None:
@@ -334,13 +341,6 @@ class Storage(ABC):
 
     def close(self) -> None:  # noqa: B027 (optional: no-op default)
         """Release threads and buffers."""
-
-    def _verify(self, key: str, offset: int, data: memoryview, record: ObjectRecord) -> None:
-        # Blocks cover every byte, so one pass suffices; the whole-object checksum is checked by
-        # `trainctl ckpt verify` (inspect.verify_in), which reads whole objects anyway.
-        problems = record.verify_range(offset, data)
-        if problems:
-            raise CorruptObjectError(key, problems)
 
 
 OUTAGE_FILE = "storage-outage"

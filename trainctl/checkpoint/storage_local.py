@@ -123,14 +123,6 @@ class LocalStorage(Storage):
         _fsync_dir(os.path.dirname(path))
         return written
 
-    def read(
-        self, key: str, start: int = 0, end: int | None = None, record: ObjectRecord | None = None
-    ) -> memoryview:
-        first, view = self._map(key, start, end, record)
-        if record is not None:
-            self._verify(key, first, view, record)
-        return view[start - first : len(view) if end is None else end - first]
-
     def read_span(self, key: str, start: int, end: int, record: ObjectRecord | None) -> SpanRead:
         # Mapped at once; verified block by block as the reader reaches it (the block is then
         # hot in the CPU cache for deserialisation, and no pass over the whole span comes first).

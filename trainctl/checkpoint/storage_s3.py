@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import sys
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
@@ -299,14 +298,7 @@ class S3Storage(Storage):
             # A small whole object (manifest, DCP's .metadata): one GET, no HEAD first.
             bucket, s3_key = self.bucket_key(key)
             return memoryview(self.submit(lambda: self._get_whole(bucket, s3_key)).result())
-        span = self.read_span(key, start, sys.maxsize if end is None else end, record)
-        try:
-            span.ready(span.last)
-        except BaseException:
-            span.cancel()
-            raise
-        stop = span.last if end is None else min(end, span.last)
-        return span.data[start - span.first : max(start, stop) - span.first]
+        return super().read(key, start, end, record)
 
     def read_span(self, key: str, start: int, end: int, record: ObjectRecord | None) -> SpanRead:
         """Ranged GETs for ``[start, end)`` start now, in order, sharing the storage's
