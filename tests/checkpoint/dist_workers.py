@@ -175,3 +175,73 @@ def restore(rank: int, roots: list[tuple[str, dict[str, Any]]], out_file: str) -
         )
     if rank == 0:
         torch.save(results, out_file)
+
+
+def stage_sharded_state(rank: int, out_file: str) -> None:
+    """Stage an FSDP2 model/optimizer state (plus a 0-dim DTensor) twice, training between."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+
+    from trainctl.checkpoint.staging import Stager
+
+    model = shard(build_model())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train_step(model, optimizer, 1)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    scalar = distribute_tensor(torch.tensor(5.0), mesh, [Replicate()])
+
+    def live() -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        return {"model": model_sd, "optim": optim_sd, "scalar": scalar}
+
+    def local(tree: Any) -> Any:
+        if isinstance(tree, DTensor):
+            return (
+                "dtensor",
+                tree.device_mesh,
+                tree.placements,
+                tuple(tree.shape),
+                local(tree._local_tensor),
+            )
+        if isinstance(tree, torch.Tensor):
+            return tree.detach().clone()
+        if isinstance(tree, dict):
+            return {key: local(value) for key, value in tree.items()}
+        if isinstance(tree, list | tuple):
+            return [local(value) for value in tree]
+        return tree
+
+    def pointers(tree: Any) -> set[int]:
+        if isinstance(tree, DTensor):
+            return {tree._local_tensor.data_ptr()} if tree._local_tensor.numel() else set()
+        if isinstance(tree, torch.Tensor):
+            return {tree.data_ptr()} if tree.numel() else set()
+        if isinstance(tree, dict):
+            return set().union(*(pointers(value) for value in tree.values()))
+        if isinstance(tree, list | tuple):
+            return set().union(*(pointers(value) for value in tree))
+        return set()
+
+    stager = Stager(pin_memory=False)
+    staged = stager.stage(live())
+    first = local(staged)
+    expected_first = local(live())
+    shared = pointers(staged) & pointers(live())
+    train_step(model, optimizer, 2)  # the live state moves on; the staged copy must not
+    scalar._local_tensor.add_(1.0)
+    after_training = local(staged)
+    again = local(stager.stage(live()))
+    if rank == 0:
+        torch.save(
+            {
+                "first": first,
+                "expected_first": expected_first,
+                "after_training": after_training,
+                "again": again,
+                "expected_again": local(live()),
+                "shared_pointers": len(shared),
+                "allocations": stager.num_allocations,
+            },
+            out_file,
+        )

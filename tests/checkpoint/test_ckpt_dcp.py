@@ -188,3 +188,33 @@ def test_two_ranks_save_to_s3_and_restore_in_one_process(s3: Any, tmp_path: Path
         {k: v for k, v in saved["prints"][2].items() if k != "extra.rng"},
         workers.fingerprint(model, optimizer),
     )
+
+
+def test_staging_copies_sharded_state_into_its_own_buffers(tmp_path: Path) -> None:
+    """Staging FSDP2 state (and a 0-dim DTensor) gives DTensors with the same mesh, placements
+    and shape over buffers of their own: training after `stage` leaves the staged copy as it
+    was, and the next `stage` reuses the buffers."""
+    workers.run(2, workers.stage_sharded_state, (str(tmp_path / "staged.pt"),), str(tmp_path))
+    result = torch.load(tmp_path / "staged.pt", weights_only=False)
+    assert result["shared_pointers"] == 0
+    assert result["allocations"] == 1
+    _assert_trees_equal(result["expected_first"], result["first"])
+    _assert_trees_equal(result["first"], result["after_training"])
+    _assert_trees_equal(result["expected_again"], result["again"])
+    with pytest.raises(AssertionError):  # training changed the state: the oracle can fail
+        _assert_trees_equal(result["first"], result["again"])
+
+
+def _assert_trees_equal(expected: Any, got: Any) -> None:
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and torch.equal(expected, got)
+    elif isinstance(expected, dict):
+        assert expected.keys() == got.keys()
+        for key in expected:
+            _assert_trees_equal(expected[key], got[key])
+    elif isinstance(expected, list | tuple):
+        assert len(expected) == len(got)
+        for mine, theirs in zip(expected, got, strict=True):
+            _assert_trees_equal(mine, theirs)
+    else:
+        assert expected == got

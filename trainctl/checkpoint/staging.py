@@ -9,9 +9,13 @@ a memcpy and host memory stays flat save after save.
 The buffers are reused, so a staged state is valid only until the next `stage` call: the
 `Checkpointer` waits for the previous upload before staging again (back-pressure).
 
-Allocation and copy use torch's own helpers for DTensor/ShardedTensor-aware state dicts
-(`_create_cpu_state_dict`, `_copy_state_dict`: what DCP's `BlockingAsyncStager` uses); they
-are private, so they are imported here and nowhere else.
+The copy uses torch's DTensor/ShardedTensor-aware helper (`_copy_state_dict`: what DCP's
+`BlockingAsyncStager` uses). The buffers are allocated here (`_allocate`), not with its twin
+`_create_cpu_state_dict`: that one deep-copies every CPU DTensor (and moves every device
+DTensor to the CPU) before replacing its data with an empty buffer, so the first save briefly
+held two copies of the state; the freed copy stayed in the allocator's heap, and host memory
+after the first save measured 1.2 GB instead of 0.69 GB for a 0.5 GB per-rank state. Both
+helpers are private, so they are imported here and nowhere else.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.tensor import DTensor
 
@@ -43,6 +48,39 @@ def _layout(value: Any, path: str = "") -> list[tuple[Any, ...]]:
             entries.extend(_layout(item, f"{path}/{index}"))
         return entries
     return [(path, "leaf")]
+
+
+def _empty(tensor: torch.Tensor, pin_memory: bool) -> torch.Tensor:
+    """An uninitialised CPU tensor with `tensor`'s shape and dtype (pinned if asked)."""
+    if tensor.dim() == 0 or tensor.numel() == 0:
+        return torch.zeros_like(tensor, device="cpu")  # nothing to pin
+    buffer = torch.empty(tuple(tensor.size()), dtype=tensor.dtype)
+    return buffer.pin_memory() if pin_memory else buffer
+
+
+def _allocate(value: Any, pin_memory: bool) -> Any:
+    """Host buffers shaped like `value` (same containers; tensors and DTensors replaced by new
+    CPU ones, DTensors keeping their mesh and placements; other leaves carried as they are).
+    Nothing is copied: one state's worth of memory, allocated once."""
+    if isinstance(value, DTensor):
+        return DTensor.from_local(
+            _empty(value._local_tensor, pin_memory),
+            value.device_mesh,
+            value.placements,
+            run_check=False,
+            shape=value.shape,
+            stride=value.stride(),
+        )
+    if isinstance(value, ShardedTensor):
+        return _create_cpu_state_dict({"value": value}, pin_memory=pin_memory)["value"]
+    if isinstance(value, torch.Tensor):
+        return _empty(value, pin_memory)
+    if isinstance(value, Mapping):
+        return {key: _allocate(item, pin_memory) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        items = [_allocate(item, pin_memory) for item in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    return value
 
 
 def _tensor_bytes(value: Any) -> int:
@@ -87,7 +125,7 @@ class Stager:
         layout = _layout(state_dict)
         if self._buffers is None or layout != self._layout:
             # First save, or the state changed shape (e.g. optimizer state appeared): allocate.
-            self._buffers = _create_cpu_state_dict(state_dict, pin_memory=self.pin_memory)
+            self._buffers = _allocate(state_dict, self.pin_memory)
             self._layout = layout
             self.num_allocations += 1
         non_blocking = self.pin_memory and torch.cuda.is_available()
