@@ -4,17 +4,20 @@ For each state size (default 100 MB and 1 GB: FSDP2 Linear stack + AdamW, 12 byt
 split over 2 gloo ranks on CPU) and each backend (file:// in a temp dir, and S3 on a moto server
 this script starts on 127.0.0.1, port 0), it measures on 2 spawned ranks:
 
-* stall: time `Checkpointer.save` blocks (median of saves 2..N: steady state, buffers reused)
-  vs the memcpy limit (copy of the per-rank state into preallocated memory), vs DCP
-  `async_save` with default options (its 2nd call) and vs sync `dcp.save`;
-  target: stall <= 1.5 x memcpy + 10 ms;
-* durable time: `save` called -> manifest committed, vs a raw concurrent put of the same bytes
-  (boto3 TransferConfig with the same part size and concurrency on S3; write+fsync locally)
-  and vs DCP's `FsspecWriter` defaults; target: raw_time / durable_time >= 0.8;
-* restore: `restore_latest` vs a raw concurrent get of the same bytes and vs `FsspecReader`;
-  target (S3): raw_time / restore_time >= 0.7 (restore and raw put/get: medians of --repeats);
-* memory: peak RSS added during the save loop <= 1.2 x per-rank state + part_size x concurrency,
-  and no growth between save 2 and save N (N = --saves, default 20, on the smallest size).
+* memory: a loop of saves (N = --saves, default 20, on the smallest size; 4 on larger ones)
+  with RSS sampled: peak added <= 1.2 x per-rank state + part_size x concurrency, and no
+  growth between save 2 and save N;
+* then --pairs (default 8) times in turn: the memcpy limit (copy of the per-rank state into
+  preallocated memory), a `Checkpointer.save`, and a raw concurrent put of the same bytes
+  (boto3 TransferConfig with the same part size and concurrency on S3; write + fsync locally);
+  then --repeats (default 5) times in turn: `restore_latest` and a raw concurrent get.
+  Interleaved, so the drift of a shared machine's disk and S3 server hits both sides alike;
+  each figure is the median of its runs:
+  - stall (time `save` blocks) vs the memcpy limit, vs DCP `async_save` with default options
+    (its 2nd call) and vs sync `dcp.save`; target: stall <= 1.5 x memcpy + 10 ms;
+  - durable time (`save` called -> manifest committed) vs the raw put and vs DCP's
+    `FsspecWriter` defaults; target: raw_time / durable_time >= 0.8;
+  - restore vs the raw get and vs `FsspecReader`; target (S3): raw_time / restore_time >= 0.7.
 
 Timings are the max over ranks between barriers. Prints one table (stderr) and, with --json,
 one JSON object with every figure, each ratio beside its target and `targets_met`.
@@ -146,8 +149,7 @@ def _worker(rank: int, world: int, config: dict[str, Any], out_path: str, init_d
 
     result: dict[str, Any] = {"per_rank_bytes": per_rank_bytes}
 
-    # -- trainctl: saves (memory sampled), restore
-    stalls, durables, rss_after = [], [], []
+    # -- trainctl: the save loop, memory sampled (nothing else runs in it)
     checkpointer = Checkpointer(
         f"{base}/trainctl",
         interval_steps=1,
@@ -156,57 +158,74 @@ def _worker(rank: int, world: int, config: dict[str, Any], out_path: str, init_d
         part_size=part,
         concurrency=conc,
     )
+    step = 0
+
+    def save() -> tuple[float, float]:
+        nonlocal step
+        step += 1
+        dist.barrier(group=group)
+        started = time.perf_counter()
+        future = checkpointer.save(step, state)
+        stall = time.perf_counter() - started
+        outcome = future.result()
+        assert outcome.committed, outcome
+        return worst(stall), worst(outcome.durable_s)
+
     # The baseline excludes library imports and S3 client setup (botocore's service models):
     # a fixed cost that does not scale with the state.
     checkpointer.storage.size("warm-up")
+    loop_stalls, loop_durables, rss_after = [], [], []
     rss_before = _rss_bytes()
     with _PeakRss() as peak:
-        for step in range(1, config["saves"] + 1):
-            dist.barrier(group=group)
-            started = time.perf_counter()
-            future = checkpointer.save(step, state)
-            stall = time.perf_counter() - started
-            outcome = future.result()
-            assert outcome.committed, outcome
-            stalls.append(worst(stall))
-            durables.append(worst(outcome.durable_s))
+        for _ in range(config["saves"]):
+            stall, durable = save()
+            loop_stalls.append(stall)
+            loop_durables.append(durable)
             rss_after.append(_rss_bytes())
-    result["stall_s"] = statistics.median(stalls[1:]) if len(stalls) > 1 else stalls[0]
-    result["durable_s"] = statistics.median(durables[1:]) if len(durables) > 1 else durables[0]
+    result["loop_stall_all_s"], result["loop_durable_all_s"] = loop_stalls, loop_durables
     result["peak_added_bytes"] = worst(float(peak.peak - rss_before))
+    result["rss_added_all_bytes"] = [worst(float(r - rss_before)) for r in rss_after]
     result["rss_growth_bytes"] = worst(float(rss_after[-1] - rss_after[min(1, len(rss_after) - 1)]))
-    # Restores and raw transfers are single seconds-long events on a shared 2-core machine:
-    # medians over --repeats runs of each, not one sample.
-    result["restore_all_s"] = [
-        timed(lambda: checkpointer.restore_latest(state)) for _ in range(config["repeats"])
-    ]
-    result["restore_s"] = statistics.median(result["restore_all_s"])
-    checkpointer.close()
-    clear("trainctl")
 
-    # -- memcpy limit: the per-rank state into preallocated memory (second pass: warm)
+    # -- paired runs: limit, trainctl and raw transfer of the same bytes, in turn. This machine
+    # is shared and its disk and moto server drift by 2x within minutes; interleaving gives
+    # each side the same conditions, and medians over --pairs drop the outliers.
     buffers = [torch.empty_like(t) for t in local]
-    for buffer, tensor in zip(buffers, local, strict=True):
-        buffer.copy_(tensor)
+    # The same bytes as the state (not zeros: a zero-filled source reads one cached page). A
+    # bytes object, so io.BytesIO shares it instead of copying it inside the timed put.
+    payload = torch.cat([t.reshape(-1).view(torch.uint8) for t in local]).numpy().tobytes()
 
     def copy_all() -> None:
         for buffer, tensor in zip(buffers, local, strict=True):
             buffer.copy_(tensor)
 
-    result["memcpy_s"] = timed(copy_all)
-    buffers.clear()
-
-    # -- raw concurrent put/get of the same bytes
-    payload = bytes(per_rank_bytes)
-    puts, gets = [], []
+    copy_all()  # first touch of the buffers: not part of the limit
+    memcpys, stalls, durables, puts = [], [], [], []
+    for index in range(config["pairs"]):
+        memcpys.append(timed(copy_all))
+        stall, durable = save()
+        stalls.append(stall)
+        durables.append(durable)
+        puts.append(_raw_put(config, rank, index, payload, timed))
+    restores, gets = [], []
     for _ in range(config["repeats"]):
-        put, get = _raw_transfer(config, rank, payload, timed)
-        puts.append(put)
-        gets.append(get)
-    result["raw_put_all_s"], result["raw_get_all_s"] = puts, gets
-    result["raw_put_s"], result["raw_get_s"] = statistics.median(puts), statistics.median(gets)
+        restores.append(timed(lambda: checkpointer.restore_latest(state)))
+        gets.append(_raw_get(config, rank, config["pairs"] - 1, timed))
+    buffers.clear()
     del payload
+    checkpointer.close()
+    clear("trainctl")
     clear("raw")
+    for name, values in (
+        ("memcpy", memcpys),
+        ("stall", stalls),
+        ("durable", durables),
+        ("raw_put", puts),
+        ("restore", restores),
+        ("raw_get", gets),
+    ):
+        result[f"{name}_all_s"] = values
+        result[f"{name}_s"] = statistics.median(values)
 
     # -- DCP peers: async_save defaults (2nd call), sync save with FsspecWriter defaults, reader
     def writer(name: str) -> Any:
@@ -256,49 +275,86 @@ def _tensors(tree: Any) -> list[Any]:
     return []
 
 
-def _raw_transfer(
-    config: dict[str, Any], rank: int, payload: bytes, timed: Any
-) -> tuple[float, float]:
-    """Each rank puts then gets its bytes concurrently with the same part size and concurrency."""
-    root = config["root"]
-    if root.startswith("s3://"):
-        import boto3
-        from boto3.s3.transfer import TransferConfig
+def _s3_client(config: dict[str, Any]) -> tuple[Any, Any, str]:
+    import boto3
+    from boto3.s3.transfer import TransferConfig
 
-        options = config["storage_options"]
-        client = boto3.client(
-            "s3",
-            endpoint_url=options["endpoint_url"],
-            aws_access_key_id=options["key"],
-            aws_secret_access_key=options["secret"],
-            region_name="us-east-1",
+    options = config["storage_options"]
+    client = boto3.client(
+        "s3",
+        endpoint_url=options["endpoint_url"],
+        aws_access_key_id=options["key"],
+        aws_secret_access_key=options["secret"],
+        region_name="us-east-1",
+    )
+    transfer = TransferConfig(
+        multipart_threshold=config["part_size"],
+        multipart_chunksize=config["part_size"],
+        max_concurrency=config["concurrency"],
+    )
+    bucket, _, prefix = config["root"][len("s3://") :].partition("/")
+    return client, transfer, bucket + "/" + prefix
+
+
+def _raw_name(rank: int, index: int) -> str:
+    return f"raw/rank{rank}-{index}"
+
+
+def _raw_put(config: dict[str, Any], rank: int, index: int, payload: Any, timed: Any) -> float:
+    """Each rank puts its bytes: a concurrent multipart upload with the same part size and
+    concurrency (boto3's TransferConfig) on S3; write + fsync locally.
+
+    Each put is a new object and the one from two puts before is deleted afterwards (untimed),
+    as a checkpoint with ``keep_last=2`` does. Overwriting one file instead is not the same
+    work on this machine's disk: rewriting blocks just freed runs about 3x faster than writing
+    new ones (a 1 GB save with retention off: 1.5-1.6 s per save, every save; the raw put
+    overwriting its file: 0.45-0.5 s).
+    """
+    old = _raw_name(rank, index - 2) if index >= 2 else None
+    if config["root"].startswith("s3://"):
+        client, transfer, where = _s3_client(config)
+        bucket, _, prefix = where.partition("/")
+        took = timed(
+            lambda: client.upload_fileobj(
+                io.BytesIO(payload), bucket, f"{prefix}/{_raw_name(rank, index)}", Config=transfer
+            )
         )
-        transfer = TransferConfig(
-            multipart_threshold=config["part_size"],
-            multipart_chunksize=config["part_size"],
-            max_concurrency=config["concurrency"],
-        )
-        bucket, _, prefix = root[len("s3://") :].partition("/")
-        key = f"{prefix}/raw/rank{rank}"
-        put = timed(
-            lambda: client.upload_fileobj(io.BytesIO(payload), bucket, key, Config=transfer)
-        )
-        get = timed(lambda: client.download_fileobj(bucket, key, io.BytesIO(), Config=transfer))
-        return put, get
-    path = os.path.join(root, "raw", f"rank{rank}")
+        if old is not None:
+            client.delete_object(Bucket=bucket, Key=f"{prefix}/{old}")
+        return took
+    path = os.path.join(config["root"], _raw_name(rank, index))
     os.makedirs(os.path.dirname(path), exist_ok=True)
 
     def write() -> None:
         with open(path, "wb") as handle:
-            handle.write(payload)
+            handle.write(memoryview(payload))
             handle.flush()
             os.fsync(handle.fileno())
+
+    took = timed(write)
+    if old is not None:
+        os.unlink(os.path.join(config["root"], old))
+    return took
+
+
+def _raw_get(config: dict[str, Any], rank: int, index: int, timed: Any) -> float:
+    """Each rank gets its bytes back (put number `index`): concurrent ranged GETs with the same
+    part size and concurrency on S3; one read locally."""
+    if config["root"].startswith("s3://"):
+        client, transfer, where = _s3_client(config)
+        bucket, _, prefix = where.partition("/")
+        return timed(
+            lambda: client.download_fileobj(
+                bucket, f"{prefix}/{_raw_name(rank, index)}", io.BytesIO(), Config=transfer
+            )
+        )
+    path = os.path.join(config["root"], _raw_name(rank, index))
 
     def read() -> None:
         with open(path, "rb") as handle:
             handle.read()
 
-    return timed(write), timed(read)
+    return timed(read)
 
 
 def run_case(
@@ -319,8 +375,9 @@ def run_case(
             "concurrency": args.concurrency,
             "storage_options": options,
             "root": root,
-            # Larger sizes: enough saves for a median of --repeats steady-state saves.
-            "saves": args.saves if size_mb == min(args.sizes_mb) else args.repeats + 1,
+            # Larger sizes: a short memory loop (growth is measured on the smallest).
+            "saves": args.saves if size_mb == min(args.sizes_mb) else 4,
+            "pairs": args.pairs,
             "hang_dump_s": args.hang_dump_s,
             "repeats": args.repeats,
         }
@@ -453,7 +510,10 @@ def main() -> None:
         "--saves", type=int, default=20, help="saves in the memory loop (smallest size)"
     )
     parser.add_argument(
-        "--repeats", type=int, default=3, help="runs of each restore and raw put/get (median)"
+        "--repeats", type=int, default=5, help="restore / raw get pairs per case (median)"
+    )
+    parser.add_argument(
+        "--pairs", type=int, default=8, help="memcpy / save / raw put triples per case (median)"
     )
     parser.add_argument("--part-size-mb", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=8)
