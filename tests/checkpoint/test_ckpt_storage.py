@@ -119,11 +119,18 @@ def test_span_reads_verify_as_the_reader_advances(storage_root: Any) -> None:
         span.ready(2 * PART + 1)
     span.cancel()
 
+    # A size that differs from the record fails when the span is opened or when it is read
+    # (S3 checks each ranged response's Content-Range: no HEAD first), never silently.
     storage.put("obj", data[:-1])
     with pytest.raises(CorruptObjectError, match="size"):
-        storage.read_span("obj", 0, 10, record)
+        storage.read_span("obj", 0, 10, record).ready(10)
+    storage.put("obj", data[: PART // 2])  # shrank below the ranges asked for
+    with pytest.raises(CorruptObjectError, match=r"size|past the end"):
+        storage.read_span("obj", PART, 3 * PART, record).ready(3 * PART)
     with pytest.raises(FileNotFoundError):
         storage.read_span("missing", 0, 10, None)
+    with pytest.raises(FileNotFoundError):
+        storage.read_span("missing", 0, 10, record).ready(10)
     storage.close()
 
 
