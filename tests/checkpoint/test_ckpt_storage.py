@@ -218,3 +218,66 @@ def test_streaming_checksum_blocks_are_offset_aligned() -> None:
         summer.update(piece)
     assert summer.whole() == checksum_of(data)
     assert summer.blocks() == [checksum_of(data[i : i + 300]) for i in range(0, 1000, 300)]
+
+
+def _direct_io_supported(directory: Any) -> bool:
+    """Whether this file system takes an aligned O_DIRECT write (tmpfs and some overlays
+    refuse it: the writer must then fall back, not fail)."""
+    import mmap
+
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    path = os.path.join(directory, "probe")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    try:
+        os.write(fd, mmap.mmap(-1, 4096))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_local_writes_whole_buffers_direct_and_the_tail_buffered(
+    tmp_path: Any, direct_io: bool
+) -> None:
+    storage = open_storage(
+        str(tmp_path / "store"),
+        config=TransferConfig(part_size=64 * 1024, concurrency=2, direct_io=direct_io),
+    )
+    expect_direct = direct_io and _direct_io_supported(tmp_path)
+    for size in (0, 1, 4095, 4096, 64 * 1024, 64 * 1024 + 1, 3 * 64 * 1024 + 4321):
+        data = os.urandom(size)
+        writer = storage.open_writer(f"obj-{size}")
+        for start in range(0, size, 10_007):  # pieces that straddle every buffer boundary
+            writer.write(data[start : start + 10_007])
+        written = writer.close()
+        assert written.size == size and written.checksum == checksum_of(data)
+        assert os.path.getsize(tmp_path / "store" / f"obj-{size}") == size
+        assert bytes(storage.read(f"obj-{size}", record=written.to_record("x", 0))) == data
+        # whole 64 KiB buffers went direct where the file system allows it; never the tail
+        assert writer.direct_bytes == ((size // (64 * 1024)) * 64 * 1024 if expect_direct else 0)
+    assert not [name for name in os.listdir(tmp_path / "store") if ".tmp-" in name]
+    storage.close()
+
+
+def test_local_writers_beyond_the_buffer_pool_write_buffered(tmp_path: Any) -> None:
+    # More writers open at once than aligned buffers: the extra ones write buffered instead of
+    # waiting for a buffer that only another open writer could give back.
+    storage = open_storage(
+        str(tmp_path / "store"), config=TransferConfig(part_size=64 * 1024, concurrency=1)
+    )
+    data = [os.urandom(200_000 + i) for i in range(3)]
+    writers = [storage.open_writer(f"obj-{i}") for i in range(3)]
+    for writer, payload in zip(writers, data, strict=True):
+        writer.write(payload[:100_000])
+    for writer, payload in zip(writers, data, strict=True):
+        writer.write(payload[100_000:])
+    written = [writer.close() for writer in writers]
+    for i, payload in enumerate(data):
+        assert written[i].checksum == checksum_of(payload)
+        assert bytes(storage.read(f"obj-{i}")) == payload
+    assert storage.write_buffers.allocated_bytes == 64 * 1024
+    storage.close()

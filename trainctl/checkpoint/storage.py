@@ -69,6 +69,9 @@ class TransferConfig:
     """First retry delay; doubles per attempt (with jitter) up to `backoff_max_s`."""
     backoff_max_s: float = 8.0
     """Longest delay between two attempts."""
+    direct_io: bool = True
+    """Local files: write through ``O_DIRECT`` from reused aligned buffers where the file
+    system allows it (see `storage_local`); False: the page cache and an fsync."""
 
     def __post_init__(self) -> None:
         if self.part_size <= 0:

@@ -4,12 +4,15 @@ mmap reads verified block by block."""
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import mmap
 import os
 import shutil
 import sys
+import threading
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from trainctl.checkpoint.checksum import BytesLike
@@ -26,32 +29,178 @@ from trainctl.checkpoint.storage import (
 # ---------------------------------------------------------------------------------- local files
 
 
+DIRECT_ALIGNMENT = 4096
+"""Offset, length and address alignment of ``O_DIRECT`` writes (every Linux block size
+divides it)."""
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+class _AlignedBuffers:
+    """Page-aligned write buffers (anonymous mmaps), allocated on first use and reused: at most
+    `capacity` alive, like the S3 part pool, so memory stays ``size * capacity`` and flat.
+    A writer that finds none free writes buffered instead of waiting (never a deadlock)."""
+
+    def __init__(self, size: int, capacity: int) -> None:
+        self.size = size
+        self.capacity = capacity
+        self._free: list[mmap.mmap] = []
+        self._allocated = 0
+        self._lock = threading.Lock()
+
+    def try_acquire(self) -> mmap.mmap | None:
+        """A free buffer, a new one within `capacity`, or None."""
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            if self._allocated >= self.capacity:
+                return None
+            self._allocated += 1
+        return mmap.mmap(-1, self.size)
+
+    def release(self, buffer: mmap.mmap) -> None:
+        with self._lock:
+            self._free.append(buffer)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self._allocated * self.size
+
+
 class _LocalWriter(ObjectWriter):
-    def __init__(self, path: str, key: str, block_size: int) -> None:
-        super().__init__(key, block_size)
+    """Writes a temporary file, then fsync, rename, directory fsync.
+
+    Bytes are gathered in aligned buffers from the storage's pool; each full buffer is written
+    by the storage's I/O threads (``pwrite`` at its offset) while the caller fills the next
+    one, at most `IN_FLIGHT` per writer. With `direct_io` those writes go through
+    ``O_DIRECT`` (switched on with the first full buffer, so small objects never pay for it):
+    from the reused buffer straight to the device, not into freshly allocated page-cache
+    pages. On this machine (a VM whose free memory is handed back to its host) a buffered
+    0.5 GB write ran 0.26-0.37 s when the page cache got recently freed pages and 1.2-1.6 s
+    when it did not, at random; through O_DIRECT every one ran 0.29-0.32 s. Where the file
+    system refuses O_DIRECT (EINVAL) the writer goes on buffered and starts writeback per
+    buffer with ``sync_file_range``. The tail (less than a buffer) is written buffered;
+    `close` waits for every write and fsyncs either way.
+    """
+
+    IN_FLIGHT = 2
+
+    def __init__(self, storage: LocalStorage, path: str, key: str) -> None:
+        super().__init__(key, storage.config.part_size)
         self._path = path
+        self._storage = storage
+        self._buffers = storage.write_buffers
+        self._want_direct = bool(storage.config.direct_io and _O_DIRECT)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         # Same directory, unique name: the rename below is atomic and never crosses devices.
         self._tmp_path = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._file = open(self._tmp_path, "wb")  # noqa: SIM115 (closed in _finish/_discard)
-        self._block_size = block_size
-        self._flushed = 0
+        self._fd: int | None = os.open(
+            self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+        )
+        self._buffer: mmap.mmap | None = None
+        self._filled = 0
+        self._direct = False  # the descriptor is in O_DIRECT mode
+        self._offset = 0  # bytes handed to the file (written or in flight)
+        self._flushed = 0  # buffered mode: bytes whose writeback was started
+        self._pending: list[Future[int]] = []
+        self.direct_bytes = 0
+        """Bytes that went through O_DIRECT (0 when the file system refused it)."""
 
     def _write(self, view: memoryview) -> None:
-        self._file.write(view)
-        written = self._checksum.size
-        if written - self._flushed >= self._block_size:
+        while len(view):
+            if not self._want_direct:
+                self._write_through(view)  # buffered: no copy of ours, the kernel copies
+                return
+            if self._buffer is None:
+                self._buffer = self._acquire()
+                self._filled = 0
+                if self._buffer is None:
+                    continue  # no buffer to be had: buffered from here on
+            take = min(len(view), self._buffers.size - self._filled)
+            self._buffer[self._filled : self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+            if self._filled == self._buffers.size:
+                self._submit_buffer()
+
+    def _acquire(self) -> mmap.mmap | None:
+        """A buffer: free in the pool, or given back by one of this writer's own writes. None
+        when every buffer is held by other open writers (waiting could deadlock)."""
+        while len(self._pending) >= self.IN_FLIGHT:
+            self._wait_oldest()
+        buffer = self._buffers.try_acquire()
+        while buffer is None and self._pending:
+            self._wait_oldest()
+            buffer = self._buffers.try_acquire()
+        if buffer is None:
+            self._want_direct = False
+        return buffer
+
+    def _wait_oldest(self) -> None:
+        self.direct_bytes += self._pending.pop(0).result()
+
+    def _submit_buffer(self) -> None:
+        assert self._fd is not None and self._buffer is not None
+        if not self._direct:
+            self._direct = _set_direct(self._fd, True)
+            if not self._direct:  # refused by this file system: buffered from now on
+                self._want_direct = False
+                self._write_gathered()
+                return
+        buffer, offset, self._buffer = self._buffer, self._offset, None
+        self._offset += self._buffers.size
+        fd, buffers = self._fd, self._buffers
+
+        def write() -> int:
+            try:
+                return _pwrite_direct(fd, memoryview(buffer), offset)
+            finally:
+                buffers.release(buffer)
+
+        self._pending.append(self._storage.io_executor().submit(write))
+
+    def _write_gathered(self) -> None:
+        """Write what the current buffer holds, buffered, and give the buffer back."""
+        assert self._buffer is not None
+        data = memoryview(self._buffer)[: self._filled]
+        try:
+            self._write_through(data)
+        finally:
+            data.release()
+        self._buffers.release(self._buffer)
+        self._buffer, self._filled = None, 0
+
+    def _write_through(self, view: memoryview) -> None:
+        assert self._fd is not None
+        _pwrite_all(self._fd, view, self._offset)
+        self._offset += len(view)
+        if self._offset - self._flushed >= self._buffers.size:
             # Start writeback of what is written so far without waiting for it, so the fsync in
             # `close` finds most pages already on their way to disk instead of all of them.
-            self._file.flush()
-            _start_writeback(self._file.fileno(), self._flushed, written - self._flushed)
-            self._flushed = written
+            _start_writeback(self._fd, self._flushed, self._offset - self._flushed)
+            self._flushed = self._offset
+
+    def _drain(self) -> None:
+        """Wait for every write in flight; the first failure is raised after all finished."""
+        error: Exception | None = None
+        while self._pending:
+            try:
+                self._wait_oldest()
+            except Exception as failure:  # re-raised below, once every write finished
+                error = error or failure
+        if error is not None:
+            raise error
 
     def _finish(self) -> None:
+        assert self._fd is not None
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            self._drain()
+            if self._direct:
+                self._direct = _set_direct(self._fd, False)  # the tail is not a whole buffer
+                self._flushed = self._offset
+            if self._buffer is not None:
+                self._write_gathered()
+            os.fsync(self._fd)
+            self._close()
             os.replace(self._tmp_path, self._path)
             _fsync_dir(os.path.dirname(self._path))
         except BaseException:
@@ -59,10 +208,59 @@ class _LocalWriter(ObjectWriter):
             self._discard()
             raise
 
+    def _close(self) -> None:
+        try:
+            self._drain()  # never close the descriptor under a write in flight
+        except Exception:  # discarding: the failure is reported by whoever called abort
+            pass
+        if self._buffer is not None:
+            self._buffers.release(self._buffer)
+            self._buffer = None
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
     def _discard(self) -> None:
-        self._file.close()
+        self._close()
         if os.path.exists(self._tmp_path):
             os.unlink(self._tmp_path)
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Switch O_DIRECT on or off for `fd`; returns whether it is on (False: refused)."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, (flags | _O_DIRECT) if on else (flags & ~_O_DIRECT))
+    except OSError as error:
+        if error.errno != errno.EINVAL:
+            raise
+        return False
+    return on
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    written = 0
+    while written < len(data):
+        count = os.pwrite(fd, data[written:], offset + written)
+        if count <= 0:
+            raise OSError(errno.EIO, f"pwrite returned {count}")
+        written += count
+
+
+def _pwrite_direct(fd: int, data: memoryview, offset: int) -> int:
+    """Write one whole aligned buffer at `offset`; returns the bytes that went O_DIRECT.
+
+    A file system may take O_DIRECT at ``fcntl`` and refuse it at ``write`` (EINVAL: alignment
+    stricter than ours); the descriptor is then switched to buffered and the write repeated."""
+    try:
+        _pwrite_all(fd, data, offset)
+        return len(data)
+    except OSError as error:
+        if error.errno != errno.EINVAL:
+            raise
+    _set_direct(fd, False)
+    _pwrite_all(fd, data, offset)
+    return 0
 
 
 _SYNC_FILE_RANGE_WRITE = 2
@@ -101,16 +299,35 @@ class LocalStorage(Storage):
 
     def __init__(self, root: str, config: TransferConfig) -> None:
         super().__init__(os.path.abspath(root) if root else root, config)
+        size = -(-config.part_size // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+        self.write_buffers = _AlignedBuffers(size, config.concurrency)
+        self._io: ThreadPoolExecutor | None = None
+        self._io_lock = threading.Lock()
+
+    def io_executor(self) -> ThreadPoolExecutor:
+        """The threads that write full buffers (started on first use)."""
+        with self._io_lock:
+            if self._io is None:
+                self._io = ThreadPoolExecutor(
+                    self.config.concurrency, thread_name_prefix="trainctl-local-write"
+                )
+            return self._io
+
+    def close(self) -> None:
+        with self._io_lock:
+            io, self._io = self._io, None
+        if io is not None:
+            io.shutdown(wait=True)
 
     def _path(self, key: str) -> str:
         return os.path.join(self.root, *key.split("/")) if key else self.root
 
     def open_writer(self, key: str) -> ObjectWriter:
-        return _LocalWriter(self._path(key), key, self.config.part_size)
+        return _LocalWriter(self, self._path(key), key)
 
     def put(self, key: str, data: BytesLike, *, exclusive: bool = False) -> WrittenObject:
         path = self._path(key)
-        writer = _LocalWriter(path + ".put", key, self.config.part_size)
+        writer = _LocalWriter(self, path + ".put", key)
         writer.write(data)
         written = writer.close()
         if not exclusive:
