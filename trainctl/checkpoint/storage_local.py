@@ -37,6 +37,9 @@ WRITE_CHUNK = 4 * MIB
 """Largest local write: the device starts after the first chunk is gathered and `close`
 waits for the last one, so smaller chunks mean a shorter pipeline fill and drain (at 16 MiB
 a 50 MB file waited ~12 ms for each)."""
+IN_FLIGHT_BYTES = 32 * MIB
+"""Most bytes one writer has in flight (at most ``2 * part_size``): enough to keep a local
+device busy; more only holds memory."""
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
@@ -52,6 +55,19 @@ class _AlignedBuffers:
         self._allocated = 0
         self._lock = threading.Lock()
 
+    def reserve(self, count: int) -> None:
+        """Allocate up front until `count` buffers exist (within `capacity`), so host memory
+        reaches its steady state with the first object written instead of creeping up by a
+        buffer whenever a later write happens to have one more in flight."""
+        while True:
+            with self._lock:
+                if self._allocated >= min(count, self.capacity):
+                    return
+                self._allocated += 1
+            buffer = self._new()
+            with self._lock:
+                self._free.append(buffer)
+
     def try_acquire(self) -> mmap.mmap | None:
         """A free buffer, a new one within `capacity`, or None."""
         with self._lock:
@@ -60,7 +76,13 @@ class _AlignedBuffers:
             if self._allocated >= self.capacity:
                 return None
             self._allocated += 1
-        return mmap.mmap(-1, self.size)
+        return self._new()
+
+    def _new(self) -> mmap.mmap:
+        buffer = mmap.mmap(-1, self.size)
+        for offset in range(0, self.size, mmap.PAGESIZE):
+            buffer[offset] = 0  # fault every page in now: resident from the start
+        return buffer
 
     def release(self, buffer: mmap.mmap) -> None:
         with self._lock:
@@ -76,7 +98,7 @@ class _LocalWriter(ObjectWriter):
 
     Bytes are gathered in aligned buffers from the storage's pool; each full buffer is written
     by the storage's I/O threads (``pwrite`` at its offset) while the caller fills the next
-    one, at most ``2 * part_size`` in flight per writer. With `direct_io` those writes go through
+    one, at most `IN_FLIGHT_BYTES` in flight per writer. With `direct_io` those writes go through
     ``O_DIRECT`` (switched on with the first full buffer, so small objects never pay for it):
     from the reused buffer straight to the device, not into freshly allocated page-cache
     pages. On this machine (a VM whose free memory is handed back to its host) a buffered
@@ -105,7 +127,8 @@ class _LocalWriter(ObjectWriter):
         self._offset = 0  # bytes handed to the file (written or in flight)
         self._flushed = 0  # buffered mode: bytes whose writeback was started
         self._pending: list[Future[int]] = []
-        self._in_flight = max(2, 2 * storage.config.part_size // self._buffers.size)
+        in_flight_bytes = min(2 * storage.config.part_size, IN_FLIGHT_BYTES)
+        self._in_flight = max(2, in_flight_bytes // self._buffers.size)
         self.direct_bytes = 0
         """Bytes that went through O_DIRECT (0 when the file system refused it)."""
 
@@ -115,6 +138,8 @@ class _LocalWriter(ObjectWriter):
                 self._write_through(view)  # buffered: no copy of ours, the kernel copies
                 return
             if self._buffer is None:
+                if not self._offset:  # the first buffer of this object
+                    self._buffers.reserve(self._in_flight + 1)
                 self._buffer = self._acquire()
                 self._filled = 0
                 if self._buffer is None:
