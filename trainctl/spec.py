@@ -44,6 +44,9 @@ class CheckpointSpec(_Frozen):
     """Multipart part size for object storage uploads."""
     concurrency: int = Field(default=8, ge=1, le=256)
     """Concurrent part uploads / ranged reads per rank."""
+    direct_io: bool = True
+    """Local checkpoint files: write through O_DIRECT where the file system takes it (false:
+    through the page cache, then fsync)."""
 
     @field_validator("storage")
     @classmethod

@@ -121,6 +121,7 @@ class Checkpointer:
             them the standard AWS chain applies (``AWS_ENDPOINT_URL``...).
         part_size: bytes per multipart part / ranged read / checksum block.
         concurrency: parts in flight per rank; upload memory <= part_size * concurrency.
+        direct_io: local files are written through O_DIRECT where the file system takes it.
         max_attempts: attempts per storage request (exponential backoff between them).
         on_event: receives ``(name, fields)`` on rank 0; must be thread-safe.
         process_group: group for checkpoint collectives; default: a new gloo group (when
@@ -140,6 +141,7 @@ class Checkpointer:
         storage_options: Mapping[str, Any] | None = None,
         part_size: int = 64 * MIB,
         concurrency: int = 8,
+        direct_io: bool = True,
         max_attempts: int = 5,
         on_event: EventCallback | None = None,
         process_group: dist.ProcessGroup | None = None,
@@ -156,7 +158,10 @@ class Checkpointer:
             self.ckpt_root,
             storage_options=storage_options,
             config=TransferConfig(
-                part_size=part_size, concurrency=concurrency, max_attempts=max_attempts
+                part_size=part_size,
+                concurrency=concurrency,
+                max_attempts=max_attempts,
+                direct_io=direct_io,
             ),
         )
         self.thread_count = thread_count

@@ -126,6 +126,7 @@ def checkpointing(
         storage_options=spec.get("storage_options") or None,
         part_size=int(spec.get("part_size_mb", 64)) * MIB,
         concurrency=int(spec.get("concurrency", 8)),
+        direct_io=bool(spec.get("direct_io", True)),
         on_event=on_event,
     )
     return TrainingCheckpoint(checkpointer, model, optimizer, ctx.reporter)
