@@ -19,6 +19,7 @@ from trainctl.checkpoint.checksum import BytesLike
 from trainctl.checkpoint.manifest import ObjectRecord
 from trainctl.checkpoint.storage import (
     MIB,
+    BufferPool,
     CorruptObjectError,
     ObjectWriter,
     SpanRead,
@@ -43,54 +44,13 @@ device busy; more only holds memory."""
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
-class _AlignedBuffers:
-    """Page-aligned write buffers (anonymous mmaps), allocated on first use and reused: at most
-    `capacity` alive, like the S3 part pool, so memory stays ``size * capacity`` and flat.
-    A writer that finds none free writes buffered instead of waiting (never a deadlock)."""
-
-    def __init__(self, size: int, capacity: int) -> None:
-        self.size = size
-        self.capacity = capacity
-        self._free: list[mmap.mmap] = []
-        self._allocated = 0
-        self._lock = threading.Lock()
-
-    def reserve(self, count: int) -> None:
-        """Allocate up front until `count` buffers exist (within `capacity`), so host memory
-        reaches its steady state with the first object written instead of creeping up by a
-        buffer whenever a later write happens to have one more in flight."""
-        while True:
-            with self._lock:
-                if self._allocated >= min(count, self.capacity):
-                    return
-                self._allocated += 1
-            buffer = self._new()
-            with self._lock:
-                self._free.append(buffer)
-
-    def try_acquire(self) -> mmap.mmap | None:
-        """A free buffer, a new one within `capacity`, or None."""
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-            if self._allocated >= self.capacity:
-                return None
-            self._allocated += 1
-        return self._new()
-
-    def _new(self) -> mmap.mmap:
-        buffer = mmap.mmap(-1, self.size)
-        for offset in range(0, self.size, mmap.PAGESIZE):
-            buffer[offset] = 0  # fault every page in now: resident from the start
-        return buffer
-
-    def release(self, buffer: mmap.mmap) -> None:
-        with self._lock:
-            self._free.append(buffer)
-
-    @property
-    def allocated_bytes(self) -> int:
-        return self._allocated * self.size
+def _prefaulted(size: int) -> mmap.mmap:
+    """A page-aligned buffer (anonymous mmap, as O_DIRECT needs) with every page faulted in
+    now, so it is resident from the start."""
+    buffer = mmap.mmap(-1, size)
+    for offset in range(0, size, mmap.PAGESIZE):
+        buffer[offset] = 0
+    return buffer
 
 
 class _LocalWriter(ObjectWriter):
@@ -332,7 +292,7 @@ class LocalStorage(Storage):
         # memory bound the S3 part pool has too).
         size = -(-min(config.part_size, WRITE_CHUNK) // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
         count = max(1, config.part_size * config.concurrency // size)
-        self.write_buffers = _AlignedBuffers(size, count)
+        self.write_buffers: BufferPool[mmap.mmap] = BufferPool(size, count, _prefaulted)
         self._io: ThreadPoolExecutor | None = None
         self._io_lock = threading.Lock()
 

@@ -8,7 +8,6 @@ import base64
 import errno
 import functools
 import mmap
-import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -18,6 +17,7 @@ from trainctl.checkpoint.layout import join
 from trainctl.checkpoint.manifest import ObjectRecord
 from trainctl.checkpoint.storage import (
     MIB,
+    BufferPool,
     CorruptObjectError,
     ObjectWriter,
     PendingUpload,
@@ -33,39 +33,6 @@ T = TypeVar("T")
 S3_MIN_PART_SIZE = 5 * MIB
 """S3 rejects non-final multipart parts smaller than 5 MiB."""
 S3_MAX_PARTS = 10_000
-
-
-class _BufferPool:
-    """At most `capacity` part buffers, allocated on first use and reused forever after.
-
-    This is what bounds upload memory to ``part_size * capacity`` and keeps it flat across
-    saves (no allocation per part, no growth).
-    """
-
-    def __init__(self, part_size: int, capacity: int) -> None:
-        self.part_size = part_size
-        self.capacity = capacity
-        self._free: list[bytearray] = []
-        self._allocated = 0
-        self._condition = threading.Condition()
-
-    def acquire(self) -> bytearray:
-        with self._condition:
-            while not self._free and self._allocated >= self.capacity:
-                self._condition.wait()
-            if self._free:
-                return self._free.pop()
-            self._allocated += 1
-        return bytearray(self.part_size)
-
-    def release(self, buffer: bytearray) -> None:
-        with self._condition:
-            self._free.append(buffer)
-            self._condition.notify()
-
-    @property
-    def allocated_bytes(self) -> int:
-        return self._allocated * self.part_size
 
 
 def _is_retryable(error: BaseException) -> bool:
@@ -240,7 +207,9 @@ class S3Storage(Storage):
             skip_instance_cache=True, config_kwargs=config_kwargs, **options
         )
         self.fs.retries = 1
-        self.buffers = _BufferPool(config.part_size, config.concurrency)
+        self.buffers: BufferPool[bytearray] = BufferPool(
+            config.part_size, config.concurrency, bytearray
+        )
         self._read_limit: asyncio.Semaphore | None = None
 
     def bucket_key(self, key: str) -> tuple[str, str]:
