@@ -281,3 +281,28 @@ def test_local_writers_beyond_the_buffer_pool_write_buffered(tmp_path: Any) -> N
         assert bytes(storage.read(f"obj-{i}")) == payload
     assert storage.write_buffers.allocated_bytes == 64 * 1024
     storage.close()
+
+
+def test_a_direct_writer_that_loses_the_pool_goes_on_buffered(tmp_path: Any) -> None:
+    # Writer A has gone O_DIRECT; writer B then holds the only buffer, so A's next bytes must be
+    # written buffered: with the descriptor switched back (unaligned O_DIRECT writes fail).
+    import time
+
+    chunk = 64 * 1024
+    storage = open_storage(
+        str(tmp_path / "store"), config=TransferConfig(part_size=chunk, concurrency=1)
+    )
+    first, second = os.urandom(chunk + 10_000), os.urandom(1000)
+    a, b = storage.open_writer("a"), storage.open_writer("b")
+    a.write(first[:chunk])  # one whole buffer, in flight on an I/O thread
+    deadline = time.monotonic() + 10
+    while (buffer := storage.write_buffers.try_acquire()) is None:  # until it came back
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    storage.write_buffers.release(buffer)
+    b.write(second)  # B gathers in the pool's only buffer and keeps it
+    a.write(first[chunk:])
+    written_a, written_b = a.close(), b.close()
+    assert written_a.checksum == checksum_of(first) and written_b.checksum == checksum_of(second)
+    assert bytes(storage.read("a")) == first and bytes(storage.read("b")) == second
+    storage.close()

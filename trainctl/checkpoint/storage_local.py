@@ -160,6 +160,10 @@ class _LocalWriter(ObjectWriter):
 
     def _write_through(self, view: memoryview) -> None:
         assert self._fd is not None
+        if self._direct:  # bytes that are not a whole aligned buffer cannot go O_DIRECT
+            self._drain()
+            self._direct = _set_direct(self._fd, False)
+            self._flushed = self._offset  # written already: no writeback to start for them
         _pwrite_all(self._fd, view, self._offset)
         self._offset += len(view)
         if self._offset - self._flushed >= self._buffers.size:
@@ -183,10 +187,7 @@ class _LocalWriter(ObjectWriter):
         assert self._fd is not None
         try:
             self._drain()
-            if self._direct:
-                self._direct = _set_direct(self._fd, False)  # the tail is not a whole buffer
-                self._flushed = self._offset
-            if self._buffer is not None:
+            if self._buffer is not None:  # the tail
                 self._write_gathered()
             os.fsync(self._fd)
             self._close()
