@@ -22,18 +22,17 @@ S3 calls are retried with exponential backoff on transient errors (connection re
 
 from __future__ import annotations
 
-import mmap
 import os
 import random
 import sys
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from trainctl.checkpoint.checksum import BytesLike, StreamingChecksum
 from trainctl.checkpoint.layout import join
@@ -41,7 +40,6 @@ from trainctl.checkpoint.manifest import ObjectRecord
 from trainctl.errors import StorageError
 
 MIB = 1 << 20
-B = TypeVar("B", bytearray, mmap.mmap)
 
 
 class CorruptObjectError(StorageError):
@@ -178,61 +176,6 @@ class SpanRead:
         for _, _, fetch in self._chunks:
             if fetch is not None:
                 fetch.cancel()
-
-
-class BufferPool(Generic[B]):
-    """At most `capacity` buffers of `size` bytes, made on first use by `make` and reused
-    forever after: memory stays at most ``size * capacity`` and flat across saves (no
-    allocation per part). `acquire` waits for a free buffer (S3 uploads: back-pressure);
-    `try_acquire` does not (a local writer that finds none writes buffered instead)."""
-
-    def __init__(self, size: int, capacity: int, make: Callable[[int], B]) -> None:
-        self.size = size
-        self.capacity = capacity
-        self._make: Callable[[int], B] = make
-        self._free: list[B] = []
-        self._allocated = 0
-        self._condition = threading.Condition()
-
-    def acquire(self) -> B:
-        """A free or new buffer; blocks while all `capacity` are in use."""
-        with self._condition:
-            while not self._free and self._allocated >= self.capacity:
-                self._condition.wait()
-            if self._free:
-                return self._free.pop()
-            self._allocated += 1
-        return self._make(self.size)
-
-    def try_acquire(self) -> B | None:
-        """A free buffer, a new one within `capacity`, or None."""
-        with self._condition:
-            if self._free:
-                return self._free.pop()
-            if self._allocated >= self.capacity:
-                return None
-            self._allocated += 1
-        return self._make(self.size)
-
-    def reserve(self, count: int) -> None:
-        """Make buffers up front until `count` exist (within `capacity`), so host memory
-        reaches its steady state at once instead of creeping up a buffer at a time whenever
-        a later transfer happens to have one more in flight."""
-        while True:
-            with self._condition:
-                if self._allocated >= min(count, self.capacity):
-                    return
-                self._allocated += 1
-            self.release(self._make(self.size))
-
-    def release(self, buffer: B) -> None:
-        with self._condition:
-            self._free.append(buffer)
-            self._condition.notify()
-
-    @property
-    def allocated_bytes(self) -> int:
-        return self._allocated * self.size
 
 
 class ObjectWriter(ABC):

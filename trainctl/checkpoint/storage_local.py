@@ -15,11 +15,11 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from trainctl.checkpoint.buffers import BufferPool
 from trainctl.checkpoint.checksum import BytesLike
 from trainctl.checkpoint.manifest import ObjectRecord
 from trainctl.checkpoint.storage import (
     MIB,
-    BufferPool,
     CorruptObjectError,
     ObjectWriter,
     SpanRead,

@@ -12,12 +12,12 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from trainctl.checkpoint.buffers import BufferPool
 from trainctl.checkpoint.checksum import BytesLike, StreamingChecksum
 from trainctl.checkpoint.layout import join
 from trainctl.checkpoint.manifest import ObjectRecord
 from trainctl.checkpoint.storage import (
     MIB,
-    BufferPool,
     CorruptObjectError,
     ObjectWriter,
     PendingUpload,
