@@ -245,3 +245,34 @@ def stage_sharded_state(rank: int, out_file: str) -> None:
             },
             out_file,
         )
+
+
+def save_with_a_failing_rank(rank: int, root: str, out_file: str) -> None:
+    """Three saves; at the first, rank 1 alone holds a value that cannot be serialised."""
+    model = shard(build_model())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train_step(model, optimizer, 1)
+    events: list[tuple[str, dict[str, Any]]] = []
+    checkpointer = Checkpointer(
+        root,
+        interval_steps=1,
+        keep_last=5,
+        part_size=5 << 20,
+        on_event=lambda name, fields: events.append((name, fields)),
+    )
+    outcomes = []
+    for step in (1, 2, 3):
+        extra = new_extra()
+        extra["step"] = step
+        state: dict[str, Any] = {"app": ModelAndOptimizer(model, optimizer), "extra": extra}
+        if step == 1 and rank == 1:
+            state["unpicklable"] = lambda: None  # fails in rank 1's write, after planning
+        outcomes.append(checkpointer.save(step, state).result())
+        last_print = fingerprint(model, optimizer)
+        train_step(model, optimizer, step + 1)
+    hits = checkpointer._early_metadata.hits
+    checkpointer.close()
+    torch.save(
+        {"outcomes": outcomes, "events": events, "print": last_print, "early_hits": hits},
+        f"{out_file}.{rank}",
+    )

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from trainctl.checkpoint import inspect
 from trainctl.checkpoint.checkpointer import Checkpointer, RestoreError
@@ -322,3 +323,24 @@ def test_endpoint_outage_during_upload_fails_that_save_only(s3: Any) -> None:
         _assert_state_equal(_state(3, numel=3_000_000), restored)
     finally:
         server.stop()
+
+
+def test_early_metadata_is_kept_when_right_and_rewritten_when_the_layout_moves(
+    tmp_path: Path,
+) -> None:
+    # `.metadata` is written while the shards are, from the previous save's layout. A plain
+    # value that grows moves the offsets of what follows it: the early file must then be
+    # replaced, or plain DCP would read the wrong bytes.
+    root = (str(tmp_path), {})
+    saved = {}
+    with _checkpointer(root, interval_steps=1, keep_last=10) as checkpointer:
+        for step in (1, 2, 3, 4):
+            state = _state(step)
+            state["extra"]["tag"] = "x" if step < 3 else "x" * 5000
+            saved[step] = state
+            assert checkpointer.save(step, state).result().committed
+        assert checkpointer._early_metadata.hits == 2  # steps 2 and 4; step 3 was rewritten
+    for step, state in saved.items():
+        restored = _empty_state()
+        dcp.load(restored, checkpoint_id=str(tmp_path / step_dir_name(step)))
+        _assert_state_equal(state, restored)

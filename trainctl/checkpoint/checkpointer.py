@@ -56,7 +56,14 @@ from trainctl.checkpoint.inspect import (
 from trainctl.checkpoint.layout import manifest_key, step_key
 from trainctl.checkpoint.manifest import Manifest, ManifestError, ObjectRecord, validate_objects
 from trainctl.checkpoint.retention import RetentionPolicy
-from trainctl.checkpoint.staging import Stager
+from trainctl.checkpoint.staging import Staged, Stager
+from trainctl.checkpoint.step_save import (
+    ALREADY_COMMITTED,
+    PREPARED,
+    Collectives,
+    EarlyMetadata,
+    save_step,
+)
 from trainctl.checkpoint.storage import MIB, Storage, TransferConfig, open_storage
 from trainctl.errors import TrainctlError
 
@@ -103,6 +110,11 @@ class SaveOutcome:
     @property
     def committed(self) -> bool:
         return self.status == "committed"
+
+
+def _stall(staged: Staged, called: float) -> float:
+    """How long `save` blocked its caller (until now if the copy has not finished)."""
+    return (staged.copied_at or time.perf_counter()) - called
 
 
 class Checkpointer:
@@ -175,6 +187,8 @@ class Checkpointer:
         self._group = process_group if self._distributed else None
         self.rank = dist.get_rank(self._group) if self._group is not None else 0
         self.world_size = dist.get_world_size(self._group) if self._group is not None else 1
+        self._collectives = Collectives(self._group)
+        self._early_metadata = EarlyMetadata()
         self._stager = Stager(pin_memory=pin_memory)
         self._plan_key = f"trainctl-checkpointer-{uuid.uuid4().hex}"
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="trainctl-ckpt-upload")
@@ -233,11 +247,11 @@ class Checkpointer:
             key: value.state_dict() if isinstance(value, Stateful) else value
             for key, value in state.items()
         }
-        staged = self._stager.stage(state_dict)
-        stall_s = time.perf_counter() - called
-        self._pending = self._executor.submit(
-            self._upload, step, staged, called, stall_s, dict(extra or {})
-        )
+        staged = self._stager.begin(state_dict)
+        # The upload starts now: it plans, then writes each tensor once the copy below reached
+        # it, so the first bytes leave while the caller is still staging the rest.
+        self._pending = self._executor.submit(self._upload, step, staged, called, dict(extra or {}))
+        staged.copy()  # the stall; a failure here raises to the caller and fails that upload
         return self._pending
 
     def wait(self) -> SaveOutcome | None:
@@ -246,65 +260,53 @@ class Checkpointer:
         return pending.result() if pending is not None else None
 
     def _upload(
-        self,
-        step: int,
-        staged: dict[str, Any],
-        called: float,
-        stall_s: float,
-        extra: dict[str, Any],
+        self, step: int, staged: Staged, called: float, extra: dict[str, Any]
     ) -> SaveOutcome:
         try:
-            return self._upload_and_commit(step, staged, called, stall_s, extra)
+            return self._upload_and_commit(step, staged, called, extra)
         # CheckpointException (DCP's collective failure) derives from BaseException, not Exception.
         except (Exception, CheckpointException) as error:  # reported, never raised into training
             reason = f"{type(error).__name__}: {error}"
             log.warning("checkpoint of step %d failed: %s", step, reason)
             self._emit(CHECKPOINT_FAILED, {"step": step, "error": reason})
-            return SaveOutcome(step, "failed", reason, stall_s=stall_s)
+            return SaveOutcome(step, "failed", reason, stall_s=_stall(staged, called))
 
     def _upload_and_commit(
-        self,
-        step: int,
-        staged: dict[str, Any],
-        called: float,
-        stall_s: float,
-        extra: dict[str, Any],
+        self, step: int, staged: Staged, called: float, extra: dict[str, Any]
     ) -> SaveOutcome:
-        prepared = self._broadcast(self._prepare_step(step) if self.rank == 0 else None)
-        if prepared != "ok":
-            if prepared == "committed":
-                reason = f"step {step} is already committed (never overwritten)"
-                self._emit(CHECKPOINT_SKIPPED, {"step": step, "reason": reason})
-                return SaveOutcome(step, "skipped", reason, stall_s=stall_s)
-            raise RuntimeError(f"preparing {self.storage.url(step_key(step))}: {prepared}")
-
-        upload_started = time.perf_counter()
         step_url = self.storage.url(step_key(step))
         writer = StorageWriter(step_url, self.storage, thread_count=self.thread_count)
-        dcp.save(
-            staged,
-            storage_writer=writer,
-            planner=CachingSavePlanner(self._plan_key),
-            process_group=self._group,
-            no_dist=self._group is None,
-        )
-        records = [
-            written.to_record(path, self.rank)
-            for path, written in writer_objects(writer, step_url).items()
-        ]
-        upload_s = time.perf_counter() - upload_started
 
-        commit_started = time.perf_counter()
-        all_records = self._gather(records)
-        commit = None
-        if self.rank == 0:
-            commit = self._commit(step, all_records, extra, stall_s, upload_s, commit_started)
-        committed = self._broadcast(commit)
-        if committed is None or isinstance(committed, str):
-            raise RuntimeError(f"commit of step {step} failed: {committed}")
+        def records_of() -> list[ObjectRecord]:
+            return [
+                written.to_record(path, self.rank)
+                for path, written in writer_objects(writer, step_url).items()
+            ]
+
+        def commit(records: list[ObjectRecord], upload_s: float) -> Manifest | str:
+            staged.wait()  # copied already unless the state holds no tensor
+            return self._commit(
+                step, records, extra, _stall(staged, called), upload_s, time.perf_counter()
+            )
+
+        saved = save_step(
+            staged.state,
+            writer,
+            CachingSavePlanner(self._plan_key, staged),
+            self._collectives,
+            prepare=lambda: self._prepare_step(step),
+            records_of=records_of,
+            commit=commit,
+            early=self._early_metadata if self.rank == 0 else None,
+        )
+        if not saved.committed:
+            reason = f"step {step} is already committed (never overwritten)"
+            self._emit(CHECKPOINT_SKIPPED, {"step": step, "reason": reason})
+            return SaveOutcome(step, "skipped", reason, stall_s=_stall(staged, called))
+        stall_s = _stall(staged, called)
         self._last_committed = step
         durable_s = time.perf_counter() - called
-        size = sum(record.size for record in all_records)
+        size = saved.size_bytes
         self._emit(
             CHECKPOINT_COMMITTED,
             {
@@ -313,7 +315,7 @@ class Checkpointer:
                 "size_bytes": size,
                 "world_size": self.world_size,
                 "stall_s": stall_s,
-                "upload_s": upload_s,
+                "upload_s": saved.upload_s,
                 "durable_s": durable_s,
             },
         )
@@ -326,12 +328,12 @@ class Checkpointer:
         try:
             listed = self.storage.list_objects(step_key(step))  # one request; LISTs are fresh
             if manifest_key(step) in listed:
-                return "committed"
+                return ALREADY_COMMITTED
             # Objects without a manifest: a save of this step crashed earlier. Clear them, or a
             # smaller world size would leave stale shards of the larger one beside the new ones.
             if listed:
                 self.storage.delete_prefix(step_key(step))
-            return "ok"
+            return PREPARED
         except Exception as error:
             return f"{type(error).__name__}: {error}"
 
@@ -468,13 +470,6 @@ class Checkpointer:
         dist.broadcast_object_list(box, group=self._group, group_src=0)
         return box[0]
 
-    def _gather(self, records: list[ObjectRecord]) -> list[ObjectRecord]:
-        if self._group is None:
-            return records
-        gathered: list[list[ObjectRecord] | None] = [None] * self.world_size
-        dist.all_gather_object(gathered, records, group=self._group)
-        return [record for rank_records in gathered for record in rank_records or []]
-
     def _emit(self, name: str, fields: dict[str, Any]) -> None:
         if self.rank != 0 or self._on_event is None:
             return
@@ -497,6 +492,7 @@ class Checkpointer:
             self._closed = True
             self._executor.shutdown(wait=True)
             self._stager.close()
+            self._early_metadata.close()
             self.storage.close()
             CachingSavePlanner.forget(self._plan_key)
 

@@ -9,17 +9,27 @@ a memcpy and host memory stays flat save after save.
 The buffers are reused, so a staged state is valid only until the next `stage` call: the
 `Checkpointer` waits for the previous upload before staging again (back-pressure).
 
-The copy uses torch's DTensor/ShardedTensor-aware helper (`_copy_state_dict`: what DCP's
-`BlockingAsyncStager` uses). The buffers are allocated here (`_allocate`), not with its twin
-`_create_cpu_state_dict`: that one deep-copies every CPU DTensor (and moves every device
-DTensor to the CPU) before replacing its data with an empty buffer, so the first save briefly
-held two copies of the state; the freed copy stayed in the allocator's heap, and host memory
-after the first save measured 1.2 GB instead of 0.69 GB for a 0.5 GB per-rank state. Both
-helpers are private, so they are imported here and nowhere else.
+`begin` hands out the staged state before its bytes are copied (`Staged`): the upload thread
+plans the save and starts writing the first tensors while the caller is still copying the
+rest (`Staged.copy`); a writer takes a tensor once `Staged.wait_for` says its copy finished.
+Tensors are copied smallest first, the order trainctl's DCP writer writes them in. On a
+100 MB state on local disk this moved the first write from ~8 ms after `save` was called
+(staging, then the thread hand-off and planning) to ~2 ms.
+
+Tensors and DTensors are copied here, one by one (their local shards); a ShardedTensor goes
+through torch's helper (`_copy_state_dict`: what DCP's `BlockingAsyncStager` uses). The buffers
+are allocated here (`_allocate`), not with its twin `_create_cpu_state_dict`: that one
+deep-copies every CPU DTensor (and moves every device DTensor to the CPU) before replacing its
+data with an empty buffer, so the first save briefly held two copies of the state; the freed
+copy stayed in the allocator's heap, and host memory after the first save measured 1.2 GB
+instead of 0.69 GB for a 0.5 GB per-rank state. Both helpers are private, so they are imported
+here and nowhere else.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -84,6 +94,8 @@ def _allocate(value: Any, pin_memory: bool) -> Any:
 
 
 def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, ShardedTensor):
+        return sum(int(shard.tensor.nbytes) for shard in value.local_shards())
     if isinstance(value, DTensor):
         return int(value._local_tensor.nbytes)
     if isinstance(value, torch.Tensor):
@@ -93,6 +105,91 @@ def _tensor_bytes(value: Any) -> int:
     if isinstance(value, list | tuple):
         return sum(_tensor_bytes(item) for item in value)
     return 0
+
+
+def _bind(value: Any, buffers: Any, pairs: list[tuple[Any, Any]]) -> Any:
+    """The staged tree: `buffers`' containers and tensors with `value`'s non-tensor leaves;
+    appends every (live, buffer) tensor pair to `pairs`."""
+    if isinstance(value, torch.Tensor):  # DTensor and ShardedTensor included
+        pairs.append((value, buffers))
+        return buffers
+    if isinstance(value, Mapping):
+        return {key: _bind(item, buffers[key], pairs) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        items = [_bind(item, buffer, pairs) for item, buffer in zip(value, buffers, strict=True)]
+        return tuple(items) if isinstance(value, tuple) else items
+    return value  # immutable by contract (ints, strings, bytes): carried, not copied
+
+
+def _copy_into(buffer: Any, value: Any, non_blocking: bool) -> None:
+    if isinstance(value, DTensor):
+        buffer._local_tensor.copy_(value._local_tensor, non_blocking=non_blocking)
+    elif isinstance(value, ShardedTensor):
+        _copy_state_dict({"v": value}, {"v": buffer}, non_blocking=non_blocking, type_check=False)
+    else:
+        buffer.copy_(value, non_blocking=non_blocking)
+
+
+class StagingFailed(RuntimeError):
+    """The copy into the staging buffers failed (the caller of `save` got the error)."""
+
+
+class Staged:
+    """A state being staged: `state` (its tensors are the reused buffers) can be planned at
+    once; a tensor's bytes may be read once `wait_for(tensor)` returned. The caller fills the
+    buffers with `copy` (in its own thread) before touching the live state again."""
+
+    def __init__(self, state: dict[str, Any], pairs: list[tuple[Any, Any]], non_blocking: bool):
+        self.state = state
+        self.copied_at: float | None = None
+        """`time.perf_counter()` when the last byte was copied."""
+        # Smallest first (stable): the order trainctl's DCP writer writes tensors in.
+        self._pairs = sorted(pairs, key=lambda pair: _tensor_bytes(pair[1]))
+        self._order = {id(buffer): index for index, (_, buffer) in enumerate(self._pairs)}
+        self._total = len(self._pairs)
+        self._non_blocking = non_blocking
+        self._copied = 0
+        self._error: BaseException | None = None
+        self._ready = threading.Condition()
+
+    def copy(self) -> None:
+        """Copy every tensor into its buffer, smallest first; returns when all are copied
+        (device copies synchronised). Raises what the copy raised (waiters get StagingFailed)."""
+        try:
+            with torch.no_grad():
+                for index, (value, buffer) in enumerate(self._pairs):
+                    _copy_into(buffer, value, self._non_blocking)
+                    if not self._non_blocking:
+                        self._advance(index + 1)
+                if self._non_blocking:
+                    torch.cuda.synchronize()
+        except BaseException as error:
+            with self._ready:
+                self._error = error
+                self._ready.notify_all()
+            raise
+        finally:
+            self._pairs = []  # never keep the live state alive from here
+        self.copied_at = time.perf_counter()
+        self._advance(self._total)
+
+    def _advance(self, copied: int) -> None:
+        with self._ready:
+            self._copied = copied
+            self._ready.notify_all()
+
+    def wait_for(self, tensor: Any) -> None:
+        """Block until `tensor` (a tensor of `state`; anything else: every tensor) is copied."""
+        needed = self._order.get(id(tensor), self._total - 1) + 1
+        with self._ready:
+            while self._copied < needed and self._error is None:
+                self._ready.wait()
+            if self._copied < needed:
+                raise StagingFailed(f"staging failed: {self._error!r}")
+
+    def wait(self) -> None:
+        """Block until every tensor is copied (raises StagingFailed if the copy failed)."""
+        self.wait_for(None)
 
 
 class Stager:
@@ -115,12 +212,11 @@ class Stager:
         """Bytes held by the staging buffers."""
         return _tensor_bytes(self._buffers) if self._buffers is not None else 0
 
-    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """A copy of `state_dict` whose tensors live in the reused host buffers.
+    def begin(self, state_dict: dict[str, Any]) -> Staged:
+        """The staged form of `state_dict` in the reused buffers, not copied yet: the caller
+        runs `Staged.copy` next (its stall), while others may plan and write from it.
 
-        Non-tensor leaves (ints, bytes, strings) are carried as they are (immutable). Returns
-        once the copy is complete (device copies are synchronised). Blocks the caller: this is
-        the checkpoint's stall.
+        Non-tensor leaves (ints, bytes, strings) are carried as they are (immutable).
         """
         layout = _layout(state_dict)
         if self._buffers is None or layout != self._layout:
@@ -128,13 +224,15 @@ class Stager:
             self._buffers = _allocate(state_dict, self.pin_memory)
             self._layout = layout
             self.num_allocations += 1
-        non_blocking = self.pin_memory and torch.cuda.is_available()
-        staged = _copy_state_dict(
-            state_dict, self._buffers, non_blocking=non_blocking, type_check=False
-        )
-        if non_blocking:
-            torch.cuda.synchronize()
-        return staged
+        pairs: list[tuple[Any, Any]] = []
+        staged = _bind(state_dict, self._buffers, pairs)
+        return Staged(staged, pairs, non_blocking=self.pin_memory and torch.cuda.is_available())
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A copy of `state_dict` in the reused buffers, complete when this returns."""
+        staged = self.begin(state_dict)
+        staged.copy()
+        return staged.state
 
     def close(self) -> None:
         """Drop the buffers (the next `stage` allocates again)."""
