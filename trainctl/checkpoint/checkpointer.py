@@ -189,6 +189,7 @@ class Checkpointer:
         self.world_size = dist.get_world_size(self._group) if self._group is not None else 1
         self._collectives = Collectives(self._group)
         self._early_metadata = EarlyMetadata()
+        self._planned_generation: int | None = None
         self._stager = Stager(pin_memory=pin_memory)
         self._plan_key = f"trainctl-checkpointer-{uuid.uuid4().hex}"
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="trainctl-ckpt-upload")
@@ -298,12 +299,14 @@ class Checkpointer:
             records_of=records_of,
             commit=commit,
             early=self._early_metadata if self.rank == 0 else None,
+            plan_known=staged.generation == self._planned_generation,
         )
         if not saved.committed:
             reason = f"step {step} is already committed (never overwritten)"
             self._emit(CHECKPOINT_SKIPPED, {"step": step, "reason": reason})
             return SaveOutcome(step, "skipped", reason, stall_s=_stall(staged, called))
         stall_s = _stall(staged, called)
+        self._planned_generation = staged.generation  # DCP's cached plan is this layout's
         self._last_committed = step
         durable_s = time.perf_counter() - called
         size = saved.size_bytes

@@ -40,11 +40,22 @@ from torch.distributed.tensor import DTensor
 
 
 def _layout(value: Any, path: str = "") -> list[tuple[Any, ...]]:
-    """Everything that decides whether cached buffers fit: keys, container kinds, tensor
-    shapes/dtypes (local and global for DTensors). Values of non-tensor leaves do not matter."""
+    """Everything that decides whether cached buffers fit, and whether DCP's plan for the last
+    save holds: keys, container kinds, tensor shapes/dtypes (local and global for DTensors,
+    with their mesh and placements). Values of non-tensor leaves do not matter."""
     if isinstance(value, DTensor):
         local = value._local_tensor
-        return [(path, "dtensor", value.dtype, tuple(value.shape), tuple(local.shape))]
+        return [
+            (
+                path,
+                "dtensor",
+                value.dtype,
+                tuple(value.shape),
+                tuple(local.shape),
+                tuple(value.placements),
+                value.device_mesh,
+            )
+        ]
     if isinstance(value, torch.Tensor):
         return [(path, "tensor", value.dtype, tuple(value.shape))]
     if isinstance(value, Mapping):
@@ -139,8 +150,16 @@ class Staged:
     once; a tensor's bytes may be read once `wait_for(tensor)` returned. The caller fills the
     buffers with `copy` (in its own thread) before touching the live state again."""
 
-    def __init__(self, state: dict[str, Any], pairs: list[tuple[Any, Any]], non_blocking: bool):
+    def __init__(
+        self,
+        state: dict[str, Any],
+        pairs: list[tuple[Any, Any]],
+        non_blocking: bool,
+        generation: int,
+    ):
         self.state = state
+        self.generation = generation
+        """Which allocation of the buffers this is: equal for two states of the same layout."""
         self.copied_at: float | None = None
         """`time.perf_counter()` when the last byte was copied."""
         # Smallest first (stable): the order trainctl's DCP writer writes tensors in.
@@ -226,7 +245,8 @@ class Stager:
             self.num_allocations += 1
         pairs: list[tuple[Any, Any]] = []
         staged = _bind(state_dict, self._buffers, pairs)
-        return Staged(staged, pairs, non_blocking=self.pin_memory and torch.cuda.is_available())
+        non_blocking = self.pin_memory and torch.cuda.is_available()
+        return Staged(staged, pairs, non_blocking, generation=self.num_allocations)
 
     def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """A copy of `state_dict` in the reused buffers, complete when this returns."""
