@@ -249,8 +249,8 @@ class Checkpointer:
             for key, value in state.items()
         }
         staged = self._stager.begin(state_dict)
-        # The upload starts now: it plans, then writes each tensor once the copy below reached
-        # it, so the first bytes leave while the caller is still staging the rest.
+        # The upload starts now: it hands off, plans and agrees with the other ranks while the
+        # caller copies below, and writes tensors once the copy finished.
         self._pending = self._executor.submit(self._upload, step, staged, called, dict(extra or {}))
         staged.copy()  # the stall; a failure here raises to the caller and fails that upload
         return self._pending

@@ -253,7 +253,7 @@ class CachingSavePlanner(DefaultSavePlanner):
     `enable_plan_caching`). DCP keys the cache by class name, process-wide; `key` gives each
     Checkpointer its own entry, so two checkpointers in one process never share plans.
 
-    With `staged`, a tensor is handed to the writer only once its staging copy finished.
+    With `staged`, tensors are handed to the writer only once the staging copy finished.
     """
 
     def __init__(self, key: str, staged: Staged | None = None) -> None:
@@ -262,10 +262,10 @@ class CachingSavePlanner(DefaultSavePlanner):
         self._staged = staged
 
     def resolve_data(self, write_item: WriteItem) -> Any:
-        """The item's data, once its staging copy finished (`Staged`: the training thread may
-        still be copying later tensors while the first ones are written)."""
+        """The item's data; a tensor's once the staging copy finished (`Staged`: the training
+        thread may still be copying while the upload thread plans and writes plain values)."""
         if self._staged is not None and write_item.type != WriteItemType.BYTE_IO:
-            self._staged.wait_for(self.state_dict.get(write_item.index.fqn))
+            self._staged.wait()
         return super().resolve_data(write_item)
 
     def has_final_plan(self) -> bool:
