@@ -248,7 +248,8 @@ def stage_sharded_state(rank: int, out_file: str) -> None:
 
 
 def save_with_a_failing_rank(rank: int, root: str, out_file: str) -> None:
-    """Three saves; at the first, rank 1 alone holds a value that cannot be serialised."""
+    """Four saves; at the first, rank 1 alone holds a value that cannot be serialised; at the
+    last, rank 1 alone holds a new value."""
     model = shard(build_model())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     train_step(model, optimizer, 1)
@@ -261,12 +262,16 @@ def save_with_a_failing_rank(rank: int, root: str, out_file: str) -> None:
         on_event=lambda name, fields: events.append((name, fields)),
     )
     outcomes = []
-    for step in (1, 2, 3):
+    for step in (1, 2, 3, 4):
         extra = new_extra()
         extra["step"] = step
         state: dict[str, Any] = {"app": ModelAndOptimizer(model, optimizer), "extra": extra}
         if step == 1 and rank == 1:
             state["unpicklable"] = lambda: None  # fails in rank 1's write, after planning
+        if step == 4 and rank == 1:
+            # Rank 1's layout changes, rank 0's does not: rank 0 starts writing on its cached
+            # plan, and must abandon that when the agreement says rank 1 plans anew.
+            state["note"] = "only on rank 1"
         outcomes.append(checkpointer.save(step, state).result())
         last_print = fingerprint(model, optimizer)
         train_step(model, optimizer, step + 1)

@@ -134,6 +134,22 @@ def test_a_committed_step_is_never_overwritten(storage_root: Any) -> None:
         assert checkpointer.restore_latest(restored) == 10
     _assert_state_equal(_state(10), restored)
     assert events.names().count("checkpoint_skipped") == 2
+    # A save that writes before the ranks agree (its plan is cached: a step committed just
+    # before) must not publish a byte into a committed step it then finds: here step 20,
+    # committed by an earlier attempt above the step this one went on from.
+    with _checkpointer(storage_root, on_event=events) as checkpointer:
+        assert checkpointer.save(20, _state(20)).result().committed
+    storage = open_storage(storage_root[0], storage_options=storage_root[1])
+    before = {
+        key: bytes(storage.read(key)) for key in storage.list_objects(f"{step_dir_name(20)}/")
+    }
+    with _checkpointer(storage_root, on_event=events) as checkpointer:
+        assert checkpointer.save(15, _state(15)).result().committed
+        outcome = checkpointer.save(20, _state(21)).result()
+        assert outcome.status == "skipped" and "already committed" in outcome.reason
+    after = {key: bytes(storage.read(key)) for key in storage.list_objects(f"{step_dir_name(20)}/")}
+    assert after == before
+    storage.close()
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncate", "drop_manifest"])
@@ -344,3 +360,28 @@ def test_early_metadata_is_kept_when_right_and_rewritten_when_the_layout_moves(
         restored = _empty_state()
         dcp.load(restored, checkpoint_id=str(tmp_path / step_dir_name(step)))
         _assert_state_equal(state, restored)
+
+
+def test_a_failed_saves_leftover_is_cleared_before_the_step_is_saved_again(
+    tmp_path: Path,
+) -> None:
+    # Saves after the first write before every rank agreed, and publish only after: a
+    # leftover of an earlier failed save of the same step (published objects, no manifest)
+    # must still be cleared first; a file some crashed writer never renamed is not one.
+    root = (str(tmp_path), {})
+    with _checkpointer(root, interval_steps=1, keep_last=10) as checkpointer:
+        assert checkpointer.save(1, _state(1)).result().committed
+        leftover = tmp_path / step_dir_name(2)
+        leftover.mkdir()
+        (leftover / "__0_0.distcp").write_bytes(b"junk from a failed save")
+        (leftover / "__7_0.distcp").write_bytes(b"a shard of a larger world")
+        assert checkpointer.save(2, _state(2)).result().committed
+        assert not (leftover / "__7_0.distcp").exists()
+        stale = tmp_path / step_dir_name(3)
+        stale.mkdir()
+        (stale / "__0_0.distcp.tmp-1-deadbeef").write_bytes(b"never renamed")
+        assert checkpointer.save(3, _state(3)).result().committed
+    for step in (2, 3):
+        restored = _empty_state()
+        dcp.load(restored, checkpoint_id=str(tmp_path / step_dir_name(step)))
+        _assert_state_equal(_state(step), restored)

@@ -7,9 +7,11 @@ Save (`save` / `maybe_save`), on every rank:
 2. stage: copy the state into host buffers reused across saves (the only stall);
 3. return; a background thread then runs, on a **dedicated gloo process group** (DCP's
    collectives on the training group crashed or deadlocked 3 of 3 times here while training
-   ran): clear an uncommitted leftover of the same step (rank 0) → ``dcp.save`` through
-   trainctl's storage (concurrent multipart, checksums in flight) → gather every rank's object
-   list → rank 0 writes ``manifest.json`` last, create-exclusive → retention GC (rank 0).
+   ran): DCP's save protocol through trainctl's storage (concurrent multipart, checksums in
+   flight), with the commit folded into its collectives (`step_save`): one agreement (rank 0
+   clears an uncommitted leftover of the same step first) → shards → one gather of every rank's
+   results and object list → rank 0 writes ``.metadata``, then ``manifest.json`` last,
+   create-exclusive → retention GC (rank 0).
 
 Restore (`restore_latest`): newest step first, skip (with an event) any step without a manifest,
 with missing or truncated objects, or whose blocks fail their checksums while DCP reads them;
@@ -59,6 +61,7 @@ from trainctl.checkpoint.retention import RetentionPolicy
 from trainctl.checkpoint.staging import Staged, Stager
 from trainctl.checkpoint.step_save import (
     ALREADY_COMMITTED,
+    LEFTOVER,
     PREPARED,
     Collectives,
     EarlyMetadata,
@@ -296,6 +299,7 @@ class Checkpointer:
             CachingSavePlanner(self._plan_key, staged),
             self._collectives,
             prepare=lambda: self._prepare_step(step),
+            clear=lambda: self._clear_step(step),
             records_of=records_of,
             commit=commit,
             early=self._early_metadata if self.rank == 0 else None,
@@ -327,15 +331,25 @@ class Checkpointer:
         return SaveOutcome(step, "committed", "", stall_s, durable_s, size)
 
     def _prepare_step(self, step: int) -> str:
-        """Rank 0, before writing: refuse a committed step, clear an uncommitted leftover."""
+        """Rank 0, before writing: is the step committed, or holding a failed save's objects?
+        Changes nothing: other ranks may be writing into the step already."""
         try:
             listed = self.storage.list_objects(step_key(step))  # one request; LISTs are fresh
             if manifest_key(step) in listed:
                 return ALREADY_COMMITTED
-            # Objects without a manifest: a save of this step crashed earlier. Clear them, or a
-            # smaller world size would leave stale shards of the larger one beside the new ones.
-            if listed:
-                self.storage.delete_prefix(step_key(step))
+            # Published objects without a manifest: a save of this step failed earlier. They
+            # are cleared first, or a smaller world size would leave stale shards of the larger
+            # one beside the new ones. Objects still being written are this save's.
+            if any(not self.storage.is_temporary(key) for key in listed):
+                return LEFTOVER
+            return PREPARED
+        except Exception as error:
+            return f"{type(error).__name__}: {error}"
+
+    def _clear_step(self, step: int) -> str:
+        """Rank 0, once no rank writes into the step: delete what a failed save left."""
+        try:
+            self.storage.delete_prefix(step_key(step))
             return PREPARED
         except Exception as error:
             return f"{type(error).__name__}: {error}"

@@ -20,7 +20,7 @@ import dataclasses
 import io
 import os
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -104,6 +104,9 @@ class StorageFileSystem(FileSystemBase):
         self._written: dict[str, WrittenObject] = {}
         self._spans: dict[str, SpanRead] = {}
         self._lock = threading.Lock()  # DCP may write files from several threads
+        self.publish_gate: Callable[[], None] | None = None
+        """Called before a written object is published (its writer closed): may block, and
+        raises to abandon the object (it is discarded, never published)."""
 
     def written_objects(self) -> dict[str, WrittenObject]:
         """Objects this instance wrote and that still exist: key -> size and checksums."""
@@ -122,12 +125,13 @@ class StorageFileSystem(FileSystemBase):
         key = self.storage.key_of(os.fspath(path))
         if "w" in mode:
             writer = self.storage.open_writer(key)
+            writer.before_publish = self.publish_gate  # DCP closes the stream itself
             try:
                 yield cast(io.IOBase, writer)
+                written = writer.close()  # no-op when DCP closed it (idempotent)
             except BaseException:
                 writer.abort()
                 raise
-            written = writer.close()
             with self._lock:
                 self._written[key] = written
             return

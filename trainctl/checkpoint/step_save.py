@@ -9,11 +9,15 @@ disk those rounds and the waits between them were a third of the durable time (~
 `save_step` drives the same public planner and storage-writer calls as ``dcp.save`` (so the
 shard files and ``.metadata`` are exactly DCP's, and plain ``dcp.load`` reads them) with:
 
-1. one ``all_reduce`` of three integers: did any rank fail to set up, did any rank's plan
-   change (DCP's plan cache decides), did rank 0 find the step committed. Rank 0 clears an
-   uncommitted leftover of the step before it joins, so no rank writes into the step before
-   it is clean. Plans travel (gather, global plan on rank 0, scatter) only when one changed;
-   a training job saves the same layout every time, so that is the first save;
+1. one ``all_reduce`` of four integers: did any rank fail to set up, did any rank's plan
+   change (DCP's plan cache decides), did rank 0 find the step committed, or holding objects
+   of an earlier failed save (then rank 0 clears it, between two barriers, before anyone
+   writes). Plans travel (gather, global plan on rank 0, scatter) only when one changed; a
+   training job saves the same layout every time, so that is the first save. A rank whose
+   plan is the cached one starts writing while the all_reduce is in flight and publishes
+   nothing (a storage writer's close renames or completes the object) until it says every
+   rank may: on a host with a core per rank the all_reduce, started under the staging
+   copies, completed 1-10 ms after them. When it says no, what was written is discarded.
 2. every rank writes its shards;
 3. one gather of (write results, object records, error) to rank 0, which writes ``.metadata``
    and then the manifest (the commit); one broadcast of the outcome.
@@ -25,6 +29,7 @@ the others blocked in a collective.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,8 +49,10 @@ PREPARED = "ok"
 """`prepare`'s answer when the step directory is ready to write into."""
 ALREADY_COMMITTED = "committed"
 """`prepare`'s answer when the step is committed already (it is never overwritten)."""
+LEFTOVER = "leftover"
+"""`prepare`'s answer when the step directory holds objects of an earlier, failed save."""
 
-_FAILED, _REPLAN, _COMMITTED = range(3)  # the agreement's fields
+_FAILED, _REPLAN, _COMMITTED, _LEFTOVER = range(4)  # the agreement's fields
 
 
 class SaveFailed(RuntimeError):
@@ -98,6 +105,20 @@ class Collectives:
         tensor = torch.tensor(values, dtype=torch.int64)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
         return [int(value) for value in tensor.tolist()]
+
+    def max_ints_async(self, values: list[int]) -> Callable[[], list[int]]:
+        """`max_ints` started now; the returned function waits for it and returns it."""
+        if self.group is None:
+            return lambda: values
+        tensor = torch.tensor(values, dtype=torch.int64)
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        assert work is not None
+
+        def wait() -> list[int]:
+            work.wait()
+            return [int(value) for value in tensor.tolist()]
+
+        return wait
 
     def broadcast_ints(self, values: list[int]) -> list[int]:
         """Rank 0's `values` on every rank (one small broadcast)."""
@@ -158,6 +179,7 @@ def save_step(
     comm: Collectives,
     *,
     prepare: Callable[[], str],
+    clear: Callable[[], str],
     records_of: Callable[[], list[ObjectRecord]],
     commit: Callable[[list[ObjectRecord], float], Manifest | str],
     early: EarlyMetadata | None = None,
@@ -165,11 +187,13 @@ def save_step(
 ) -> StepSaved:
     """Write `state_dict` (staged, plain: no `Stateful`s) through `writer` and commit it.
 
-    Call on every rank. On rank 0, `prepare()` readies the step directory first and answers
-    `PREPARED`, `ALREADY_COMMITTED` or why it failed; `commit(records, upload_s)` writes the
-    manifest for every rank's object records (`upload_s`: the slowest rank's write time) and
-    returns it, or why it failed. `records_of()` lists what this rank's writer wrote (rank 0:
-    after ``.metadata``). `early` (rank 0) writes ``.metadata`` ahead when it can.
+    Call on every rank. On rank 0, `prepare()` looks at the step directory first (and changes
+    nothing: other ranks may be writing into it already) and answers `PREPARED`,
+    `ALREADY_COMMITTED`, `LEFTOVER` or why it failed; `clear()` deletes a leftover (answers
+    `PREPARED` or why it failed) once every rank stopped writing; `commit(records, upload_s)`
+    writes the manifest for every rank's object records (`upload_s`: the slowest rank's write
+    time) and returns it, or why it failed. `records_of()` lists what this rank's writer wrote
+    (rank 0: after ``.metadata``). `early` (rank 0) writes ``.metadata`` ahead when it can.
     `plan_known`: the state has the layout of this planner's last committed save (DCP's cached
     plan holds). Raises `SaveFailed` on every rank when any rank failed.
     """
@@ -188,53 +212,81 @@ def save_step(
         local_plan = SavePlan([], usable=False) if known else planner.create_local_plan()
     except Exception as failure:
         error = _describe(failure)
-    committed_already = False
+    # An unchanged plan comes back empty and unusable from DCP's cache (`CachingSavePlanner`).
+    replan = local_plan is None or local_plan.usable or not planner.has_final_plan()
+    speculate = error is None and not replan
+    if speculate:
+        try:
+            writer.file_system.mkdir(writer.path)
+        except Exception as failure:
+            error = _describe(failure)
+    committed_already = leftover = False
     if coordinator and error is None:
         answer = prepare()
         committed_already = answer == ALREADY_COMMITTED
-        if answer not in (PREPARED, ALREADY_COMMITTED):
+        leftover = answer == LEFTOVER
+        if answer not in (PREPARED, ALREADY_COMMITTED, LEFTOVER):
             error = f"preparing {writer.path}: {answer}"
-    # An unchanged plan comes back empty and unusable from DCP's cache (`CachingSavePlanner`).
-    replan = local_plan is None or local_plan.usable or not planner.has_final_plan()
-    agreed = comm.max_ints([int(error is not None), int(replan), int(committed_already)])
-    if agreed[_FAILED]:
-        raise SaveFailed(_reasons(comm, error))
-    if agreed[_COMMITTED]:
-        return StepSaved(committed=False)
-    assert local_plan is not None
+    flags = [int(error is not None), int(replan), int(committed_already), int(leftover)]
+    mine = None if coordinator else records_of  # rank 0 lists its objects after .metadata
 
     metadata: Metadata | None = None
-    try:  # after the agreement: rank 0 has cleared the step directory
-        local_plan = writer.prepare_local_plan(local_plan)  # mkdir; refuses an existing .metadata
-    except Exception as failure:
-        error = _describe(failure)
-    if agreed[_REPLAN]:
-        central_plan, metadata, error = _plan_together(writer, planner, comm, local_plan, error)
-    else:
-        central_plan = SavePlan([], usable=False)  # finish_plan takes the cached final plan
-        if coordinator:
-            # Every plan is unchanged: DCP's planner answers from its cache, no collective.
-            _, metadata = planner.create_global_plan([SavePlan([], usable=False)] * comm.world_size)
-
     ahead: Future[None] | None = None
-    if early is not None and error is None and not agreed[_REPLAN] and metadata is not None:
-        ahead = early.start(writer, metadata)
     written = _Written()
     upload_s = 0.0
-    if error is None:
-        started = time.perf_counter()
+    if speculate and error is None:
+        # This rank's plan is the cached one: write now, while the agreement is in flight
+        # (under the staging copies it completes late on a host with a core per rank), and
+        # publish nothing before it says every rank may (`publish_gate`).
+        agreement = _Agreement(comm.max_ints_async(flags))
+        writer.file_system.publish_gate = agreement.require_clear
         try:
-            final_plan = planner.finish_plan(central_plan)
-            results = writer.write_data(final_plan, planner)
-            results.wait()
-            written.results = results.value()
-            if not coordinator:
-                written.records = records_of()
-        except Exception as failure:
-            written.error = _describe(failure)
-        upload_s = written.upload_s = time.perf_counter() - started
+            if coordinator:
+                _, metadata = planner.create_global_plan(
+                    [SavePlan([], usable=False)] * comm.world_size
+                )
+                if early is not None:
+                    ahead = early.start(writer, metadata)
+            written, upload_s = _write(writer, planner, SavePlan([], usable=False), mine)
+        finally:
+            agreed = agreement.result()
+            writer.file_system.publish_gate = None
     else:
-        written.error = error
+        agreed = comm.max_ints(flags)
+
+    if any(agreed):  # not every rank could go ahead: anything written was abandoned
+        if ahead is not None:
+            ahead.exception()  # abandoned at the gate: wait until it is gone
+            ahead = None
+        if agreed[_FAILED]:
+            raise SaveFailed(_reasons(comm, error))
+        if agreed[_COMMITTED]:
+            return StepSaved(committed=False)
+        if agreed[_LEFTOVER]:
+            comm.max_ints([0])  # every rank is past its abandoned writes
+            why = clear() if coordinator else PREPARED
+            if comm.max_ints([int(why != PREPARED)])[0]:
+                raise SaveFailed(_reasons(comm, None if why == PREPARED else why))
+        assert local_plan is not None
+        try:  # rank 0 has cleared the step directory
+            local_plan = writer.prepare_local_plan(local_plan)  # mkdir; refuses a .metadata
+        except Exception as failure:
+            error = _describe(failure)
+        if agreed[_REPLAN]:
+            central_plan, metadata, error = _plan_together(writer, planner, comm, local_plan, error)
+        else:
+            central_plan = SavePlan([], usable=False)  # finish_plan takes the cached final plan
+            if coordinator:
+                # Every plan is unchanged: DCP's planner answers from its cache.
+                _, metadata = planner.create_global_plan(
+                    [SavePlan([], usable=False)] * comm.world_size
+                )
+        if early is not None and error is None and not agreed[_REPLAN] and metadata is not None:
+            ahead = early.start(writer, metadata)
+        if error is None:
+            written, upload_s = _write(writer, planner, central_plan, mine)
+        else:
+            written = _Written(error=error)
 
     gathered: list[_Written] = comm.gather(written)
     verdict: Manifest | str = ""
@@ -252,6 +304,52 @@ def save_step(
         upload_s=upload_s,
         manifest=verdict if isinstance(verdict, Manifest) else None,
     )
+
+
+def _write(
+    writer: StorageWriter,
+    planner: CachingSavePlanner,
+    central_plan: SavePlan,
+    records_of: Callable[[], list[ObjectRecord]] | None,
+) -> tuple[_Written, float]:
+    """This rank's shards (and its object records, from `records_of` when given); failures
+    are returned (rank 0 hears of them), never raised."""
+    written = _Written()
+    started = time.perf_counter()
+    try:
+        final_plan = planner.finish_plan(central_plan)
+        results = writer.write_data(final_plan, planner)
+        results.wait()
+        written.results = results.value()
+        if records_of is not None:
+            written.records = records_of()
+    except Exception as failure:
+        written.error = _describe(failure)
+    written.upload_s = time.perf_counter() - started
+    return written, written.upload_s
+
+
+class _Abandoned(Exception):
+    """Raised at the publish gate: the ranks did not all agree to go ahead."""
+
+
+class _Agreement:
+    """The agreement's outcome, awaited once by whichever thread needs it first."""
+
+    def __init__(self, outcome: Callable[[], list[int]]) -> None:
+        self._outcome = outcome
+        self._lock = threading.Lock()
+        self._agreed: list[int] | None = None
+
+    def result(self) -> list[int]:
+        with self._lock:
+            if self._agreed is None:
+                self._agreed = self._outcome()
+            return self._agreed
+
+    def require_clear(self) -> None:
+        if any(self.result()):
+            raise _Abandoned("another rank could not go ahead with this save")
 
 
 def _layout_of(results: list[list[WriteResult]]) -> dict[Any, Any]:
@@ -372,6 +470,7 @@ def _finish(
 
 __all__ = [
     "ALREADY_COMMITTED",
+    "LEFTOVER",
     "PREPARED",
     "Collectives",
     "EarlyMetadata",

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,6 +190,9 @@ class ObjectWriter(ABC):
         self._checksum = StreamingChecksum(block_size)
         self._result: WrittenObject | None = None
         self._aborted = False
+        self.before_publish: Callable[[], None] | None = None
+        """Called by `close` before the object is published: may block, and raises to keep
+        it unpublished (the caller then aborts)."""
 
     def write(self, data: BytesLike) -> int:
         """Append bytes; may block while earlier parts upload (back-pressure)."""
@@ -225,6 +228,8 @@ class ObjectWriter(ABC):
         if self._result is None:
             if self._aborted:
                 raise ValueError(f"{self.key}: close after abort")
+            if self.before_publish is not None:
+                self.before_publish()
             self._finish()
             self._result = WrittenObject(
                 key=self.key,
@@ -328,6 +333,11 @@ class Storage(ABC):
     def delete_prefix(self, prefix: str) -> int:
         """Delete everything under `prefix`; returns the number of objects deleted."""
 
+    def is_temporary(self, key: str) -> bool:
+        """Whether a listed key is an object still being written (a temporary name that is
+        renamed when its writer closes). Objects in flight are not listed on S3."""
+        return False
+
     @abstractmethod
     def rename(self, key: str, new_key: str) -> None:
         """Move an object (atomic locally; copy then delete on S3)."""
@@ -411,6 +421,9 @@ class InjectedOutage(Storage):
     def delete_prefix(self, prefix: str) -> int:
         self._check()
         return self.inner.delete_prefix(prefix)
+
+    def is_temporary(self, key: str) -> bool:
+        return self.inner.is_temporary(key)
 
     def rename(self, key: str, new_key: str) -> None:
         self._check()

@@ -42,6 +42,8 @@ IN_FLIGHT_BYTES = 32 * MIB
 """Most bytes one writer has in flight (at most ``2 * part_size``): enough to keep a local
 device busy; more only holds memory."""
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+_TEMPORARY = ".tmp-"
+"""Marks the name of a file still being written (renamed into place when its writer closes)."""
 
 
 def _prefaulted(size: int) -> mmap.mmap:
@@ -77,7 +79,7 @@ class _LocalWriter(ObjectWriter):
         self._want_direct = bool(storage.config.direct_io and _O_DIRECT)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         # Same directory, unique name: the rename below is atomic and never crosses devices.
-        self._tmp_path = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._tmp_path = f"{path}{_TEMPORARY}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._fd: int | None = os.open(
             self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
         )
@@ -409,6 +411,10 @@ class LocalStorage(Storage):
             os.unlink(self._path(key))
         except FileNotFoundError:
             pass
+
+    def is_temporary(self, key: str) -> bool:
+        name = key.rsplit("/", 1)[-1]
+        return _TEMPORARY in name or name.endswith(".put")
 
     def delete_prefix(self, prefix: str) -> int:
         path = self._path(prefix)
