@@ -420,10 +420,11 @@ class Checkpointer:
         self.wait()
         # Newest first, one manifest read per step tried: one LIST here, not a manifest read
         # for every step retained.
-        candidates = self._broadcast(step_numbers_in(self.storage) if self.rank == 0 else None)
+        broadcast = self._collectives.broadcast
+        candidates = broadcast(step_numbers_in(self.storage) if self.rank == 0 else None)
         touched = False
         for step in sorted(candidates, reverse=True):
-            checked = self._broadcast(self._check_step(step) if self.rank == 0 else None)
+            checked = broadcast(self._check_step(step) if self.rank == 0 else None)
             if isinstance(checked, str):
                 self._emit(RESTORE_SKIPPED, {"step": step, "reason": checked})
                 continue
@@ -479,13 +480,6 @@ class Checkpointer:
         return manifest
 
     # ------------------------------------------------------------------------------ plumbing
-
-    def _broadcast(self, value: Any) -> Any:
-        if self._group is None:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, group=self._group, group_src=0)
-        return box[0]
 
     def _emit(self, name: str, fields: dict[str, Any]) -> None:
         if self.rank != 0 or self._on_event is None:

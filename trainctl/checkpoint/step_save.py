@@ -233,7 +233,6 @@ def save_step(
     metadata: Metadata | None = None
     ahead: Future[None] | None = None
     written = _Written()
-    upload_s = 0.0
     if speculate and error is None:
         # This rank's plan is the cached one: write now, while the agreement is in flight
         # (under the staging copies it completes late on a host with a core per rank), and
@@ -247,17 +246,17 @@ def save_step(
                 )
                 if early is not None:
                     ahead = early.start(writer, metadata)
-            written, upload_s = _write(writer, planner, SavePlan([], usable=False), mine)
+            written = _write(writer, planner, SavePlan([], usable=False), mine)
         finally:
             agreed = agreement.result()
+            if any(agreed) and ahead is not None:
+                ahead.exception()  # abandoned at the gate: gone before the gate is lifted
+                ahead = None
             writer.file_system.publish_gate = None
     else:
         agreed = comm.max_ints(flags)
 
     if any(agreed):  # not every rank could go ahead: anything written was abandoned
-        if ahead is not None:
-            ahead.exception()  # abandoned at the gate: wait until it is gone
-            ahead = None
         if agreed[_FAILED]:
             raise SaveFailed(_reasons(comm, error))
         if agreed[_COMMITTED]:
@@ -284,7 +283,7 @@ def save_step(
         if early is not None and error is None and not agreed[_REPLAN] and metadata is not None:
             ahead = early.start(writer, metadata)
         if error is None:
-            written, upload_s = _write(writer, planner, central_plan, mine)
+            written = _write(writer, planner, central_plan, mine)
         else:
             written = _Written(error=error)
 
@@ -301,7 +300,7 @@ def save_step(
     return StepSaved(
         committed=True,
         size_bytes=ended[1],
-        upload_s=upload_s,
+        upload_s=written.upload_s,
         manifest=verdict if isinstance(verdict, Manifest) else None,
     )
 
@@ -311,7 +310,7 @@ def _write(
     planner: CachingSavePlanner,
     central_plan: SavePlan,
     records_of: Callable[[], list[ObjectRecord]] | None,
-) -> tuple[_Written, float]:
+) -> _Written:
     """This rank's shards (and its object records, from `records_of` when given); failures
     are returned (rank 0 hears of them), never raised."""
     written = _Written()
@@ -326,7 +325,7 @@ def _write(
     except Exception as failure:
         written.error = _describe(failure)
     written.upload_s = time.perf_counter() - started
-    return written, written.upload_s
+    return written
 
 
 class _Abandoned(Exception):
