@@ -287,11 +287,11 @@ class Checkpointer:
                 for path, written in writer_objects(writer, step_url).items()
             ]
 
-        def commit(records: list[ObjectRecord], upload_s: float) -> Manifest | str:
+        def commit(
+            records: list[ObjectRecord], upload_s: float, committing: float
+        ) -> Manifest | str:
             staged.wait()  # copied already unless the state holds no tensor
-            return self._commit(
-                step, records, extra, _stall(staged, called), upload_s, time.perf_counter()
-            )
+            return self._commit(step, records, extra, _stall(staged, called), upload_s, committing)
 
         saved = save_step(
             staged.state,

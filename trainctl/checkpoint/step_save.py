@@ -69,8 +69,6 @@ class StepSaved:
     """Bytes of every object of the step, all ranks (0 when not committed)."""
     upload_s: float = 0.0
     """This rank's write time."""
-    manifest: Manifest | None = None
-    """Rank 0: the manifest it committed."""
 
 
 @dataclass
@@ -181,7 +179,7 @@ def save_step(
     prepare: Callable[[], str],
     clear: Callable[[], str],
     records_of: Callable[[], list[ObjectRecord]],
-    commit: Callable[[list[ObjectRecord], float], Manifest | str],
+    commit: Callable[[list[ObjectRecord], float, float], Manifest | str],
     early: EarlyMetadata | None = None,
     plan_known: bool = False,
 ) -> StepSaved:
@@ -190,12 +188,13 @@ def save_step(
     Call on every rank. On rank 0, `prepare()` looks at the step directory first (and changes
     nothing: other ranks may be writing into it already) and answers `PREPARED`,
     `ALREADY_COMMITTED`, `LEFTOVER` or why it failed; `clear()` deletes a leftover (answers
-    `PREPARED` or why it failed) once every rank stopped writing; `commit(records, upload_s)`
-    writes the manifest for every rank's object records (`upload_s`: the slowest rank's write
-    time) and returns it, or why it failed. `records_of()` lists what this rank's writer wrote
-    (rank 0: after ``.metadata``). `early` (rank 0) writes ``.metadata`` ahead when it can.
-    `plan_known`: the state has the layout of this planner's last committed save (DCP's cached
-    plan holds). Raises `SaveFailed` on every rank when any rank failed.
+    `PREPARED` or why it failed) once every rank stopped writing; `commit(records, upload_s,
+    committing)` writes the manifest for every rank's object records (`upload_s`: the slowest
+    rank's write time; `committing`: when rank 0 started gathering) and returns it, or why it
+    failed. `records_of()` lists what this rank's writer wrote (rank 0: after ``.metadata``).
+    `early` (rank 0) writes ``.metadata`` ahead when it can. `plan_known`: the state has the
+    layout of this planner's last committed save (DCP's cached plan holds). Raises `SaveFailed`
+    on every rank when any rank failed.
     """
     coordinator = comm.rank == 0
     error: str | None = None
@@ -241,9 +240,7 @@ def save_step(
         writer.file_system.publish_gate = agreement.require_clear
         try:
             if coordinator:
-                _, metadata = planner.create_global_plan(
-                    [SavePlan([], usable=False)] * comm.world_size
-                )
+                metadata = _cached_metadata(planner, comm.world_size)
                 if early is not None:
                     ahead = early.start(writer, metadata)
             written = _write(writer, planner, SavePlan([], usable=False), mine)
@@ -276,10 +273,7 @@ def save_step(
         else:
             central_plan = SavePlan([], usable=False)  # finish_plan takes the cached final plan
             if coordinator:
-                # Every plan is unchanged: DCP's planner answers from its cache.
-                _, metadata = planner.create_global_plan(
-                    [SavePlan([], usable=False)] * comm.world_size
-                )
+                metadata = _cached_metadata(planner, comm.world_size)
         if early is not None and error is None and not agreed[_REPLAN] and metadata is not None:
             ahead = early.start(writer, metadata)
         if error is None:
@@ -287,22 +281,24 @@ def save_step(
         else:
             written = _Written(error=error)
 
+    committing = time.perf_counter()
     gathered: list[_Written] = comm.gather(written)
     verdict: Manifest | str = ""
     if coordinator:
-        verdict = _finish(writer, metadata, gathered, records_of, commit, early, ahead)
+        verdict = _finish(writer, metadata, gathered, records_of, commit, early, ahead, committing)
     if isinstance(verdict, Manifest):
         ended = comm.broadcast_ints([1, verdict.size_bytes])
     else:
         ended = comm.broadcast_ints([0, 0])
     if not ended[0]:
         raise SaveFailed(comm.broadcast(verdict))
-    return StepSaved(
-        committed=True,
-        size_bytes=ended[1],
-        upload_s=written.upload_s,
-        manifest=verdict if isinstance(verdict, Manifest) else None,
-    )
+    return StepSaved(committed=True, size_bytes=ended[1], upload_s=written.upload_s)
+
+
+def _cached_metadata(planner: CachingSavePlanner, world_size: int) -> Metadata:
+    """Rank 0, every plan unchanged: the global metadata, from DCP's plan cache."""
+    _, metadata = planner.create_global_plan([SavePlan([], usable=False)] * world_size)
+    return metadata
 
 
 def _write(
@@ -391,10 +387,12 @@ class EarlyMetadata:
         results: list[list[WriteResult]],
     ) -> None:
         """Make ``.metadata`` match `results`: keep the early one if it does, else rewrite."""
-        right = ahead is not None and self._last is not None
-        right = right and _layout_of(self._last or []) == _layout_of(results)
-        if ahead is not None and ahead.exception() is not None:
-            right = False
+        right = (
+            ahead is not None
+            and ahead.exception() is None  # waits for it: a rewrite must not race it
+            and self._last is not None
+            and _layout_of(self._last) == _layout_of(results)
+        )
         self._last = None
         if right:
             self.hits += 1
@@ -444,9 +442,10 @@ def _finish(
     metadata: Metadata | None,
     gathered: list[_Written],
     records_of: Callable[[], list[ObjectRecord]],
-    commit: Callable[[list[ObjectRecord], float], Manifest | str],
+    commit: Callable[[list[ObjectRecord], float, float], Manifest | str],
     early: EarlyMetadata | None,
     ahead: Future[None] | None,
+    committing: float,
 ) -> Manifest | str:
     """Rank 0: ``.metadata``, then the manifest (the commit). Returns it, or why not."""
     failed = [f"rank {rank}: {w.error}" for rank, w in enumerate(gathered) if w.error]
@@ -464,7 +463,7 @@ def _finish(
         records = records_of() + [record for w in gathered[1:] for record in w.records]
     except Exception as failure:
         return f"rank 0: {_describe(failure)}"
-    return commit(records, max(w.upload_s for w in gathered))
+    return commit(records, max(w.upload_s for w in gathered), committing)
 
 
 __all__ = [
