@@ -136,15 +136,18 @@ def test_gate_requiring_nvml_fails_when_the_driver_is_not_loaded(
 
 BANDWIDTH_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     import torch.distributed as dist
     from trainctl.health.host import allreduce_bandwidth
     rank, store = int(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
     readings = allreduce_bandwidth(1 << 20, iterations=2, node=f"node{rank}")
+    dist.barrier()
     dist.destroy_process_group()
     if rank == 0:
         print(json.dumps([r.to_dict() for r in readings]))
+    sys.stdout.flush()
+    os._exit(0)  # no C++ teardown: it races with gloo's threads (see Runtime.exit)
     """
 )
 

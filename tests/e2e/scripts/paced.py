@@ -48,7 +48,7 @@ def main() -> None:
         if ctx.should_stop():
             break
     ctx.finish(model, step)
-    ctx.close()
+    ctx.exit(0)  # no C++ teardown: it races with gloo's threads
 
 
 if __name__ == "__main__":
