@@ -289,3 +289,33 @@ def save_with_a_failing_rank(rank: int, root: str, out_file: str) -> None:
         {"outcomes": outcomes, "events": events, "print": last_print, "early_hits": hits},
         f"{out_file}.{rank}",
     )
+
+
+def gather_across_capacity(rank: int, out_file: str) -> None:
+    """Three gathers through `Collectives.gather` with values below and above the slot size:
+    rank 2's, then rank 1's overflow (the rest goes point to point), then none."""
+    import pickle
+
+    from trainctl.checkpoint.step_save import Collectives
+
+    comm = Collectives(dist.group.WORLD)
+    comm.gather_capacity = 64
+    rounds = [
+        ["zero", {"rank": 1}, b"2" * 1000],
+        ["zero" * 100, list(range(2000)), {"small": 2}],
+        [0, 1, 2],
+    ]
+    received, largest = [], []
+    for values in rounds:
+        received.append(comm.gather(values[rank]))
+        largest.append(comm.largest_gathered)
+        comm.gather_capacity = 2048  # as save_step does: the same on every rank
+    if rank == 0:
+        expected_largest = [max(len(pickle.dumps(v, protocol=5)) for v in r) for r in rounds]
+        torch.save(
+            {"received": received, "expected": rounds, "largest": largest},
+            out_file,
+        )
+        assert largest == expected_largest, (largest, expected_largest)
+    else:
+        assert received == [[], [], []], received

@@ -220,6 +220,15 @@ def _assert_trees_equal(expected: Any, got: Any) -> None:
         assert expected == got
 
 
+def test_the_one_round_gather_carries_values_larger_than_its_slot(tmp_path: Path) -> None:
+    """`Collectives.gather` sends a fixed slot per rank; a rank whose value does not fit sends
+    the rest point to point, and rank 0 gets every value whole, in rank order."""
+    out = tmp_path / "gathered.pt"
+    workers.run(3, workers.gather_across_capacity, (str(out),), str(tmp_path))
+    result = torch.load(out, weights_only=False)
+    assert result["received"] == result["expected"]
+
+
 def test_a_failure_on_one_rank_fails_the_save_on_every_rank(tmp_path: Path) -> None:
     """Rank 1 cannot serialise a value: both ranks report the save failed (none waits forever
     in a collective), nothing is committed, the next saves (a new plan, the cached one, then a
