@@ -9,7 +9,8 @@ this script starts on 127.0.0.1, port 0), it measures on 2 spawned ranks:
   growth between save 2 and save N;
 * then --pairs (default 8) times in turn: the memcpy limit (copy of the per-rank state into
   preallocated memory), a `Checkpointer.save`, and a raw concurrent put of the same bytes
-  (boto3 TransferConfig with the same part size and concurrency on S3; write + fsync locally);
+  (boto3 TransferConfig with the same part size and concurrency on S3; write + fsync locally),
+  after 3 untimed raw puts that bring it to the steady state the save loop left trainctl in;
   then --repeats (default 5) times in turn: `restore_latest` and a raw concurrent get.
   Interleaved, so the drift of a shared machine's disk and S3 server hits both sides alike;
   each figure is the median of its runs:
@@ -44,6 +45,7 @@ from typing import Any
 MIB = 1 << 20
 WIDTH = 1024
 BYTES_PER_PARAM = 12  # fp32 param + AdamW exp_avg + exp_avg_sq
+RAW_WARM_UP = 3  # untimed raw puts before the timed ones (see `_raw_put`)
 
 
 def _rss_bytes() -> int:
@@ -200,8 +202,14 @@ def _worker(rank: int, world: int, config: dict[str, Any], out_path: str, init_d
             buffer.copy_(tensor)
 
     copy_all()  # first touch of the buffers: not part of the limit
+    # The raw put starts where the save loop above left trainctl: in its steady state, two
+    # earlier puts present and the one before them deleted (its blocks freed). Its first puts
+    # into a fresh directory ran 3-4x slower here (new blocks), which made the raw median
+    # depend on how many of them a run had.
+    for index in range(RAW_WARM_UP):
+        _raw_put(config, rank, index, payload, timed)
     memcpys, stalls, durables, puts = [], [], [], []
-    for index in range(config["pairs"]):
+    for index in range(RAW_WARM_UP, RAW_WARM_UP + config["pairs"]):
         memcpys.append(timed(copy_all))
         stall, durable = save()
         stalls.append(stall)
@@ -210,7 +218,7 @@ def _worker(rank: int, world: int, config: dict[str, Any], out_path: str, init_d
     restores, gets = [], []
     for _ in range(config["repeats"]):
         restores.append(timed(lambda: checkpointer.restore_latest(state)))
-        gets.append(_raw_get(config, rank, config["pairs"] - 1, timed))
+        gets.append(_raw_get(config, rank, RAW_WARM_UP + config["pairs"] - 1, timed))
     buffers.clear()
     del payload
     checkpointer.close()
