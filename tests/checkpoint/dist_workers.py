@@ -319,3 +319,53 @@ def gather_across_capacity(rank: int, out_file: str) -> None:
         assert largest == expected_largest, (largest, expected_largest)
     else:
         assert received == [[], [], []], received
+
+
+def restore_through_a_head(rank: int, root: str, out_file: str) -> None:
+    """Save a sharded 3 MB tensor plus small replicated items twice, then (rank 0 having
+    corrupted `out_file`'s named byte, if any) restore into fresh state."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+
+    def state(seed: int) -> dict[str, Any]:
+        generator = torch.Generator().manual_seed(seed)
+        big = torch.randn(2 * 393_216, generator=generator)  # 1.5 MiB per rank
+        small = torch.arange(10) * seed  # replicated: saved once, in one rank's file
+        return {"big": distribute_tensor(big, mesh, [Shard(0)]), "small": small}
+
+    events: list[tuple[str, dict[str, Any]]] = []
+    checkpointer = Checkpointer(
+        root,
+        interval_steps=1,
+        keep_last=5,
+        part_size=5 << 20,
+        on_event=lambda name, fields: events.append((name, fields)),
+    )
+    for step in (1, 2):
+        assert checkpointer.save(step, state(step)).result().committed
+    dist.barrier()
+    if rank == 0 and os.path.exists(out_file + ".corrupt"):
+        path, offset = torch.load(out_file + ".corrupt")
+        with open(path, "r+b") as handle:
+            handle.seek(offset)
+            byte = handle.read(1)
+            handle.seek(offset)
+            handle.write(bytes([byte[0] ^ 0xFF]))
+    dist.barrier()
+    target = state(0)
+    step = checkpointer.restore_latest(target)
+    checkpointer.close()
+
+    def _full(value: Any) -> Any:
+        return value.full_tensor() if isinstance(value, DTensor) else value
+
+    results = {
+        "step": step,
+        "big": target["big"].full_tensor(),
+        "small": target["small"],
+        "skipped": [fields["reason"] for name, fields in events if name == "restore_skipped"],
+        "expected": {s: {k: _full(v) for k, v in state(s).items()} for s in (1, 2)},
+    }
+    torch.save(results, f"{out_file}.{rank}")

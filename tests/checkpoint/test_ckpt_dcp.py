@@ -20,6 +20,7 @@ import torch.distributed.checkpoint as dcp
 from trainctl.checkpoint import inspect
 from trainctl.checkpoint.checkpointer import Checkpointer
 from trainctl.checkpoint.layout import step_dir_name
+from trainctl.checkpoint.manifest import Manifest
 from trainctl.runtime.checkpoint import ModelAndOptimizer
 
 pytestmark = pytest.mark.timeout(300)
@@ -227,6 +228,40 @@ def test_the_one_round_gather_carries_values_larger_than_its_slot(tmp_path: Path
     workers.run(3, workers.gather_across_capacity, (str(out),), str(tmp_path))
     result = torch.load(out, weights_only=False)
     assert result["received"] == result["expected"]
+
+
+def test_a_rank_reads_another_ranks_small_items_through_its_head(tmp_path: Path) -> None:
+    """DCP stores replicated items once; trainctl writes them at the head of that rank's file
+    and records the head's checksum, so the other rank reads and verifies those few bytes, not
+    the file's first block. Restored state is exact; a corrupted head byte is caught and the
+    restore falls back to the previous step on both ranks."""
+    out = tmp_path / "result.pt"
+    root = tmp_path / "ckpt"
+    workers.run(2, workers.restore_through_a_head, (str(root), str(out)), str(tmp_path))
+    step_dir = root / step_dir_name(2)
+    manifest = Manifest.from_json((step_dir / "manifest.json").read_bytes())
+    storage_data = dcp.FileSystemReader(str(step_dir)).read_metadata().storage_data
+    (where,) = [info for index, info in storage_data.items() if index.fqn == "small"]
+    holder = manifest.record(where.relative_path)
+    assert holder is not None and where.offset + where.length <= holder.head_size < 64 * 1024
+    for rank in (0, 1):
+        result = torch.load(f"{out}.{rank}", weights_only=False)
+        assert result["step"] == 2
+        assert torch.equal(result["big"], result["expected"][2]["big"])
+        assert torch.equal(result["small"], result["expected"][2]["small"])
+
+    shutil.rmtree(root)  # again, and rank 0 corrupts a byte in the head of step 2's file
+    torch.save((str(step_dir / holder.path), where.offset + where.length // 2), f"{out}.corrupt")
+    again = tmp_path / "again"  # a rendezvous file of its own
+    again.mkdir()
+    workers.run(2, workers.restore_through_a_head, (str(root), str(out)), str(again))
+    for rank in (0, 1):
+        result = torch.load(f"{out}.{rank}", weights_only=False)
+        assert result["step"] == 1
+        assert torch.equal(result["big"], result["expected"][1]["big"])
+        assert torch.equal(result["small"], result["expected"][1]["small"])
+    (reason,) = torch.load(f"{out}.0", weights_only=False)["skipped"]  # rank 0 reports events
+    assert "checksum mismatch in the head" in reason, reason
 
 
 def test_a_failure_on_one_rank_fails_the_save_on_every_rank(tmp_path: Path) -> None:

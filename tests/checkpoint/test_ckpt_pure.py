@@ -201,6 +201,30 @@ def test_block_verification() -> None:
     assert "not aligned" in record.verify_range(3, data[3:8])[0]
 
 
+def test_a_head_is_read_and_verified_on_its_own() -> None:
+    """A range within an object's head is served by the head alone, checked against its own
+    checksum; a range past it reads whole blocks; manifests without heads still parse."""
+    import dataclasses
+    import json
+
+    data = b"abcdefghij" + b"0123456789" * 3
+    plain = _record("x", data, block_size=16)
+    record = dataclasses.replace(plain, head_size=10, head_checksum=checksum_of(data[:10]))
+    assert record.block_range(2, 9) == (0, 10)
+    assert record.block_range(2, 11) == (0, 16)
+    assert record.verify_range(0, data[:10]) == []
+    bad = record.verify_range(0, b"abcdeXghij")
+    assert len(bad) == 1 and "head" in bad[0]
+    assert record.verify_range(0, data[:16]) == []  # whole blocks still verify as blocks
+
+    manifest = _manifest(record)
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    older = json.loads(_manifest(plain).to_json())
+    for item in older["objects"]:
+        del item["head_size"], item["head_checksum"]
+    assert Manifest.from_json(json.dumps(older)).objects == (plain,)
+
+
 def test_commit_validation() -> None:
     assert validate_objects(1, 2, [_record(".metadata", b"m"), _record("__0_0.distcp", b"d")]) == []
     assert "metadata" in validate_objects(1, 2, [_record("__0_0.distcp", b"d")])[0]

@@ -134,6 +134,35 @@ def test_span_reads_verify_as_the_reader_advances(storage_root: Any) -> None:
     storage.close()
 
 
+def test_the_head_is_read_and_verified_on_its_own(storage_root: Any) -> None:
+    """What a rank that loads only another rank's small items does: the bytes written before
+    the write that took the object past HEAD_BYTES are the head, read and verified alone
+    instead of the whole first block."""
+    storage = _open(storage_root)
+    head, rest = os.urandom(30_000), os.urandom(2 * PART)
+    writer = storage.open_writer("obj")
+    for start in range(0, len(head), 1000):  # small items: many small writes
+        writer.write(head[start : start + 1000])
+    writer.write(rest)  # the first large tensor
+    written = writer.close()
+    assert (written.head_size, written.head_checksum) == (len(head), checksum_of(head))
+    record = written.to_record("obj", rank=1)
+    span = storage.read_span("obj", 100, 200, record)
+    assert (span.first, span.last) == (0, len(head))
+    span.ready(200)
+    assert bytes(span.data[100:200]) == head[100:200]
+    assert storage.read_span("obj", 100, len(head) + 1, record).last == PART  # whole blocks
+
+    corrupted = bytearray(head + rest)
+    corrupted[10] ^= 0xFF
+    storage.put("obj", bytes(corrupted))
+    with pytest.raises(CorruptObjectError, match="head"):
+        storage.read("obj", 0, 100, record=record)
+    # an object whose first write is already large has no head
+    assert _write_in_pieces(storage, "big", rest, piece=len(rest)).head_size == 0
+    storage.close()
+
+
 def test_exclusive_put_never_overwrites(storage_root: Any) -> None:
     storage = _open(storage_root)
     storage.put("step-000000002/manifest.json", b"first", exclusive=True)

@@ -116,6 +116,11 @@ class StreamingChecksum:
                 )
                 self._block, self._block_filled = 0, 0
 
+    def prefix(self) -> str | None:
+        """The checksum of everything fed so far while that is within the first block (one
+        running CRC, no combining); None after the first block completed."""
+        return None if self._blocks else format_checksum(self._block)
+
     def block_crc(self, index: int) -> int:
         """The CRC-32 of block `index` (the partial last block included) as an integer."""
         if index < len(self._blocks):

@@ -142,6 +142,10 @@ def verify_in(
                 data = storage.read(f"{step_key(step)}/{record.path}", record=record)
                 if checksum_of(data) != record.checksum:
                     problems.append(ObjectProblem(record.path, "whole-object checksum mismatch"))
+                elif record.head_size and checksum_of(data[: record.head_size]) != (
+                    record.head_checksum
+                ):
+                    problems.append(ObjectProblem(record.path, "head checksum mismatch"))
             except CorruptObjectError as error:
                 problems.append(ObjectProblem(record.path, "; ".join(error.problems)))
             except FileNotFoundError:

@@ -87,6 +87,12 @@ class TransferConfig:
         return random.uniform(ceiling / 2, ceiling)
 
 
+HEAD_BYTES = 1 * MIB
+"""Most bytes an object's head may hold: a write that would take the object past this ends
+the head before it, so DCP's small items (written first) make the head and the first large
+tensor does not."""
+
+
 @dataclass(frozen=True)
 class WrittenObject:
     """An object as written: what the manifest records."""
@@ -96,6 +102,8 @@ class WrittenObject:
     checksum: str
     block_size: int
     block_checksums: tuple[str, ...]
+    head_size: int = 0
+    head_checksum: str = ""
 
     def to_record(self, path: str, rank: int) -> ObjectRecord:
         """The manifest record, with `path` relative to the step directory."""
@@ -106,6 +114,8 @@ class WrittenObject:
             block_size=self.block_size,
             block_checksums=self.block_checksums,
             rank=rank,
+            head_size=self.head_size,
+            head_checksum=self.head_checksum,
         )
 
 
@@ -188,6 +198,8 @@ class ObjectWriter(ABC):
     def __init__(self, key: str, block_size: int) -> None:
         self.key = key
         self._checksum = StreamingChecksum(block_size)
+        # Blocks no larger than a head need none: (0, "") marks "decided, no head".
+        self._head: tuple[int, str] | None = None if block_size > HEAD_BYTES else (0, "")
         self._result: WrittenObject | None = None
         self._aborted = False
         self.before_publish: Callable[[], None] | None = None
@@ -199,6 +211,10 @@ class ObjectWriter(ABC):
         if self._result is not None or self._aborted:
             raise ValueError(f"{self.key}: write after close/abort")
         view = memoryview(data).cast("B")
+        if self._head is None and self._checksum.size + len(view) > HEAD_BYTES:
+            # The last write boundary before HEAD_BYTES ends the head (see ObjectRecord).
+            prefix = self._checksum.prefix() if self._checksum.size else None
+            self._head = (self._checksum.size, prefix) if prefix is not None else (0, "")
         self._checksum.update(view)
         self._write(view)
         return len(view)
@@ -237,6 +253,8 @@ class ObjectWriter(ABC):
                 checksum=self._checksum.whole(),
                 block_size=self._checksum.block_size,
                 block_checksums=tuple(self._checksum.blocks()),
+                head_size=self._head[0] if self._head else 0,
+                head_checksum=self._head[1] if self._head else "",
             )
         return self._result
 
