@@ -296,7 +296,7 @@ def gather_across_capacity(rank: int, out_file: str) -> None:
     rank 2's, then rank 1's overflow (the rest goes point to point), then none."""
     import pickle
 
-    from trainctl.checkpoint.step_save import Collectives
+    from trainctl.checkpoint.collectives import Collectives
 
     comm = Collectives(dist.group.WORLD)
     comm.gather_capacity = 64

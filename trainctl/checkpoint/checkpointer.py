@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 import trainctl
+from trainctl.checkpoint.collectives import Collectives
 from trainctl.checkpoint.dcp_io import (
     CachingSavePlanner,
     StorageReader,
@@ -63,7 +64,6 @@ from trainctl.checkpoint.step_save import (
     ALREADY_COMMITTED,
     LEFTOVER,
     PREPARED,
-    Collectives,
     EarlyMetadata,
     save_step,
 )
