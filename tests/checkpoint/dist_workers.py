@@ -111,6 +111,19 @@ def _entry(
     os._exit(0)
 
 
+def _saving_every_step(root: str) -> tuple[Checkpointer, list[tuple[str, dict[str, Any]]]]:
+    """A checkpointer that saves every step into `root`, and the events it reports (rank 0)."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    checkpointer = Checkpointer(
+        root,
+        interval_steps=1,
+        keep_last=5,
+        part_size=5 << 20,
+        on_event=lambda name, fields: events.append((name, fields)),
+    )
+    return checkpointer, events
+
+
 # ----------------------------------------------------------------------------- scenarios
 
 
@@ -261,14 +274,7 @@ def save_with_a_failing_rank(rank: int, root: str, out_file: str) -> None:
     model = shard(build_model())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     train_step(model, optimizer, 1)
-    events: list[tuple[str, dict[str, Any]]] = []
-    checkpointer = Checkpointer(
-        root,
-        interval_steps=1,
-        keep_last=5,
-        part_size=5 << 20,
-        on_event=lambda name, fields: events.append((name, fields)),
-    )
+    checkpointer, events = _saving_every_step(root)
     outcomes = []
     for step in (1, 2, 3, 4):
         extra = new_extra()
@@ -335,14 +341,7 @@ def restore_through_a_head(rank: int, root: str, out_file: str) -> None:
         small = torch.arange(10) * seed  # replicated: saved once, in one rank's file
         return {"big": distribute_tensor(big, mesh, [Shard(0)]), "small": small}
 
-    events: list[tuple[str, dict[str, Any]]] = []
-    checkpointer = Checkpointer(
-        root,
-        interval_steps=1,
-        keep_last=5,
-        part_size=5 << 20,
-        on_event=lambda name, fields: events.append((name, fields)),
-    )
+    checkpointer, events = _saving_every_step(root)
     for step in (1, 2):
         assert checkpointer.save(step, state(step)).result().committed
     dist.barrier()
