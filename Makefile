@@ -13,13 +13,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# torch is named again beside the project: with the dev extras in the request, pip's resolver
+# otherwise replaced the installed 2.13.0 CPU wheel with a newer CUDA build (5.8 GB venv).
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e . torch==$(TORCH_VERSION)
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev]' torch==$(TORCH_VERSION)
 	touch $@
 
 install: $(VENV)/.installed
