@@ -58,3 +58,26 @@ class StorageError(TrainctlError):
     """The storage backend failed (unreachable endpoint, permission). Retry may help."""
 
     exit_code = ExitCode.FAILED
+
+
+class CorruptStoreError(TrainctlError):
+    """A file in the job store cannot be read as what it should be (truncated, not JSON, a
+    field of the wrong type). Its own exit code: a scheduler must not retry into it."""
+
+    exit_code = ExitCode.STORE_CORRUPT
+
+    def __init__(self, where: str, problem: str) -> None:
+        self.where = where
+        self.problem = problem
+        super().__init__(
+            f"{where}: unreadable: {problem}\n  fix: restore or repair this file (or remove "
+            "the job); trainctl will not guess at its contents"
+        )
+
+
+def first_problem(error: Any) -> str:
+    """A pydantic ``ValidationError``'s first problem as ``field.path: message`` (the whole
+    object's problems have no path: then the message alone)."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))

@@ -22,6 +22,9 @@ class ExitCode(enum.IntEnum):
     """trainctl gave up: crash loop or no progress. Do not requeue."""
     PREEMPTED = 4
     """Preempted or out of time: a checkpoint was taken; requeue me."""
+    STORE_CORRUPT = 5
+    """The job store holds a file trainctl cannot read (a corrupt or partial state, spec or
+    blocklist): fix or restore the file named. Do not requeue: a retry reads the same file."""
 
 
 EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
@@ -30,4 +33,5 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.BAD_INPUT: "bad input, never retry",
     ExitCode.GAVE_UP: "gave up: crash loop or no progress, do not requeue",
     ExitCode.PREEMPTED: "preempted, checkpoint taken, requeue me",
+    ExitCode.STORE_CORRUPT: "job store unreadable (corrupt file named), do not requeue",
 }

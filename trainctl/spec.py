@@ -1,21 +1,28 @@
 """JobSpec: what to run, validated once at the edge and frozen.
 
-A recipe is a YAML file (``recipes/tiny-gpt.yaml``); a plain script launch builds the same
-`JobSpec` from flags. Every validation problem becomes a `UserError` naming the file, the field
-path, the bad value and the fix, so nothing starts on bad input.
+A recipe is a YAML file (``recipes/tiny-gpt.yaml``) loaded by `trainctl.recipe`; a plain
+script launch builds the same `JobSpec` from flags. Every section is a frozen model with a
+docstring under each field, and each field's default is stated here only: the worker runtime
+receives the validated sections, not loose values.
 """
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from trainctl.errors import UserError
+from trainctl.secrets import (
+    REDACTED,
+    JobSecrets,
+    is_secret_name,
+    merge_options,
+    redact,
+    split_options,
+    without_redacted,
+)
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """Job ids become path segments and Slurm job names: no `/`, no `..`, at most 64 characters."""
@@ -69,6 +76,12 @@ class LaunchSpec(_Frozen):
     """How long the rendezvous waits for every node to join."""
     stop_grace_s: float = Field(default=5.0, gt=0, le=60)
     """After SIGTERM, how long workers get before SIGKILL."""
+    rdzv_port: int = Field(default=0, ge=0, le=65535)
+    """The port the controller's rendezvous store listens on (0: one the OS chooses when the
+    job starts; `launch --rdzv-port` sets it)."""
+    lease_ttl_s: float = Field(default=30.0, gt=0)
+    """How long the job's controller lease lasts unrenewed: a controller on another host may
+    take the job over after it saw no renewal for this long (`trainctl.lease`)."""
     warm_workers: bool = True
     """Start workers from a per-node process that imported torch ahead of time
     (`trainctl.launch.zygote`): relaunches skip ~1.7 s of imports per worker. Recipes only
@@ -144,37 +157,6 @@ class FaultSpec(_Frozen):
         return f"{self.kind}{where}@step={self.step}{extra}"
 
 
-def parse_fault(text: str, where: str = "--fault") -> FaultSpec:
-    """Parse `KIND[:NODE]@step=N[,for=S]`, e.g. ``kill-node:node-1@step=7``."""
-    match = re.fullmatch(
-        r"(?P<kind>[a-z-]+)(?::(?P<node>node-[0-9]+))?@step=(?P<step>[0-9]+)"
-        r"(?:,for=(?P<for>[0-9.]+)s?)?",
-        text.strip(),
-    )
-    fix = (
-        "write KIND[:NODE]@step=N, e.g. kill-node:node-1@step=7 or storage-outage@step=5,for=10; "
-        f"kinds: {', '.join(FAULT_KINDS)}"
-    )
-    if match is None:
-        raise UserError("cannot parse the fault", where=where, value=text, fix=fix)
-    kind = match["kind"]
-    if kind not in FAULT_KINDS:
-        raise UserError("unknown fault kind", where=where, value=text, fix=fix)
-    node = match["node"]
-    if kind != "storage-outage" and node is None:
-        raise UserError(
-            f"a {kind} fault needs a node", where=where, value=text, fix=f"write {kind}:node-1@..."
-        )
-    if int(match["step"]) < 1:
-        raise UserError("the step must be >= 1", where=where, value=text, fix=fix)
-    return FaultSpec(
-        kind=kind,
-        node=node,
-        step=int(match["step"]),
-        duration_s=float(match["for"]) if match["for"] else 10.0,
-    )
-
-
 class HealthSpec(_Frozen):
     """Node health and progress watching (the ``health:`` section).
 
@@ -233,7 +215,12 @@ class JobSpec(_Frozen):
     seed: int = 0
     """Seed of the deterministic data and initialisation."""
     env: dict[str, str] = Field(default_factory=dict)
-    """Extra environment variables for the workers."""
+    """Extra environment variables for the workers. Entries whose names say they hold a
+    credential (``WANDB_API_KEY``, ``HF_TOKEN``: `trainctl.secrets.is_secret_name`) are moved to
+    `secrets`."""
+    secrets: dict[str, str] = Field(default_factory=dict)
+    """Environment variables for the workers whose values are secret: never stored in the job
+    store, printed, or passed through trainctl's own processes (`trainctl.secrets`)."""
     config: dict[str, Any] = Field(default_factory=dict)
     """Free-form settings for the training script (model size, learning rate...)."""
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
@@ -249,6 +236,25 @@ class JobSpec(_Frozen):
     `--dry-run` shows the result in each node's environment."""
     uses_runtime: bool = True
     """Whether the script uses trainctl.runtime (recipes do; plain scripts may not)."""
+    source: str | None = None
+    """The recipe file (absolute), where `trainctl resume` finds the secret values again."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_env(cls, data: Any) -> Any:
+        """Move credential-named ``env:`` entries to ``secrets:``."""
+        if isinstance(data, dict) and isinstance(data.get("env"), dict):
+            env = data["env"]
+            moved = {k: v for k, v in env.items() if isinstance(k, str) and is_secret_name(k)}
+            if moved:
+                given = data.get("secrets")
+                secrets: dict[str, Any] = given if isinstance(given, dict) else {}
+                data = {
+                    **data,
+                    "env": {k: v for k, v in env.items() if k not in moved},
+                    "secrets": {**moved, **secrets},
+                }
+        return data
 
     @field_validator("env")
     @classmethod
@@ -257,6 +263,11 @@ class JobSpec(_Frozen):
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise ValueError(f"invalid environment variable name {key!r}")
         return value
+
+    @field_validator("secrets")
+    @classmethod
+    def _secret_names(cls, value: dict[str, str]) -> dict[str, str]:
+        return cls._env_names(value)
 
     @field_validator("node_env")
     @classmethod
@@ -288,6 +299,33 @@ class JobSpec(_Frozen):
     @property
     def world_size(self) -> int:
         return self.nodes * self.nproc_per_node
+
+    def job_secrets(self) -> JobSecrets:
+        """The secret values: `secrets` and the credentials in the checkpoint storage options."""
+        _, credentials = split_options(self.checkpoint.storage_options)
+        return JobSecrets(env=dict(self.secrets), storage_options=credentials)
+
+    def redacted(self) -> JobSpec:
+        """This spec with every secret value replaced by ``***`` (what is stored and shown)."""
+        options = redact(self.checkpoint.storage_options)
+        return self.model_copy(
+            update={
+                "secrets": dict.fromkeys(self.secrets, REDACTED),
+                "checkpoint": self.checkpoint.model_copy(update={"storage_options": options}),
+            }
+        )
+
+    def with_secrets(self, secrets: JobSecrets) -> JobSpec:
+        """This spec with the secret values put back (a stored spec, `redacted`, on resume)."""
+        public, _ = split_options(without_redacted(self.checkpoint.storage_options))
+        options = merge_options(public, secrets.storage_options)
+        kept = {k: v for k, v in secrets.env.items() if k in self.secrets}
+        return self.model_copy(
+            update={
+                "secrets": kept,
+                "checkpoint": self.checkpoint.model_copy(update={"storage_options": options}),
+            }
+        )
 
     @property
     def fewest_nodes(self) -> int:
@@ -335,139 +373,3 @@ def check_storage_url(url: str, where: str = "storage") -> str:
     elif not url.strip():
         raise UserError("empty storage path", where=where, value=url, fix="give a path or URL")
     return url
-
-
-def _field_path(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(part) for part in loc) or "<top level>"
-
-
-def _fix_for(error: Any) -> str:
-    kind = error.get("type", "")
-    if kind == "extra_forbidden":
-        return "remove the field or check its spelling (see the recipe reference in README.md)"
-    if kind == "missing":
-        return "add the field"
-    if kind.endswith("_type") or kind.endswith("_parsing"):
-        return f"use a value of the right type: {error.get('msg', '')}"
-    return str(error.get("msg", "fix the value"))
-
-
-def validation_to_user_error(error: ValidationError, source: str) -> UserError:
-    """Turn pydantic's first error into one message naming file, field, value and fix."""
-    first = error.errors()[0]
-    field = _field_path(tuple(first.get("loc", ())))
-    has_value = first.get("type") != "missing"
-    return UserError(
-        first.get("msg", "invalid value")
-        if first.get("type") != "extra_forbidden"
-        else "unknown field",
-        where=f"{source}: {field}",
-        value=first.get("input") if has_value else None,
-        has_value=has_value,
-        fix=_fix_for(first),
-    )
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(
-            "recipe file not found", where=str(path), fix="check the path to the recipe"
-        ) from None
-    except OSError as exc:
-        raise UserError(f"cannot read recipe: {exc.strerror}", where=str(path)) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or "malformed YAML"
-        raise UserError(
-            f"malformed YAML: {problem}", where=where, fix="fix the YAML syntax at that line"
-        ) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UserError(
-            "a recipe must be a YAML mapping",
-            where=str(path),
-            value=type(data).__name__,
-            fix="write `key: value` fields at the top level",
-        )
-    return data
-
-
-def load_recipe(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> JobSpec:
-    """Load and validate a recipe, applying command-line overrides (None values are ignored).
-
-    The script path is resolved relative to the recipe's directory and must exist.
-    Raises UserError on any problem; never starts anything.
-    """
-    recipe = Path(path)
-    data = _read_yaml(recipe)
-    data.setdefault("name", recipe.stem)
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            data[key] = value
-    source = str(path)
-    script = data.get("script")
-    if isinstance(script, str):
-        script_path = Path(script)
-        if not script_path.is_absolute():
-            script_path = (recipe.parent / script_path).resolve()
-        if not script_path.is_file():
-            raise UserError(
-                "training script not found",
-                where=f"{source}: script",
-                value=script,
-                fix=f"create {script_path} or fix the path (relative to the recipe's directory)",
-            )
-        data["script"] = str(script_path)
-    if "args" in data and isinstance(data["args"], list):
-        data["args"] = tuple(str(arg) for arg in data["args"])
-    try:
-        return JobSpec.model_validate(data)
-    except ValidationError as exc:
-        raise validation_to_user_error(exc, source) from None
-
-
-def script_spec(
-    script: str,
-    args: list[str],
-    overrides: dict[str, Any] | None = None,
-) -> JobSpec:
-    """Build a JobSpec for an unmodified torchrun script (no recipe, no trainctl imports)."""
-    script_path = Path(script)
-    if not script_path.is_file():
-        raise UserError(
-            "training script not found", where="SCRIPT", value=script, fix="check the path"
-        )
-    data: dict[str, Any] = {
-        "name": script_path.stem,
-        "script": str(script_path.resolve()),
-        "args": tuple(args),
-        "uses_runtime": False,
-    }
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            data[key] = value
-    try:
-        return JobSpec.model_validate(data)
-    except ValidationError as exc:
-        raise validation_to_user_error(exc, "command line") from None
-
-
-def spec_to_yaml(spec: JobSpec) -> str:
-    """The spec as YAML, as stored in the job store (reloadable by `spec_from_yaml`)."""
-    data = spec.model_dump(mode="json")
-    return yaml.safe_dump(data, sort_keys=False)
-
-
-def spec_from_yaml(text: str, source: str) -> JobSpec:
-    """Reload a stored spec."""
-    data = yaml.safe_load(text)
-    try:
-        return JobSpec.model_validate(data)
-    except ValidationError as exc:
-        raise validation_to_user_error(exc, source) from None

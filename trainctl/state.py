@@ -11,6 +11,10 @@ import dataclasses
 import enum
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
+from trainctl.errors import first_problem
+
 
 class JobState(str, enum.Enum):
     PENDING = "pending"
@@ -235,6 +239,7 @@ class JobRecord:
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        data["version"] = STATE_VERSION
         data["state"] = self.state.value
         for node in data["nodes"]:
             node["state"] = node["state"].value
@@ -243,34 +248,24 @@ class JobRecord:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> JobRecord:
-        data = dict(data)
-        nodes = [NodeRecord(**{**n, "state": NodeState(n["state"])}) for n in data.pop("nodes", [])]
-        attempts = [
-            AttemptRecord(**{**a, "state": AttemptState(a["state"])})
-            for a in data.pop("attempts", [])
-        ]
-        known = {f.name for f in dataclasses.fields(cls)}
-        fields = {k: v for k, v in data.items() if k in known}
-        fields["state"] = JobState(fields["state"])
-        return cls(nodes=nodes, attempts=attempts, **fields)
+    def from_json(cls, data: Any) -> JobRecord:
+        """Decode ``state.json``. Raises ValueError naming the first field that does not fit
+        (a newer version than this release reads is refused by name)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        version = data.get("version", 1)
+        if not isinstance(version, int) or version > STATE_VERSION:
+            raise ValueError(
+                f"version {version!r} is newer than this trainctl reads ({STATE_VERSION}): "
+                "upgrade trainctl"
+            )
+        try:
+            return _RECORD.validate_python(data)
+        except ValidationError as bad:
+            raise ValueError(first_problem(bad)) from None
 
 
-@dataclasses.dataclass(frozen=True)
-class Event:
-    """One thing that happened, stored as one object (object stores cannot append)."""
+STATE_VERSION = 2
+"""The ``state.json`` layout this release writes (version 1, without the field, reads alike)."""
 
-    time: float
-    kind: str
-    message: str
-    node: str | None = None
-    attempt: int | None = None
-    data: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Event:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+_RECORD: TypeAdapter[JobRecord] = TypeAdapter(JobRecord)

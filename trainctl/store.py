@@ -1,46 +1,53 @@
-"""The job store: spec, state, events and node verdicts under one fsspec root.
+"""The job store: spec, state, events, node verdicts, blocklist and lease under one fsspec root.
 
 Layout under the storage root (a local path, ``file://`` or ``s3://bucket/prefix``)::
 
-    jobs/<job-id>/spec.yaml          the validated spec (written once)
+    jobs/<job-id>/spec.yaml          the validated spec, secrets redacted (written once)
     jobs/<job-id>/state.json         JobRecord, replaced atomically as a whole
-    jobs/<job-id>/events/<t>-<n>-<kind>.json   one object per event, time-ordered names
+    jobs/<job-id>/events/<t>-<pid>-<n>-<kind>.json   one typed event per object, time-ordered
     jobs/<job-id>/nodes/<node>.json  latest health verdict and evidence per node
+    jobs/<job-id>/blocklist.json     excluded nodes, why and until when
+    jobs/<job-id>/lease.json         which controller runs the job (`trainctl.lease`)
     jobs/<job-id>/logs/<node>.log    node logs (local roots; copied up for remote roots)
     checkpoints/<job-id>/step-N/     checkpoints (see trainctl.checkpoint)
 
-Anyone who can read the root can inspect a job with no server running. Writes never modify a
-stored object in place: state is written to a temporary name and renamed (local) or replaced by
-a single PUT (object stores, where a PUT is atomic); events are written once under new names.
+Anyone who can read the root can inspect a job with no server running. Nothing is written in
+place (`trainctl.store_files`): state is replaced whole, an event is written whole under a new
+name or not at all. A file that cannot be read raises `CorruptStoreError` naming it (state,
+spec, blocklist), or is skipped with a `Problem` the caller shows as a warning (events, node
+verdicts).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from trainctl.errors import NotFoundError, StorageError, UserError
+from trainctl.errors import CorruptStoreError, NotFoundError, UserError
+from trainctl.events import BadEvent, Event
 from trainctl.spec import check_job_id, check_storage_url
-from trainctl.state import Event, JobRecord
+from trainctl.state import JobRecord
+from trainctl.store_files import StoreFiles, is_local
 
 DEFAULT_ROOT = "~/.trainctl"
-STORAGE_ENV = "TRAINCTL_STORAGE"
 
 
 def resolve_storage_root(option: str | None, environ: dict[str, str] | None = None) -> str:
     """`--storage`, else $TRAINCTL_STORAGE, else ~/.trainctl; validated, normalised."""
+    from trainctl.protocol import Env
+
     env = os.environ if environ is None else environ
     where = "--storage"
     root = option
     if not root:
-        root, where = env.get(STORAGE_ENV), STORAGE_ENV
+        root, where = env.get(Env.STORAGE), Env.STORAGE
     if not root:
         root, where = DEFAULT_ROOT, "default storage root"
     check_storage_url(root, where=where)
@@ -51,12 +58,27 @@ def resolve_storage_root(option: str | None, environ: dict[str, str] | None = No
     return root.rstrip("/") or "/"
 
 
-def is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
 def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A stored file that was skipped because it cannot be read, and why."""
+
+    url: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.url}: skipped: {self.reason}"
+
+
+@dataclasses.dataclass(frozen=True)
+class EventLog:
+    """A job's readable events in time order, and the event files that were skipped."""
+
+    events: list[Event]
+    problems: list[Problem]
 
 
 class JobStore:
@@ -65,8 +87,7 @@ class JobStore:
     def __init__(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
         self.root = root
         self.local = is_local(root)
-        self._options = storage_options or {}
-        self._fs: Any = None
+        self.files = StoreFiles(root, storage_options)
         self._seq = itertools.count()
         self._lock = threading.Lock()
 
@@ -95,72 +116,9 @@ class JobStore:
         return path
 
     # -- low-level I/O -----------------------------------------------------------------------
-    @property
-    def fs(self) -> Any:
-        if self._fs is None:
-            import fsspec
-
-            self._fs, _ = fsspec.core.url_to_fs(self.root, **self._options)
-        return self._fs
-
-    def _write_atomic(self, url: str, data: bytes) -> None:
-        try:
-            if self.local:
-                directory = os.path.dirname(url)
-                os.makedirs(directory, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-                try:
-                    with os.fdopen(fd, "wb") as handle:
-                        handle.write(data)
-                        handle.flush()
-                        os.fsync(handle.fileno())
-                    os.replace(tmp, url)
-                except BaseException:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
-                    raise
-            else:
-                # A single PUT replaces an object atomically: readers see old or new, never half.
-                self.fs.pipe_file(url, data)
-        except OSError as exc:
-            raise StorageError(f"cannot write {url}: {exc}") from exc
-
-    def _write_once(self, url: str, data: bytes) -> None:
-        """Write a new object; never replaces an existing one."""
-        if self.local:
-            os.makedirs(os.path.dirname(url), exist_ok=True)
-            with open(url, "xb") as handle:
-                handle.write(data)
-        else:
-            if self.fs.exists(url):
-                raise FileExistsError(url)
-            self.fs.pipe_file(url, data)
-
-    def _read(self, url: str) -> bytes | None:
-        try:
-            if self.local:
-                with open(url, "rb") as handle:
-                    return handle.read()
-            return bytes(self.fs.cat_file(url))
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StorageError(f"cannot read {url}: {exc}") from exc
-
-    def _list(self, url: str) -> list[str]:
-        """Names (not paths) directly under `url`; empty when it does not exist."""
-        try:
-            if self.local:
-                return sorted(os.listdir(url))
-            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(url, detail=False))
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise StorageError(f"cannot list {url}: {exc}") from exc
-
     # -- jobs --------------------------------------------------------------------------------
     def exists(self, job_id: str) -> bool:
-        return self._read(join(self.job_url(job_id), "state.json")) is not None
+        return self.files.read(join(self.job_url(job_id), "state.json")) is not None
 
     def create(self, record: JobRecord, spec_yaml: str) -> None:
         """Store a new job's spec and first state. Refuses to touch an existing job."""
@@ -172,54 +130,67 @@ class JobStore:
                 fix="choose another --job-id, or `trainctl resume` the existing job",
             )
         spec_url = join(self.job_url(record.job_id), "spec.yaml")
-        if self._read(spec_url) is None:
-            self._write_atomic(spec_url, spec_yaml.encode())
+        if self.files.read(spec_url) is None:
+            self.files.write_atomic(spec_url, spec_yaml.encode())
         self.write_state(record)
 
     def write_state(self, record: JobRecord) -> None:
         record.updated_at = time.time()
         payload = json.dumps(record.to_json(), indent=2, sort_keys=True).encode()
-        self._write_atomic(join(self.job_url(record.job_id), "state.json"), payload)
+        self.files.write_atomic(join(self.job_url(record.job_id), "state.json"), payload)
 
     def read_state(self, job_id: str) -> JobRecord:
-        raw = self._read(join(self.job_url(job_id), "state.json"))
-        if raw is None:
+        url = join(self.job_url(job_id), "state.json")
+        data = self.files.read_json(url)
+        if data is None:
             raise NotFoundError(
                 "no such job",
                 where=self.root,
                 value=job_id,
                 fix="run `trainctl list` to see the jobs in this storage root (or pass --storage)",
             )
-        return JobRecord.from_json(json.loads(raw))
+        try:
+            return JobRecord.from_json(data)
+        except ValueError as bad:
+            raise CorruptStoreError(url, str(bad)) from None
 
     def read_spec_text(self, job_id: str) -> str | None:
-        raw = self._read(join(self.job_url(job_id), "spec.yaml"))
-        return raw.decode() if raw is not None else None
+        raw = self.files.read(join(self.job_url(job_id), "spec.yaml"))
+        return raw.decode(errors="replace") if raw is not None else None
 
     def list_jobs(self) -> list[str]:
-        return [name for name in self._list(join(self.root, "jobs")) if not name.startswith(".")]
+        return [
+            name for name in self.files.list(join(self.root, "jobs")) if not name.startswith(".")
+        ]
 
     # -- events ------------------------------------------------------------------------------
     def append_event(self, job_id: str, event: Event) -> None:
-        """Store one event under a new, time-ordered, unique name."""
+        """Store one event under a new, time-ordered, unique name (whole or not at all)."""
         with self._lock:
             seq = next(self._seq)
         kind = "".join(c if c.isalnum() or c in "-_" else "_" for c in event.kind)[:40]
         name = f"{int(event.time * 1e6):017d}-{os.getpid()}-{seq:06d}-{kind}.json"
         url = join(self.job_url(job_id), "events", name)
-        self._write_once(url, json.dumps(event.to_json(), sort_keys=True).encode())
+        self.files.write_once(url, json.dumps(event.to_json(), sort_keys=True).encode())
 
-    def read_events(self, job_id: str) -> list[Event]:
+    def read_events(self, job_id: str) -> EventLog:
+        """Every readable event in time order; unreadable ones are listed as problems."""
         directory = join(self.job_url(job_id), "events")
-        events = []
-        for name in self._list(directory):
-            if not name.endswith(".json"):
+        events: list[Event] = []
+        problems: list[Problem] = []
+        for name in self.files.list(directory):
+            if not name.endswith(".json") or name.startswith("."):
                 continue
-            raw = self._read(join(directory, name))
-            if raw is not None:
+            url = join(directory, name)
+            raw = self.files.read(url)
+            if raw is None:
+                continue
+            try:
                 events.append(Event.from_json(json.loads(raw)))
+            except ValueError as bad:  # BadEvent, or not JSON (a partial write)
+                problems.append(Problem(url, str(bad) if isinstance(bad, BadEvent) else "not JSON"))
         events.sort(key=lambda e: e.time)
-        return events
+        return EventLog(events, problems)
 
     # -- nodes -------------------------------------------------------------------------------
     def write_blocklist(self, job_id: str, entries: dict[str, dict[str, Any]]) -> None:
@@ -228,51 +199,77 @@ class JobStore:
         It lives in the job store, so it survives controller restarts, `resume` and requeues.
         """
         payload = json.dumps({"nodes": entries}, indent=2, sort_keys=True).encode()
-        self._write_atomic(join(self.job_url(job_id), "blocklist.json"), payload)
+        self.files.write_atomic(join(self.job_url(job_id), "blocklist.json"), payload)
 
     def read_blocklist(self, job_id: str) -> dict[str, dict[str, Any]]:
-        raw = self._read(join(self.job_url(job_id), "blocklist.json"))
-        if raw is None:
+        url = join(self.job_url(job_id), "blocklist.json")
+        data = self.files.read_json(url)
+        if data is None:
             return {}
-        try:
-            nodes = json.loads(raw).get("nodes", {})
-        except ValueError as bad:
-            raise StorageError(
-                f"{self.job_url(job_id)}/blocklist.json is unreadable: {bad}"
-            ) from None
+        nodes = data.get("nodes") if isinstance(data, dict) else None
+        if not isinstance(nodes, dict) or not all(isinstance(v, dict) for v in nodes.values()):
+            raise CorruptStoreError(url, 'expected {"nodes": {node: {...}}}')
         return {str(k): dict(v) for k, v in nodes.items()}
 
     def write_node(self, job_id: str, node: str, data: dict[str, Any]) -> None:
         payload = json.dumps(data, indent=2, sort_keys=True, default=str).encode()
-        self._write_atomic(join(self.job_url(job_id), "nodes", f"{node}.json"), payload)
+        self.files.write_atomic(
+            join(self.job_url(job_id), "nodes", f"{_segment(node)}.json"), payload
+        )
 
-    def read_node_verdicts(self, job_id: str) -> dict[str, dict[str, Any]]:
+    def read_node_verdicts(self, job_id: str) -> tuple[dict[str, dict[str, Any]], list[Problem]]:
+        """Each node's ``nodes/<node>.json`` document; unreadable ones listed as problems."""
         directory = join(self.job_url(job_id), "nodes")
         verdicts: dict[str, dict[str, Any]] = {}
-        for name in self._list(directory):
-            if name.endswith(".json"):
-                raw = self._read(join(directory, name))
-                if raw is not None:
-                    verdicts[name[: -len(".json")]] = json.loads(raw)
-        return verdicts
+        problems: list[Problem] = []
+        for name in self.files.list(directory):
+            if not name.endswith(".json") or name.startswith("."):
+                continue
+            url = join(directory, name)
+            try:
+                data = self.files.read_json(url)
+            except CorruptStoreError as bad:
+                problems.append(Problem(url, bad.problem))
+                continue
+            if isinstance(data, dict):
+                verdicts[name[: -len(".json")]] = data
+            elif data is not None:
+                problems.append(Problem(url, "not a JSON object"))
+        return verdicts, problems
 
     # -- free-form job files (stack dumps, reports) ---------------------------------------------
     def write_job_file(self, job_id: str, relative: str, data: bytes) -> str:
         """Write `jobs/<id>/<relative>` atomically (replacing it whole); returns its URL."""
-        parts = [p for p in relative.split("/") if p]
-        assert parts and all(p not in (".", "..") for p in parts), relative
+        parts = [_segment(p) for p in relative.split("/") if p]
+        if not parts:
+            raise ValueError(f"not a file path inside the job: {relative!r}")
         url = join(self.job_url(job_id), *parts)
-        self._write_atomic(url, data)
+        self.files.write_atomic(url, data)
         return url
 
     # -- logs --------------------------------------------------------------------------------
+    def read_tagged(self, url: str) -> tuple[bytes, str] | None:
+        return self.files.read_tagged(url)
+
+    def replace_tagged(self, url: str, data: bytes, tag: str | None) -> str:
+        return self.files.replace_tagged(url, data, tag)
+
     def upload_logs(self, job_id: str) -> None:
         """Copy local node logs up to a remote root (no-op for local roots)."""
         if self.local:
             return
         logs = self.local_job_dir(job_id) / "logs"
         for path in sorted(logs.glob("*.log")):
-            self._write_atomic(join(self.job_url(job_id), "logs", path.name), path.read_bytes())
+            self.files.write_atomic(
+                join(self.job_url(job_id), "logs", path.name), path.read_bytes()
+            )
+
+
+def _segment(name: str) -> str:
+    """`name` if it is one safe path segment (names from agents and stacks come from outside)."""
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise ValueError(f"not a safe file name: {name!r}")
+    return name
 
 
 def host_name() -> str:

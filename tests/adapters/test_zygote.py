@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from trainctl.launch import proctree
-from trainctl.launch.zygote import ZYGOTE_ENV, worker_identity
+from trainctl.launch.zygote import worker_identity
+from trainctl.protocol import Env
 
 SCRIPT = """
 import os, sys, time
@@ -58,7 +59,7 @@ def shim(
     script.write_text(SCRIPT)
     env = {**(os.environ if env is None else env), "RANK": "3", "LOCAL_RANK": "1"}
     if zygote is not None:
-        env[ZYGOTE_ENV] = zygote
+        env[Env.ZYGOTE] = zygote
     return subprocess.Popen(
         [sys.executable, "-m", "trainctl.launch.shim", str(script), *args],
         env=env,

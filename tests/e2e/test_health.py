@@ -30,8 +30,9 @@ from tests.e2e.harness import (
     wait_for_step,
 )
 from tests.fakenvml.build import build_or_skip
-from trainctl.launch.stacks import STACKS_DIR_ENV, dump_with_faulthandler
+from trainctl.launch.stacks import dump_with_faulthandler
 from trainctl.launch.zygote import worker_identity
+from trainctl.protocol import Env
 
 pytestmark = pytest.mark.e2e
 
@@ -302,7 +303,7 @@ def test_faulthandler_fallback_dumps_a_running_worker(tmp_path: Path) -> None:
         "    time.sleep(60)\n"
         "waiting_for_peers()\n"
     )
-    env = {**os.environ, STACKS_DIR_ENV: str(tmp_path), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, Env.STACKS_DIR: str(tmp_path), "PYTHONPATH": str(REPO)}
     worker = subprocess.Popen(
         [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -25,8 +26,20 @@ TINY = str(REPO / "recipes" / "tiny-gpt.yaml")
 DCN = str(REPO / "recipes" / "dcnv2.yaml")
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def test_tiny_gpt_two_nodes_succeeds_and_records_fingerprint(storage: Path) -> None:
-    result = launch(TINY, "--nodes", "2", "--max-steps", "6", job_id="gpt-a", storage=storage)
+    port = free_port()
+    result = launch(
+        TINY,
+        *("--nodes", "2", "--max-steps", "6", "--rdzv-port", str(port)),
+        job_id="gpt-a",
+        storage=storage,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "gpt-a"
     status = trainctl("status", "gpt-a", "--json", storage=storage)
@@ -38,8 +51,14 @@ def test_tiny_gpt_two_nodes_succeeds_and_records_fingerprint(storage: Path) -> N
     assert [n["name"] for n in data["nodes"]] == ["node-0", "node-1"]
     assert all(n["state"] == "succeeded" for n in data["nodes"])
     assert len(data["attempts"]) == 1 and data["attempts"][0]["world_size"] == 2
-    kinds = [e["kind"] for e in trainctl("events", "gpt-a", "--json", storage=storage).json()]
+    listed = trainctl("events", "gpt-a", "--json", storage=storage).json()
+    kinds = [e["kind"] for e in listed]
     assert kinds[0] == "job_created" and kinds[-1] == "job_succeeded"
+    # --rdzv-port is where the rendezvous store listened, and every node's torchrun went
+    started = next(e for e in listed if e["kind"] == "attempt_started")
+    assert started["data"]["rdzv"] == f"127.0.0.1:{port}"
+    plan = (storage / "jobs" / "gpt-a" / "attempt-0" / "plan.json").read_text()
+    assert plan.count(f"--rdzv-endpoint=127.0.0.1:{port}") == 2
     assert "result" in kinds and kinds.count("node_exited") == 2
     # Same seed, same steps -> same weights, even with a different node/worker split.
     again = launch(

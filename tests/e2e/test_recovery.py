@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, sealed_env
+from tests.e2e.conftest import BUCKET, S3
 from tests.e2e.harness import (
     assert_no_leftovers,
     events,
@@ -35,6 +36,9 @@ from tests.e2e.harness import (
     write_recipe,
 )
 from tests.fakenvml.build import build_or_skip
+from trainctl.recipe import load_recipe, spec_to_yaml
+from trainctl.recovery.journal import new_record
+from trainctl.store import JobStore
 
 pytestmark = pytest.mark.e2e
 
@@ -309,3 +313,80 @@ def test_repeating_bug_is_a_crash_loop_exit_3(tmp_path: Path, storage: Path) -> 
     assert "RuntimeError: injected failure at step 3" in state["reason"]
     assert blocklist(storage, "loop") == {}
     assert "job_gave_up" in kinds(storage, "loop")
+
+
+def start_on_host(host: str, root: str, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    """`trainctl ARGS` as a controller on another host would run it: in a UTS namespace of
+    its own whose host name is `host` (root only, as CI runs). The process is the controller
+    itself (unshare and sh exec into it), so SIGKILL to its pid is a dead host's controller."""
+    return subprocess.Popen(
+        [
+            *("unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', host),
+            *(sys.executable, "-m", "trainctl.cli.main", *args, "--storage", root),
+        ],
+        cwd=REPO,
+        env=sealed_env(root, **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def test_one_controller_per_job_across_hosts_on_s3(
+    tmp_path: Path, s3: S3, baseline: dict[str, Any]
+) -> None:
+    """Two controllers on different hosts share one s3:// store: of two racing `resume`s
+    exactly one runs the job; when its host dies, the other takes the job over once the lease
+    went unrenewed for its TTL, and finishes it with the weights of an uninterrupted run."""
+    if os.geteuid() != 0:
+        pytest.skip("a UTS namespace per controller needs root (CI runs as root)")
+    root = f"s3://{BUCKET}/leased"
+    recipe = write_recipe(tmp_path, "gpt", config={**SLOW}, launch={"lease_ttl_s": 3})
+    store = JobStore(root, {"endpoint_url": s3.url, "key": "testing", "secret": "testing"})
+    spec = load_recipe(recipe)
+    store.create(new_record("leased", spec, time.time()), spec_to_yaml(spec))
+    env = {**s3.env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+    def status() -> dict[str, Any]:
+        result = trainctl("status", "leased", "--json", storage=root, **env)
+        assert result.returncode == 0, result.stderr
+        data: dict[str, Any] = result.json()
+        return data
+
+    racing = {host: start_on_host(host, root, env, "resume", "leased") for host in ("a", "b")}
+    try:
+        deadline = time.monotonic() + 60
+        while all(p.poll() is None for p in racing.values()):
+            assert time.monotonic() < deadline, "neither controller was refused"
+            time.sleep(0.1)
+        loser = next(host for host, p in racing.items() if p.poll() is not None)
+        winner = "b" if loser == "a" else "a"
+        _, err = racing[loser].communicate()
+        assert racing[loser].returncode == 2, err
+        assert "already running" in err and f"on {winner}" in err
+        deadline = time.monotonic() + 120
+        while (status().get("step") or 0) < 12:
+            assert time.monotonic() < deadline and racing[winner].poll() is None
+            time.sleep(0.5)
+        os.kill(racing[winner].pid, signal.SIGKILL)  # the winner's host dies
+        racing[winner].wait(timeout=30)
+        started = time.monotonic()
+        takeover = start_on_host(loser, root, env, "resume", "leased", "--json")
+        out, err = takeover.communicate(timeout=240)
+    finally:
+        for proc in racing.values():
+            if proc.poll() is None:
+                proc.kill()
+        assert_no_leftovers("leased")
+    assert takeover.returncode == 0, err
+    assert time.monotonic() - started >= 3 * 0.9  # it waited out the lease
+    assert json.loads(out)["fingerprint"] == baseline["fingerprint"]
+    listed = trainctl("events", "leased", "--json", storage=root, **env).json()
+    taken = [e for e in listed if e["kind"] == "lease_taken"]
+    assert len(taken) == 1 and taken[0]["data"]["host"] == loser
+    assert taken[0]["data"]["previous"].endswith(f"on {winner}")
+    starts = [e for e in listed if e["kind"] == "attempt_started"]
+    assert len(starts) == 2  # one attempt per controller run, none by the refused one
+    attempts = status()["attempts"]
+    assert attempts[0]["cause"] == "controller_lost" and attempts[-1]["state"] == "succeeded"

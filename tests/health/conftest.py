@@ -87,7 +87,7 @@ NvmlRunner = Callable[[str], dict[str, Any]]
 _PROBE_SCRIPT = """
 import json
 from trainctl.health.nvml import read_nvml
-from trainctl.health.verdict import nvml_verdict
+from trainctl.health.gpu_verdict import nvml_verdict
 reading = read_nvml()
 verdict = nvml_verdict(reading)
 print(json.dumps({"reading": reading.to_dict(), "verdict": verdict.to_dict()}))

@@ -160,7 +160,7 @@ def test_library_missing_fails_open(sealed_env: EnvFactory, no_real_nvml: None) 
     script = textwrap.dedent(
         """
         from trainctl.health.nvml import read_nvml
-        from trainctl.health.verdict import nvml_verdict
+        from trainctl.health.gpu_verdict import nvml_verdict
         reading = read_nvml()
         print(reading.status.value, "|", nvml_verdict(reading).status.value, "|", reading.message)
         print(nvml_verdict(reading, require_nvml=True).status.value)

@@ -6,6 +6,13 @@ import json
 
 import pytest
 
+from trainctl.health.gpu_verdict import (
+    GpuPolicy,
+    decode_clock_reasons,
+    gpu_verdict,
+    node_verdict,
+    nvml_verdict,
+)
 from trainctl.health.readings import (
     BandwidthReading,
     DiskReading,
@@ -19,17 +26,12 @@ from trainctl.health.readings import (
 )
 from trainctl.health.verdict import (
     GIB,
-    GpuPolicy,
     HealthVerdict,
     HostPolicy,
     NodeVerdictRecord,
     Verdict,
     bandwidth_verdicts,
-    decode_clock_reasons,
-    gpu_verdict,
     host_verdict,
-    node_verdict,
-    nvml_verdict,
     worst_of,
     worst_status,
 )

@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from trainctl.launch.slurm import SlurmClient, SrunNodeLauncher
+from trainctl.launch.slurm import SlurmClient
+from trainctl.launch.slurm_nodes import SrunNodeLauncher
 
 
 def record(name: str, entry: dict[str, object]) -> None:

@@ -20,7 +20,8 @@ import pytest
 
 from tests.slurm.cluster import LocalSlurmCluster
 from trainctl.launch.sbatch import SbatchScript, SlurmOptions, render_sbatch
-from trainctl.launch.slurm import SlurmClient, SlurmJobView, SrunNodeLauncher
+from trainctl.launch.slurm import SlurmClient, SlurmJobView
+from trainctl.launch.slurm_nodes import SrunNodeLauncher
 
 PAYLOAD = Path(__file__).with_name("payload.py")
 HOSTILE = "a b $(touch PWNED) `touch PWNED` 'single' \"double\" \\back $HOME ; # % end"

@@ -126,7 +126,8 @@ def test_cli_surface_is_deliberate(storage: Path) -> None:
 
 def test_text_from_the_store_is_shown_verbatim_never_as_markup(storage: Path) -> None:
     """Error messages hold brackets (gloo: ``[/__w/.../pair.cc:553] Connection closed``)."""
-    from trainctl.state import AttemptRecord, AttemptState, Event, JobRecord, JobState
+    from trainctl.events import AttemptEnded, Event
+    from trainctl.state import AttemptRecord, AttemptState, JobRecord, JobState
     from trainctl.store import JobStore
 
     reason = "node-0: RuntimeError: [/__w/gloo/pair.cc:553] Connection closed [bold]x[/bold]"
@@ -137,7 +138,7 @@ def test_text_from_the_store_is_shown_verbatim_never_as_markup(storage: Path) ->
     record.attempts.append(attempt)
     record.state, record.reason = JobState.FAILED, reason
     store.create(record, "name: n\nscript: x.py\n")
-    store.append_event("brackets", Event(time=2.0, kind="attempt_ended", message=reason))
+    store.append_event("brackets", Event(2.0, reason, AttemptEnded(outcome="failed")))
     for command in ("status", "events", "report"):
         result = trainctl(command, "brackets", storage=storage)
         assert result.returncode == 0, (command, result.stderr)

@@ -10,14 +10,31 @@ from typing import Any
 
 import pytest
 
-from trainctl.recovery.goodput import CATEGORIES, Category, Ledger, build_ledger
-from trainctl.state import AttemptRecord, AttemptState, Event, JobRecord, JobState
+from trainctl.events import BadEvent, Event
+from trainctl.report.goodput import build_ledger
+from trainctl.report.ledger import CATEGORIES, Category, Ledger
+from trainctl.state import AttemptRecord, AttemptState, JobRecord, JobState
+
+
+def raw(
+    time: Any, kind: str, attempt: Any = None, node: str | None = None, **data: Any
+) -> dict[str, Any]:
+    """An event as the store holds it (JSON)."""
+    return {
+        "time": time,
+        "kind": kind,
+        "message": kind,
+        "node": node,
+        "attempt": attempt,
+        "data": data,
+    }
 
 
 def ev(
     time: float, kind: str, attempt: int | None = None, node: str | None = None, **data: Any
 ) -> Event:
-    return Event(time=time, kind=kind, message=kind, node=node, attempt=attempt, data=data)
+    """An event read back as the store reads it (typed, validated)."""
+    return Event.from_json(raw(time, kind, attempt, node, **data))
 
 
 def job(
@@ -528,15 +545,26 @@ def test_overlapping_attempts_and_duplicates_still_tile() -> None:
     assert [a.number for a in ledger.attempts] == [1, 2]
 
 
-def test_garbage_fields_are_ignored() -> None:
+def test_garbage_fields_never_reach_the_ledger() -> None:
+    """Events whose fields do not fit their kind are refused when read (the store skips them
+    with a warning); the ledger of what remains still tiles."""
+    garbage = [
+        raw(1, "attempt_started", 1, nodes="not-a-list", world_size="four"),
+        raw(5, "first_step", 1, step="x", restored_step=None),
+        raw(9, "checkpoint_committed", 1, step=None, stall_s="slow", durable_s=math.nan),
+        raw(10, "attempt_ended", 1, outcome="exploded", last_step=[1], decided_at=math.inf),
+        {"time": 11, "kind": "job_failed", "message": "x", "data": "not a dict"},
+        {"time": "soon", "kind": "job_created"},
+        {"v": 99, "time": 1, "kind": "job_created"},
+    ]
+    for item in garbage:
+        with pytest.raises(BadEvent):
+            Event.from_json(item)
     events = [
         ev(0, "job_created"),
-        started(1, 1, "not-a-list", "four"),
-        ev(5, "first_step", 1, step="x", restored_step=None),
-        ev(9, "checkpoint_committed", 1, step=None, stall_s="slow", durable_s=math.nan),
         ev(9.5, "checkpoint_restored", 1, step=3, restore_s=-4),
-        ended(10, 1, "exploded", last_step=True, last_step_at="soon", decided_at=math.inf),
-        Event(11, "job_failed", "x", data="not a dict"),  # type: ignore[arg-type]
+        ev(10, "attempt_ended", 1, outcome="exploded", last_step=True, decided_at=10),
+        ev(11, "job_failed", exit_code=1),
     ]
     ledger = build_ledger(job(JobState.FAILED), events, now=1e9)
     check_tiles(ledger)
@@ -602,7 +630,12 @@ def _random_job(rng: random.Random) -> tuple[JobRecord, list[Event], float]:
         attempt = rng.choice([None, 1, 2, 3, 4, "2", -1])
         stamp: Any = rng.choice([time, time, time, str(time), None, math.inf])
         kind = rng.choice(_KINDS)
-        events.append(Event(stamp, kind, kind, rng.choice([None, "n0"]), attempt, data))
+        try:  # as the store reads them: events that do not fit their kind are skipped
+            events.append(
+                Event.from_json(raw(stamp, kind, attempt, rng.choice([None, "n0"]), **data))
+            )
+        except BadEvent:
+            continue
     attempts = [
         AttemptRecord(
             number=n,

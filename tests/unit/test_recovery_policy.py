@@ -7,25 +7,27 @@ import pytest
 
 from trainctl.errors import UserError
 from trainctl.exitcodes import ExitCode
-from trainctl.recovery.policy import (
-    Action,
-    AttemptView,
+from trainctl.recipe import parse_fault
+from trainctl.recovery.placement import (
     Budgets,
-    Cause,
-    Decision,
     Exclusion,
     FailureRecord,
-    NodeExit,
-    NodeLost,
     RecoveryAction,
-    classify_exits,
     crash_loop_length,
-    decide,
-    observe,
     plan_recovery,
     select_nodes,
 )
-from trainctl.spec import parse_fault
+from trainctl.recovery.policy import (
+    Action,
+    AttemptView,
+    Cause,
+    Decision,
+    NodeExit,
+    NodeLost,
+    classify_exits,
+    decide,
+    observe,
+)
 
 NODES = ("node-0", "node-1")
 BUDGETS = Budgets(
@@ -121,7 +123,7 @@ def recover(decision: Decision, **kwargs: object) -> object:
         "history": [],
         "committed_step": 10,
         "active": NODES,
-        "standby": (),
+        "waiting": (),
         "blocklist": {},
     }
     args.update(kwargs)
@@ -129,7 +131,7 @@ def recover(decision: Decision, **kwargs: object) -> object:
 
 
 def test_node_fault_with_spare_promotes_it_and_excludes_the_node() -> None:
-    recovery = recover(LOST, standby=("node-2",))
+    recovery = recover(LOST, waiting=("node-2",))
     assert recovery.action is RecoveryAction.RELAUNCH  # type: ignore[attr-defined]
     assert recovery.selection.nodes == ("node-0", "node-2")  # type: ignore[attr-defined]
     (excluded,) = recovery.exclude  # type: ignore[attr-defined]

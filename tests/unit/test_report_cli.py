@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import REPO, sealed_env
 from tests.unit.test_goodput import node_failure_with_spare
 from trainctl.exitcodes import ExitCode
-from trainctl.recovery.png import PNG_SIGNATURE
+from trainctl.report.png import PNG_SIGNATURE
 from trainctl.state import JobRecord, JobState
 from trainctl.store import JobStore
 

@@ -13,9 +13,9 @@ from trainctl.launch.slurm import (
     SlurmError,
     SlurmJobView,
     parse_job_line,
-    srun_argv,
     state_meaning,
 )
+from trainctl.launch.slurm_nodes import srun_argv
 
 HOSTNAMES = {"n[1-2]": ["n1", "n2"], "n3": ["n3"]}
 """What `scontrol show hostnames` prints for the lists below."""

@@ -9,7 +9,14 @@ import pytest
 from tests.conftest import REPO
 from trainctl.errors import UserError
 from trainctl.exitcodes import ExitCode
-from trainctl.spec import check_job_id, check_storage_url, load_recipe, script_spec
+from trainctl.recipe import (
+    load_recipe,
+    restore_secrets,
+    script_spec,
+    spec_from_yaml,
+    spec_to_yaml,
+)
+from trainctl.spec import check_job_id, check_storage_url
 from trainctl.store import resolve_storage_root
 
 
@@ -158,3 +165,60 @@ def test_bad_health_and_node_env(tmp_path: Path, text: str, where: str) -> None:
     with pytest.raises(UserError) as info:
         load_recipe(path)
     assert where in str(info.value)
+
+
+SECRET = "sk-live-0123456789abcdef"
+
+
+def test_credential_env_moves_to_secrets_and_is_never_stored_or_quoted(tmp_path: Path) -> None:
+    recipe = write_recipe(
+        tmp_path,
+        "name: s\nscript: train.py\n"
+        f"env: {{WANDB_API_KEY: {SECRET}, TOKENIZERS_PARALLELISM: 'false'}}\n"
+        "checkpoint: {storage: s3://b/p, storage_options: "
+        f"{{endpoint_url: 'http://h:1', key: AKIA1, secret: {SECRET}, "
+        "client_kwargs: {aws_session_token: tok-123456}}}\n",
+    )
+    spec = load_recipe(recipe)
+    assert spec.env == {"TOKENIZERS_PARALLELISM": "false"}
+    assert spec.secrets == {"WANDB_API_KEY": SECRET}
+    secrets = spec.job_secrets()
+    assert secrets.env == {"WANDB_API_KEY": SECRET}
+    assert secrets.storage_options == {
+        "key": "AKIA1",
+        "secret": SECRET,
+        "client_kwargs": {"aws_session_token": "tok-123456"},
+    }
+    stored = spec_to_yaml(spec)
+    for value in (SECRET, "AKIA1", "tok-123456"):
+        assert value not in stored
+    assert "endpoint_url: http://h:1" in stored and "source:" in stored
+    reloaded = spec_from_yaml(stored, "spec.yaml")
+    restored, missing = restore_secrets(reloaded, {})
+    assert missing == [] and restored.job_secrets().env == secrets.env
+    assert restored.checkpoint.storage_options == spec.checkpoint.storage_options
+
+
+def test_secrets_come_back_from_the_environment_when_the_recipe_is_gone(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, f"name: s\nscript: train.py\nsecrets: {{HF_TOKEN: {SECRET}}}\n")
+    stored = spec_from_yaml(spec_to_yaml(load_recipe(recipe)), "spec.yaml")
+    recipe.unlink()
+    restored, missing = restore_secrets(stored, {"HF_TOKEN": "from-the-shell"})
+    assert missing == [] and restored.secrets == {"HF_TOKEN": "from-the-shell"}
+    bare, missing = restore_secrets(stored, {})
+    assert missing == ["HF_TOKEN"] and bare.secrets == {}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # a model-level error: pydantic's input is the whole recipe, secrets included
+        f"name: s\nscript: train.py\nnodes: 2\nmin_nodes: 3\nenv: {{API_TOKEN: {SECRET}}}\n",
+        f"name: s\nscript: train.py\nsecrets: {{API_TOKEN: [{SECRET}]}}\n",
+        f"name: s\nscript: train.py\ncheckpoint: {{storage_options: {{secret: {SECRET}}}, x: 1}}\n",
+    ],
+)
+def test_errors_never_quote_a_secret(tmp_path: Path, text: str) -> None:
+    with pytest.raises(UserError) as raised:
+        load_recipe(write_recipe(tmp_path, text))
+    assert SECRET not in str(raised.value)

@@ -8,9 +8,11 @@ import xml.etree.ElementTree as ET
 import zlib
 
 from tests.unit.test_goodput import ended, ev, job, node_failure_with_spare, started
-from trainctl.recovery.goodput import Category, build_ledger
-from trainctl.recovery.png import PNG_SIGNATURE, Canvas, parse_color
-from trainctl.recovery.timeline import COLORS, LANE, layout, to_html, to_png, to_svg
+from trainctl.report.goodput import build_ledger
+from trainctl.report.ledger import Category
+from trainctl.report.png import PNG_SIGNATURE, Canvas, parse_color
+from trainctl.report.render import to_html, to_png, to_svg
+from trainctl.report.timeline import COLORS, LANE, layout
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from trainctl.health.verdict import Verdict
+from trainctl.protocol import Heartbeat
 from trainctl.recovery.watch import ProgressWatch
 from trainctl.spec import HealthSpec
 
 NODES = ("node-0", "node-1")
 
 
-def beat(step: int, step_time: float | None, busy: float | None = None) -> dict[str, Any]:
-    return {"step": step, "samples": [[step, step_time, busy]]}
+def beat(step: int, step_time: float | None, busy: float | None = None) -> Heartbeat:
+    return Heartbeat(step=step, samples=((step, step_time, busy),))
 
 
 def started_watch(health: HealthSpec, max_steps: int | None = None) -> ProgressWatch:
@@ -86,17 +85,17 @@ def test_a_rank_saving_a_checkpoint_gets_the_checkpoint_allowance() -> None:
     health = HealthSpec(hang_timeout_s=5.0, checkpoint_allowance_s=20.0)
     watch = ProgressWatch(health, ("node-0",), world_size=2, max_steps=None)
     watch.node_started("node-0", 0.0)
-    beat = {"step": 3, "step_time": 1.0}
+    beat = Heartbeat(step=3, step_time=1.0)
     watch.record("node-0", {"0": beat, "1": beat}, 1.0)
     # rank 1 starts saving step 3 (it may wait for the previous upload)
-    watch.record("node-0", {"1": {"step": 3, "step_time": None, "saving": True}}, 1.1)
+    watch.record("node-0", {"1": Heartbeat(step=3, saving=True)}, 1.1)
     check = watch.check_hang(7.0)
     assert check is not None and [h.member for h in check.hung] == [0]
     assert "allowance" not in check.timeout.explanation
-    watch.record("node-0", {"0": {"step": 4, "step_time": 1.0}}, 24.0)
+    watch.record("node-0", {"0": Heartbeat(step=4, step_time=1.0)}, 24.0)
     assert watch.check_hang(24.5) is None  # rank 1: silent 23.5 s of its 5 + 20 s
     check = watch.check_hang(26.5)
     assert check is not None and [h.member for h in check.hung] == [1]
     assert "checkpoint allowance 20 s" in check.timeout.explanation
-    watch.record("node-0", {"1": {"step": 4, "step_time": 1.0}}, 26.6)
+    watch.record("node-0", {"1": Heartbeat(step=4, step_time=1.0)}, 26.6)
     assert not watch.ranks[1].saving  # the next step ends the save window

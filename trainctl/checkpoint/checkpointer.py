@@ -31,46 +31,64 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
-import trainctl
 from trainctl.checkpoint.collectives import Collectives
+from trainctl.checkpoint.commit import (
+    SaveOutcome,
+    clear_step,
+    prepare_step,
+    stall_of,
+    write_manifest,
+)
 from trainctl.checkpoint.dcp_io import (
     CachingSavePlanner,
-    StorageReader,
     StorageWriter,
     writer_objects,
 )
 from trainctl.checkpoint.inspect import (
-    check_step_listing_in,
     gc_in,
-    read_manifest_in,
-    step_numbers_in,
 )
-from trainctl.checkpoint.layout import manifest_key, step_key
-from trainctl.checkpoint.manifest import Manifest, ManifestError, ObjectRecord, validate_objects
+from trainctl.checkpoint.layout import step_key
+from trainctl.checkpoint.manifest import Manifest, ObjectRecord
+from trainctl.checkpoint.restore import EventCallback, Restore, RestoreError, restore_newest
 from trainctl.checkpoint.retention import RetentionPolicy
 from trainctl.checkpoint.staging import Staged, Stager
 from trainctl.checkpoint.step_save import (
-    ALREADY_COMMITTED,
-    LEFTOVER,
-    PREPARED,
     EarlyMetadata,
     save_step,
 )
 from trainctl.checkpoint.storage import MIB, Storage, TransferConfig, open_storage
-from trainctl.errors import TrainctlError
+from trainctl.events import (
+    CheckpointCommitted,
+    CheckpointFailed,
+    CheckpointSkipped,
+    GcDeleted,
+    GcFailed,
+)
+from trainctl.spec import CheckpointSpec
+
+__all__ = ["Checkpointer", "RestoreError", "SaveOutcome", "transfer_config"]
 
 log = logging.getLogger(__name__)
+
+DEFAULTS = CheckpointSpec()
+"""The ``checkpoint:`` section's defaults: the one source of this class's defaults too."""
+
+
+def transfer_config(spec: CheckpointSpec) -> TransferConfig:
+    """How a recipe's ``checkpoint:`` section moves bytes."""
+    return TransferConfig(
+        part_size=spec.part_size_mb * MIB, concurrency=spec.concurrency, direct_io=spec.direct_io
+    )
+
 
 # DCP warns on every save/load without a process group; one process (tests, the CLI, a
 # notebook) is a supported mode here, so the warning is noise.
@@ -80,44 +98,11 @@ warnings.filterwarnings(
     category=UserWarning,
 )
 
-EventCallback = Callable[[str, dict[str, Any]], None]
-
-CHECKPOINT_COMMITTED = "checkpoint_committed"
-CHECKPOINT_FAILED = "checkpoint_failed"
-CHECKPOINT_SKIPPED = "checkpoint_skipped"
-CHECKPOINT_RESTORED = "checkpoint_restored"
-RESTORE_SKIPPED = "restore_skipped"
-GC_DELETED = "gc_deleted"
-GC_FAILED = "gc_failed"
-
-
-class RestoreError(TrainctlError):
-    """No step could be restored after at least one load had started writing into the state:
-    the in-memory state may be partly overwritten, so training must not go on from it."""
-
-
-@dataclass(frozen=True)
-class SaveOutcome:
-    """How one save ended (the value of the future `save` returns)."""
-
-    step: int
-    status: str
-    """``committed``, ``failed`` or ``skipped``."""
-    reason: str = ""
-    stall_s: float = 0.0
-    """Time `save` blocked the caller (back-pressure wait included)."""
-    durable_s: float = 0.0
-    """`save` called → manifest committed."""
-    size_bytes: int = 0
-
-    @property
-    def committed(self) -> bool:
-        return self.status == "committed"
-
-
-def _stall(staged: Staged, called: float) -> float:
-    """How long `save` blocked its caller (until now if the copy has not finished)."""
-    return (staged.copied_at or time.perf_counter()) - called
+CHECKPOINT_COMMITTED = CheckpointCommitted.KIND
+CHECKPOINT_FAILED = CheckpointFailed.KIND
+CHECKPOINT_SKIPPED = CheckpointSkipped.KIND
+GC_DELETED = GcDeleted.KIND
+GC_FAILED = GcFailed.KIND
 
 
 class Checkpointer:
@@ -137,6 +122,8 @@ class Checkpointer:
         part_size: bytes per multipart part / ranged read / checksum block.
         concurrency: parts in flight per rank; upload memory <= part_size * concurrency.
         direct_io: local files are written through O_DIRECT where the file system takes it.
+        storage: an open storage for `ckpt_root` (then `storage_options`, `part_size`,
+            `concurrency`, `direct_io` and `max_attempts` are its own already).
         max_attempts: attempts per storage request (exponential backoff between them).
         on_event: receives ``(name, fields)`` on rank 0; must be thread-safe.
         process_group: group for checkpoint collectives; default: a new gloo group (when
@@ -151,12 +138,13 @@ class Checkpointer:
         ckpt_root: str,
         *,
         interval_steps: int,
-        keep_last: int = 3,
+        keep_last: int = DEFAULTS.keep_last,
         keep_every: int | None = None,
         storage_options: Mapping[str, Any] | None = None,
-        part_size: int = 64 * MIB,
-        concurrency: int = 8,
-        direct_io: bool = True,
+        part_size: int = DEFAULTS.part_size_mb * MIB,
+        concurrency: int = DEFAULTS.concurrency,
+        direct_io: bool = DEFAULTS.direct_io,
+        storage: Storage | None = None,
         max_attempts: int = 5,
         on_event: EventCallback | None = None,
         process_group: dist.ProcessGroup | None = None,
@@ -169,7 +157,7 @@ class Checkpointer:
         self.ckpt_root = ckpt_root.rstrip("/")
         self.interval_steps = interval_steps
         self.policy = RetentionPolicy(keep_last=keep_last, keep_every=keep_every)
-        self.storage: Storage = open_storage(
+        self.storage: Storage = storage or open_storage(
             self.ckpt_root,
             storage_options=storage_options,
             config=TransferConfig(
@@ -201,6 +189,21 @@ class Checkpointer:
         self._restoring: set[int] = set()
         self._closed = False
         self._event_lock = threading.Lock()
+
+    @classmethod
+    def from_spec(cls, ckpt_root: str, spec: CheckpointSpec, **kwargs: Any) -> Checkpointer:
+        """A checkpointer as a recipe's ``checkpoint:`` section says (`kwargs`: the rest)."""
+        kwargs.setdefault("storage_options", spec.storage_options or None)
+        return cls(
+            ckpt_root,
+            interval_steps=spec.interval_steps,
+            keep_last=spec.keep_last,
+            keep_every=spec.keep_every or None,
+            part_size=spec.part_size_mb * MIB,
+            concurrency=spec.concurrency,
+            direct_io=spec.direct_io,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------------------ saving
 
@@ -273,7 +276,7 @@ class Checkpointer:
             reason = f"{type(error).__name__}: {error}"
             log.warning("checkpoint of step %d failed: %s", step, reason)
             self._emit(CHECKPOINT_FAILED, {"step": step, "error": reason})
-            return SaveOutcome(step, "failed", reason, stall_s=_stall(staged, called))
+            return SaveOutcome(step, "failed", reason, stall_s=stall_of(staged, called))
 
     def _upload_and_commit(
         self, step: int, staged: Staged, called: float, extra: dict[str, Any]
@@ -291,15 +294,18 @@ class Checkpointer:
             records: list[ObjectRecord], upload_s: float, committing: float
         ) -> Manifest | str:
             staged.wait()  # copied already unless the state holds no tensor
-            return self._commit(step, records, extra, _stall(staged, called), upload_s, committing)
+            stall_s = stall_of(staged, called)
+            return write_manifest(
+                self.storage, step, self.world_size, records, extra, stall_s, upload_s, committing
+            )
 
         saved = save_step(
             staged.state,
             writer,
             CachingSavePlanner(self._plan_key, staged),
             self._collectives,
-            prepare=lambda: self._prepare_step(step),
-            clear=lambda: self._clear_step(step),
+            prepare=lambda: prepare_step(self.storage, step),
+            clear=lambda: clear_step(self.storage, step),
             records_of=records_of,
             commit=commit,
             early=self._early_metadata if self.rank == 0 else None,
@@ -308,8 +314,8 @@ class Checkpointer:
         if not saved.committed:
             reason = f"step {step} is already committed (never overwritten)"
             self._emit(CHECKPOINT_SKIPPED, {"step": step, "reason": reason})
-            return SaveOutcome(step, "skipped", reason, stall_s=_stall(staged, called))
-        stall_s = _stall(staged, called)
+            return SaveOutcome(step, "skipped", reason, stall_s=stall_of(staged, called))
+        stall_s = stall_of(staged, called)
         self._planned_generation = staged.generation  # DCP's cached plan is this layout's
         self._last_committed = step
         durable_s = time.perf_counter() - called
@@ -329,62 +335,6 @@ class Checkpointer:
         if self.rank == 0:
             self._collect_garbage()
         return SaveOutcome(step, "committed", "", stall_s, durable_s, size)
-
-    def _prepare_step(self, step: int) -> str:
-        """Rank 0, before writing: is the step committed, or holding a failed save's objects?
-        Changes nothing: other ranks may be writing into the step already."""
-        try:
-            listed = self.storage.list_objects(step_key(step))  # one request; LISTs are fresh
-            if manifest_key(step) in listed:
-                return ALREADY_COMMITTED
-            # Published objects without a manifest: a save of this step failed earlier. They
-            # are cleared first, or a smaller world size would leave stale shards of the larger
-            # one beside the new ones. Objects still being written are this save's.
-            if any(not self.storage.is_temporary(key) for key in listed):
-                return LEFTOVER
-            return PREPARED
-        except Exception as error:
-            return f"{type(error).__name__}: {error}"
-
-    def _clear_step(self, step: int) -> str:
-        """Rank 0, once no rank writes into the step: delete what a failed save left."""
-        try:
-            self.storage.delete_prefix(step_key(step))
-            return PREPARED
-        except Exception as error:
-            return f"{type(error).__name__}: {error}"
-
-    def _commit(
-        self,
-        step: int,
-        records: list[ObjectRecord],
-        extra: dict[str, Any],
-        stall_s: float,
-        upload_s: float,
-        commit_started: float,
-    ) -> Manifest | str:
-        """Rank 0: write the manifest last, create-exclusive. Returns it, or why it failed."""
-        try:
-            problems = validate_objects(step, self.world_size, records)
-            if problems:
-                return "; ".join(problems)
-            manifest = Manifest(
-                step=step,
-                world_size=self.world_size,
-                created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                objects=tuple(sorted(records, key=lambda record: record.path)),
-                timings={
-                    "stall_s": round(stall_s, 6),
-                    "upload_s": round(upload_s, 6),
-                    "commit_s": round(time.perf_counter() - commit_started, 6),
-                },
-                trainctl_version=trainctl.__version__,
-                extra=extra,
-            )
-            self.storage.put(manifest_key(step), manifest.to_json().encode(), exclusive=True)
-            return manifest
-        except Exception as error:
-            return f"{type(error).__name__}: {error}"
 
     def gc(self, dry_run: bool = False) -> list[Any]:
         """Apply retention now (rank 0 acts; other ranks return []). See `inspect.gc_in`."""
@@ -418,66 +368,22 @@ class Checkpointer:
         load had already written part of `state`.
         """
         self.wait()
-        # Newest first, one manifest read per step tried: one LIST here, not a manifest read
-        # for every step retained.
-        broadcast = self._collectives.broadcast
-        candidates = broadcast(step_numbers_in(self.storage) if self.rank == 0 else None)
-        touched = False
-        for step in sorted(candidates, reverse=True):
-            checked = broadcast(self._check_step(step) if self.rank == 0 else None)
-            if isinstance(checked, str):
-                self._emit(RESTORE_SKIPPED, {"step": step, "reason": checked})
-                continue
-            started = time.perf_counter()
-            self._restoring = {step}
-            try:
-                touched = True
-                reader = StorageReader(self.storage.url(step_key(step)), self.storage, checked)
-                # DCP loads in place and writes top-level plain values back into this dict.
-                target = state if isinstance(state, dict) else dict(state)
-                dcp.load(
-                    target,
-                    storage_reader=reader,
-                    process_group=self._group,
-                    no_dist=self._group is None,
-                )
-            except (Exception, CheckpointException) as error:
-                reason = f"failed verification or load: {type(error).__name__}: {error}"
-                self._emit(RESTORE_SKIPPED, {"step": step, "reason": reason})
-                continue
-            finally:
-                self._restoring = set()
+        step = restore_newest(
+            Restore(
+                self.storage,
+                self.ckpt_root,
+                self._collectives,
+                self._group,
+                self.rank,
+                self.world_size,
+                self._emit,
+                self._restoring,
+            ),
+            state,
+        )
+        if step is not None:
             self._last_committed = step
-            self._emit(
-                CHECKPOINT_RESTORED,
-                {
-                    "step": step,
-                    "size_bytes": checked.size_bytes,
-                    "saved_world_size": checked.world_size,
-                    "world_size": self.world_size,
-                    "restore_s": time.perf_counter() - started,
-                },
-            )
-            return step
-        if touched:
-            raise RestoreError(
-                f"no checkpoint under {self.ckpt_root} could be restored, and a failed attempt "
-                "may have overwritten part of the state: refusing to continue from it"
-            )
-        return None
-
-    def _check_step(self, step: int) -> Manifest | str:
-        """Rank 0: the manifest when it parses and every object is present with its size."""
-        try:
-            manifest = read_manifest_in(self.storage, step)
-        except FileNotFoundError:
-            return "no manifest: the save never committed"
-        except (ManifestError, OSError) as error:
-            return f"unreadable manifest: {error}"
-        problems = check_step_listing_in(self.storage, manifest)
-        if problems:
-            return "; ".join(f"{problem.path}: {problem.problem}" for problem in problems)
-        return manifest
+        return step
 
     # ------------------------------------------------------------------------------ plumbing
 

@@ -22,16 +22,13 @@ S3 calls are retried with exponential backoff on transient errors (connection re
 
 from __future__ import annotations
 
-import os
 import random
 import sys
 import threading
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from trainctl.checkpoint.checksum import BytesLike, StreamingChecksum
@@ -374,95 +371,6 @@ class Storage(ABC):
         """Release threads and buffers."""
 
 
-OUTAGE_FILE = "storage-outage"
-FAULTS_DIR_ENV = "TRAINCTL_FAULTS_DIR"
-
-
-class InjectedOutage(Storage):
-    """`trainctl launch --fault storage-outage`: while ``<faults dir>/storage-outage`` holds a
-    time in the future, every request fails as a refused connection would (a testing feature;
-    the file is written by the controller, which lifts it when the outage ends)."""
-
-    def __init__(self, inner: Storage, flag: Path) -> None:
-        super().__init__(inner.root, inner.config)
-        self.inner = inner
-        self.flag = flag
-
-    def _check(self) -> None:
-        try:
-            until = float(self.flag.read_text().strip())
-        except (OSError, ValueError):
-            return
-        if time.time() < until:
-            raise ConnectionRefusedError(f"injected storage outage until {until:.0f}")
-
-    def url(self, key: str) -> str:
-        return self.inner.url(key)
-
-    def key_of(self, url: str) -> str:
-        return self.inner.key_of(url)
-
-    def open_writer(self, key: str) -> ObjectWriter:
-        self._check()
-        return self.inner.open_writer(key)
-
-    def put(self, key: str, data: BytesLike, *, exclusive: bool = False) -> WrittenObject:
-        self._check()
-        return self.inner.put(key, data, exclusive=exclusive)
-
-    def read(
-        self, key: str, start: int = 0, end: int | None = None, record: ObjectRecord | None = None
-    ) -> memoryview:
-        self._check()
-        return self.inner.read(key, start, end, record)
-
-    def read_span(self, key: str, start: int, end: int, record: ObjectRecord | None) -> SpanRead:
-        self._check()
-        return self.inner.read_span(key, start, end, record)
-
-    def size(self, key: str) -> int | None:
-        self._check()
-        return self.inner.size(key)
-
-    def list_objects(self, prefix: str = "") -> dict[str, int]:
-        self._check()
-        return self.inner.list_objects(prefix)
-
-    def list_dirs(self, prefix: str = "") -> list[str]:
-        self._check()
-        return self.inner.list_dirs(prefix)
-
-    def delete(self, key: str) -> None:
-        self._check()
-        self.inner.delete(key)
-
-    def delete_prefix(self, prefix: str) -> int:
-        self._check()
-        return self.inner.delete_prefix(prefix)
-
-    def is_temporary(self, key: str) -> bool:
-        return self.inner.is_temporary(key)
-
-    def rename(self, key: str, new_key: str) -> None:
-        self._check()
-        self.inner.rename(key, new_key)
-
-    def make_dirs(self, key: str) -> None:
-        self._check()
-        self.inner.make_dirs(key)
-
-    def list_uploads(self, prefix: str = "") -> list[PendingUpload]:
-        self._check()
-        return self.inner.list_uploads(prefix)
-
-    def abort_upload(self, upload: PendingUpload) -> None:
-        self._check()
-        self.inner.abort_upload(upload)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
 def open_storage(
     root: str,
     *,
@@ -475,9 +383,7 @@ def open_storage(
     without them the standard AWS chain applies (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
     profiles). Raises ValueError for any other scheme.
     """
-    storage = _open_backend(root, storage_options, config or TransferConfig())
-    faults = os.environ.get(FAULTS_DIR_ENV)
-    return InjectedOutage(storage, Path(faults) / OUTAGE_FILE) if faults else storage
+    return _open_backend(root, storage_options, config or TransferConfig())
 
 
 def _open_backend(

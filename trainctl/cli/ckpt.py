@@ -13,7 +13,6 @@ from datetime import datetime
 from typing import Any
 
 import typer
-import yaml
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -30,13 +29,15 @@ from trainctl.checkpoint.retention import MIN_KEEP_LAST
 from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store
 from trainctl.cli.console import QUIET, emit_json, emit_result, format_age, terminal
 from trainctl.errors import NotFoundError, UserError
+from trainctl.recipe import stored_checkpoint_section
+from trainctl.secrets import without_redacted
+from trainctl.spec import CheckpointSpec
 
 app = typer.Typer(
     help="Inspect, verify and garbage-collect a job's checkpoints.", no_args_is_help=True
 )
 
 JOB_ARGUMENT = typer.Argument(..., help="Job id.")
-DEFAULT_KEEP_LAST = 2
 
 
 @dataclass(frozen=True)
@@ -50,31 +51,19 @@ class JobCheckpoints:
 
 
 def job_checkpoints(storage: str | None, job_id: str) -> JobCheckpoints:
-    """Resolve a job's checkpoint root and settings from its stored spec (when there is one).
-
-    Raises UserError when the stored spec is not YAML or its ``checkpoint`` section is not a
-    mapping.
-    """
+    """A job's checkpoint root and settings, from its stored spec's validated ``checkpoint:``
+    section (the defaults when the job has no stored spec). Credentials are not stored: the
+    standard AWS chain supplies them."""
     store = open_store(storage)
     text = store.read_spec_text(job_id)
-    section: dict[str, Any] = {}
+    section = CheckpointSpec()
     if text is not None:
-        where = f"{store.job_url(job_id)}/spec.yaml"
-        try:
-            spec = yaml.safe_load(text) or {}
-        except yaml.YAMLError as error:
-            raise UserError(
-                "the stored spec is not valid YAML", where=where, value=str(error)
-            ) from None
-        section = spec.get("checkpoint") or {} if isinstance(spec, dict) else {}
-        if not isinstance(section, dict):
-            raise UserError("`checkpoint` must be a mapping", where=f"{where}: checkpoint")
-    keep_every = int(section.get("keep_every") or 0)
+        section = stored_checkpoint_section(text, f"{store.job_url(job_id)}/spec.yaml")
     return JobCheckpoints(
-        root=store.checkpoint_root(job_id, section.get("storage")),
-        storage_options=dict(section.get("storage_options") or {}),
-        keep_last=int(section.get("keep_last") or DEFAULT_KEEP_LAST),
-        keep_every=keep_every or None,
+        root=store.checkpoint_root(job_id, section.storage),
+        storage_options=without_redacted(section.storage_options),
+        keep_last=section.keep_last,
+        keep_every=section.keep_every or None,
     )
 
 

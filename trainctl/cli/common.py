@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import typer
+from typing import Any
 
-from trainctl.store import JobStore, resolve_storage_root
+import typer
+from rich.markup import escape
+
+from trainctl.cli.console import terminal
+from trainctl.events import Event
+from trainctl.store import JobStore, Problem, resolve_storage_root
 
 STORAGE_OPTION = typer.Option(
     None,
@@ -16,3 +21,22 @@ JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object on stdou
 
 def open_store(storage: str | None) -> JobStore:
     return JobStore(resolve_storage_root(storage))
+
+
+def read_events(store: JobStore, job_id: str) -> list[Event]:
+    """A job's readable events; each unreadable event file is named in a warning."""
+    log = store.read_events(job_id)
+    warn_skipped(log.problems)
+    return log.events
+
+
+def read_node_verdicts(store: JobStore, job_id: str) -> dict[str, dict[str, Any]]:
+    """A job's node verdict documents; each unreadable node file is named in a warning."""
+    verdicts, problems = store.read_node_verdicts(job_id)
+    warn_skipped(problems)
+    return verdicts
+
+
+def warn_skipped(problems: list[Problem]) -> None:
+    for problem in problems:
+        terminal.warn(escape(str(problem)))

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION
+from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, read_node_verdicts
 from trainctl.cli.console import emit_json, format_age, terminal
 from trainctl.errors import NotFoundError, UserError
 from trainctl.exitcodes import ExitCode
@@ -149,7 +149,7 @@ def read_node_records(root: str, job_id: str) -> dict[str, dict[str, Any]]:
     Raises NotFoundError when the job has neither state nor node verdicts.
     """
     store = JobStore(root)
-    records = store.read_node_verdicts(job_id)
+    records = read_node_verdicts(store, job_id)
     if not records and not store.exists(job_id):
         raise NotFoundError(
             "no such job",

@@ -8,7 +8,14 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store
+from trainctl import schedulers
+from trainctl.cli.common import (
+    JSON_OPTION,
+    STORAGE_OPTION,
+    open_store,
+    read_events,
+    read_node_verdicts,
+)
 from trainctl.cli.console import emit_json, format_age, plain_table, terminal
 from trainctl.state import JobRecord
 
@@ -84,30 +91,6 @@ def list_jobs(storage: str | None = STORAGE_OPTION, as_json: bool = JSON_OPTION)
     terminal.console.print(table)
 
 
-def _slurm_view(record: JobRecord) -> dict[str, object] | None:
-    """Slurm's view of a Slurm job (squeue), read through one table; None for other jobs."""
-    if record.scheduler != "slurm" or not record.scheduler_job_id:
-        return None
-    from trainctl.launch.slurm import SlurmClient, SlurmError
-
-    try:
-        view = SlurmClient().job_view(record.scheduler_job_id)
-    except SlurmError as error:
-        return {"state": None, "describe": f"Slurm unavailable: {error}"}
-    if view is None:
-        return {"state": None, "describe": "Slurm no longer knows the job (it ended a while ago)"}
-    return {
-        "state": view.state,
-        "reason": view.reason,
-        "meaning": view.meaning.summary,
-        "active": view.meaning.active,
-        "nodes": list(view.nodes),
-        "excluded": list(view.exc_nodes),
-        "restart_count": view.restart_count,
-        "describe": view.describe(),
-    }
-
-
 def status(
     job_id: str = typer.Argument(..., help="Job id."),
     storage: str | None = STORAGE_OPTION,
@@ -116,9 +99,9 @@ def status(
     """Show a job's state, nodes and attempts."""
     store = open_store(storage)
     record = store.read_state(job_id)
-    verdicts = store.read_node_verdicts(job_id)
+    verdicts = read_node_verdicts(store, job_id)
     blocklist = store.read_blocklist(job_id)
-    slurm = _slurm_view(record)
+    slurm = schedulers.describe(record)
     if as_json:
         data = status_json(record, verdicts, blocklist)
         data["slurm"] = slurm
@@ -187,7 +170,7 @@ def events(
     """Show a job's events in time order."""
     store = open_store(storage)
     record = store.read_state(job_id)
-    items = store.read_events(job_id)
+    items = read_events(store, job_id)
     if as_json:
         emit_json([e.to_json() for e in items])
         return

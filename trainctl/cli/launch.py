@@ -5,23 +5,25 @@ from __future__ import annotations
 import secrets
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 import typer
 from rich.markup import escape
 
+from trainctl import schedulers
 from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store
 from trainctl.cli.console import emit_json, emit_result, terminal
 from trainctl.errors import UserError
+from trainctl.events import Event, JobCreated
 from trainctl.exitcodes import ExitCode
 from trainctl.launch.plan import Facts, plan_attempt, render_plan
-from trainctl.launch.scheduler import NodeScheduler
-from trainctl.recovery.controller import Controller, ControllerOptions, new_record
+from trainctl.lease import Lease
+from trainctl.recipe import load_recipe, parse_fault, script_spec, spec_to_yaml
 from trainctl.recovery.faults import check_faults
-from trainctl.spec import JobSpec, check_job_id, load_recipe, parse_fault, script_spec, spec_to_yaml
-from trainctl.state import Event, JobRecord
+from trainctl.recovery.journal import new_record
+from trainctl.recovery.run import run_job
+from trainctl.spec import JobSpec, check_job_id
+from trainctl.state import JobRecord
 from trainctl.store import JobStore
 
 
@@ -47,15 +49,17 @@ def _new_job_id(name: str) -> str:
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def _dry_run(spec: JobSpec, store: JobStore, job_id: str, rdzv_port: int, as_json: bool) -> None:
+def _dry_run(spec: JobSpec, store: JobStore, job_id: str, as_json: bool) -> None:
     root = store.root
     run_dir = f"{store.job_url(job_id)}" if store.local else f"~/.cache/trainctl/{job_id}"
     facts = Facts(
         python=sys.executable,
         storage_root=root,
         run_dir=run_dir,
-        rdzv_port=rdzv_port,
+        rdzv_port=spec.launch.rdzv_port,
         checkpoint_root=store.checkpoint_root(job_id, spec.checkpoint.storage),
+        secrets_file=f"{run_dir}/private/secrets.json" if spec.secrets else "",
+        node_addr=schedulers.local().node_addr,
     )
     nodes = tuple(f"node-{i}" for i in range(spec.nodes))
     spares = tuple(f"node-{i}" for i in range(spec.nodes, spec.nodes + spec.spare_nodes))
@@ -79,8 +83,12 @@ def launch(
     job_id: str | None = typer.Option(None, "--job-id", help="Job id (default: name-time-random)."),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Stop after S steps."),
     seed: int | None = typer.Option(None, "--seed", help="Override the recipe's seed."),
-    rdzv_port: int = typer.Option(
-        0, "--rdzv-port", min=0, max=65535, help="Rendezvous port (default: chosen at start)."
+    rdzv_port: int | None = typer.Option(
+        None,
+        "--rdzv-port",
+        min=0,
+        max=65535,
+        help="Rendezvous store port (default: launch.rdzv_port, else chosen at start).",
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run; start nothing."),
     scheduler: str = typer.Option(
@@ -117,6 +125,10 @@ def launch(
             fix="add --scheduler slurm, or drop them",
         )
     spec = _load_spec(target, list(script_args or []), overrides)
+    if rdzv_port is not None:
+        spec = spec.model_copy(
+            update={"launch": spec.launch.model_copy(update={"rdzv_port": rdzv_port})}
+        )
     check_faults(spec, scheduler)
     store = open_store(storage)
     job = check_job_id(job_id) if job_id else _new_job_id(spec.name)
@@ -126,18 +138,19 @@ def launch(
         slurm_launch.submit(spec, store, job, target, partition, time_limit, dry_run, as_json)
         return
     if dry_run:
-        _dry_run(spec, store, job, rdzv_port, as_json)
+        _dry_run(spec, store, job, as_json)
         return
     now = time.time()
     record = new_record(job, spec, now)
     store.create(record, spec_to_yaml(spec))
+    lease = Lease(store, job, spec.launch.lease_ttl_s)
+    lease.acquire()
     store.append_event(
         job,
         Event(
-            time=now,
-            kind="job_created",
-            message=f"{spec.name}: {spec.nodes} node(s) x {spec.nproc_per_node} worker(s)",
-            data={"target": target},
+            now,
+            f"{spec.name}: {spec.nodes} node(s) x {spec.nproc_per_node} worker(s)",
+            JobCreated(target=target),
         ),
     )
     if not as_json:
@@ -146,87 +159,39 @@ def launch(
         f"job [bold]{job}[/bold]: {spec.name}, {spec.nodes} node(s) x "
         f"{spec.nproc_per_node} worker(s), store {store.root}"
     )
-    run_controller(spec, store, record, as_json)
+    code = run_job(spec, store, record, schedulers.local(), lease, say, warn)
+    finish(record, code, as_json)
 
 
-def controller_lock(store: JobStore, job_id: str) -> IO[bytes]:
-    """Hold the job's controller lock (released when this process ends, however it ends).
-
-    One controller per job: a second `launch --job-id` or `resume` while one runs is refused.
-    The lock is a local file lock in the job's run directory (the controller's host).
-    """
-    import fcntl
-
-    path = store.local_job_dir(job_id) / "controller.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = path.open("ab")
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise UserError(
-            "the job's controller is already running",
-            where="JOB",
-            value=job_id,
-            fix=f"watch it with `trainctl status {job_id}`; resume only after it ended",
-        ) from None
-    return handle
+def say(line: str) -> None:
+    terminal.info(escape(line))
 
 
-def run_controller(
-    spec: JobSpec,
-    store: JobStore,
-    record: JobRecord,
-    as_json: bool,
-    scheduler: NodeScheduler | None = None,
-    rdzv_host: str = "127.0.0.1",
-    after: Callable[[ExitCode], None] | None = None,
-    lock: IO[bytes] | None = None,
-) -> None:
-    """Run the job's controller in this process to the end; exit with the job's code.
+def warn(line: str) -> None:
+    terminal.warn(escape(line))
 
-    `after` runs last, with the exit code (Slurm: requeue the job when it should run again).
-    `lock`: the controller lock, if the caller already holds it.
-    """
-    job = record.job_id
-    lock = lock or controller_lock(store, job)
-    controller = Controller(
-        spec,
-        store,
-        record,
-        ControllerOptions(
-            python=sys.executable,
-            rdzv_host=rdzv_host,
-            on_message=lambda line: terminal.info(escape(line)),
-        ),
-        scheduler=scheduler,
-    )
-    controller.install_signal_handlers()
-    try:
-        code = controller.run()
-    finally:
-        lock.close()
-    final = record
-    summary = escape(f"job {job} {final.state.value}: {final.reason}")
-    if final.fingerprint:
-        summary += f"\n  final step {final.final_step}, fingerprint {final.fingerprint}"
+
+def finish(record: JobRecord, code: ExitCode, as_json: bool) -> None:
+    """Tell how the job ended (stderr; one JSON object on stdout with --json) and exit with
+    its code."""
+    summary = escape(f"job {record.job_id} {record.state.value}: {record.reason}")
+    if record.fingerprint:
+        summary += f"\n  final step {record.final_step}, fingerprint {record.fingerprint}"
     if code == 0:
         terminal.info(summary)
-    elif final.state.value == "stopped":
+    elif record.state.value == "stopped":
         terminal.warn(summary)
     else:
         terminal.error(summary)
     if as_json:
         emit_json(
             {
-                "job_id": job,
-                "state": final.state.value,
+                "job_id": record.job_id,
+                "state": record.state.value,
                 "exit_code": int(code),
-                "final_step": final.final_step,
-                "fingerprint": final.fingerprint,
-                "reason": final.reason,
+                "final_step": record.final_step,
+                "fingerprint": record.fingerprint,
+                "reason": record.reason,
             }
         )
-    if after is not None:
-        after(code)
     raise typer.Exit(int(code))

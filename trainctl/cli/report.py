@@ -17,18 +17,13 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store
+from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store, read_events
 from trainctl.cli.console import emit_json, plain_table, terminal
 from trainctl.errors import UserError
-from trainctl.recovery.goodput import CATEGORIES, Ledger, build_ledger
-from trainctl.recovery.timeline import (
-    format_duration,
-    format_share,
-    layout,
-    to_html,
-    to_png,
-    to_svg,
-)
+from trainctl.report.goodput import build_ledger
+from trainctl.report.ledger import CATEGORIES, Ledger
+from trainctl.report.render import to_html, to_png, to_svg
+from trainctl.report.timeline import format_duration, format_share, layout
 
 OUT_OPTION = typer.Option(
     None,
@@ -135,7 +130,7 @@ def report(
     """Show where a job's time went (goodput) and write its timeline picture."""
     store = open_store(storage)
     record = store.read_state(job_id)
-    ledger = build_ledger(record, store.read_events(job_id), now=time.time())
+    ledger = build_ledger(record, read_events(store, job_id), now=time.time())
     path = Path(out).expanduser().absolute() if out else store.local_job_dir(job_id) / "report.html"
     write_picture(path, render_picture(ledger, path))
     if as_json:

@@ -14,11 +14,13 @@ import time
 import typer
 
 from trainctl.cli.console import emit_json, emit_result, terminal
+from trainctl.env import Env
+from trainctl.events import Event, JobCreated, Submitted
 from trainctl.launch.sbatch import SlurmOptions, render_sbatch
-from trainctl.launch.slurm import SlurmClient
-from trainctl.recovery.controller import new_record
-from trainctl.spec import JobSpec, spec_to_yaml
-from trainctl.state import Event
+from trainctl.recipe import spec_to_yaml
+from trainctl.recovery.journal import new_record
+from trainctl.schedulers import submit as submit_batch
+from trainctl.spec import JobSpec
 from trainctl.store import JobStore
 
 
@@ -52,7 +54,7 @@ def submit(
         storage_root=store.root,
         workdir=os.getcwd(),
         log_path=str(run_dir / "slurm.log"),
-        env={"TRAINCTL_STORAGE": store.root},
+        env={Env.STORAGE: store.root},
     )
     if dry_run:
         if as_json:
@@ -74,22 +76,20 @@ def submit(
     store.append_event(
         job_id,
         Event(
-            time=now,
-            kind="job_created",
-            message=f"{spec.name}: {spec.nodes} node(s) x {spec.nproc_per_node} worker(s) on Slurm",
-            data={"target": target, "scheduler": "slurm"},
+            now,
+            f"{spec.name}: {spec.nodes} node(s) x {spec.nproc_per_node} worker(s) on Slurm",
+            JobCreated(target=target, scheduler="slurm"),
         ),
     )
-    slurm_job_id = SlurmClient().submit(script)
+    slurm_job_id = submit_batch(script)
     record.scheduler_job_id = slurm_job_id
     store.write_state(record)
     store.append_event(
         job_id,
         Event(
-            time=time.time(),
-            kind="submitted",
-            message=f"submitted to Slurm as job {slurm_job_id}",
-            data={"slurm_job_id": slurm_job_id, "script": script.script_path},
+            time.time(),
+            f"submitted to Slurm as job {slurm_job_id}",
+            Submitted(slurm_job_id=slurm_job_id, script=script.script_path),
         ),
     )
     if as_json:

@@ -15,17 +15,11 @@ import dataclasses
 import time
 from typing import Any
 
+from trainctl.health.gpu_verdict import GpuPolicy, node_verdict
 from trainctl.health.host import local_path, probe_host
 from trainctl.health.nvml import NvmlProbe
 from trainctl.health.readings import HostReading, NvmlReading
-from trainctl.health.verdict import (
-    GIB,
-    GpuPolicy,
-    HealthVerdict,
-    HostPolicy,
-    NodeVerdictRecord,
-    node_verdict,
-)
+from trainctl.health.verdict import GIB, HealthVerdict, HostPolicy, NodeVerdictRecord
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from trainctl.env import Env
 from trainctl.launch import proctree
 
 
@@ -53,8 +54,8 @@ class LocalScheduler:
         """Every live process of the job on `node` (agent, torchrun, workers, their children)."""
         return [
             pid
-            for pid in proctree.tagged("TRAINCTL_JOB_ID", job_id)
-            if pid in set(proctree.tagged("TRAINCTL_NODE", node))
+            for pid in proctree.tagged(Env.JOB_ID, job_id)
+            if pid in set(proctree.tagged(Env.NODE, node))
         ]
 
     def worker_pids(self, job_id: str, node: str, local_rank: int | None = None) -> list[int]:
@@ -83,7 +84,7 @@ class LocalScheduler:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         leftovers = proctree.kill_tree(
-            proctree.tagged("TRAINCTL_JOB_ID", job_id), grace_s, keep_reaped=self._popen_pids()
+            proctree.tagged(Env.JOB_ID, job_id), grace_s, keep_reaped=self._popen_pids()
         )
         self._reap()
         return leftovers

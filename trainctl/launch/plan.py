@@ -11,6 +11,11 @@ import dataclasses
 import json
 import shlex
 
+from pydantic import TypeAdapter, ValidationError
+
+from trainctl.errors import first_problem
+from trainctl.protocol import Env, GatePlan
+from trainctl.secrets import REDACTED, split_options
 from trainctl.spec import JobSpec
 
 RDZV_PORT_PLACEHOLDER = 0
@@ -32,6 +37,11 @@ class Facts:
     control_endpoint: str = ""
     """host:port of the controller's control channel ('' in a dry run)."""
     checkpoint_root: str = ""
+    secrets_file: str = ""
+    """The job's 0600 secrets file ('' when the job has no secrets)."""
+    node_addr: str = ""
+    """The address every node of the job is reached at (the local scheduler's simulated
+    nodes: 127.0.0.1); '' lets each node's torchrun look its own host name up."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,35 +59,6 @@ class NodePlan:
 
 
 @dataclasses.dataclass(frozen=True)
-class GatePlan:
-    """What each node agent's health gate checks, before joining and every `probe_interval_s`.
-
-    The agent also tests that the rendezvous endpoint accepts a TCP connection.
-    """
-
-    paths: tuple[str, ...]
-    """Directories needing free space: the run directory, the store and the checkpoint root
-    (object-store URLs are listed as skipped by the gate)."""
-    min_free_disk_gb: float = 1.0
-    require_nvml: bool = False
-    """False: a machine without NVML passes (fail-open); True: missing NVML is UNHEALTHY."""
-    probe_interval_s: float = 30.0
-    """0: probe only before starting torchrun."""
-
-    def describe(self) -> str:
-        nvml = "NVML required" if self.require_nvml else "NVML fail-open when absent"
-        every = (
-            f"re-probe every {self.probe_interval_s:g} s"
-            if self.probe_interval_s
-            else "no re-probes while running"
-        )
-        return (
-            f"health gate: free disk >= {self.min_free_disk_gb:g} GiB at "
-            f"{', '.join(self.paths)}; rendezvous reachable; {nvml}; {every}"
-        )
-
-
-@dataclasses.dataclass(frozen=True)
 class LaunchPlan:
     job_id: str
     attempt: int
@@ -86,41 +67,23 @@ class LaunchPlan:
     nodes: tuple[NodePlan, ...]
     excluded: tuple[str, ...] = ()
     spares: tuple[str, ...] = ()
-    gate: GatePlan = GatePlan(paths=())
+    gate: GatePlan = dataclasses.field(default_factory=lambda: GatePlan(paths=()))
+    secrets: tuple[str, ...] = ()
+    """Names of the secret variables the workers get (their values are never in a plan)."""
 
     def to_json(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, object]) -> LaunchPlan:
-        raw_nodes = data["nodes"]
-        assert isinstance(raw_nodes, (list, tuple))
-        nodes = tuple(
-            NodePlan(
-                name=n["name"],
-                argv=tuple(n["argv"]),
-                env=tuple((k, v) for k, v in n["env"]),
-                log_path=n["log_path"],
-                error_dir=n["error_dir"],
-            )
-            for n in raw_nodes
-        )
-        excluded = data.get("excluded", ())
-        spares = data.get("spares", ())
-        assert isinstance(excluded, (list, tuple)) and isinstance(spares, (list, tuple))
-        raw_gate = data.get("gate", {"paths": ()})
-        assert isinstance(raw_gate, dict)
-        gate = GatePlan(**{**raw_gate, "paths": tuple(raw_gate["paths"])})
-        return cls(
-            job_id=str(data["job_id"]),
-            attempt=int(str(data["attempt"])),
-            world_size=int(str(data["world_size"])),
-            rdzv_endpoint=str(data["rdzv_endpoint"]),
-            nodes=nodes,
-            excluded=tuple(excluded),
-            spares=tuple(spares),
-            gate=gate,
-        )
+    def from_json(cls, data: object) -> LaunchPlan:
+        """Decode a plan file; raises ValueError naming the field that does not fit."""
+        try:
+            return _PLAN.validate_python(data)
+        except ValidationError as bad:
+            raise ValueError(first_problem(bad)) from None
+
+
+_PLAN: TypeAdapter[LaunchPlan] = TypeAdapter(LaunchPlan)
 
 
 def node_names(count: int, prefix: str = "node") -> tuple[str, ...]:
@@ -160,11 +123,12 @@ def torchrun_argv(
         f"--rdzv-endpoint={facts.rdzv_host}:{port}",
         f"--rdzv-id={job_id}-a{attempt}",
         f"--rdzv-conf={rdzv_conf(spec)}",
+        *((f"--local-addr={facts.node_addr}",) if facts.node_addr else ()),
         # trainctl decides every restart (blame, exclusion, restore first): torchrun never does.
         "--max-restarts=0",
         f"--monitor-interval={spec.launch.monitor_interval_s:g}",
         f"--log-dir={error_dir}",
-        *(("-m", "trainctl.launch.shim") if warm_workers(spec) else ()),
+        *(("-m", "trainctl.launch.shim") if uses_shim(spec) else ()),
         spec.script,
         *spec.args,
     )
@@ -175,17 +139,23 @@ def warm_workers(spec: JobSpec) -> bool:
     return spec.launch.warm_workers and spec.uses_runtime
 
 
+def uses_shim(spec: JobSpec) -> bool:
+    """Whether torchrun starts workers through `trainctl.launch.shim`: to hand them to the
+    zygote, or to give them the job's secret variables (which torchrun never holds)."""
+    return warm_workers(spec) or bool(spec.secrets)
+
+
 def node_env(spec: JobSpec, facts: Facts, job_id: str, attempt: int, node: str) -> dict[str, str]:
     """The variables a node's agent adds for torchrun and the workers (sorted, deterministic)."""
     env: dict[str, str] = {
-        "TRAINCTL_JOB_ID": job_id,
-        "TRAINCTL_NODE": node,
-        "TRAINCTL_ATTEMPT": str(attempt),
-        "TRAINCTL_STORAGE": facts.storage_root,
-        "TRAINCTL_SEED": str(spec.seed),
+        Env.JOB_ID: job_id,
+        Env.NODE: node,
+        Env.ATTEMPT: str(attempt),
+        Env.STORAGE: facts.storage_root,
+        Env.SEED: str(spec.seed),
         # The agent's SIGTERM -> SIGKILL grace when stopping its tree (the recipe's setting).
-        "TRAINCTL_STOP_GRACE_S": f"{spec.launch.stop_grace_s:g}",
-        "TRAINCTL_CONFIG": json.dumps(spec.config, sort_keys=True, separators=(",", ":")),
+        Env.STOP_GRACE_S: f"{spec.launch.stop_grace_s:g}",
+        Env.CONFIG: json.dumps(spec.config, sort_keys=True, separators=(",", ":")),
         # One intra-op thread per worker: the simulated nodes share the host's cores.
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
@@ -198,11 +168,16 @@ def node_env(spec: JobSpec, facts: Facts, job_id: str, attempt: int, node: str) 
         # stock behaviour (their rank 0 would otherwise host a store it may tear down early).
         env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     if spec.max_steps is not None:
-        env["TRAINCTL_MAX_STEPS"] = str(spec.max_steps)
+        env[Env.MAX_STEPS] = str(spec.max_steps)
     if facts.checkpoint_root:
-        env["TRAINCTL_CHECKPOINT_ROOT"] = facts.checkpoint_root
-    ckpt = spec.checkpoint
-    env["TRAINCTL_CHECKPOINT"] = json.dumps(
+        env[Env.CHECKPOINT_ROOT] = facts.checkpoint_root
+    if facts.secrets_file:
+        env[Env.SECRETS_FILE] = facts.secrets_file
+    # The validated section, credentials left out (they reach workers through the secrets
+    # file or the standard AWS chain).
+    public, _ = split_options(spec.checkpoint.storage_options)
+    ckpt = spec.checkpoint.model_copy(update={"storage_options": public})
+    env[Env.CHECKPOINT] = json.dumps(
         ckpt.model_dump(mode="json"), sort_keys=True, separators=(",", ":")
     )
     env.update(spec.env)
@@ -215,14 +190,14 @@ def agent_env(spec: JobSpec, facts: Facts, job_id: str, node: str) -> dict[str, 
     tags every process of the node inherits (how a node is found and killed), and the recipe's
     ``env``/``node_env`` (the health probes may need them, e.g. the fake NVML in tests)."""
     env = {
-        "TRAINCTL_JOB_ID": job_id,
-        "TRAINCTL_NODE": node,
-        "TRAINCTL_STORAGE": facts.storage_root,
+        Env.JOB_ID: job_id,
+        Env.NODE: node,
+        Env.STORAGE: facts.storage_root,
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
     }
     if warm_workers(spec):
-        env["TRAINCTL_WARM_WORKERS"] = "1"
+        env[Env.WARM_WORKERS] = "1"
     env.update(spec.env)
     env.update(spec.node_env.get(node, {}))
     return dict(sorted(env.items()))
@@ -274,6 +249,7 @@ def plan_attempt(
         excluded=excluded,
         spares=spares,
         gate=gate_plan(spec, facts),
+        secrets=tuple(sorted(spec.secrets)),
     )
 
 
@@ -288,6 +264,9 @@ def render_plan(plan: LaunchPlan) -> str:
     if plan.spares:
         lines.append(f"spares: {', '.join(plan.spares)}")
     lines.append(plan.gate.describe())
+    if plan.secrets:
+        shown = ", ".join(f"{name}={REDACTED}" for name in plan.secrets)
+        lines.append(f"secrets (for the workers only, never stored): {shown}")
     for node in plan.nodes:
         lines.append("")
         lines.append(f"[{node.name}]  log: {node.log_path}")

@@ -27,16 +27,28 @@ def become_subreaper() -> bool:
         return False
 
 
-def _stat(pid: int) -> tuple[int, str] | None:
-    """(parent pid, state letter) of a process, or None if it is gone."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), or None."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             raw = handle.read().decode(errors="replace")
     except OSError:
         return None
     # The command name may contain spaces and parentheses: split after the last ')'.
-    fields = raw[raw.rfind(")") + 2 :].split()
-    return int(fields[1]), fields[0]
+    return raw[raw.rfind(")") + 2 :].split()
+
+
+def start_time(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot), None when it is gone or a zombie: with the
+    pid, it names one process even after the pid is reused."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields is not None and fields[0] not in ("Z", "X") else None
+
+
+def stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, state letter) of a process, or None if it is gone."""
+    fields = _stat_fields(pid)
+    return None if fields is None else (int(fields[1]), fields[0])
 
 
 def _all_pids() -> list[int]:
@@ -45,7 +57,7 @@ def _all_pids() -> list[int]:
 
 def is_alive(pid: int) -> bool:
     """True if `pid` exists and is not a zombie."""
-    info = _stat(pid)
+    info = stat(pid)
     return info is not None and info[1] not in ("Z", "X")
 
 
@@ -54,7 +66,7 @@ def descendants(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
     states: dict[int, str] = {}
     for pid in _all_pids():
-        info = _stat(pid)
+        info = stat(pid)
         if info is None:
             continue
         children.setdefault(info[0], []).append(pid)
@@ -118,7 +130,7 @@ def reap_zombie_children(keep: Iterable[int] = ()) -> None:
     for pid in _all_pids():
         if pid in keep_set:
             continue
-        info = _stat(pid)
+        info = stat(pid)
         if info is not None and info[0] == me and info[1] == "Z":
             try:
                 os.waitpid(pid, os.WNOHANG)

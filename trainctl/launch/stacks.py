@@ -18,18 +18,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from trainctl.launch import proctree
+from trainctl.protocol import STACK_DUMP_SIGNAL, StackDump
 
-STACKS_DIR_ENV = "TRAINCTL_STACKS_DIR"
-"""Set by the agent for its workers: where they write faulthandler dumps."""
-STACK_DUMP_SIGNAL = signal.SIGUSR2
 PY_SPY_TIMEOUT_S = 10.0
 FAULTHANDLER_WAIT_S = 2.0
 
@@ -41,23 +37,10 @@ class WorkerProcess:
     local_rank: int
 
 
-def _parent(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            raw = handle.read().decode(errors="replace")
-    except OSError:
-        return None
-    return int(raw[raw.rfind(")") + 2 :].split()[1])
-
-
 def process_state(pid: int) -> str | None:
     """The /proc state letter of `pid` (R, S, D, T, t, Z...), None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            raw = handle.read().decode(errors="replace")
-    except OSError:
-        return None
-    return raw[raw.rfind(")") + 2 :].split()[0]
+    info = proctree.stat(pid)
+    return None if info is None else info[1]
 
 
 def find_workers(root: int) -> list[WorkerProcess]:
@@ -74,7 +57,7 @@ def find_workers(root: int) -> list[WorkerProcess]:
     workers = [
         WorkerProcess(pid, rank, local_rank)
         for pid, (rank, local_rank) in ranked.items()
-        if _parent(pid) not in ranked
+        if (proctree.stat(pid) or (None, ""))[0] not in ranked
     ]
     return sorted(workers, key=lambda w: w.rank)
 
@@ -127,8 +110,8 @@ def dump_with_faulthandler(pid: int, path: Path) -> tuple[str | None, str | None
     return None, f"no dump in {path} within {FAULTHANDLER_WAIT_S:g} s (process stopped?)"
 
 
-def dump_worker(worker: WorkerProcess, stacks_dir: Path) -> dict[str, Any]:
-    """Dump one worker's stacks: a dict with rank, pid, state, method, text and failures."""
+def dump_worker(worker: WorkerProcess, stacks_dir: Path) -> StackDump:
+    """Dump one worker's stacks: its state, the text, the method that worked, the failures."""
     state = process_state(worker.pid)
     failures: list[str] = []
     text: str | None = None
@@ -154,12 +137,12 @@ def dump_worker(worker: WorkerProcess, stacks_dir: Path) -> dict[str, Any]:
             method = "faulthandler (SIGUSR2)"
         else:
             failures.append(f"faulthandler: {error}")
-    return {
-        "rank": worker.rank,
-        "local_rank": worker.local_rank,
-        "pid": worker.pid,
-        "state": state,
-        "method": method,
-        "text": text,
-        "failures": failures,
-    }
+    return StackDump(
+        rank=worker.rank,
+        local_rank=worker.local_rank,
+        pid=worker.pid,
+        state=state,
+        method=method,
+        text=text,
+        failures=tuple(failures),
+    )

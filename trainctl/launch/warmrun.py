@@ -22,7 +22,7 @@ import json
 import os
 import sys
 
-RDZV_POLL_ENV = "TRAINCTL_RDZV_POLL_S"
+from trainctl.env import Env
 
 
 def tune_rendezvous_polling(poll_s: float) -> None:
@@ -48,7 +48,7 @@ def tune_rendezvous_polling(poll_s: float) -> None:
 def main() -> int:
     import torch.distributed.run as torchrun  # the point: pay for this before it is needed
 
-    tune_rendezvous_polling(float(os.environ.get(RDZV_POLL_ENV, "0.05")))
+    tune_rendezvous_polling(float(os.environ.get(Env.RDZV_POLL_S, "0.05")))
 
     line = sys.stdin.readline()
     if not line.strip():

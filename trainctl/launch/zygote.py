@@ -32,6 +32,8 @@ import traceback
 from typing import Any
 
 from trainctl.launch import proctree
+from trainctl.launch.shim import become_worker
+from trainctl.protocol import unix_address
 
 PREIMPORTS = (
     "torch",
@@ -46,14 +48,8 @@ PREIMPORTS = (
     "trainctl.runtime",
     "trainctl.runtime.checkpoint",
 )
-ZYGOTE_ENV = "TRAINCTL_ZYGOTE"
-"""Set for torchrun's workers: the zygote's socket address (absent: no warm workers)."""
 WORKER_NAME = re.compile(r"tcw(\d+)\.(\d+)")
 MAX_REQUEST = 1 << 20
-
-
-def unix_address(address: str) -> str:
-    return "\0" + address[1:] if address.startswith("@") else address
 
 
 def worker_identity(pid: int) -> tuple[int, int] | None:
@@ -113,34 +109,11 @@ def run_worker(request: dict[str, Any]) -> int:
     os.environ.update(env)
     with contextlib.suppress(OSError):
         os.chdir(str(request.get("cwd") or "/"))
-    argv = [str(arg) for arg in request["argv"]]
-    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
-        comm.write(f"tcw{env.get('RANK', '0')}.{env.get('LOCAL_RANK', '0')}")
     import random
 
     random.seed()  # every child would otherwise share the zygote's Python RNG state
     _set_torch_threads(env)
-    script = argv[0]
-    sys.argv = argv
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
-    import runpy
-
-    try:
-        runpy.run_path(script, run_name="__main__")
-    except SystemExit as done:
-        code = done.code
-        if code is None:
-            return 0
-        if isinstance(code, int):
-            return code
-        print(code, file=sys.stderr)
-        return 1
-    except BaseException:
-        kind, value, tb = sys.exc_info()
-        assert kind is not None and value is not None
-        sys.excepthook(kind, value, tb)  # trainctl.runtime's hook writes torchrun's error file
-        return 1
-    return 0
+    return become_worker([str(arg) for arg in request["argv"]])
 
 
 def _fork_worker(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> int:

@@ -1,11 +1,16 @@
 """Fault injection for tests and demos (`trainctl launch --fault`, local scheduler only).
 
+Wrapped in at the edges, and only when a fault is planned: the controller holds a `Faults`
+object — `NoFaults` (does nothing) unless the job has faults, then a `FaultInjector` — and
+tells it each step the job reaches; a planned storage outage adds the faults directory to the
+agents' environment, where the worker runtime finds it and wraps its checkpoint storage
+(`trainctl.checkpoint.outage.InjectedOutage`).
+
 Each fault fires once, when the job first reports its step: ``kill-node`` kills every process
 of the node with SIGKILL (as a dead host would), ``kill-worker`` SIGKILLs one worker,
 ``hang`` SIGSTOPs one worker, ``nvml-xid`` adds an XID 79 (GPU fallen off the bus) to the node's
 fake NVML file (tests/fakenvml; the node needs ``node_env.<node>.FAKE_NVML_FILE``), and
-``storage-outage`` makes every checkpoint storage request fail for ``for`` seconds (through the
-faults directory the storage layer watches, `trainctl.checkpoint.storage.InjectedOutage`).
+``storage-outage`` makes every checkpoint storage request fail for ``for`` seconds.
 """
 
 from __future__ import annotations
@@ -13,14 +18,17 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from trainctl.checkpoint.storage import FAULTS_DIR_ENV, OUTAGE_FILE
+from trainctl.checkpoint.outage import OUTAGE_FILE
 from trainctl.errors import UserError
+from trainctl.events import FaultInjected
 from trainctl.launch.local import LocalScheduler
+from trainctl.launch.scheduler import NodeScheduler
+from trainctl.protocol import Env
+from trainctl.recovery.journal import Journal
 from trainctl.spec import FaultSpec, JobSpec
-
-__all__ = ["FAULTS_DIR_ENV", "FaultInjector", "check_faults"]
 
 
 def check_faults(spec: JobSpec, scheduler: str) -> None:
@@ -44,37 +52,76 @@ def check_faults(spec: JobSpec, scheduler: str) -> None:
                 )
 
 
-class FaultInjector:
+class NoFaults:
+    """What a job without planned faults holds: every hook does nothing."""
+
+    failed_at: float | None = None
+    """When the last injected fault fired (the best evidence of when its failure began)."""
+
+    def agent_env(self) -> dict[str, str]:
+        return {}
+
+    def reached(self, step: int) -> None:
+        pass
+
+    def tick(self) -> None:
+        pass
+
+    def attempt_started(self) -> None:
+        self.failed_at = None
+
+    def close(self) -> None:
+        pass
+
+
+class FaultInjector(NoFaults):
     def __init__(
         self,
         spec: JobSpec,
-        job_id: str,
         scheduler: LocalScheduler,
+        journal: Journal,
         faults_dir: Path,
-        fired: list[str],
+        say: Callable[[str], None],
     ) -> None:
         self.spec = spec
-        self.job_id = job_id
         self.scheduler = scheduler
+        self.journal = journal
         self.faults_dir = faults_dir
+        self.say = say
+        fired = journal.record.faults_fired
         self.pending = [f for f in spec.faults if f.describe() not in fired]
         self._outage_until: float | None = None
 
-    def due(self, step: int) -> list[FaultSpec]:
-        """Faults whose step was reached; they are removed from `pending`."""
-        ready = [f for f in self.pending if step >= f.step]
-        self.pending = [f for f in self.pending if f not in ready]
-        return ready
+    def agent_env(self) -> dict[str, str]:
+        if any(f.kind == "storage-outage" for f in self.spec.faults):
+            return {Env.FAULTS_DIR: str(self.faults_dir)}
+        return {}
+
+    def reached(self, step: int) -> None:
+        """Fire every pending fault whose step the job reached, recording each."""
+        due = [f for f in self.pending if step >= f.step]
+        self.pending = [f for f in self.pending if f not in due]
+        for fault in due:
+            self.failed_at = time.time()
+            done = self.fire(fault)
+            self.journal.record.faults_fired.append(fault.describe())
+            self.journal.event(
+                FaultInjected(fault=fault.kind, spec=fault.describe(), step=step),
+                f"injected {fault.describe()}: {done}",
+                node=fault.node,
+            )
+            self.say(f"fault injected: {fault.describe()}")
+            self.journal.save_state()
 
     def fire(self, fault: FaultSpec) -> str:
         """Inject `fault`; returns what was done, for the event."""
-        node = fault.node or ""
+        job_id, node = self.journal.job_id, fault.node or ""
         if fault.kind == "kill-node":
-            pids = self.scheduler.node_processes(self.job_id, node)
-            self.scheduler.kill_node(self.job_id, node)
+            pids = self.scheduler.node_processes(job_id, node)
+            self.scheduler.kill_node(job_id, node)
             return f"SIGKILL to every process of {node} ({len(pids)})"
         if fault.kind in ("kill-worker", "hang"):
-            workers = self.scheduler.worker_pids(self.job_id, node, local_rank=0)
+            workers = self.scheduler.worker_pids(job_id, node, local_rank=0)
             if not workers:
                 return f"no worker found on {node}"
             sig = signal.SIGKILL if fault.kind == "kill-worker" else signal.SIGSTOP
@@ -91,10 +138,26 @@ class FaultInjector:
             (self.faults_dir / OUTAGE_FILE).write_text(f"{until}\n")
             self._outage_until = until
             return f"checkpoint storage refuses every request for {fault.duration_s:g} s"
-        raise AssertionError(f"unknown fault {fault.kind}")
+        raise ValueError(f"unknown fault {fault.kind}")
 
     def tick(self) -> None:
         """Lift an expired outage."""
         if self._outage_until is not None and time.time() >= self._outage_until:
             (self.faults_dir / OUTAGE_FILE).unlink(missing_ok=True)
             self._outage_until = None
+
+    def close(self) -> None:
+        (self.faults_dir / OUTAGE_FILE).unlink(missing_ok=True)
+
+
+def plan_faults(
+    spec: JobSpec,
+    scheduler: NodeScheduler,
+    journal: Journal,
+    faults_dir: Path,
+    say: Callable[[str], None],
+) -> NoFaults:
+    """The job's fault hooks: an injector when faults are planned (local scheduler only)."""
+    if spec.faults and isinstance(scheduler, LocalScheduler):
+        return FaultInjector(spec, scheduler, journal, faults_dir, say)
+    return NoFaults()

@@ -1,4 +1,4 @@
-"""Pure decisions: what the controller does next, and why.
+"""Pure decisions during an attempt: what the controller does next, and why.
 
 `observe(view, observations)` folds what just happened into the attempt as the controller sees
 it; `decide(now, view)` returns a `Decision`: an action plus a sentence a person can read in
@@ -7,13 +7,11 @@ processes or storage are touched here.
 
 Node faults the view records (for recovery to exclude or replace the blamed node): a node
 agent lost, an UNHEALTHY health verdict (before joining or while running) and a hang whose
-evidence points at one node.
+evidence points at one node. Software errors (a Python exception that is not a lost
+connection) never blame a node.
 
-After a failed attempt, `plan_recovery` decides what comes next: exclude the blamed node,
-promote a spare or shrink, relaunch, or end the job (exit 1 for the scheduler to requeue when
-the allocation cannot continue; exit 3 when the same failure keeps repeating with no new
-checkpoint). Software errors (a Python exception that is not a lost connection) never blame a
-node.
+What happens after a failed attempt, and which nodes run (exclusions, spares, readmission,
+requeue) is decided in the sibling pure module `trainctl.recovery.placement`.
 """
 
 from __future__ import annotations
@@ -21,9 +19,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from trainctl.exitcodes import ExitCode
+from trainctl.state import NodeState
 
 
 class Action(str, enum.Enum):
@@ -35,6 +34,9 @@ class Action(str, enum.Enum):
     """The attempt failed and the job ends (retry allowed by the scheduler)."""
     STOP = "stop"
     """A stop was requested (signal): stop every node."""
+    ABANDON = "abandon"
+    """Another controller owns the job now (this one lost its lease): kill the attempt and
+    record nothing."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +103,14 @@ class Hang:
     ranks: tuple[SilentRank, ...]
 
 
-Observation = NodeExit | NodeLost | StopRequested | NodeUnhealthy | Hang
+@dataclasses.dataclass(frozen=True)
+class Abandoned:
+    """This controller lost the job's lease: another controller runs the job."""
+
+    time: float
+
+
+Observation = NodeExit | NodeLost | StopRequested | NodeUnhealthy | Hang | Abandoned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +123,7 @@ class AttemptView:
     stop: StopRequested | None = None
     unhealthy: tuple[NodeUnhealthy, ...] = ()
     hang: Hang | None = None
+    abandoned: Abandoned | None = None
 
 
 class Cause(str, enum.Enum):
@@ -154,6 +164,7 @@ def observe(view: AttemptView, observations: Sequence[Observation]) -> AttemptVi
     stop = view.stop
     unhealthy = list(view.unhealthy)
     hang = view.hang
+    abandoned = view.abandoned
     for obs in observations:
         if isinstance(obs, NodeExit) and all(e.node != obs.node for e in exits):
             exits.append(obs)
@@ -167,6 +178,8 @@ def observe(view: AttemptView, observations: Sequence[Observation]) -> AttemptVi
             unhealthy.append(obs)
         elif isinstance(obs, Hang) and hang is None:
             hang = obs
+        elif isinstance(obs, Abandoned) and abandoned is None:
+            abandoned = obs
     return dataclasses.replace(
         view,
         exits=tuple(exits),
@@ -174,6 +187,7 @@ def observe(view: AttemptView, observations: Sequence[Observation]) -> AttemptVi
         stop=stop,
         unhealthy=tuple(unhealthy),
         hang=hang,
+        abandoned=abandoned,
     )
 
 
@@ -315,8 +329,31 @@ def classify_exits(failures: Sequence[NodeExit]) -> Decision:
     )
 
 
+def node_outcome(node: str, view: AttemptView, decision: Decision) -> tuple[NodeState, str]:
+    """How a node of an attempt ended, once the attempt's `decision` was carried out."""
+    if decision.action == Action.SUCCEED:
+        return NodeState.SUCCEEDED, ""
+    if decision.action in (Action.STOP, Action.ABANDON):
+        return NodeState.STOPPED, decision.reason
+    if node == decision.blamed:
+        return NodeState.FAILED, decision.reason
+    exit_ = next((e for e in view.exits if e.node == node), None)
+    if exit_ is not None and exit_.code != 0 and not exit_.stopped:
+        return NodeState.FAILED, describe_exit(exit_)
+    if any(x.node == node for x in view.lost):
+        return NodeState.FAILED, f"{node}: node agent lost"
+    return NodeState.STOPPED, "stopped after another node failed"
+
+
 def decide(now: float, view: AttemptView) -> Decision:
     """The next action for an attempt, with its reason."""
+    if view.abandoned is not None:
+        return Decision(
+            Action.ABANDON,
+            "another controller took the job's lease: this one stops",
+            ExitCode.FAILED,
+            cause=Cause.STOP,
+        )
     if view.stop is not None:
         preempted = view.stop.signal in ("SIGTERM", "SIGUSR1")
         return Decision(
@@ -364,198 +401,3 @@ def decide(now: float, view: AttemptView) -> Decision:
     if len(view.exits) == len(view.nodes) and all(e.code == 0 for e in view.exits):
         return Decision(Action.SUCCEED, "every node finished", ExitCode.FINISHED)
     return Decision(Action.CONTINUE, "running")
-
-
-# -- after a failed attempt ------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Exclusion:
-    """A blocklist entry: a node kept out of the job, why, and until when."""
-
-    node: str
-    reason: str
-    cause: str
-    since: float
-    expires_at: float
-
-    def active(self, now: float) -> bool:
-        return now < self.expires_at
-
-    def to_json(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, object]) -> Exclusion:
-        return cls(
-            node=str(data["node"]),
-            reason=str(data.get("reason", "")),
-            cause=str(data.get("cause", "")),
-            since=float(str(data.get("since", 0.0))),
-            expires_at=float(str(data.get("expires_at", 0.0))),
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class NodeSelection:
-    nodes: tuple[str, ...]
-    promoted: tuple[str, ...] = ()
-    """Spares (or readmitted nodes) that take a failed node's place."""
-    shrunk: bool = False
-    reason: str = ""
-
-
-def select_nodes(
-    want: int,
-    fewest: int,
-    preferred: Sequence[str],
-    standby: Sequence[str],
-    readmittable: Sequence[str] = (),
-) -> NodeSelection | None:
-    """Pick an attempt's nodes: `preferred` first (the survivors, in order), then spares on
-    `standby`, then nodes whose exclusion expired (they must pass the preflight probe again).
-    Fewer than `want` but at least `fewest`: shrink. Fewer than `fewest`: None."""
-    candidates = list(dict.fromkeys([*preferred, *standby, *readmittable]))
-    if len(candidates) < fewest or not candidates:
-        return None
-    nodes = tuple(candidates[:want])
-    promoted = tuple(n for n in nodes if n not in preferred)
-    shrunk = len(nodes) < want
-    parts = []
-    if promoted:
-        parts.append(f"promoted {', '.join(promoted)}")
-    if shrunk:
-        parts.append(f"shrunk to {len(nodes)} of {want} node(s)")
-    return NodeSelection(nodes, promoted, shrunk, "; ".join(parts))
-
-
-class RecoveryAction(str, enum.Enum):
-    RELAUNCH = "relaunch"
-    """Relaunch inside the allocation on `Recovery.nodes`, restoring the newest checkpoint."""
-    REQUEUE = "requeue"
-    """The allocation cannot continue: end with exit 1 so the scheduler may requeue."""
-    GIVE_UP = "give_up"
-    """A crash loop or a bug: end with exit 3, do not requeue."""
-
-
-@dataclasses.dataclass(frozen=True)
-class FailureRecord:
-    """One failed attempt, as crash-loop detection remembers it."""
-
-    signature: str
-    committed_step: int | None
-
-    def to_json(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, object]) -> FailureRecord:
-        step = data.get("committed_step")
-        return cls(str(data.get("signature", "")), None if step is None else int(str(step)))
-
-
-@dataclasses.dataclass(frozen=True)
-class Budgets:
-    """The recipe's retry limits (from `JobSpec.launch` and `JobSpec.recovery`)."""
-
-    max_restarts: int
-    per_cause: Mapping[str, int]
-    crash_loop_limit: int
-    exclude_s: float
-    nodes: int
-    fewest_nodes: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Recovery:
-    action: RecoveryAction
-    reason: str
-    exit_code: ExitCode | None = None
-    selection: NodeSelection | None = None
-    exclude: tuple[Exclusion, ...] = ()
-
-
-def crash_loop_length(history: Sequence[FailureRecord], latest: FailureRecord) -> int:
-    """How many failures in a row, ending with `latest`, share its signature with no new
-    committed checkpoint between them."""
-    count = 1
-    for earlier in reversed(history):
-        if earlier.signature != latest.signature or earlier.committed_step != latest.committed_step:
-            break
-        count += 1
-    return count
-
-
-def plan_recovery(
-    now: float,
-    decision: Decision,
-    budgets: Budgets,
-    restarts: Mapping[str, int],
-    history: Sequence[FailureRecord],
-    committed_step: int | None,
-    active: Sequence[str],
-    standby: Sequence[str],
-    blocklist: Mapping[str, Exclusion],
-) -> Recovery:
-    """What to do after the attempt on `active` failed with `decision` (pure).
-
-    `restarts` counts relaunches so far by cause, `history` the earlier failures (oldest
-    first), `standby` the healthy spares, `blocklist` every exclusion (active or expired).
-    """
-    cause = decision.cause.value
-    exclude: list[Exclusion] = []
-    if decision.blamed is not None and decision.cause is Cause.NODE_FAULT:
-        exclude.append(
-            Exclusion(decision.blamed, decision.reason, cause, now, now + budgets.exclude_s)
-        )
-    latest = FailureRecord(decision.signature or decision.reason, committed_step)
-    loop = crash_loop_length(history, latest)
-    if loop >= budgets.crash_loop_limit:
-        since = f"checkpoint step {committed_step}" if committed_step else "the start"
-        return Recovery(
-            RecoveryAction.GIVE_UP,
-            f"crash loop: the same failure {loop} times in a row with no new checkpoint since "
-            f"{since} ({decision.reason}); fix the cause, then `trainctl resume`",
-            ExitCode.GAVE_UP,
-            exclude=tuple(exclude),
-        )
-    total = sum(restarts.values())
-    if total >= budgets.max_restarts:
-        return Recovery(
-            RecoveryAction.REQUEUE,
-            f"{decision.reason} — restart budget spent ({total} of "
-            f"launch.max_restarts={budgets.max_restarts})",
-            ExitCode.FAILED,
-            exclude=tuple(exclude),
-        )
-    budget = budgets.per_cause.get(cause, 3)
-    if restarts.get(cause, 0) >= budget:
-        bug = decision.cause is Cause.SOFTWARE_ERROR
-        return Recovery(
-            RecoveryAction.GIVE_UP if bug else RecoveryAction.REQUEUE,
-            f"{decision.reason} — {cause} restarts spent ({restarts.get(cause, 0)} of "
-            f"recovery.restarts_per_cause.{cause}={budget})",
-            ExitCode.GAVE_UP if bug else ExitCode.FAILED,
-            exclude=tuple(exclude),
-        )
-    out = {e.node for e in exclude} | {n for n, e in blocklist.items() if e.active(now)}
-    expired = [n for n, e in sorted(blocklist.items()) if not e.active(now) and n not in out]
-    survivors = [n for n in active if n not in out]
-    spares = [n for n in standby if n not in out]
-    selection = select_nodes(budgets.nodes, budgets.fewest_nodes, survivors, spares, expired)
-    if selection is None:
-        healthy = len(survivors) + len(spares) + len(expired)
-        return Recovery(
-            RecoveryAction.REQUEUE,
-            f"{decision.reason} — cannot continue in this allocation: {healthy} usable "
-            f"node(s), the job needs at least {budgets.fewest_nodes} (min_nodes)",
-            ExitCode.FAILED,
-            exclude=tuple(exclude),
-        )
-    what = selection.reason or "same nodes"
-    return Recovery(
-        RecoveryAction.RELAUNCH,
-        f"relaunching on {', '.join(selection.nodes)} ({what}) after: {decision.reason}",
-        selection=selection,
-        exclude=tuple(exclude),
-    )

@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
 
 from trainctl.health.progress import (
     HangTimeout,
@@ -27,6 +26,7 @@ from trainctl.health.progress import (
     node_step_times,
 )
 from trainctl.health.verdict import HealthVerdict
+from trainctl.protocol import Heartbeat
 from trainctl.spec import HealthSpec
 
 
@@ -71,19 +71,16 @@ class ProgressWatch:
     def node_exited(self, node: str) -> None:
         self.exited.add(node)
 
-    def record(self, node: str, ranks: Mapping[str, Mapping[str, Any]], now: float) -> None:
-        """Fold one ``progress`` message from `node`'s agent (rank -> latest heartbeat)."""
+    def record(self, node: str, ranks: Mapping[str, Heartbeat], now: float) -> None:
+        """Fold one progress report from `node`'s agent (rank -> latest heartbeat)."""
         for raw_rank, beat in ranks.items():
             rank = int(raw_rank)
             progress = self.ranks.setdefault(rank, RankProgress(node=node))
-            step = int(beat["step"])
-            progress.saving = bool(beat.get("saving")) and step >= progress.step
-            if step > progress.step:
-                progress.step = step
+            progress.saving = beat.saving and beat.step >= progress.step
+            if beat.step > progress.step:
+                progress.step = beat.step
                 progress.last_progress_at = now
-            samples = beat.get("samples") or [
-                [beat["step"], beat.get("step_time"), beat.get("busy_time")]
-            ]
+            samples = beat.samples or ((beat.step, beat.step_time, beat.busy_time),)
             for sample_step, step_time, busy_time in samples:
                 if step_time is not None:
                     self.step_times.append(float(step_time))

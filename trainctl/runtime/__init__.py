@@ -12,16 +12,15 @@ A recipe script does::
             break
     ctx.finish(model, step + 1)           # fingerprint of the full weights -> job store
 
-Settings are read once here, from the environment the node agent sets, and passed down as a
-typed `RankContext`. Without torchrun (no ``RANK``) the context is a single process with no
-process group.
+Settings are read once, from the environment the node agent sets (`WorkerSettings`), and
+passed down as a typed `RankContext`. Without torchrun (no ``RANK``) the context is a single
+process with no process group.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import signal
 import sys
@@ -33,6 +32,7 @@ import torch
 
 from trainctl.runtime.fingerprint import model_fingerprint
 from trainctl.runtime.reporter import Reporter
+from trainctl.runtime.settings import WorkerSettings
 
 __all__ = ["RankContext", "init"]
 
@@ -52,6 +52,8 @@ class RankContext:
     device: torch.device
     reporter: Reporter
     distributed: bool
+    settings: WorkerSettings = dataclasses.field(default_factory=WorkerSettings)
+    """Everything the node agent told this worker (the checkpoint section among it)."""
     _stop_signal: list[str] = dataclasses.field(default_factory=list)
     _step_log: IO[str] | None = None
     """``TRAINCTL_STEP_LOG``: rank 0 appends "time pid step world_size" per step (benchmarks
@@ -141,7 +143,9 @@ def _default_backend() -> str:
     return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
-def _init_process_group(rank: int, world_size: int, backend: str, timeout_s: float) -> None:
+def _init_process_group(
+    rank: int, world_size: int, backend: str, timeout_s: float, settings: WorkerSettings
+) -> None:
     """Join the process group through a store that holds nothing from an earlier round.
 
     trainctl's agents run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, so each
@@ -165,10 +169,7 @@ def _init_process_group(rank: int, world_size: int, backend: str, timeout_s: flo
         timeout=timeout,
         wait_for_workers=False,
     )
-    prefix = (
-        f"trainctl/{os.environ.get('TRAINCTL_JOB_ID', 'job')}"
-        f"/a{os.environ.get('TRAINCTL_ATTEMPT', '0')}/"
-    )
+    prefix = f"trainctl/{settings.job_id}/a{settings.attempt}/"
     if agent_store:
         prefix += f"r{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
     store = dist.PrefixStore(prefix, base)
@@ -177,37 +178,36 @@ def _init_process_group(rank: int, world_size: int, backend: str, timeout_s: flo
 
 def init(backend: str | None = None, timeout_s: float = 120.0) -> RankContext:
     """Initialise this worker: process group, signal handlers, reporter. Call once."""
+    settings = WorkerSettings.from_environ(os.environ)
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     distributed = "RANK" in os.environ and "MASTER_ADDR" in os.environ
     if distributed:
-        _init_process_group(rank, world_size, backend or _default_backend(), timeout_s)
+        _init_process_group(rank, world_size, backend or _default_backend(), timeout_s, settings)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    max_steps_raw = os.environ.get("TRAINCTL_MAX_STEPS")
     ctx = RankContext(
         rank=rank,
         world_size=world_size,
         local_rank=local_rank,
-        node=os.environ.get("TRAINCTL_NODE", "local"),
-        job_id=os.environ.get("TRAINCTL_JOB_ID", "local"),
-        attempt=_env_int("TRAINCTL_ATTEMPT", 0),
+        node=settings.node,
+        job_id=settings.job_id,
+        attempt=settings.attempt,
         restart_count=_env_int("TORCHELASTIC_RESTART_COUNT", 0),
-        seed=_env_int("TRAINCTL_SEED", 0),
-        max_steps=int(max_steps_raw) if max_steps_raw else None,
-        config=json.loads(os.environ.get("TRAINCTL_CONFIG") or "{}"),
+        seed=settings.seed,
+        max_steps=settings.max_steps,
+        config=settings.config,
         device=device,
-        reporter=Reporter.from_env(rank),
+        reporter=Reporter.from_settings(settings, rank),
         distributed=distributed,
+        settings=settings,
     )
-
-    step_log = os.environ.get("TRAINCTL_STEP_LOG")
-    if step_log and rank == 0:
-        ctx._step_log = open(step_log, "a", buffering=1)  # noqa: SIM115 - open for the run
+    if settings.step_log and rank == 0:
+        ctx._step_log = open(settings.step_log, "a", buffering=1)  # noqa: SIM115 - for the run
 
     def on_stop(signum: int, _frame: object) -> None:
         ctx._stop_signal.append(signal.Signals(signum).name)

@@ -13,17 +13,18 @@ global RNG state, so a resumed run is bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
-import json
-import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from trainctl.checkpoint.checkpointer import Checkpointer
-from trainctl.checkpoint.storage import MIB
+from trainctl.checkpoint.checkpointer import Checkpointer, transfer_config
+from trainctl.checkpoint.outage import OUTAGE_FILE, InjectedOutage
+from trainctl.checkpoint.storage import open_storage
 from trainctl.runtime.reporter import Reporter
+from trainctl.secrets import JobSecrets, merge_options
 
 if TYPE_CHECKING:
     from trainctl.runtime import RankContext
@@ -105,30 +106,29 @@ class TrainingCheckpoint:
 def checkpointing(
     ctx: RankContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> TrainingCheckpoint | None:
-    """Build the job's checkpointing from the environment the node agent set, or None.
+    """The job's checkpointing as the recipe's ``checkpoint:`` section asks, or None.
 
     A collective when torch.distributed is initialised: call it on every rank. Events
     (commits, failures, skipped steps, GC) go to the job store through the node agent.
+    Storage credentials come from the job's secrets file (else the standard AWS chain); a
+    planned storage-outage fault (testing) wraps the storage here, at the edge.
     """
-    spec = json.loads(os.environ.get("TRAINCTL_CHECKPOINT") or "{}")
-    root = os.environ.get("TRAINCTL_CHECKPOINT_ROOT")
-    if not root or not spec.get("interval_steps"):
+    settings = ctx.settings
+    spec, root = settings.checkpoint, settings.checkpoint_root
+    if spec is None or not root or not spec.interval_steps:
         return None
 
     def on_event(name: str, fields: dict[str, Any]) -> None:
         ctx.event(name, _describe(name, fields), **fields)
 
-    checkpointer = Checkpointer(
-        root,
-        interval_steps=int(spec["interval_steps"]),
-        keep_last=int(spec.get("keep_last", 2)),
-        keep_every=int(spec.get("keep_every") or 0) or None,
-        storage_options=spec.get("storage_options") or None,
-        part_size=int(spec.get("part_size_mb", 64)) * MIB,
-        concurrency=int(spec.get("concurrency", 8)),
-        direct_io=bool(spec.get("direct_io", True)),
-        on_event=on_event,
+    credentials = (
+        JobSecrets.read(settings.secrets_file).storage_options if settings.secrets_file else {}
     )
+    options = merge_options(spec.storage_options, credentials)
+    storage = open_storage(root, storage_options=options or None, config=transfer_config(spec))
+    if settings.faults_dir:
+        storage = InjectedOutage(storage, Path(settings.faults_dir) / OUTAGE_FILE)
+    checkpointer = Checkpointer.from_spec(root, spec, storage=storage, on_event=on_event)
     return TrainingCheckpoint(checkpointer, model, optimizer, ctx.reporter)
 
 

@@ -1,7 +1,8 @@
 """Worker -> node agent reports: progress heartbeats, results, events and stack dumps.
 
-Unix datagrams to the agent's abstract socket (``TRAINCTL_AGENT_SOCKET``): a send never blocks
-the training loop, and with no agent (a plain torchrun run) reports are silently dropped.
+Unix datagrams to the agent's abstract socket (``TRAINCTL_AGENT_SOCKET``), typed and encoded by
+`trainctl.protocol` with the node's worker token: a send never blocks the training loop, and
+with no agent (a plain torchrun run) reports are silently dropped.
 
 Each progress heartbeat carries the step's wall-clock `step_time` (since the previous
 heartbeat) and, when the script marked it, its `busy_time`: the time spent inside
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
-import json
 import os
 import socket
 import time
@@ -28,13 +28,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from trainctl.launch.control import unix_address
-from trainctl.launch.stacks import STACK_DUMP_SIGNAL, STACKS_DIR_ENV
+from trainctl.protocol import (
+    STACK_DUMP_SIGNAL,
+    Message,
+    Result,
+    WorkerEvent,
+    WorkerProgress,
+    encode_datagram,
+    unix_address,
+)
+from trainctl.runtime.settings import WorkerSettings
 
 
 class Reporter:
-    def __init__(self, address: str | None, rank: int) -> None:
+    def __init__(self, address: str | None, rank: int, token: str = "") -> None:
         self.rank = rank
+        self._token = token
         self._address = unix_address(address) if address else None
         self._sock: socket.socket | None = None
         if self._address:
@@ -45,13 +54,17 @@ class Reporter:
         self._stacks_file: IO[str] | None = None
 
     @classmethod
-    def from_env(cls, rank: int) -> Reporter:
-        """A reporter to the agent named by the environment; registers stack dumps if asked."""
-        reporter = cls(os.environ.get("TRAINCTL_AGENT_SOCKET"), rank)
-        stacks_dir = os.environ.get(STACKS_DIR_ENV)
-        if stacks_dir:
-            reporter.enable_stack_dumps(Path(stacks_dir) / f"rank-{rank}.txt")
+    def from_settings(cls, settings: WorkerSettings, rank: int) -> Reporter:
+        """A reporter to the worker's agent; registers stack dumps if the agent asks for them."""
+        reporter = cls(settings.agent_socket, rank, settings.worker_token)
+        if settings.stacks_dir:
+            reporter.enable_stack_dumps(Path(settings.stacks_dir) / f"rank-{rank}.txt")
         return reporter
+
+    @classmethod
+    def from_env(cls, rank: int) -> Reporter:
+        """`from_settings` with this process's environment."""
+        return cls.from_settings(WorkerSettings.from_environ(os.environ), rank)
 
     def enable_stack_dumps(self, path: Path) -> None:
         """On SIGUSR2, write every thread's Python stack to `path` (appending)."""
@@ -68,11 +81,11 @@ class Reporter:
         finally:
             self._busy_s = (self._busy_s or 0.0) + time.perf_counter() - started
 
-    def send(self, message: dict[str, Any], reliable: bool = False) -> bool:
+    def send(self, message: Message, reliable: bool = False) -> bool:
         """Send one message; `reliable` retries briefly rather than drop when the queue is full."""
         if self._sock is None or self._address is None:
             return False
-        data = json.dumps(message, separators=(",", ":"), default=str).encode()
+        data = encode_datagram(message, self._token)
         deadline = time.monotonic() + (2.0 if reliable else 0.0)
         while True:
             try:
@@ -95,49 +108,19 @@ class Reporter:
         step_time = None if self._last_step_time is None else now - self._last_step_time
         self._last_step_time = now
         busy_time, self._busy_s = self._busy_s, None
-        self.send(
-            {
-                "type": "progress",
-                "rank": self.rank,
-                "step": step,
-                "time": now,
-                "step_time": step_time,
-                "busy_time": busy_time,
-            }
-        )
+        self.send(WorkerProgress(self.rank, step, now, step_time, busy_time))
 
     def saving(self, step: int) -> None:
         """Mark that a checkpoint save of `step` starts: until the next step the controller
         allows the recipe's checkpoint allowance on top of the hang timeout (a save may wait
         for the previous upload). Step timers are left alone."""
-        self.send(
-            {
-                "type": "progress",
-                "rank": self.rank,
-                "step": step,
-                "time": time.time(),
-                "step_time": None,
-                "busy_time": None,
-                "saving": True,
-            }
-        )
+        self.send(WorkerProgress(self.rank, step, time.time(), saving=True))
 
     def result(self, final_step: int, fingerprint: str) -> None:
-        self.send(
-            {
-                "type": "result",
-                "rank": self.rank,
-                "final_step": final_step,
-                "fingerprint": fingerprint,
-            },
-            reliable=True,
-        )
+        self.send(Result(self.rank, final_step, fingerprint), reliable=True)
 
     def event(self, kind: str, message: str, /, **data: Any) -> None:
-        self.send(
-            {"type": "event", "rank": self.rank, "kind": kind, "message": message, "data": data},
-            reliable=True,
-        )
+        self.send(WorkerEvent(kind, message, self.rank, data), reliable=True)
 
     def close(self) -> None:
         if self._sock is not None:

@@ -1,0 +1,222 @@
+"""The protocol: every message round-trips typed; anything else is refused, never a crash.
+
+The transport tests use the real `ControlServer` and raw sockets on 127.0.0.1, port 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import queue
+import socket
+import time
+from typing import Any
+
+import pytest
+
+from trainctl.launch.control import ControlClient, ControlServer, WorkerChannel
+from trainctl.protocol import (
+    AGENT_MESSAGES,
+    CONTROLLER_MESSAGES,
+    Disconnected,
+    DumpStacks,
+    Envelope,
+    ErrorFile,
+    Exit,
+    GatePlan,
+    Heartbeat,
+    Hello,
+    Launch,
+    Message,
+    Probe,
+    Progress,
+    ProtocolError,
+    Refused,
+    Result,
+    Shutdown,
+    StackDump,
+    StacksReport,
+    Started,
+    Stop,
+    VerdictReport,
+    WarmUp,
+    WorkerEvent,
+    WorkerProgress,
+    decode_datagram,
+    decode_line,
+    encode_datagram,
+    encode_line,
+    new_token,
+)
+
+TOKEN = "t0k3n"
+
+SAMPLES: list[Message] = [
+    Hello(41),
+    VerdictReport("preflight", {"node": "node-0", "status": "OK"}),
+    Started(41, 42),
+    Progress({"0": Heartbeat(5, 1.5, 0.2, 0.1, False, ((4, 0.2, None), (5, 0.2, 0.1)))}),
+    Result(0, 30, "ab" * 32),
+    WorkerEvent("checkpoint_committed", "committed step 10", 0, {"step": 10, "stall_s": 0.1}),
+    StacksReport((StackDump(1, 0, 99, "T", "py-spy", "Thread 1", ("faulthandler: x",)),), 0.3),
+    Exit(-9, False, "", (ErrorFile("/e/error.json", "RuntimeError: boom", 1.5, "0"),), 2),
+    Launch("/run/attempt-0/plan.json"),
+    Stop("node-1: node agent lost", "kill"),
+    Probe("standby", GatePlan(("/run", "/store"), 2.0, True, 0.0), "127.0.0.1:29500"),
+    WarmUp("/run/logs/node-1.log"),
+    DumpStacks("hang"),
+    Shutdown("job ended"),
+]
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
+def test_every_message_round_trips(message: Message) -> None:
+    allowed = AGENT_MESSAGES if isinstance(message, AGENT_MESSAGES) else CONTROLLER_MESSAGES
+    line = encode_line(Envelope(message, "node-1", 3, 12.5), TOKEN)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    envelope = decode_line(line, TOKEN, allowed)
+    assert envelope == Envelope(message, "node-1", 3, 12.5)
+
+
+def test_worker_datagrams_round_trip() -> None:
+    for message in (
+        WorkerProgress(1, 7, 3.0, 0.5, None, saving=True),
+        Result(1, 7, "f" * 64),
+        WorkerEvent("my_kind", "hello", 1, {"anything": [1, 2]}),
+    ):
+        assert decode_datagram(encode_datagram(message, TOKEN), TOKEN) == message
+
+
+def _line(**fields: Any) -> bytes:
+    base: dict[str, Any] = {"type": "hello", "pid": 1, "node": "node-0", "attempt": None}
+    base.update(fields)
+    return json.dumps({k: v for k, v in base.items() if v is not ...}).encode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (b"not json", "not JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (_line(token=...), "token"),
+        (_line(token="guess"), "token"),
+        (_line(token=TOKEN, type="launch_missiles"), "unknown message type"),
+        (_line(token=TOKEN, type="disconnected"), "unknown message type"),
+        (_line(token=TOKEN, pid="many"), "hello: pid"),
+        (_line(token=TOKEN, node=...), "missing node"),
+        (_line(token=TOKEN, attempt="2"), "attempt"),
+        (_line(token=TOKEN, type="exit", code=1, errors=[{"file": 3}]), "exit: errors.0"),
+        (_line(token=TOKEN, type="progress", ranks={"0": {"step": "x"}}), "progress: ranks"),
+    ],
+)
+def test_bad_lines_are_refused_with_a_reason(raw: bytes, why: str) -> None:
+    with pytest.raises(ProtocolError, match=why):
+        decode_line(raw, TOKEN, AGENT_MESSAGES)
+
+
+def test_a_controller_message_is_not_an_agent_message() -> None:
+    line = encode_line(Envelope(Shutdown("x"), "node-0"), TOKEN)
+    with pytest.raises(ProtocolError, match="unknown message type 'shutdown'"):
+        decode_line(line, TOKEN, AGENT_MESSAGES)
+
+
+def test_tokens_are_fresh_and_unguessable() -> None:
+    tokens = {new_token() for _ in range(100)}
+    assert len(tokens) == 100 and all(len(t) == 32 for t in tokens)
+
+
+# -- the transport ----------------------------------------------------------------------------
+
+
+def _take(server: ControlServer, timeout_s: float = 5.0) -> Envelope:
+    return server.messages.get(timeout=timeout_s)
+
+
+def _raw_connection(server: ControlServer) -> socket.socket:
+    sock = socket.create_connection((server.host, server.port), timeout=5)
+    return sock
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    sock.settimeout(5)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_stranger_is_refused_and_disconnected() -> None:
+    server = ControlServer(TOKEN)
+    try:
+        for line in (b"GET / HTTP/1.1\r\n", _line(token="guess") + b"\n"):
+            sock = _raw_connection(server)
+            sock.sendall(line)
+            refused = _take(server)
+            assert isinstance(refused.message, Refused) and refused.node == "?"
+            assert _closed_by_peer(sock)
+            sock.close()
+        # a valid line that is not a hello first: refused too
+        sock = _raw_connection(server)
+        sock.sendall(encode_line(Envelope(Started(1, 2), "node-0"), TOKEN))
+        refused = _take(server)
+        assert isinstance(refused.message, Refused) and "before hello" in refused.message.reason
+        assert _closed_by_peer(sock)
+        with pytest.raises(queue.Empty):  # no Disconnected: it never was a node
+            server.messages.get(timeout=0.3)
+    finally:
+        server.close()
+
+
+def test_after_hello_bad_lines_are_dropped_and_reported_a_few_times() -> None:
+    server = ControlServer(TOKEN)
+    client = ControlClient(server.endpoint, "node-3", TOKEN)
+    try:
+        client.send(Hello(7), None)
+        assert _take(server) == Envelope(
+            Hello(7), "node-3", None, pytest.approx(time.time(), abs=5)
+        )
+        sock = client._sock
+        for _ in range(8):
+            sock.sendall(b"{broken\n")
+        client.send(Started(7, 8), 0)
+        refused = [_take(server) for _ in range(5)]
+        assert all(isinstance(e.message, Refused) and e.node == "node-3" for e in refused)
+        assert _take(server).message == Started(7, 8)  # the connection survived
+        assert server.send("node-3", Stop("test", "graceful"))
+        assert client.inbox.get(timeout=5) == Stop("test", "graceful")
+    finally:
+        client.close()
+    assert isinstance(_take(server).message, Disconnected)
+    server.close()
+
+
+def test_the_client_drops_what_the_controller_did_not_sign() -> None:
+    server = ControlServer("the-real-one")
+    client = ControlClient(server.endpoint, "node-0", "another-job")
+    try:
+        client.send(Hello(1), None)
+        refused = _take(server)
+        assert isinstance(refused.message, Refused) and "token" in refused.message.reason
+        assert isinstance(client.inbox.get(timeout=5), Disconnected)
+    finally:
+        client.close()
+        server.close()
+
+
+def test_worker_channel_keeps_only_its_workers_datagrams() -> None:
+    address = f"@trainctl-test/channel/{time.monotonic_ns()}"
+    channel = WorkerChannel(address, TOKEN)
+    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        target = "\0" + address[1:]
+        good = WorkerProgress(0, 3, 1.0)
+        sender.sendto(encode_datagram(good, TOKEN), target)
+        sender.sendto(encode_datagram(good, "forged"), target)
+        sender.sendto(b"\xff\xfe", target)
+        sender.sendto(encode_datagram(dataclasses.replace(good, step=4), TOKEN), target)
+        time.sleep(0.05)
+        assert channel.drain() == [good, dataclasses.replace(good, step=4)]
+        assert channel.dropped == 2
+    finally:
+        sender.close()
+        channel.close()

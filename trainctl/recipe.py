@@ -1,0 +1,243 @@
+"""Loading recipes: YAML (or a plain script and flags) -> a validated `JobSpec`, or one error.
+
+Every problem becomes a `UserError` naming the file, the field path, the bad value and the fix,
+so nothing starts on bad input. A value that could be a secret is never quoted back (`redact`).
+The stored spec (``spec.yaml`` in the job store) is the redacted spec; `restore_secrets` gets
+the secret values back from the recipe the job was launched with.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from trainctl.errors import CorruptStoreError, UserError
+from trainctl.secrets import REDACTED, JobSecrets, is_secret_name, redact, split_options
+from trainctl.spec import FAULT_KINDS, CheckpointSpec, FaultSpec, JobSpec
+
+
+def parse_fault(text: str, where: str = "--fault") -> FaultSpec:
+    """Parse `KIND[:NODE]@step=N[,for=S]`, e.g. ``kill-node:node-1@step=7``."""
+    match = re.fullmatch(
+        r"(?P<kind>[a-z-]+)(?::(?P<node>node-[0-9]+))?@step=(?P<step>[0-9]+)"
+        r"(?:,for=(?P<for>[0-9.]+)s?)?",
+        text.strip(),
+    )
+    fix = (
+        "write KIND[:NODE]@step=N, e.g. kill-node:node-1@step=7 or storage-outage@step=5,for=10; "
+        f"kinds: {', '.join(FAULT_KINDS)}"
+    )
+    if match is None:
+        raise UserError("cannot parse the fault", where=where, value=text, fix=fix)
+    kind = match["kind"]
+    if kind not in FAULT_KINDS:
+        raise UserError("unknown fault kind", where=where, value=text, fix=fix)
+    node = match["node"]
+    if kind != "storage-outage" and node is None:
+        raise UserError(
+            f"a {kind} fault needs a node", where=where, value=text, fix=f"write {kind}:node-1@..."
+        )
+    if int(match["step"]) < 1:
+        raise UserError("the step must be >= 1", where=where, value=text, fix=fix)
+    return FaultSpec(
+        kind=kind,
+        node=node,
+        step=int(match["step"]),
+        duration_s=float(match["for"]) if match["for"] else 10.0,
+    )
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "<top level>"
+
+
+def _fix_for(error: Any) -> str:
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        return "remove the field or check its spelling (see the recipe reference in README.md)"
+    if kind == "missing":
+        return "add the field"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"use a value of the right type: {error.get('msg', '')}"
+    return str(error.get("msg", "fix the value"))
+
+
+def _shown(error: Any) -> Any:
+    """The bad value, fit to quote: secret values redacted."""
+    loc = [str(part) for part in error.get("loc", ())]
+    if "secrets" in loc[:-1] or (loc and is_secret_name(loc[-1])):
+        return REDACTED
+    return redact(error.get("input"))
+
+
+def validation_to_user_error(error: ValidationError, source: str) -> UserError:
+    """Turn pydantic's first error into one message naming file, field, value and fix."""
+    first = error.errors()[0]
+    field = _field_path(tuple(first.get("loc", ())))
+    # A model-level error's input is the whole recipe (secrets and all): not worth quoting.
+    has_value = first.get("type") != "missing" and bool(first.get("loc"))
+    return UserError(
+        first.get("msg", "invalid value")
+        if first.get("type") != "extra_forbidden"
+        else "unknown field",
+        where=f"{source}: {field}",
+        value=_shown(first) if has_value else None,
+        has_value=has_value,
+        fix=_fix_for(first),
+    )
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(
+            "recipe file not found", where=str(path), fix="check the path to the recipe"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"cannot read recipe: {exc.strerror}", where=str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or "malformed YAML"
+        raise UserError(
+            f"malformed YAML: {problem}", where=where, fix="fix the YAML syntax at that line"
+        ) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(
+            "a recipe must be a YAML mapping",
+            where=str(path),
+            value=type(data).__name__,
+            fix="write `key: value` fields at the top level",
+        )
+    return data
+
+
+def load_recipe(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> JobSpec:
+    """Load and validate a recipe, applying command-line overrides (None values are ignored).
+
+    The script path is resolved relative to the recipe's directory and must exist.
+    Raises UserError on any problem; never starts anything.
+    """
+    recipe = Path(path)
+    data = _read_yaml(recipe)
+    data.setdefault("name", recipe.stem)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    source = str(path)
+    data.setdefault("source", str(recipe.resolve()))
+    script = data.get("script")
+    if isinstance(script, str):
+        script_path = Path(script)
+        if not script_path.is_absolute():
+            script_path = (recipe.parent / script_path).resolve()
+        if not script_path.is_file():
+            raise UserError(
+                "training script not found",
+                where=f"{source}: script",
+                value=script,
+                fix=f"create {script_path} or fix the path (relative to the recipe's directory)",
+            )
+        data["script"] = str(script_path)
+    if "args" in data and isinstance(data["args"], list):
+        data["args"] = tuple(str(arg) for arg in data["args"])
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise validation_to_user_error(exc, source) from None
+
+
+def script_spec(
+    script: str,
+    args: list[str],
+    overrides: dict[str, Any] | None = None,
+) -> JobSpec:
+    """Build a JobSpec for an unmodified torchrun script (no recipe, no trainctl imports)."""
+    script_path = Path(script)
+    if not script_path.is_file():
+        raise UserError(
+            "training script not found", where="SCRIPT", value=script, fix="check the path"
+        )
+    data: dict[str, Any] = {
+        "name": script_path.stem,
+        "script": str(script_path.resolve()),
+        "args": tuple(args),
+        "uses_runtime": False,
+    }
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise validation_to_user_error(exc, "command line") from None
+
+
+def spec_to_yaml(spec: JobSpec) -> str:
+    """The spec as YAML, as stored in the job store (reloadable by `spec_from_yaml`), with
+    every secret value replaced by ``***``."""
+    data = spec.redacted().model_dump(mode="json")
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def spec_from_yaml(text: str, source: str) -> JobSpec:
+    """Reload a stored spec (its secret values are ``***``: see `restore_secrets`)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise CorruptStoreError(source, f"malformed YAML: {exc}") from None
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise validation_to_user_error(exc, source) from None
+
+
+def stored_checkpoint_section(text: str, source: str) -> CheckpointSpec:
+    """The ``checkpoint:`` section of a stored spec, validated on its own (what the checkpoint
+    commands need, whatever else the stored spec holds)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise CorruptStoreError(source, f"malformed YAML: {exc}") from None
+    section = data.get("checkpoint") if isinstance(data, dict) else None
+    try:
+        return CheckpointSpec.model_validate(section or {})
+    except ValidationError as exc:
+        raise validation_to_user_error(exc, f"{source}: checkpoint") from None
+
+
+def restore_secrets(stored: JobSpec, environ: Mapping[str, str]) -> tuple[JobSpec, list[str]]:
+    """A stored spec with its secret values back, from where the user put them: the recipe
+    file it was launched from (`JobSpec.source`), else a variable of the same name in
+    `environ` (the resuming shell). Returns the spec and the secrets found nowhere (left out:
+    the checkpoint credentials then come from the standard AWS chain)."""
+    recipe: JobSecrets | None = None
+    if stored.source and Path(stored.source).is_file():
+        try:
+            recipe = load_recipe(stored.source).job_secrets()
+        except UserError:
+            recipe = None
+    env: dict[str, str] = {}
+    missing: list[str] = []
+    for name in stored.secrets:
+        value = (recipe.env.get(name) if recipe else None) or environ.get(name)
+        if value:
+            env[name] = value
+        else:
+            missing.append(name)
+    _, wanted = split_options(stored.checkpoint.storage_options)
+    options = recipe.storage_options if recipe else {}
+    if wanted and not options:
+        missing.append("checkpoint.storage_options credentials")
+    return stored.with_secrets(JobSecrets(env=env, storage_options=options)), missing
