@@ -27,6 +27,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,9 +135,13 @@ class JobStore:
             self.files.write_atomic(spec_url, spec_yaml.encode())
         self.write_state(record)
 
-    def write_state(self, record: JobRecord) -> None:
+    def write_state(
+        self, record: JobRecord, scrub: Callable[[Any], Any] = lambda data: data
+    ) -> None:
+        """Replace ``state.json`` with `record` (passed through `scrub` first: the journal
+        takes the job's secret values out of every reason and message)."""
         record.updated_at = time.time()
-        payload = json.dumps(record.to_json(), indent=2, sort_keys=True).encode()
+        payload = json.dumps(scrub(record.to_json()), indent=2, sort_keys=True).encode()
         self.files.write_atomic(join(self.job_url(record.job_id), "state.json"), payload)
 
     def read_state(self, job_id: str) -> JobRecord:

@@ -66,7 +66,7 @@ def test_no_secret_anywhere_but_where_the_user_put_it(tmp_path: Path, s3: S3) ->
         "secret-gpt",
         script=str(REPO / "tests" / "e2e" / "scripts" / "secret_gpt.py"),
         max_steps=12,
-        env={"WANDB_API_KEY": WANDB, "SECRET_PROBE_DIR": str(probes)},
+        env={"WANDB_API_KEY": WANDB, "ENV_PROBE_DIR": str(probes)},
         config={"step_sleep_s": 0.15},
         checkpoint={
             "interval_steps": 5,

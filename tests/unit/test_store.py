@@ -245,3 +245,25 @@ def test_s3_events_are_created_once(s3: S3Endpoint) -> None:
     with pytest.raises(CorruptStoreError):
         store.files.write_atomic(f"{store.job_url(JOB)}/state.json", b"{")
         store.read_state(JOB)
+
+
+def test_the_journal_scrubs_secret_values_from_everything_it_records(storage: Path) -> None:
+    """A worker's error can quote a credential; nothing the controller records keeps it."""
+    from trainctl.events import NodeExited
+    from trainctl.recovery.journal import Journal
+    from trainctl.secrets import Redactor
+
+    secret = "sk-quoted-by-an-error-123"
+    store = make_job(storage)
+    record = store.read_state(JOB)
+    journal = Journal(store, record, Redactor([secret]))
+    record.reason = f"node-0: botocore refused key {secret}"
+    record.attempts[0].reason = f"RuntimeError: bad token {secret}"
+    journal.save_state()
+    journal.event(
+        NodeExited(code=1, errors=[f"auth failed for {secret}"]), f"node-0: {secret}", "node-0"
+    )
+    files = [p for p in (storage / "jobs" / JOB).rglob("*") if p.is_file()]
+    assert not [p for p in files if secret in p.read_text(errors="replace")]
+    assert "***" in (storage / "jobs" / JOB / "state.json").read_text()
+    assert store.read_state(JOB).reason == "node-0: botocore refused key ***"

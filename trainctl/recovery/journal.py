@@ -98,8 +98,7 @@ class Journal:
         now = time.monotonic()
         due = self._dirty and now - self._last_state_write >= STATE_WRITE_INTERVAL_S
         if (force or due) and self.writable():
-            self.record.reason = self.redactor.text(self.record.reason)
-            self.store.write_state(self.record)
+            self.store.write_state(self.record, scrub=self.redactor.data)
             self._last_state_write = now
             self._dirty = False
 
