@@ -18,7 +18,14 @@ import yaml
 from pydantic import ValidationError
 
 from trainctl.errors import CorruptStoreError, UserError
-from trainctl.secrets import REDACTED, JobSecrets, is_secret_name, redact, split_options
+from trainctl.secrets import (
+    REDACTED,
+    JobSecrets,
+    is_secret_name,
+    redact,
+    split_options,
+    without_redacted,
+)
 from trainctl.spec import FAULT_KINDS, CheckpointSpec, FaultSpec, JobSpec
 
 
@@ -220,8 +227,9 @@ def stored_checkpoint_section(text: str, source: str) -> CheckpointSpec:
 def restore_secrets(stored: JobSpec, environ: Mapping[str, str]) -> tuple[JobSpec, list[str]]:
     """A stored spec with its secret values back, from where the user put them: the recipe
     file it was launched from (`JobSpec.source`), else a variable of the same name in
-    `environ` (the resuming shell). Returns the spec and the secrets found nowhere (left out:
-    the checkpoint credentials then come from the standard AWS chain)."""
+    `environ` (the resuming shell). A spec stored by an earlier release still holds its values
+    (nothing was redacted then): those are kept. Returns the spec and the secrets found
+    nowhere (left out: the checkpoint credentials then come from the standard AWS chain)."""
     recipe: JobSecrets | None = None
     if stored.source and Path(stored.source).is_file():
         try:
@@ -230,14 +238,16 @@ def restore_secrets(stored: JobSpec, environ: Mapping[str, str]) -> tuple[JobSpe
             recipe = None
     env: dict[str, str] = {}
     missing: list[str] = []
-    for name in stored.secrets:
-        value = (recipe.env.get(name) if recipe else None) or environ.get(name)
+    for name, stored_value in stored.secrets.items():
+        kept = stored_value if stored_value != REDACTED else None
+        value = (recipe.env.get(name) if recipe else None) or kept or environ.get(name)
         if value:
             env[name] = value
         else:
             missing.append(name)
     _, wanted = split_options(stored.checkpoint.storage_options)
-    options = recipe.storage_options if recipe else {}
+    _, kept_options = split_options(without_redacted(stored.checkpoint.storage_options))
+    options = (recipe.storage_options if recipe else {}) or kept_options
     if wanted and not options:
         missing.append("checkpoint.storage_options credentials")
     return stored.with_secrets(JobSecrets(env=env, storage_options=options)), missing

@@ -222,3 +222,17 @@ def test_errors_never_quote_a_secret(tmp_path: Path, text: str) -> None:
     with pytest.raises(UserError) as raised:
         load_recipe(write_recipe(tmp_path, text))
     assert SECRET not in str(raised.value)
+
+
+def test_a_spec_stored_by_the_previous_release_keeps_its_values() -> None:
+    """Earlier releases stored secrets in clear: resuming such a job must not lose them."""
+    old = (
+        "name: s\nscript: /x.py\nenv: {HF_TOKEN: tok-123456, OTHER: x}\n"
+        "checkpoint: {storage_options: {endpoint_url: 'http://h:1', secret: s3cr3t-value}}\n"
+    )
+    restored, missing = restore_secrets(spec_from_yaml(old, "spec.yaml"), {})
+    assert missing == [] and restored.secrets == {"HF_TOKEN": "tok-123456"}
+    assert restored.checkpoint.storage_options == {
+        "endpoint_url": "http://h:1",
+        "secret": "s3cr3t-value",
+    }
