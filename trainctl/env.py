@@ -20,6 +20,8 @@ class Env:
     # -- node agent --
     CONTROL_TOKEN = "TRAINCTL_CONTROL_TOKEN"
     """The job's control token, for the agent's connection to the controller."""
+    LIVENESS = "TRAINCTL_LIVENESS"
+    """How the agent judges its controller's heartbeats (`LivenessPolicy` fields as JSON)."""
     AGENT_LOG = "TRAINCTL_AGENT_LOG"
     WARM_WORKERS = "TRAINCTL_WARM_WORKERS"
     RDZV_POLL_S = "TRAINCTL_RDZV_POLL_S"

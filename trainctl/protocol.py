@@ -258,6 +258,14 @@ class Shutdown(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class Beat(Message):
+    """Either way, every `LivenessPolicy.interval_s`: the sender is alive. Judged by the
+    receiver's transport (`trainctl.health.liveness`), never queued as a message."""
+
+    TYPE: ClassVar[str] = "beat"
+
+
+@dataclasses.dataclass(frozen=True)
 class Disconnected(Message):
     """Delivered by the transport when a connection closes; never sent on the wire."""
 
@@ -275,6 +283,7 @@ class Refused(Message):
 
 AGENT_MESSAGES: tuple[type[Message], ...] = (
     Hello,
+    Beat,
     VerdictReport,
     Started,
     Progress,
@@ -284,7 +293,15 @@ AGENT_MESSAGES: tuple[type[Message], ...] = (
     Exit,
 )
 """What an agent may send its controller."""
-CONTROLLER_MESSAGES: tuple[type[Message], ...] = (Launch, Stop, Probe, WarmUp, DumpStacks, Shutdown)
+CONTROLLER_MESSAGES: tuple[type[Message], ...] = (
+    Beat,
+    Launch,
+    Stop,
+    Probe,
+    WarmUp,
+    DumpStacks,
+    Shutdown,
+)
 """What a controller may send its agents."""
 WORKER_MESSAGES: tuple[type[Message], ...] = (WorkerProgress, Result, WorkerEvent)
 """What a worker may send its agent."""

@@ -50,8 +50,8 @@ def parse_fault(text: str, where: str = "--fault") -> FaultSpec:
         raise UserError(
             f"a {kind} fault needs a node", where=where, value=text, fix=f"write {kind}:node-1@..."
         )
-    if int(match["step"]) < 1:
-        raise UserError("the step must be >= 1", where=where, value=text, fix=fix)
+    if int(match["step"]) < 0:
+        raise UserError("the step must be >= 0", where=where, value=text, fix=fix)
     return FaultSpec(
         kind=kind,
         node=node,

@@ -138,7 +138,14 @@ class RecoverySpec(_Frozen):
         return self.restarts_per_cause.get(cause, 3)
 
 
-FAULT_KINDS = ("kill-node", "kill-worker", "hang", "nvml-xid", "storage-outage")
+FAULT_KINDS = (
+    "kill-node",
+    "freeze-node",
+    "kill-worker",
+    "hang",
+    "nvml-xid",
+    "storage-outage",
+)
 """Faults `trainctl launch --fault` can inject (local scheduler, a testing feature)."""
 
 
@@ -147,7 +154,9 @@ class FaultSpec(_Frozen):
 
     kind: str
     node: str | None = None
-    step: int = Field(ge=1)
+    step: int = Field(ge=0)
+    """Fires when the job first reports this step; 0: as soon as a torchrun of the job started
+    (the workers are still importing and joining: a failure while starting)."""
     duration_s: float = Field(default=10.0, gt=0)
     """storage-outage: how long storage refuses every request."""
 
@@ -191,6 +200,17 @@ class HealthSpec(_Frozen):
     """How many recent steps the straggler judgement looks at."""
     stack_dump_timeout_s: float = Field(default=15.0, gt=0)
     """After a hang, how long the controller waits for every node's stack dumps."""
+    heartbeat_interval_s: float = Field(default=0.25, gt=0, le=10)
+    """How often controller and node agents send each other a heartbeat."""
+    phi_threshold: float = Field(default=8.0, gt=0)
+    """A peer whose heartbeats stop is suspected once the φ-accrual detector reaches this
+    (`trainctl.health.liveness`; 8: about one wrong suspicion in 10^8 judgements)."""
+    heartbeat_pause_s: float = Field(default=1.0, ge=0)
+    """A pause in an agent's heartbeats the controller accepts before φ starts to climb: with
+    the defaults a silent node is declared lost after about 1.8 s."""
+    controller_pause_s: float = Field(default=5.0, ge=0)
+    """The same for agents judging the controller (an agent that loses its controller tears
+    its node down)."""
 
 
 class JobSpec(_Frozen):

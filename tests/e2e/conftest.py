@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.e2e.harness import SLOW, final_loss, launch, write_recipe
 from tests.e2e.s3proxy import OutageProxy
 
 BUCKET = "e2e"
@@ -53,3 +56,16 @@ def s3() -> Iterator[S3]:
     finally:
         proxy.close()
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The uninterrupted 2-node run every recovery test compares with: fingerprint and final
+    loss (same recipe, same seed). One per session, shared by the recovery suites."""
+    directory: Path = tmp_path_factory.mktemp("baseline")
+    storage = directory / "store"
+    storage.mkdir()
+    recipe = write_recipe(directory, "gpt", config={**SLOW})
+    result = launch(str(recipe), "--json", job_id="baseline", storage=storage)
+    assert result.returncode == 0, result.stderr
+    return {"fingerprint": result.json()["fingerprint"], "loss": final_loss(storage, "baseline")}

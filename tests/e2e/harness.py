@@ -201,3 +201,37 @@ def write_recipe(directory: Path, name: str = "ckpt-gpt", **sections: Any) -> Pa
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+SLOW = {"step_sleep_s": 0.1, "fingerprint_checkpoints": True}
+"""Slow enough that a fault at step 12 lands mid-run; fingerprints at saves and restores."""
+
+
+def final_loss(storage: Path, job_id: str) -> float:
+    done = [e for e in events(storage, job_id) if e["kind"] == "train_finished"]
+    assert done, "no train_finished event"
+    return float(done[-1]["data"]["loss"])
+
+
+def kinds(storage: Path, job_id: str) -> list[str]:
+    return [e["kind"] for e in events(storage, job_id)]
+
+
+def blocklist(storage: Path, job_id: str) -> dict[str, Any]:
+    path = storage / "jobs" / job_id / "blocklist.json"
+    return json.loads(path.read_text())["nodes"] if path.exists() else {}
+
+
+def committed_steps(storage: Path, job_id: str) -> list[int]:
+    root = storage / "checkpoints" / job_id
+    return sorted(int(p.parent.name.split("-")[1]) for p in root.glob("step-*/manifest.json"))
+
+
+def run(tmp_path: Path, storage: Path, job: str, *faults: str, **sections: Any) -> dict[str, Any]:
+    config = {**SLOW, **sections.pop("config", {})}
+    recipe = write_recipe(tmp_path, job, config=config, **sections)
+    args = [arg for fault in faults for arg in ("--fault", fault)]
+    result = launch(str(recipe), "--json", *args, job_id=job, storage=storage)
+    assert result.returncode == 0, result.stderr
+    out: dict[str, Any] = result.json()
+    return out

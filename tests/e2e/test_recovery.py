@@ -25,10 +25,16 @@ import pytest
 from tests.conftest import REPO, sealed_env
 from tests.e2e.conftest import BUCKET, S3
 from tests.e2e.harness import (
+    SLOW,
     assert_no_leftovers,
+    blocklist,
+    committed_steps,
     events,
+    final_loss,
+    kinds,
     launch,
     read_state,
+    run,
     start_launch,
     trainctl,
     wait_for_step,
@@ -41,51 +47,6 @@ from trainctl.recovery.journal import new_record
 from trainctl.store import JobStore
 
 pytestmark = pytest.mark.e2e
-
-SLOW = {"step_sleep_s": 0.1, "fingerprint_checkpoints": True}
-"""Slow enough that a fault at step 12 lands mid-run; fingerprints at saves and restores."""
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The uninterrupted run: fingerprint and final loss (same recipe, same seed)."""
-    directory = tmp_path_factory.mktemp("baseline")
-    storage = directory / "store"
-    storage.mkdir()
-    recipe = write_recipe(directory, "gpt", config={**SLOW})
-    result = launch(str(recipe), "--json", job_id="baseline", storage=storage)
-    assert result.returncode == 0, result.stderr
-    return {"fingerprint": result.json()["fingerprint"], "loss": final_loss(storage, "baseline")}
-
-
-def final_loss(storage: Path, job_id: str) -> float:
-    done = [e for e in events(storage, job_id) if e["kind"] == "train_finished"]
-    assert done, "no train_finished event"
-    return float(done[-1]["data"]["loss"])
-
-
-def kinds(storage: Path, job_id: str) -> list[str]:
-    return [e["kind"] for e in events(storage, job_id)]
-
-
-def blocklist(storage: Path, job_id: str) -> dict[str, Any]:
-    path = storage / "jobs" / job_id / "blocklist.json"
-    return json.loads(path.read_text())["nodes"] if path.exists() else {}
-
-
-def committed_steps(storage: Path, job_id: str) -> list[int]:
-    root = storage / "checkpoints" / job_id
-    return sorted(int(p.parent.name.split("-")[1]) for p in root.glob("step-*/manifest.json"))
-
-
-def run(tmp_path: Path, storage: Path, job: str, *faults: str, **sections: Any) -> dict[str, Any]:
-    config = {**SLOW, **sections.pop("config", {})}
-    recipe = write_recipe(tmp_path, job, config=config, **sections)
-    args = [arg for fault in faults for arg in ("--fault", fault)]
-    result = launch(str(recipe), "--json", *args, job_id=job, storage=storage)
-    assert result.returncode == 0, result.stderr
-    out: dict[str, Any] = result.json()
-    return out
 
 
 def test_worker_exception_is_retried_in_place(

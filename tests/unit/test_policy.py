@@ -58,9 +58,36 @@ def test_table() -> None:
     )
 
 
-def test_stopped_exits_are_not_failures_and_lost_after_exit_is_ignored() -> None:
-    assert run(NodeExit("node-0", -15, 1.0, stopped=True))[0] == Action.CONTINUE
+def test_a_node_its_agent_stopped_unasked_left_the_job_and_lost_after_exit_is_ignored() -> None:
+    # While the attempt runs, the controller asks nobody to stop: an agent that stopped its
+    # torchrun on its own (it lost the controller, a signal told it to end) took its node out.
+    stopped = NodeExit("node-0", -15, 1.0, stopped=True, reason="agent received SIGTERM")
+    assert blame(stopped) == (
+        Action.FAIL,
+        "node-0: its agent stopped the node (agent received SIGTERM)",
+        "node-0",
+    )
     assert run(NodeExit("node-0", 0, 1.0), NodeLost("node-0", 2.0))[0] == Action.CONTINUE
+
+
+def test_every_node_lost_at_once_blames_none() -> None:
+    silent = "controller silent: silent for 1.9 s"
+    both = (
+        NodeExit("node-0", -9, 1.0, stopped=True, reason=silent),
+        NodeLost("node-1", 1.2),
+    )
+    action, reason, blamed = blame(*both)
+    assert (action, blamed) == (Action.FAIL, None)
+    assert reason.startswith("every node was lost at once (node-0: its agent stopped the node")
+    # One of two is that node's own loss.
+    assert blame(NodeLost("node-1", 1.2, "agent silent for 1.9 s"))[1:] == (
+        "node-1: agent silent for 1.9 s",
+        "node-1",
+    )
+
+
+def test_observations_of_nodes_outside_the_attempt_are_ignored() -> None:
+    assert run(NodeLost("node-7", 1.0))[0] == Action.CONTINUE
 
 
 def blame(*observations: object) -> tuple[Action, str, str | None]:

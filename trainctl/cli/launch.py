@@ -22,7 +22,7 @@ from trainctl.recipe import load_recipe, parse_fault, script_spec, spec_to_yaml
 from trainctl.recovery.faults import check_faults
 from trainctl.recovery.journal import new_record
 from trainctl.recovery.run import run_job
-from trainctl.spec import JobSpec, check_job_id
+from trainctl.spec import FAULT_KINDS, JobSpec, check_job_id
 from trainctl.state import JobRecord
 from trainctl.store import JobStore
 
@@ -99,8 +99,8 @@ def launch(
     fault: list[str] | None = typer.Option(
         None,
         "--fault",
-        help="Testing: inject KIND[:NODE]@step=N[,for=S] (kill-node, kill-worker, hang, "
-        "nvml-xid, storage-outage); repeatable; local scheduler only.",
+        help=f"Testing: inject KIND[:NODE]@step=N[,for=S] ({', '.join(FAULT_KINDS)}); "
+        "repeatable; local scheduler only.",
     ),
     as_json: bool = JSON_OPTION,
 ) -> None:

@@ -28,11 +28,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
 from trainctl.health.gate import GateConfig, GateResult, NodeProber
+from trainctl.health.liveness import LivenessPolicy
 from trainctl.health.verdict import GIB, Verdict
 from trainctl.launch import proctree, stacks
 from trainctl.launch.control import ControlClient, WorkerChannel, worker_socket_address
@@ -95,11 +97,19 @@ class Attempt:
         self.grace_s = float(node.env_dict().get(Env.STOP_GRACE_S, "5"))
 
 
+def liveness_policy(environ: Mapping[str, str]) -> LivenessPolicy:
+    """How this agent judges its controller's heartbeats (`Env.LIVENESS`; defaults if unset)."""
+    raw = environ.get(Env.LIVENESS)
+    return LivenessPolicy(**json.loads(raw)) if raw else LivenessPolicy()
+
+
 class Agent:
-    def __init__(self, node: str, control_endpoint: str, token: str) -> None:
+    def __init__(
+        self, node: str, control_endpoint: str, token: str, liveness: LivenessPolicy | None = None
+    ) -> None:
         self.name = node
         self.python = sys.executable
-        self.control = ControlClient(control_endpoint, node, token)
+        self.control = ControlClient(control_endpoint, node, token, liveness=liveness)
         self.worker_token = new_token()
         self.attempt: Attempt | None = None
         self.quit_reason: str | None = None
@@ -247,6 +257,12 @@ class Agent:
                 self.quit_reason = "controller connection lost"
             elif isinstance(message, DumpStacks):
                 self.dump_stacks()
+        silent = self.control.silent()
+        if silent is not None and self.quit_reason is None:
+            # A controller that stopped beating is as gone as a closed connection (a dead or
+            # partitioned host sends no FIN): this node tears down what it runs.
+            self.quit_reason = f"controller silent: {silent}"
+            print(f"trainctl agent {self.name}: {self.quit_reason}", file=sys.stderr, flush=True)
         if self.quit_reason is not None and self.attempt is not None and self.attempt.stop is None:
             self.attempt.stop = Stop(self.quit_reason, "kill")
 
@@ -386,7 +402,7 @@ def main(argv: list[str]) -> int:
     # Out of the environment before anything starts: torchrun and the workers inherit it, and
     # they get a token of their own (the worker token), not the job's.
     token = os.environ.pop(Env.CONTROL_TOKEN, "")
-    agent = Agent(node_name, control_endpoint, token)
+    agent = Agent(node_name, control_endpoint, token, liveness_policy(os.environ))
 
     def on_signal(signum: int, _frame: object) -> None:
         agent.quit_reason = agent.quit_reason or f"agent received {signal.Signals(signum).name}"

@@ -6,21 +6,31 @@ stops scaling). A connection must open with a `Hello` carrying the job's token; 
 any bad line closes it. Afterwards a bad line (malformed, unknown type, wrong token) is dropped
 and reported on the queue as `Refused` (the first few per connection: a broken peer must not
 flood the job's event log); nothing a peer sends can raise in the controller.
+
+Liveness does not wait for a FIN (a dead host never sends one): each side sends a `Beat` every
+`LivenessPolicy.interval_s` from a thread of its own and judges the other's beats with a
+φ-accrual detector (`trainctl.health.liveness`); the controller asks `ControlServer.silent()`,
+the agent `ControlClient.silent()`. TCP keepalive and a user timeout back them up, and every
+send has a timeout, so a peer that stopped reading cannot block the sender.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 
+from trainctl.health.liveness import Liveness, LivenessPolicy, Silent
 from trainctl.protocol import (
     AGENT_MESSAGES,
     CONTROLLER_MESSAGES,
+    Beat,
     Disconnected,
     Envelope,
     Hello,
@@ -35,6 +45,37 @@ from trainctl.protocol import (
 
 REFUSALS_REPORTED = 5
 """Per connection, how many dropped lines are reported (the rest are only counted)."""
+SEND_TIMEOUT_S = 2.0
+"""A send that cannot complete within this (the peer stopped reading) fails."""
+
+
+def tune(sock: socket.socket, policy: LivenessPolicy) -> None:
+    """Keepalive probes, a user timeout for unacknowledged data, a send timeout: the kernel's
+    own checks behind the heartbeats (a dead peer that leaves data unacknowledged errors the
+    connection even if nobody judges its beats)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle = max(1, round(policy.acceptable_pause_s + policy.interval_s))
+    for option, value in (
+        ("TCP_KEEPIDLE", idle),
+        ("TCP_KEEPINTVL", 1),
+        ("TCP_KEEPCNT", 3),
+        ("TCP_USER_TIMEOUT", 1000 * (idle + 3)),
+    ):
+        if hasattr(socket, option):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    seconds = int(SEND_TIMEOUT_S)
+    timeval = seconds.to_bytes(8, sys.byteorder) + int((SEND_TIMEOUT_S - seconds) * 1e6).to_bytes(
+        8, sys.byteorder
+    )
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+def _beat_forever(interval_s: float, closed: threading.Event, beat: Callable[[], None]) -> None:
+    while not closed.wait(interval_s):
+        beat()
 
 
 class ControlServer:
@@ -43,15 +84,32 @@ class ControlServer:
     A connection that closes after its hello delivers `Disconnected` for its node.
     """
 
-    def __init__(self, token: str, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        token: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        liveness: LivenessPolicy | None = None,
+    ) -> None:
         self._token = token
         self._listener = socket.create_server((host, port))
         self.host, self.port = self._listener.getsockname()[:2]
         self.messages: queue.Queue[Envelope] = queue.Queue()
         self._connections: dict[str, socket.socket] = {}
+        self._send_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
-        self._closed = False
+        self._closed = threading.Event()
+        self.policy = liveness or LivenessPolicy()
+        self._liveness: Liveness[str] = Liveness(self.policy)
+        self.peers: dict[str, str] = {}
+        """Node -> the address its agent connected from."""
         threading.Thread(target=self._accept_loop, name="control-accept", daemon=True).start()
+        threading.Thread(
+            target=_beat_forever,
+            args=(self.policy.interval_s, self._closed, self._beat_all),
+            name="control-beat",
+            daemon=True,
+        ).start()
 
     @property
     def endpoint(self) -> str:
@@ -63,11 +121,12 @@ class ControlServer:
         return self._token
 
     def _accept_loop(self) -> None:
-        while not self._closed:
+        while not self._closed.is_set():
             try:
                 conn, peer = self._listener.accept()
             except OSError:
                 return
+            tune(conn, self.policy)
             threading.Thread(
                 target=self._serve, args=(conn, f"{peer[0]}:{peer[1]}"), daemon=True
             ).start()
@@ -96,8 +155,16 @@ class ControlServer:
                     node = envelope.node
                     with self._lock:
                         self._connections[node] = conn
+                        self._send_locks[node] = threading.Lock()
+                        self._liveness.watch(node, time.monotonic())
+                        self.peers[node] = peer
                 elif envelope.node != node:
                     envelope = Envelope(envelope.message, node, envelope.attempt, envelope.time)
+                if isinstance(envelope.message, Beat):
+                    with self._lock:
+                        if self._connections.get(node) is conn:
+                            self._liveness.heartbeat(node, time.monotonic())
+                    continue
                 self.messages.put(envelope)
         except OSError:
             pass
@@ -106,24 +173,49 @@ class ControlServer:
                 with self._lock:
                     if self._connections.get(node) is conn:
                         del self._connections[node]
+                        self._liveness.forget(node)
                 self.messages.put(Envelope(Disconnected(), node, time=time.time()))
             with contextlib.suppress(OSError):
                 conn.close()
 
     def send(self, node: str, message: Message) -> bool:
-        """Send to one agent; False if it is not connected."""
+        """Send to one agent; False if it is not connected (or stopped reading)."""
         with self._lock:
-            conn = self._connections.get(node)
-        if conn is None:
+            conn, lock = self._connections.get(node), self._send_locks.get(node)
+        if conn is None or lock is None:
             return False
         try:
-            conn.sendall(encode_line(Envelope(message, node, time=time.time()), self._token))
+            with lock:
+                conn.sendall(encode_line(Envelope(message, node, time=time.time()), self._token))
             return True
         except OSError:
             return False
 
+    def _beat_all(self) -> None:
+        with self._lock:
+            nodes = list(self._connections)
+        for node in nodes:
+            self.send(node, Beat())
+
+    def silent(self) -> list[Silent[str]]:
+        """Connected agents whose heartbeats stopped (φ past the threshold); `last_heard` is
+        wall-clock time."""
+        now, wall = time.monotonic(), time.time()
+        with self._lock:
+            suspected = self._liveness.check(now)
+        return [dataclasses.replace(s, last_heard=wall - (now - s.last_heard)) for s in suspected]
+
+    def drop(self, node: str) -> None:
+        """Close a node's connection (a silent node: nothing more it sends is heard)."""
+        with self._lock:
+            conn = self._connections.pop(node, None)
+            self._liveness.forget(node)
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
-        self._closed = True
+        self._closed.set()
         with contextlib.suppress(OSError):
             self._listener.close()
         with self._lock:
@@ -138,7 +230,14 @@ class ControlClient:
     """An agent's end: `send` messages; the controller's arrive on `inbox` (EOF ->
     `Disconnected`; a bad line is dropped with a note on stderr, the agent's log)."""
 
-    def __init__(self, endpoint: str, node: str, token: str, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        node: str,
+        token: str,
+        timeout_s: float = 30.0,
+        liveness: LivenessPolicy | None = None,
+    ) -> None:
         host, port = endpoint.rsplit(":", 1)
         deadline = time.monotonic() + timeout_s
         while True:
@@ -150,22 +249,46 @@ class ControlClient:
                     raise
                 time.sleep(0.1)
         self._sock.settimeout(None)
+        self.policy = liveness or LivenessPolicy()
+        tune(self._sock, self.policy)
         self.node = node
         self._token = token
         self.inbox: queue.Queue[Message] = queue.Queue()
         self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._liveness: Liveness[str] = Liveness(self.policy)
+        self._liveness.watch("controller", time.monotonic())
+        self._closed = threading.Event()
         threading.Thread(target=self._read_loop, name="control-read", daemon=True).start()
+        threading.Thread(
+            target=_beat_forever,
+            args=(self.policy.interval_s, self._closed, lambda: self.send(Beat(), None)),
+            name="control-beat",
+            daemon=True,
+        ).start()
 
     def _read_loop(self) -> None:
         try:
             for line in self._sock.makefile("rb"):
                 try:
-                    self.inbox.put(decode_line(line, self._token, CONTROLLER_MESSAGES).message)
+                    message = decode_line(line, self._token, CONTROLLER_MESSAGES).message
                 except ProtocolError as bad:
                     print(f"trainctl agent {self.node}: dropped a line: {bad}", file=sys.stderr)
+                    continue
+                if isinstance(message, Beat):
+                    with self._lock:
+                        self._liveness.heartbeat("controller", time.monotonic())
+                else:
+                    self.inbox.put(message)
         except OSError:
             pass
         self.inbox.put(Disconnected())
+
+    def silent(self) -> str | None:
+        """Why the controller counts as gone (its heartbeats stopped), or None."""
+        with self._lock:
+            suspected = self._liveness.check(time.monotonic())
+        return suspected[0].reason if suspected else None
 
     def send(self, message: Message, attempt: int | None) -> bool:
         envelope = Envelope(message, self.node, attempt, time.time())
@@ -177,6 +300,7 @@ class ControlClient:
             return False
 
     def close(self) -> None:
+        self._closed.set()
         # shutdown first: the reader thread's file object keeps the descriptor open otherwise,
         # and the controller would never see the connection end.
         with contextlib.suppress(OSError):

@@ -103,6 +103,8 @@ class Attempt:
         observations: list[policy.Observation] = []
         crew.pump(0.1, observations)
         observations += crew.fleet.check(self.nodes, finished(self.view))
+        for silent in crew.fleet.silent_spares():
+            crew.intake.spare_silent(silent)
         monitor.check_stragglers()
         monitor.check_hang(self.nodes)
         hang = monitor.declared_hang()

@@ -30,6 +30,7 @@ from typing import Any
 
 from trainctl.events import JobFailed, RecoveryPlanned
 from trainctl.exitcodes import ExitCode
+from trainctl.health.liveness import LivenessPolicy
 from trainctl.launch.control import ControlServer
 from trainctl.launch.local import LocalScheduler
 from trainctl.launch.plan import Facts, LaunchPlan, agent_env, gate_plan, plan_attempt
@@ -96,7 +97,17 @@ class Controller:
         self.stop_signal: str | None = None
         self.run_dir = self.store.local_job_dir(self.record.job_id)
         self.secrets_path = self.run_dir / "private" / "secrets.json"
-        self.server = ControlServer(new_token(), options.rdzv_host, 0)
+        health = spec.health
+        self.server = ControlServer(
+            new_token(),
+            options.rdzv_host,
+            0,
+            liveness=LivenessPolicy(
+                interval_s=health.heartbeat_interval_s,
+                threshold=health.phi_threshold,
+                acceptable_pause_s=health.heartbeat_pause_s,
+            ),
+        )
         self.rdzv_port = 0
         self.faults = plan_faults(spec, self.scheduler, journal, self.run_dir / "faults", self.say)
         self.fleet = Fleet(self.scheduler, self.server, journal, self._agent_env, spec.spare_nodes)
@@ -276,6 +287,14 @@ class Controller:
         env = agent_env(self.spec, facts, self.record.job_id, node)
         env[Env.AGENT_LOG] = log_path
         env[Env.CONTROL_TOKEN] = self.server.token
+        health = self.spec.health
+        env[Env.LIVENESS] = json.dumps(
+            {
+                "interval_s": health.heartbeat_interval_s,
+                "threshold": health.phi_threshold,
+                "acceptable_pause_s": health.controller_pause_s,
+            }
+        )
         env.update(self.faults.agent_env())
         return env, log_path
 

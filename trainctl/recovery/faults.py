@@ -7,7 +7,9 @@ agents' environment, where the worker runtime finds it and wraps its checkpoint 
 (`trainctl.checkpoint.outage.InjectedOutage`).
 
 Each fault fires once, when the job first reports its step: ``kill-node`` kills every process
-of the node with SIGKILL (as a dead host would), ``kill-worker`` SIGKILLs one worker,
+of the node with SIGKILL (as a dead host would), ``freeze-node`` SIGSTOPs every process of the
+node (a host that died without closing a connection: a kernel panic, a power loss — its
+sockets stay open, no FIN ever comes), ``kill-worker`` SIGKILLs one worker,
 ``hang`` SIGSTOPs one worker, ``nvml-xid`` adds an XID 79 (GPU fallen off the bus) to the node's
 fake NVML file (tests/fakenvml; the node needs ``node_env.<node>.FAKE_NVML_FILE``), and
 ``storage-outage`` makes every checkpoint storage request fail for ``for`` seconds.
@@ -15,6 +17,7 @@ fake NVML file (tests/fakenvml; the node needs ``node_env.<node>.FAKE_NVML_FILE`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -120,6 +123,12 @@ class FaultInjector(NoFaults):
             pids = self.scheduler.node_processes(job_id, node)
             self.scheduler.kill_node(job_id, node)
             return f"SIGKILL to every process of {node} ({len(pids)})"
+        if fault.kind == "freeze-node":
+            pids = self.scheduler.node_processes(job_id, node)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+            return f"SIGSTOP to every process of {node} ({len(pids)})"
         if fault.kind in ("kill-worker", "hang"):
             workers = self.scheduler.worker_pids(job_id, node, local_rank=0)
             if not workers:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from trainctl.events import Cleanup, NodeReprobe
+from trainctl.health.liveness import Silent
 from trainctl.launch.control import ControlServer
 from trainctl.launch.scheduler import NodeScheduler
 from trainctl.protocol import Message, Shutdown
@@ -48,6 +49,7 @@ class Fleet:
         self.active: tuple[str, ...] = ()
         """The nodes of the attempt being started or running."""
         self._last_refill = 0.0
+        self._silent: dict[str, Silent[str]] = {}
 
     @property
     def names(self) -> list[str]:
@@ -89,6 +91,9 @@ class Fleet:
         deadline = time.monotonic() + AGENT_CONNECT_TIMEOUT_S
         while not all(n in self.connected for n in nodes):
             pump(0.05)
+            lost = self.check([n for n in nodes if n in self.connected], set())
+            if lost:
+                return lost
             for name in nodes:
                 if name in self.connected:
                     continue
@@ -116,12 +121,26 @@ class Fleet:
 
     # -- noticing ------------------------------------------------------------------------------
     def check(self, nodes: Sequence[str], done: set[str]) -> list[policy.Observation]:
-        """An agent of `nodes` (not in `done`) whose process ended without reporting is lost."""
-        return [
-            policy.NodeLost(name, time.time())
-            for name in nodes
-            if name not in done and self.scheduler.agent_exit_code(name) is not None
-        ]
+        """An agent of `nodes` (not in `done`) whose process ended without reporting, or whose
+        heartbeats stopped, is lost. Silent agents elsewhere (spares) wait in `silent_spares`."""
+        self._silent.update({s.peer: s for s in self.server.silent()})
+        lost: list[policy.Observation] = []
+        for name in nodes:
+            if name in done:
+                continue
+            silent = self._silent.pop(name, None)
+            if silent is not None:
+                lost.append(policy.NodeLost(name, silent.last_heard, f"agent {silent.reason}"))
+            elif self.scheduler.agent_exit_code(name) is not None:
+                lost.append(policy.NodeLost(name, time.time()))
+        return lost
+
+    def silent_spares(self) -> list[Silent[str]]:
+        """Agents outside the attempt whose heartbeats stopped (taken: each is reported once)."""
+        spares = [s for name, s in self._silent.items() if name not in self.active]
+        for silent in spares:
+            del self._silent[silent.peer]
+        return spares
 
     # -- stopping ------------------------------------------------------------------------------
     def stop(self, name: str, reason: str) -> None:
@@ -130,9 +149,12 @@ class Fleet:
         self.connected.discard(name)
 
     def kill(self, name: str) -> None:
-        """Kill everything of the job on `name` (its agent does not answer, or is lost)."""
+        """Kill everything of the job on `name` (its agent does not answer, or is lost) and
+        close its connection: whatever it still sends is not heard."""
+        self.server.drop(name)
         self.scheduler.kill_node(self.journal.job_id, name)
         self.connected.discard(name)
+        self._silent.pop(name, None)
 
     def shutdown(self) -> None:
         """End every agent: ask, wait a little, then kill what is left."""

@@ -28,6 +28,7 @@ from trainctl.events import (
     VerdictUnreadable,
     make_data,
 )
+from trainctl.health.liveness import Silent
 from trainctl.health.verdict import NodeVerdictRecord, Verdict
 from trainctl.protocol import (
     ATTEMPT_MESSAGES,
@@ -143,6 +144,15 @@ class Intake:
             self.journal.event(SpareLost(), f"{name}: agent lost on standby", node=name)
         return []
 
+    def spare_silent(self, silent: Silent[str]) -> None:
+        """A node off the attempt fell silent: excluded, and whatever it runs killed."""
+        name = silent.peer
+        exclusion = placement.silent_standby(name, silent.reason, time.time(), self.exclude_s)
+        self.journal.event(SpareLost(), exclusion.reason, node=name)
+        self.exclude((exclusion,))
+        self.fleet.kill(name)
+        self.journal.save_state()
+
     def _verdict(
         self, name: str, message: VerdictReport, in_attempt: bool
     ) -> list[policy.Observation]:
@@ -193,6 +203,7 @@ class Intake:
         attempt = self.record.attempts[-1]
         if attempt.state == AttemptState.STARTING:
             attempt.move(AttemptState.RUNNING)
+        self.faults.reached(0)
 
     def _exit(self, name: str, message: Exit, now: float) -> policy.NodeExit:
         errors = tuple(e.message for e in message.errors)
@@ -205,7 +216,9 @@ class Intake:
             f"{name}: torchrun {how}",
             node=name,
         )
-        return policy.NodeExit(name, message.code, now, stopped=message.stopped, errors=errors)
+        return policy.NodeExit(
+            name, message.code, now, stopped=message.stopped, errors=errors, reason=message.reason
+        )
 
     # -- progress ------------------------------------------------------------------------------
     def _progress(self, name: str, message: Progress) -> None:

@@ -332,6 +332,13 @@ def judge_standby(
     return StandbyJudgement(StandbyAction.KEEP, "")
 
 
+def silent_standby(node: str, silence: str, now: float, exclude_s: float) -> Exclusion:
+    """A node off the attempt whose agent's heartbeats stopped: as lost as a node in it, and
+    excluded the same way (its exclusion expires; a clean probe then readmits it)."""
+    reason = f"{node}: agent {silence} on standby"
+    return Exclusion(node, reason, "node_fault", now, now + exclude_s)
+
+
 # -- after the controller ended -------------------------------------------------------------------
 
 

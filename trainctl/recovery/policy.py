@@ -45,15 +45,22 @@ class NodeExit:
     code: int
     time: float
     stopped: bool = False
+    """The agent stopped the attempt's torchrun: asked to by the controller, or on its own (it
+    lost the controller, or was told to end by a signal) — then the node left the job."""
     errors: tuple[str, ...] = ()
+    reason: str = ""
+    """Why the agent stopped it (`stopped` only)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class NodeLost:
-    """The node's agent vanished (connection closed or process gone) without reporting an exit."""
+    """The node's agent vanished without reporting an exit: its connection closed, its
+    process ended, or its heartbeats stopped (a dead or partitioned host sends no FIN)."""
 
     node: str
     time: float
+    """When it was lost: for a silent node, when it was last heard."""
+    reason: str = "node agent lost"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +173,8 @@ def observe(view: AttemptView, observations: Sequence[Observation]) -> AttemptVi
     hang = view.hang
     abandoned = view.abandoned
     for obs in observations:
+        if getattr(obs, "node", None) not in (None, *view.nodes):
+            continue  # a node of an earlier attempt (its connection closing late)
         if isinstance(obs, NodeExit) and all(e.node != obs.node for e in exits):
             exits.append(obs)
         elif isinstance(obs, NodeLost):
@@ -340,8 +349,9 @@ def node_outcome(node: str, view: AttemptView, decision: Decision) -> tuple[Node
     exit_ = next((e for e in view.exits if e.node == node), None)
     if exit_ is not None and exit_.code != 0 and not exit_.stopped:
         return NodeState.FAILED, describe_exit(exit_)
-    if any(x.node == node for x in view.lost):
-        return NodeState.FAILED, f"{node}: node agent lost"
+    lost = next((x for x in view.lost if x.node == node), None)
+    if lost is not None:
+        return NodeState.FAILED, f"{node}: {lost.reason}"
     return NodeState.STOPPED, "stopped after another node failed"
 
 
@@ -386,11 +396,29 @@ def decide(now: float, view: AttemptView) -> Decision:
             cause=Cause.NODE_FAULT if blamed else Cause.HANG,
             signature=f"hang:{blamed}",
         )
-    if view.lost:
-        first = min(view.lost, key=lambda x: x.time)
+    # While the attempt runs the controller asks no agent to stop: one that stopped its
+    # torchrun on its own (it lost the controller, a signal told it to end) left the job.
+    gone = [*view.lost] + [
+        NodeLost(e.node, e.time, f"its agent stopped the node ({e.reason or 'no reason given'})")
+        for e in view.exits
+        if e.stopped
+    ]
+    if gone:
+        first = min(gone, key=lambda x: x.time)
+        if len(view.nodes) > 1 and {x.node for x in gone} == set(view.nodes):
+            # Every node at once is the controller's side (its host stalled, its network
+            # cut), not a node: their agents tore themselves down, as they must.
+            return Decision(
+                Action.FAIL,
+                f"every node was lost at once ({first.node}: {first.reason}): the "
+                "controller's host or its network, not a node; none blamed",
+                ExitCode.FAILED,
+                cause=Cause.NODE_FAULT,
+                signature="lost:every node",
+            )
         return Decision(
             Action.FAIL,
-            f"{first.node}: node agent lost",
+            f"{first.node}: {first.reason}",
             ExitCode.FAILED,
             blamed=first.node,
             cause=Cause.NODE_FAULT,

@@ -1,0 +1,107 @@
+"""Failures that do not announce themselves, and blame that names the culprit.
+
+Real 2-node tiny-gpt jobs on the local scheduler. A frozen node (every process SIGSTOPped: its
+sockets stay open, as with a host that died without a FIN) is found by its missing heartbeats,
+blamed and excluded like a killed one. After each: the final fingerprint equals the
+uninterrupted run's and no process of the job is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.harness import (
+    SLOW,
+    assert_no_leftovers,
+    blocklist,
+    events,
+    job_processes,
+    read_state,
+    run,
+    start_launch,
+    wait_for_step,
+    write_recipe,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def excluded_after(storage: Path, job_id: str, node: str) -> float:
+    """Seconds from the injected fault to the node's exclusion, from the job's events."""
+    fired = next(e for e in events(storage, job_id) if e["kind"] == "fault_injected")
+    excluded = next(
+        e for e in events(storage, job_id) if e["kind"] == "node_excluded" and e["node"] == node
+    )
+    return float(excluded["time"]) - float(fired["time"])
+
+
+def test_frozen_node_is_found_by_its_silence_and_replaced_by_the_spare(
+    tmp_path: Path, storage: Path, baseline: dict[str, Any]
+) -> None:
+    out = run(tmp_path, storage, "frozen", "freeze-node:node-1@step=12", spare_nodes=1)
+    assert out["fingerprint"] == baseline["fingerprint"]
+    state = read_state(storage, "frozen")
+    first, second = state["attempts"]
+    assert (first["cause"], first["blamed"]) == ("node_fault", "node-1")
+    assert "agent silent for" in first["reason"] and "heartbeats every" in first["reason"]
+    assert second["nodes"] == ["node-0", "node-2"]
+    entry = blocklist(storage, "frozen")["node-1"]
+    assert "silent" in entry["reason"] and entry["expires_at"] > time.time()
+    # Found by silence, not by the hang detector (its floor is 60 s) nor by a closed socket.
+    assert not [e for e in events(storage, "frozen") if e["kind"] == "hang_detected"]
+    print(f"frozen node excluded {excluded_after(storage, 'frozen', 'node-1'):.2f} s after")
+
+
+def test_node_frozen_while_starting_is_found_without_waiting_for_the_first_step(
+    tmp_path: Path, storage: Path, baseline: dict[str, Any]
+) -> None:
+    # step=0: frozen as soon as its torchrun started (workers importing, joining the
+    # rendezvous), where only the first-step allowance (600 s) of the hang detector applies.
+    out = run(tmp_path, storage, "frozen-early", "freeze-node:node-1@step=0", spare_nodes=1)
+    assert out["fingerprint"] == baseline["fingerprint"]
+    first = read_state(storage, "frozen-early")["attempts"][0]
+    assert (first["cause"], first["blamed"]) == ("node_fault", "node-1")
+    assert "silent" in first["reason"]
+
+
+def test_agents_tear_their_nodes_down_when_the_controller_falls_silent(
+    tmp_path: Path, storage: Path, baseline: dict[str, Any]
+) -> None:
+    # Agents judge the controller with a 1 s acceptable pause here (default 5 s), so that the
+    # freeze lands while the job still trains.
+    recipe = write_recipe(tmp_path, "ctl-frozen", config={**SLOW}, health={"controller_pause_s": 1})
+    proc = start_launch(str(recipe), "--json", job_id="ctl-frozen", storage=storage)
+    try:
+        wait_for_step(storage, "ctl-frozen", 5)
+        controller = int(read_state(storage, "ctl-frozen")["controller_pid"])
+        os.kill(controller, signal.SIGSTOP)
+        try:
+            # No FIN comes from a stopped controller: each agent must judge its silence and
+            # take its node down (agents, torchruns, workers: every process of the job).
+            deadline = time.monotonic() + 60
+            while job_processes("ctl-frozen") and time.monotonic() < deadline:
+                time.sleep(0.2)
+            left = job_processes("ctl-frozen")
+        finally:
+            os.kill(controller, signal.SIGCONT)
+        assert left == [], f"processes of the job still running: {left}"
+        out, err = proc.communicate(timeout=200)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        assert_no_leftovers("ctl-frozen")
+    assert proc.returncode == 0, err
+    assert json.loads(out)["fingerprint"] == baseline["fingerprint"]
+    first = read_state(storage, "ctl-frozen")["attempts"][0]
+    assert first["cause"] == "node_fault" and first["blamed"] is None
+    assert "every node was lost at once" in first["reason"]
+    assert blocklist(storage, "ctl-frozen") == {}
+    log = (storage / "jobs" / "ctl-frozen" / "logs" / "node-0.log").read_text()
+    assert "controller silent" in log

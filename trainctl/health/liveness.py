@@ -1,0 +1,159 @@
+"""Is a peer alive? A φ-accrual failure detector over heartbeat arrivals.
+
+A node that dies silently (kernel panic, power loss, a switch or NIC failure, a host that stops
+scheduling) never closes its TCP connection: no FIN, no RST, the controller sees nothing. So
+controller and agents send each other a heartbeat every `interval_s` on the control connection,
+and each side judges the other with the φ-accrual detector of Hayashibara et al. (2004), as
+Akka and Cassandra do. It does not answer "dead or alive" with one fixed timeout: it learns the
+distribution of heartbeat inter-arrival times from the peer itself and reports
+
+    φ(t) = -log10 P(the next heartbeat arrives later than t after the last one)
+
+under a normal distribution with the observed mean (plus an `acceptable_pause_s` allowance) and
+standard deviation (never below `min_std_s`). The peer is *suspected* once φ reaches
+`threshold`: with a threshold of 8, a healthy peer is wrongly suspected about once in 10^8
+judgements of its own distribution. On a steady link (beats every 0.25 s, jitter under the
+0.1 s floor, pause 1 s) that is a silence of about 1.8 s; on a loaded machine whose beats
+arrive with more jitter it grows by itself. Pure: time comes in as `now`.
+
+The judge's own pauses are not the peer's silence: `Liveness` only counts silence it was awake
+to see (after the checker itself stalled — a long fsync, the GIL, a stopped controller — each
+peer's silence is measured from the end of that stall).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import statistics
+from typing import Generic, TypeVar
+
+Peer = TypeVar("Peer")
+
+
+@dataclasses.dataclass(frozen=True)
+class LivenessPolicy:
+    interval_s: float = 0.25
+    """How often each side sends a heartbeat."""
+    threshold: float = 8.0
+    """φ at which the peer is suspected (8: one wrong suspicion in about 10^8 judgements)."""
+    acceptable_pause_s: float = 1.0
+    """Added to the mean inter-arrival time: pauses this long are expected (GC, a busy core)."""
+    min_std_s: float = 0.1
+    """The standard deviation used is never below this (a perfectly regular link)."""
+    window: int = 200
+    """How many recent inter-arrival times the distribution is estimated from."""
+
+    def describe(self) -> str:
+        return (
+            f"heartbeats every {self.interval_s:g} s, suspected at φ >= {self.threshold:g} "
+            f"(acceptable pause {self.acceptable_pause_s:g} s)"
+        )
+
+
+def phi(elapsed_s: float, mean_s: float, std_s: float) -> float:
+    """-log10 of the probability that a heartbeat comes more than `elapsed_s` after the last
+    one, for normally distributed inter-arrival times (the logistic approximation of the normal
+    tail Akka uses: finite and monotonic far into the tail)."""
+    y = (elapsed_s - mean_s) / std_s
+    exponent = -y * (1.5976 + 0.070566 * y * y)
+    if exponent > 700:  # far before the mean: no suspicion at all (and exp would overflow)
+        return 0.0
+    e = math.exp(exponent)
+    if elapsed_s > mean_s:
+        return -math.log10(e / (1.0 + e)) if e > 0 else math.inf
+    return -math.log10(1.0 - 1.0 / (1.0 + e))
+
+
+class PhiAccrual:
+    """One peer's heartbeat history and its φ."""
+
+    def __init__(self, policy: LivenessPolicy, now: float) -> None:
+        self.policy = policy
+        self.last = now
+        """When the latest heartbeat arrived (or the watch started)."""
+        self.beats = 0
+        # Bootstrapped as Akka does: two intervals around the expected one (std interval/4),
+        # soon outweighed by what the peer really sends.
+        first = policy.interval_s
+        self.intervals: collections.deque[float] = collections.deque(
+            (first - first / 4, first + first / 4), maxlen=policy.window
+        )
+
+    def heartbeat(self, now: float) -> None:
+        # A gap past the acceptable pause is not learned (as Cassandra does): it is a stall of
+        # the judge or of the link, and learning it would blunt the detector for a long while.
+        if self.last < now <= self.last + self.policy.interval_s + self.policy.acceptable_pause_s:
+            self.intervals.append(now - self.last)
+        self.last = max(self.last, now)
+        self.beats += 1
+
+    def stats(self) -> tuple[float, float]:
+        """(mean, standard deviation used) of the inter-arrival times."""
+        mean = statistics.fmean(self.intervals)
+        std = statistics.pstdev(self.intervals, mean)
+        return mean, max(std, self.policy.min_std_s)
+
+    def phi(self, now: float, since: float | None = None) -> float:
+        """φ now; silence is counted from the later of the last heartbeat and `since`."""
+        mean, std = self.stats()
+        elapsed = now - max(self.last, since if since is not None else self.last)
+        return phi(elapsed, mean + self.policy.acceptable_pause_s, std)
+
+    def explain(self, now: float, since: float | None = None) -> str:
+        mean, std = self.stats()
+        silent = now - max(self.last, since if since is not None else self.last)
+        return (
+            f"silent for {silent:.2f} s (heartbeats every {mean:.3f} s ± {std:.3f}, "
+            f"acceptable pause {self.policy.acceptable_pause_s:g} s; "
+            f"φ {self.phi(now, since):.1f} >= {self.policy.threshold:g})"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Silent(Generic[Peer]):
+    """A suspected peer: when it was last heard (the judge's clock) and why it is suspected."""
+
+    peer: Peer
+    last_heard: float
+    reason: str
+
+
+class Liveness(Generic[Peer]):
+    """The detectors of every watched peer, and the judge's own wakefulness."""
+
+    def __init__(self, policy: LivenessPolicy) -> None:
+        self.policy = policy
+        self.detectors: dict[Peer, PhiAccrual] = {}
+        self._last_check: float | None = None
+        self._awake_since: float | None = None
+
+    def watch(self, peer: Peer, now: float) -> None:
+        """Start (or restart) judging `peer`, as if it had just been heard."""
+        self.detectors[peer] = PhiAccrual(self.policy, now)
+
+    def forget(self, peer: Peer) -> None:
+        self.detectors.pop(peer, None)
+
+    def heartbeat(self, peer: Peer, now: float) -> None:
+        detector = self.detectors.get(peer)
+        if detector is not None:
+            detector.heartbeat(now)
+
+    def last_heard(self, peer: Peer) -> float | None:
+        detector = self.detectors.get(peer)
+        return detector.last if detector is not None else None
+
+    def check(self, now: float) -> list[Silent[Peer]]:
+        """The suspected peers now. A gap since the previous check longer than the acceptable
+        pause means the judge itself stalled: silence before its end is not counted."""
+        if self._last_check is not None and now - self._last_check > self.policy.acceptable_pause_s:
+            self._awake_since = now
+        self._last_check = now
+        suspected = []
+        for peer, detector in self.detectors.items():
+            if detector.phi(now, self._awake_since) >= self.policy.threshold:
+                reason = detector.explain(now, self._awake_since)
+                suspected.append(Silent(peer, detector.last, reason))
+        return suspected
