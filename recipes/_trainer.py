@@ -23,6 +23,13 @@ Batch = tuple[torch.Tensor, ...]
 WARMUP_STEPS = 2
 
 
+def spin_forever() -> None:
+    """Tests: a rank stuck in a Python loop (a livelock, a bug): busy, never done."""
+    count = 0
+    while True:
+        count += 1
+
+
 def batch_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
@@ -77,6 +84,8 @@ def train(
     step_sleep_s = float(config.get("step_sleep_s", 0.0))  # tests: slow steps down
     fail_at_step = int(config.get("fail_at_step", 0))  # tests: a software error at that step
     fail_in = config.get("fail_in_attempts", [0])  # ... in these attempts ("all": every one)
+    spin_at_step = int(config.get("spin_at_step", 0))  # tests: one rank loops in Python ...
+    spin_rank = int(config.get("spin_rank", 0))  # ... this one, in the first attempt only
     if ctx.is_main:
         params = sum(p.numel() for p in model.parameters())  # DTensor numel is global
         ctx.log(
@@ -94,6 +103,8 @@ def train(
                 time.sleep(step_sleep_s)
         if step + 1 == fail_at_step and (fail_in == "all" or ctx.attempt in fail_in):
             raise RuntimeError(f"injected failure at step {step + 1}")
+        if step + 1 == spin_at_step and ctx.rank == spin_rank and ctx.attempt == 0:
+            spin_forever()
         loss = loss_fn(model, batch)
         loss.backward()
         optimizer.step()

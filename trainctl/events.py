@@ -206,6 +206,8 @@ class NodeExited(EventData):
     code: int
     errors: list[str] = []
     stopped: bool = False
+    crashes: list[str] = []
+    """How its workers died: exit signals, the kernel's OOM-killer lines."""
 
 
 @kind("node_verdict")

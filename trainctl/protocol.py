@@ -192,6 +192,9 @@ class Exit(Message):
     reason: str = ""
     errors: tuple[ErrorFile, ...] = ()
     killed_leftovers: int = 0
+    crashes: tuple[str, ...] = ()
+    """How workers died without an exception of their own: signals, the OOM killer's lines
+    (`trainctl.launch.evidence`)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -104,6 +104,11 @@ class RecoverySpec(_Frozen):
     crash_loop_limit: int = Field(default=3, ge=1)
     """Give up (exit 3) when the same failure signature repeats this many times in a row with
     no new committed checkpoint in between."""
+    repeat_offender_crashes: int = Field(default=2, ge=1)
+    """A node whose workers die of a signal (SIGKILL, SIGSEGV, the OOM killer) this many times
+    within `repeat_offender_window_s`, each time the only node to crash, is blamed and
+    excluded."""
+    repeat_offender_window_s: float = Field(default=3600.0, gt=0)
     restarts_per_cause: dict[str, int] = Field(
         default_factory=lambda: {
             "node_fault": 8,

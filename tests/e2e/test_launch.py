@@ -120,9 +120,12 @@ def test_a_bug_is_a_crash_loop_and_the_job_gives_up(storage: Path) -> None:
     state = read_state(storage, "crash")
     assert state["state"] == "failed"
     assert "crash loop: the same failure 3 times" in state["reason"]
-    # A plain script writes no error file (no @record, no trainctl.runtime), so the evidence is
-    # torchrun's exit code alone: a worker crash, three times the same.
-    assert [a["cause"] for a in state["attempts"]] == ["worker_crash"] * 3
+    # A plain script writes no error file (no @record, no trainctl.runtime): the exception is
+    # read from the end of its stderr, and shown with where it was raised.
+    assert [a["cause"] for a in state["attempts"]] == ["software_error"] * 3
+    assert "ValueError: invalid literal for int() with base 10: 'not-a-number'" in state["reason"]
+    assert "plain_ddp.py:17 in main" in state["reason"]
+    assert "ValueError: invalid literal" in result.stderr  # the user sees the exception
     # a software error is never a node's fault
     assert all(n["state"] != "excluded" for n in state["nodes"])
 

@@ -23,9 +23,11 @@ from tests.e2e.harness import (
     blocklist,
     events,
     job_processes,
+    launch,
     read_state,
     run,
     start_launch,
+    trainctl,
     wait_for_step,
     write_recipe,
 )
@@ -105,3 +107,64 @@ def test_agents_tear_their_nodes_down_when_the_controller_falls_silent(
     assert blocklist(storage, "ctl-frozen") == {}
     log = (storage / "jobs" / "ctl-frozen" / "logs" / "node-0.log").read_text()
     assert "controller silent" in log
+
+
+def test_an_exception_on_every_rank_before_the_first_step_ends_the_job_at_once(
+    tmp_path: Path, storage: Path
+) -> None:
+    recipe = write_recipe(tmp_path, "many", config={**SLOW, "layers": "many"})
+    result = launch(str(recipe), "--json", job_id="many", storage=storage)
+    assert result.returncode == 3, result.stderr
+    state = read_state(storage, "many")
+    assert len(state["attempts"]) == 1  # not three full relaunches
+    assert state["attempts"][0]["cause"] == "software_error"
+    assert "deterministic, not retried" in state["reason"]
+    assert "ValueError" in state["reason"] and "'many'" in state["reason"]
+    assert "ValueError" in result.stderr  # the user sees the exception itself
+    assert blocklist(storage, "many") == {}
+
+
+def test_a_node_whose_workers_keep_dying_is_blamed_the_second_time(
+    tmp_path: Path, storage: Path, baseline: dict[str, Any]
+) -> None:
+    out = run(
+        tmp_path,
+        storage,
+        "offender",
+        "kill-worker:node-1@step=8",
+        "kill-worker:node-1@step=18",
+        spare_nodes=1,
+    )
+    assert out["fingerprint"] == baseline["fingerprint"]
+    state = read_state(storage, "offender")
+    first, second, third = state["attempts"]
+    # The first crash blames nobody: one crash is as likely the job's as the node's.
+    assert (first["cause"], first["blamed"]) == ("worker_crash", None)
+    assert "killed by SIGKILL" in first["reason"]
+    assert second["nodes"] == ["node-0", "node-1"]
+    assert (second["cause"], second["blamed"]) == ("node_fault", "node-1")
+    assert "died of a signal 2 times" in second["reason"]
+    assert third["nodes"] == ["node-0", "node-2"]
+    assert "node-1" in blocklist(storage, "offender")
+
+
+def test_a_rank_stuck_in_its_own_loop_is_named_from_the_stacks(
+    tmp_path: Path, storage: Path, baseline: dict[str, Any]
+) -> None:
+    # Rank 1 (node-1) loops in Python at step 12 while rank 0 waits for it in a collective:
+    # both fall silent, both processes are running (state R/S), both at the same step.
+    out = run(
+        tmp_path,
+        storage,
+        "spin",
+        config={"spin_at_step": 12, "spin_rank": 1},
+        spare_nodes=1,
+        health={"hang_timeout_s": 4},
+    )
+    assert out["fingerprint"] == baseline["fingerprint"]
+    first = read_state(storage, "spin")["attempts"][0]
+    assert (first["cause"], first["blamed"]) == ("node_fault", "node-1")
+    assert "rank 1 on node-1 is running its own code at spin_forever" in first["reason"]
+    assert "wait(s) in torch" in first["reason"]
+    status = trainctl("status", "spin", storage=storage)
+    assert "running its own code" in status.stdout + status.stderr

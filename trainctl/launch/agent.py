@@ -36,7 +36,7 @@ from typing import IO
 from trainctl.health.gate import GateConfig, GateResult, NodeProber
 from trainctl.health.liveness import LivenessPolicy
 from trainctl.health.verdict import GIB, Verdict
-from trainctl.launch import proctree, stacks
+from trainctl.launch import evidence, proctree, stacks
 from trainctl.launch.control import ControlClient, WorkerChannel, worker_socket_address
 from trainctl.launch.plan import LaunchPlan, NodePlan
 from trainctl.launch.torchrun import WarmTorchrun, can_warm_start, collect_error_files
@@ -95,6 +95,23 @@ class Attempt:
         """Set once the controller asked this attempt to stop."""
         self.stacks_dir = Path(node.error_dir).parent / f"{node.name}-stacks"
         self.grace_s = float(node.env_dict().get(Env.STOP_GRACE_S, "5"))
+        self.log_offset = 0
+        """Where this attempt's output starts in the node log."""
+
+    def failure(self, code: int) -> tuple[tuple[ErrorFile, ...], tuple[str, ...]]:
+        """What the attempt's workers left: error files (``@record``, trainctl.runtime) and
+        tracebacks from plain scripts' stderr, and for a failed torchrun how workers died."""
+        errors = collect_error_files(self.node.error_dir)
+        if code == 0:
+            return errors, ()
+        errors += evidence.traceback_errors(self.node.error_dir, errors)
+        try:
+            with open(self.node.log_path, "rb") as log:
+                log.seek(self.log_offset)
+                torchrun_log = log.read().decode(errors="replace")
+        except OSError:
+            torchrun_log = ""
+        return errors, evidence.crash_evidence(torchrun_log)
 
 
 def liveness_policy(environ: Mapping[str, str]) -> LivenessPolicy:
@@ -214,6 +231,7 @@ class Agent:
         log = self._log_file(node.log_path)
         Path(node.error_dir).mkdir(parents=True, exist_ok=True)
         log.write(f"--- attempt {attempt.plan.attempt} on {node.name}\n".encode())
+        attempt.log_offset = log.tell()
         argv = list(node.argv)
         if can_warm_start(argv) and self._warm is not None:
             warm, self._warm = self._warm, None
@@ -352,8 +370,10 @@ class Agent:
                 leftovers = proctree.kill_tree(
                     self._attempt_processes(), grace_s=1.0, keep_reaped=[torchrun.pid]
                 )
-                errors = collect_error_files(attempt.node.error_dir)
-                self.send(Exit(code, errors=errors, killed_leftovers=len(leftovers)))
+                errors, crashes = attempt.failure(code)
+                self.send(
+                    Exit(code, errors=errors, killed_leftovers=len(leftovers), crashes=crashes)
+                )
                 return
 
     def _attempt_processes(self) -> list[int]:
@@ -379,8 +399,8 @@ class Agent:
         else:
             proctree.kill_tree(pids, attempt.grace_s, keep_reaped=keep)
         code = torchrun.wait()
-        errors = collect_error_files(attempt.node.error_dir)
-        self.send(Exit(code, stopped=True, reason=stop.reason, errors=errors))
+        errors, crashes = attempt.failure(code)
+        self.send(Exit(code, stopped=True, reason=stop.reason, errors=errors, crashes=crashes))
 
     def close(self) -> None:
         self.stop_probing()

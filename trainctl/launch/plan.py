@@ -128,6 +128,8 @@ def torchrun_argv(
         "--max-restarts=0",
         f"--monitor-interval={spec.launch.monitor_interval_s:g}",
         f"--log-dir={error_dir}",
+        # Each rank's stderr also into the log dir: a plain script's traceback is found there.
+        "--tee=2",
         *(("-m", "trainctl.launch.shim") if uses_shim(spec) else ()),
         spec.script,
         *spec.args,

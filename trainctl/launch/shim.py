@@ -13,6 +13,7 @@ memory: torchrun never holds them and no process's initial environment shows the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -108,8 +109,11 @@ def main(argv: list[str]) -> int:
         return 1  # the zygote died; its worker with it (same session of the zygote's child)
     status = int(json.loads(line)["status"])
     if os.WIFSIGNALED(status):
+        # Die of the worker's signal, so torchrun (and trainctl's blame) sees how it died.
+        # SIGKILL's disposition cannot be changed (nor needs to be).
         died_of = os.WTERMSIG(status)
-        signal.signal(died_of, signal.SIG_DFL)
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(died_of, signal.SIG_DFL)
         os.kill(os.getpid(), died_of)
     return os.waitstatus_to_exitcode(status) if not os.WIFSIGNALED(status) else 1
 

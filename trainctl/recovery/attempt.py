@@ -19,7 +19,7 @@ from trainctl.events import Cleanup
 from trainctl.exitcodes import ExitCode
 from trainctl.launch.plan import LaunchPlan
 from trainctl.protocol import Launch, Stop
-from trainctl.recovery import policy
+from trainctl.recovery import blame, policy
 from trainctl.recovery.faults import NoFaults
 from trainctl.recovery.fleet import Fleet
 from trainctl.recovery.intake import Intake
@@ -94,8 +94,28 @@ class Attempt:
             decided_at = time.time()
             failed_at = self._failure_time()
             self._stop(decision)
+            decision = self._conclude(decision)
+            for name in self.nodes:
+                outcome = policy.node_outcome(name, self.view, decision)
+                crew.journal.record.node(name).move(*outcome)
             self._record_end(decision, failed_at, decided_at)
             return decision
+
+    def _conclude(self, decision: policy.Decision) -> policy.Decision:
+        """The decision revised with every node's end and the job's earlier failures."""
+        record, recovery = self.crew.journal.record, self.crew.spec.recovery
+        return blame.conclude(
+            decision,
+            self.view,
+            # A script without trainctl.runtime reports no steps: whether it got past its
+            # first one is unknown, so its errors are never judged deterministic.
+            stepped=record.attempts[-1].first_step is not None or not self.crew.spec.uses_runtime,
+            history=[blame.FailureRecord.from_json(f) for f in record.failures],
+            now=time.time(),
+            repeat=blame.RepeatPolicy(
+                recovery.repeat_offender_crashes, recovery.repeat_offender_window_s
+            ),
+        )
 
     def _observe(self) -> list[policy.Observation]:
         """One turn's observations: messages, vanished agents, the monitor, signals, lease."""
@@ -132,7 +152,7 @@ class Attempt:
         return min(times) if times else None
 
     def _stop(self, decision: policy.Decision) -> None:
-        """Stop what is left of the attempt and record every node's end."""
+        """Stop what is left of the attempt; every node reports its end (or is lost)."""
         crew = self.crew
         if decision.action != policy.Action.SUCCEED:
             graceful = decision.action == policy.Action.STOP
@@ -157,8 +177,6 @@ class Attempt:
                     self.view = policy.observe(self.view, [policy.NodeLost(name, time.time())])
         for name in {x.node for x in self.view.lost}:
             crew.fleet.kill(name)  # a lost node's processes may linger (an agent crash)
-        for name in self.nodes:
-            crew.journal.record.node(name).move(*policy.node_outcome(name, self.view, decision))
 
     def _record_end(
         self, decision: policy.Decision, failed_at: float | None, decided_at: float

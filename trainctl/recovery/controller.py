@@ -267,9 +267,7 @@ class Controller:
             self.fleet.waiting(),
             self.journal.blocklist,
         )
-        latest = placement.FailureRecord(
-            decision.signature or decision.reason, self.record.committed_step
-        )
+        latest = placement.FailureRecord.of(decision, self.record.committed_step, time.time())
         self.record.failures = [*self.record.failures, latest.to_json()][-FAILURE_HISTORY:]
         return recovery
 

@@ -211,13 +211,26 @@ class Intake:
         if self.monitor is not None:
             self.monitor.node_exited(name)
         how = "was stopped" if message.stopped else f"exited with {message.code}"
+        if message.crashes and not message.stopped:
+            how += f" ({'; '.join(message.crashes)})"
         self.journal.event(
-            NodeExited(code=message.code, errors=list(errors), stopped=message.stopped),
+            NodeExited(
+                code=message.code,
+                errors=list(errors),
+                stopped=message.stopped,
+                crashes=list(message.crashes),
+            ),
             f"{name}: torchrun {how}",
             node=name,
         )
         return policy.NodeExit(
-            name, message.code, now, stopped=message.stopped, errors=errors, reason=message.reason
+            name,
+            message.code,
+            now,
+            stopped=message.stopped,
+            errors=errors,
+            reason=message.reason,
+            crashes=message.crashes,
         )
 
     # -- progress ------------------------------------------------------------------------------

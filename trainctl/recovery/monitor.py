@@ -27,6 +27,7 @@ from trainctl.events import (
 from trainctl.health.verdict import HealthVerdict, NodeVerdictRecord, Verdict, worst_of
 from trainctl.protocol import DumpStacks, Heartbeat, Message, StackDump
 from trainctl.recovery import policy
+from trainctl.recovery.hangs import StackPosition, stack_position
 from trainctl.recovery.journal import Journal
 from trainctl.recovery.watch import HangCheck, ProgressWatch
 from trainctl.spec import HealthSpec
@@ -47,6 +48,8 @@ class PendingHang:
     awaiting: set[str]
     states: dict[int, str | None] = dataclasses.field(default_factory=dict)
     """rank -> /proc state letter, from the dumps."""
+    positions: dict[int, StackPosition | None] = dataclasses.field(default_factory=dict)
+    """rank -> where its main thread was, from the dumps."""
     declared: bool = False
 
 
@@ -204,6 +207,7 @@ class AttemptMonitor:
             saved.append(f"rank {dump.rank}: {dump.method or 'no dump'}, state {dump.state}")
             if hang is not None:
                 hang.states[dump.rank] = dump.state
+                hang.positions[dump.rank] = stack_position(dump.text)
         self.journal.event(
             StacksSaved(
                 dumps=[
@@ -239,6 +243,7 @@ class AttemptMonitor:
                 step=watch.step_of(rank),
                 silent_s=silent_s,
                 process_state=hang.states.get(rank),
+                position=hang.positions.get(rank),
             )
             for rank, silent_s in sorted(silence.items())
         )

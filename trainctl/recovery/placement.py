@@ -21,7 +21,10 @@ from collections.abc import Collection, Mapping, Sequence
 
 from trainctl.exitcodes import ExitCode
 from trainctl.health.verdict import Verdict
+from trainctl.recovery.blame import FailureRecord
 from trainctl.recovery.policy import Cause, Decision
+
+__all__ = ["FailureRecord"]  # re-exported: crash-loop detection reads the job's failures
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,22 +117,6 @@ class RecoveryAction(str, enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
-class FailureRecord:
-    """One failed attempt, as crash-loop detection remembers it."""
-
-    signature: str
-    committed_step: int | None
-
-    def to_json(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, object]) -> FailureRecord:
-        step = data.get("committed_step")
-        return cls(str(data.get("signature", "")), None if step is None else int(str(step)))
-
-
-@dataclasses.dataclass(frozen=True)
 class Budgets:
     """The recipe's retry limits (from `JobSpec.launch` and `JobSpec.recovery`)."""
 
@@ -183,6 +170,13 @@ def plan_recovery(
     if decision.blamed is not None and decision.cause is Cause.NODE_FAULT:
         exclude.append(
             Exclusion(decision.blamed, decision.reason, cause, now, now + budgets.exclude_s)
+        )
+    if decision.deterministic:
+        return Recovery(
+            RecoveryAction.GIVE_UP,
+            f"{decision.reason}; fix the cause, then `trainctl resume`",
+            ExitCode.GAVE_UP,
+            exclude=tuple(exclude),
         )
     latest = FailureRecord(decision.signature or decision.reason, committed_step)
     loop = crash_loop_length(history, latest)

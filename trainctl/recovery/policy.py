@@ -22,7 +22,10 @@ import re
 from collections.abc import Sequence
 
 from trainctl.exitcodes import ExitCode
+from trainctl.recovery.hangs import Hang, SilentRank, describe_hang, localise_hang
 from trainctl.state import NodeState
+
+__all__ = ["Hang", "SilentRank", "describe_hang", "localise_hang"]  # the hang's own module
 
 
 class Action(str, enum.Enum):
@@ -50,6 +53,15 @@ class NodeExit:
     errors: tuple[str, ...] = ()
     reason: str = ""
     """Why the agent stopped it (`stopped` only)."""
+    crashes: tuple[str, ...] = ()
+    """How its workers died, where known: signals, the kernel's OOM-killer lines."""
+
+    @property
+    def signalled(self) -> bool:
+        """A worker (or torchrun) of this node was killed by a signal: a crash of its own."""
+        return self.code < 0 or any(
+            "killed by" in c or c.startswith("kernel:") for c in self.crashes
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,32 +94,6 @@ class NodeUnhealthy:
     time: float
     phase: str
     reason: str
-
-
-@dataclasses.dataclass(frozen=True)
-class SilentRank:
-    """One rank that made no progress within the hang timeout, as the controller saw it."""
-
-    rank: int
-    node: str | None
-    """None: the rank never reported, so its node is unknown."""
-    step: int | None
-    """Last step it reported (None: none yet)."""
-    silent_s: float
-    process_state: str | None = None
-    """The worker's /proc state letter from the stack dump (``T``: stopped, ``D``: in
-    uninterruptible I/O, ``S``: sleeping, ...); None when unknown."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Hang:
-    """No progress within the hang timeout; stacks were dumped before this was observed."""
-
-    time: float
-    timeout_s: float
-    explanation: str
-    """How the timeout was chosen, with its numbers (from `derive_hang_timeout`)."""
-    ranks: tuple[SilentRank, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +148,11 @@ class Decision:
     cause: Cause = Cause.NONE
     signature: str = ""
     """What makes two failures 'the same' for crash-loop detection (cause, node, error)."""
+    suspect: str | None = None
+    """A worker crash: the one node whose workers died of a signal (evidence, not yet blame:
+    `trainctl.recovery.blame` blames a repeat offender)."""
+    deterministic: bool = False
+    """A software error that will happen again on any node (`blame.conclude`): not retried."""
 
 
 def observe(view: AttemptView, observations: Sequence[Observation]) -> AttemptView:
@@ -200,53 +191,13 @@ def observe(view: AttemptView, observations: Sequence[Observation]) -> AttemptVi
     )
 
 
-def _rank_list(ranks: Sequence[SilentRank]) -> str:
-    return ", ".join(f"{r.rank} ({r.node or 'node unknown'})" for r in ranks)
-
-
-def localise_hang(hang: Hang) -> tuple[str | None, str]:
-    """The node a hang points at, and why (None: not localised to one node).
-
-    In synchronous training one stuck rank stalls every other rank at its next collective,
-    so silence alone does not localise. Evidence, strongest first: a worker process stopped
-    (state ``T``/``t``) or in uninterruptible sleep (``D``); else ranks behind the others'
-    step. Blame only when that evidence points at exactly one node.
-    """
-    for states, what in (("Tt", "stopped"), ("D", "in uninterruptible sleep")):
-        stuck = [r for r in hang.ranks if r.process_state and r.process_state in states]
-        nodes = {r.node for r in stuck}
-        if stuck and len(nodes) == 1 and None not in nodes:
-            letters = "/".join(sorted({str(r.process_state) for r in stuck}))
-            ranks = ", ".join(str(r.rank) for r in stuck)
-            return stuck[0].node, f"rank {ranks} on {stuck[0].node} is {what} (state {letters})"
-    steps = [r.step if r.step is not None else -1 for r in hang.ranks]
-    if steps and min(steps) < max(steps):
-        behind = [r for r, step in zip(hang.ranks, steps, strict=True) if step == min(steps)]
-        nodes = {r.node for r in behind}
-        if len(nodes) == 1 and None not in nodes:
-            at = "no step" if min(steps) < 0 else f"step {min(steps)}"
-            return behind[0].node, (
-                f"rank {', '.join(str(r.rank) for r in behind)} on {behind[0].node} stuck at "
-                f"{at} while others reached step {max(steps)}"
-            )
-    return None, "not localised to one node"
-
-
-def describe_hang(hang: Hang) -> str:
-    """The sentence for a hang: silent ranks, how long, the timeout's numbers, the suspect."""
-    longest = max((r.silent_s for r in hang.ranks), default=0.0)
-    _, where = localise_hang(hang)
-    return (
-        f"hang: no progress for {longest:.1f} s from rank(s) {_rank_list(hang.ranks)}; "
-        f"{hang.explanation}; {where}"
-    )
-
-
 def describe_exit(exit_: NodeExit) -> str:
     how = f"signal {-exit_.code}" if exit_.code < 0 else f"exit code {exit_.code}"
     text = f"{exit_.node}: torchrun ended with {how}"
     if exit_.errors:
         text += f" ({exit_.errors[0]})"
+    elif exit_.crashes:
+        text += f" ({'; '.join(exit_.crashes)})"
     return text
 
 
@@ -282,7 +233,7 @@ def is_communication_error(message: str) -> bool:
     return any(marker in text for marker in COMMUNICATION_ERRORS)
 
 
-def _error_signature(message: str) -> str:
+def error_signature(message: str) -> str:
     """The first line of an error, with numbers blanked (steps, ports, pids differ per run)."""
     first = message.strip().splitlines()[0] if message.strip() else ""
     return re.sub(r"[0-9]+", "N", first)[:200]
@@ -298,6 +249,8 @@ def classify_exits(failures: Sequence[NodeExit]) -> Decision:
     crash on the first node that failed without an error of its own. A node is blamed for
     crashes only through health evidence; repeated crashes become a crash loop.
     """
+    crashed = {e.node for e in failures if e.signalled}
+    alone = next(iter(crashed)) if len(crashed) == 1 else None
     for exit_ in failures:
         if exit_.code < 0:
             return Decision(
@@ -306,6 +259,7 @@ def classify_exits(failures: Sequence[NodeExit]) -> Decision:
                 ExitCode.FAILED,
                 cause=Cause.WORKER_CRASH,
                 signature=f"crash:{exit_.code}",
+                suspect=alone,
             )
         storage = [e for e in exit_.errors if e and is_storage_error(e)]
         own = [e for e in exit_.errors if e and not is_communication_error(e)]
@@ -315,7 +269,7 @@ def classify_exits(failures: Sequence[NodeExit]) -> Decision:
                 describe_exit(dataclasses.replace(exit_, errors=(storage[0],))),
                 ExitCode.FAILED,
                 cause=Cause.STORAGE,
-                signature=f"storage:{_error_signature(storage[0])}",
+                signature=f"storage:{error_signature(storage[0])}",
             )
         if own:
             return Decision(
@@ -323,18 +277,19 @@ def classify_exits(failures: Sequence[NodeExit]) -> Decision:
                 describe_exit(dataclasses.replace(exit_, errors=(own[0],))),
                 ExitCode.FAILED,
                 cause=Cause.SOFTWARE_ERROR,
-                signature=f"software:{_error_signature(own[0])}",
+                signature=f"software:{error_signature(own[0])}",
             )
     silent = [e for e in failures if not e.errors]
-    suspect = silent[0] if silent else failures[0]
+    first = next((e for e in failures if e.node == alone), silent[0] if silent else failures[0])
     # The signature leaves the node out: which node reports first is a race when every node
     # fails alike, and a crash loop is the same crash wherever it lands.
     return Decision(
         Action.FAIL,
-        describe_exit(suspect),
+        describe_exit(first),
         ExitCode.FAILED,
         cause=Cause.WORKER_CRASH,
-        signature=f"crash:{suspect.code}",
+        signature=f"crash:{first.code}",
+        suspect=alone,
     )
 
 
