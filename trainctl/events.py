@@ -195,6 +195,14 @@ class SpareLost(EventData):
     pass
 
 
+@kind("fence_failed")
+class FenceFailed(EventData):
+    """The checkpoint fence could not be raised for an attempt (it runs unfenced)."""
+
+    attempt: int
+    error: str
+
+
 @kind("node_started")
 class NodeStarted(EventData):
     agent_pid: int | None = None

@@ -146,6 +146,7 @@ class RecoverySpec(_Frozen):
 FAULT_KINDS = (
     "kill-node",
     "freeze-node",
+    "partition-node",
     "kill-worker",
     "hang",
     "nvml-xid",

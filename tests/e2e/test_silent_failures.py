@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import REPO, sealed_env
 from tests.e2e.harness import (
     SLOW,
     assert_no_leftovers,
@@ -28,6 +32,7 @@ from tests.e2e.harness import (
     run,
     start_launch,
     trainctl,
+    wait_for_event,
     wait_for_step,
     write_recipe,
 )
@@ -168,3 +173,77 @@ def test_a_rank_stuck_in_its_own_loop_is_named_from_the_stacks(
     assert "wait(s) in torch" in first["reason"]
     status = trainctl("status", "spin", storage=storage)
     assert "running its own code" in status.stdout + status.stderr
+
+
+def _can_partition() -> str | None:
+    """Why a partition cannot be made here (None: it can)."""
+    if shutil.which("nft") is None or shutil.which("unshare") is None:
+        return "needs nft (nftables) and unshare"
+    probe = subprocess.run(
+        ["unshare", "--net", "nft", "add", "table", "inet", "probe"], capture_output=True
+    )
+    return None if probe.returncode == 0 else f"no network namespace: {probe.stderr!r}"
+
+
+def node_processes(job_id: str, node: str) -> list[int]:
+    needle = f"TRAINCTL_NODE={node}".encode()
+    found = []
+    for pid in job_processes(job_id):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                if needle in handle.read().split(b"\0"):
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def test_a_partitioned_node_is_excluded_and_tears_itself_down(
+    tmp_path: Path, storage: Path, baseline: dict[str, Any]
+) -> None:
+    why = _can_partition()
+    if why is not None:
+        pytest.skip(why)
+    recipe = write_recipe(tmp_path, "cut", config={**SLOW}, spare_nodes=1)
+    # The whole job in a network namespace of its own (only its loopback): the fault's
+    # nftables rules drop node-1's control traffic there and nowhere else.
+    command = [
+        "unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "--",
+        "timeout", "-s", "KILL", "240", sys.executable, "-m", "trainctl.cli.main",
+        "launch", "--job-id", "cut", str(recipe), "--json",
+        "--fault", "partition-node:node-1@step=10",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=sealed_env(storage),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_event(storage, "cut", "fault_injected", timeout_s=120)
+        cut_at = time.monotonic()
+        # Nothing can kill node-1 from the controller's side now: its agent must notice the
+        # silence and take down its torchrun and workers while the job goes on without it.
+        while node_processes("cut", "node-1") and time.monotonic() - cut_at < 60:
+            time.sleep(0.2)
+        left = node_processes("cut", "node-1")
+        out, err = proc.communicate(timeout=200)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        assert_no_leftovers("cut")
+    assert left == [], f"node-1 still runs {left}"
+    assert proc.returncode == 0, err
+    assert json.loads(out)["fingerprint"] == baseline["fingerprint"]
+    state = read_state(storage, "cut")
+    first, second = state["attempts"]
+    assert (first["cause"], first["blamed"]) == ("node_fault", "node-1")
+    assert "silent" in first["reason"]
+    assert second["nodes"] == ["node-0", "node-2"]
+    # Attempt 1 raised the checkpoint fence: attempt 0's orphans can no longer write there.
+    fence = json.loads((storage / "checkpoints" / "cut" / "fence.json").read_text())
+    assert fence == {"attempt": 1}
+    log = (storage / "jobs" / "cut" / "logs" / "node-1.log").read_text()
+    assert "controller silent" in log

@@ -28,7 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trainctl.events import JobFailed, RecoveryPlanned
+from trainctl.checkpoint import fence
+from trainctl.events import FenceFailed, JobFailed, RecoveryPlanned
 from trainctl.exitcodes import ExitCode
 from trainctl.health.liveness import LivenessPolicy
 from trainctl.launch.control import ControlServer
@@ -42,7 +43,7 @@ from trainctl.recovery.faults import plan_faults
 from trainctl.recovery.fleet import Fleet
 from trainctl.recovery.intake import Intake
 from trainctl.recovery.journal import Journal
-from trainctl.secrets import JobSecrets
+from trainctl.secrets import JobSecrets, merge_options
 from trainctl.spec import JobSpec
 from trainctl.state import JobState, NodeState
 
@@ -109,8 +110,16 @@ class Controller:
             ),
         )
         self.rdzv_port = 0
-        self.faults = plan_faults(spec, self.scheduler, journal, self.run_dir / "faults", self.say)
-        self.fleet = Fleet(self.scheduler, self.server, journal, self._agent_env, spec.spare_nodes)
+        self.faults = plan_faults(
+            spec, self.scheduler, journal, self.run_dir / "faults", self.say, self.server.peers.get
+        )
+        self.fleet = Fleet(
+            self.faults.scheduler(self.scheduler),
+            self.server,
+            journal,
+            self._agent_env,
+            spec.spare_nodes,
+        )
         self.intake = Intake(
             journal,
             self.fleet,
@@ -344,6 +353,7 @@ class Controller:
             excluded=tuple(out),
             spares=tuple(spares),
         )
+        self._advance_fence(number)
         plan_path = self._plan_path(number)
         plan_path.parent.mkdir(parents=True, exist_ok=True)
         plan_path.write_text(json.dumps(plan.to_json(), indent=1))
@@ -356,6 +366,36 @@ class Controller:
             + extra
         )
         return plan
+
+    def _advance_fence(self, attempt: int) -> None:
+        """Raise the checkpoint fence to `attempt` before it starts: workers of earlier
+        attempts still running somewhere can no longer write checkpoints
+        (`trainctl.checkpoint.fence`)."""
+        checkpoint = self.spec.checkpoint
+        root = self._facts().checkpoint_root
+        if not root or not checkpoint.interval_steps:
+            return
+        try:
+            from trainctl.checkpoint.checkpointer import transfer_config
+            from trainctl.checkpoint.storage import open_storage
+
+            options = merge_options(
+                checkpoint.storage_options, self.options.secrets.storage_options
+            )
+            storage = open_storage(
+                root, storage_options=options or None, config=transfer_config(checkpoint)
+            )
+            try:
+                fence.advance(storage, attempt)
+            finally:
+                storage.close()
+        except Exception as error:  # unfenced is how every job ran before: say so, go on
+            text = f"{type(error).__name__}: {error}"
+            self.journal.event(
+                FenceFailed(attempt=attempt, error=text),
+                f"attempt {attempt} runs unfenced: the checkpoint fence could not be raised "
+                f"({text})",
+            )
 
     def _plan_path(self, attempt: int) -> Path:
         return self.run_dir / f"attempt-{attempt}" / "plan.json"

@@ -8,11 +8,14 @@ agents' environment, where the worker runtime finds it and wraps its checkpoint 
 
 Each fault fires once, when the job first reports its step: ``kill-node`` kills every process
 of the node with SIGKILL (as a dead host would), ``freeze-node`` SIGSTOPs every process of the
-node (a host that died without closing a connection: a kernel panic, a power loss — its
-sockets stay open, no FIN ever comes), ``kill-worker`` SIGKILLs one worker,
-``hang`` SIGSTOPs one worker, ``nvml-xid`` adds an XID 79 (GPU fallen off the bus) to the node's
-fake NVML file (tests/fakenvml; the node needs ``node_env.<node>.FAKE_NVML_FILE``), and
-``storage-outage`` makes every checkpoint storage request fail for ``for`` seconds.
+node (a host that died without closing a connection: a kernel panic, a power loss — its sockets
+stay open, no FIN ever comes), ``kill-worker`` SIGKILLs one worker, ``hang`` SIGSTOPs one
+worker, ``partition-node`` drops the node agent's control traffic with nftables (its processes
+keep running; from then on the controller cannot kill them either, as with a host it cannot
+reach — the node must tear itself down), ``nvml-xid`` adds an XID 79 (GPU fallen off the bus)
+to the node's fake NVML file (tests/fakenvml; the node needs
+``node_env.<node>.FAKE_NVML_FILE``), and ``storage-outage`` makes every checkpoint storage
+request fail for ``for`` seconds.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +65,10 @@ class NoFaults:
     failed_at: float | None = None
     """When the last injected fault fired (the best evidence of when its failure began)."""
 
+    def scheduler(self, scheduler: NodeScheduler) -> NodeScheduler:
+        """The scheduler as the controller sees it (a partitioned node cannot be reached)."""
+        return scheduler
+
     def agent_env(self) -> dict[str, str]:
         return {}
 
@@ -77,6 +85,44 @@ class NoFaults:
         pass
 
 
+class Unreachable:
+    """The local scheduler as seen across a partition: nodes in `cut` cannot be killed (their
+    processes must end themselves, as on a host nothing can reach)."""
+
+    def __init__(self, inner: LocalScheduler, cut: set[str]) -> None:
+        self.inner = inner
+        self.cut = cut
+        self.name = inner.name
+
+    def start_agent(
+        self, node: str, env: dict[str, str], log_path: str, control_endpoint: str
+    ) -> int:
+        return self.inner.start_agent(node, env, log_path, control_endpoint)
+
+    def agent_running(self, node: str) -> bool:
+        return self.inner.agent_running(node)
+
+    def agent_exit_code(self, node: str) -> int | None:
+        return None if node in self.cut else self.inner.agent_exit_code(node)
+
+    def kill_node(self, job_id: str, node: str, grace_s: float = 0.0) -> None:
+        if node not in self.cut:
+            self.inner.kill_node(job_id, node, grace_s)
+
+    def stop_all(self, job_id: str, grace_s: float) -> list[int]:
+        return self.inner.stop_all(job_id, grace_s)
+
+    def wait_agents(self, timeout_s: float) -> bool:
+        return self.inner.wait_agents(timeout_s)
+
+
+def nft(*args: str) -> None:
+    """Run one nftables command; a failure is the fault's (missing nft, no CAP_NET_ADMIN)."""
+    result = subprocess.run(["nft", *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"nft {' '.join(args)}: {result.stderr.strip()}")
+
+
 class FaultInjector(NoFaults):
     def __init__(
         self,
@@ -85,12 +131,16 @@ class FaultInjector(NoFaults):
         journal: Journal,
         faults_dir: Path,
         say: Callable[[str], None],
+        peer_of: Callable[[str], str | None] = lambda node: None,
     ) -> None:
         self.spec = spec
-        self.scheduler = scheduler
+        self.scheduler_ = scheduler
         self.journal = journal
         self.faults_dir = faults_dir
         self.say = say
+        self.peer_of = peer_of
+        self.cut: set[str] = set()
+        self._table: str | None = None
         fired = journal.record.faults_fired
         self.pending = [f for f in spec.faults if f.describe() not in fired]
         self._outage_until: float | None = None
@@ -120,22 +170,26 @@ class FaultInjector(NoFaults):
         """Inject `fault`; returns what was done, for the event."""
         job_id, node = self.journal.job_id, fault.node or ""
         if fault.kind == "kill-node":
-            pids = self.scheduler.node_processes(job_id, node)
-            self.scheduler.kill_node(job_id, node)
+            pids = self.scheduler_.node_processes(job_id, node)
+            self.scheduler_.kill_node(job_id, node)
             return f"SIGKILL to every process of {node} ({len(pids)})"
         if fault.kind == "freeze-node":
-            pids = self.scheduler.node_processes(job_id, node)
+            pids = self.scheduler_.node_processes(job_id, node)
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGSTOP)
             return f"SIGSTOP to every process of {node} ({len(pids)})"
         if fault.kind in ("kill-worker", "hang"):
-            workers = self.scheduler.worker_pids(job_id, node, local_rank=0)
+            workers = self.scheduler_.worker_pids(job_id, node, local_rank=0)
             if not workers:
                 return f"no worker found on {node}"
             sig = signal.SIGKILL if fault.kind == "kill-worker" else signal.SIGSTOP
             os.kill(workers[0], sig)
             return f"{sig.name} to worker pid {workers[0]} (local rank 0) on {node}"
+        if fault.kind == "partition-node":
+            return self._partition(node)
+        if fault.kind == "partition-node":
+            return self._partition(node)
         if fault.kind == "nvml-xid":
             path = Path(self.spec.node_env[node]["FAKE_NVML_FILE"])
             with path.open("a") as handle:
@@ -149,6 +203,30 @@ class FaultInjector(NoFaults):
             return f"checkpoint storage refuses every request for {fault.duration_s:g} s"
         raise ValueError(f"unknown fault {fault.kind}")
 
+    def scheduler(self, scheduler: NodeScheduler) -> NodeScheduler:
+        return Unreachable(self.scheduler_, self.cut)
+
+    def _partition(self, node: str) -> str:
+        peer = self.peer_of(node)
+        if peer is None:
+            return f"{node} has no control connection to cut"
+        port = int(peer.rsplit(":", 1)[1])
+        if self._table is None:
+            self._table = f"trainctl_faults_{os.getpid()}"
+            nft("add", "table", "inet", self._table)
+            nft(
+                "add chain inet",
+                self._table,
+                "input { type filter hook input priority 0 ; }",
+            )
+        for direction in ("sport", "dport"):
+            nft("add rule inet", self._table, f"input tcp {direction} {port} drop")
+        self.cut.add(node)
+        return (
+            f"every packet of {node}'s control connection (port {port}) dropped; its "
+            "processes keep running and can no longer be killed from here"
+        )
+
     def tick(self) -> None:
         """Lift an expired outage."""
         if self._outage_until is not None and time.time() >= self._outage_until:
@@ -157,6 +235,9 @@ class FaultInjector(NoFaults):
 
     def close(self) -> None:
         (self.faults_dir / OUTAGE_FILE).unlink(missing_ok=True)
+        if self._table is not None:
+            with contextlib.suppress(RuntimeError, OSError):
+                nft("delete", "table", "inet", self._table)
 
 
 def plan_faults(
@@ -165,8 +246,9 @@ def plan_faults(
     journal: Journal,
     faults_dir: Path,
     say: Callable[[str], None],
+    peer_of: Callable[[str], str | None] = lambda node: None,
 ) -> NoFaults:
     """The job's fault hooks: an injector when faults are planned (local scheduler only)."""
     if spec.faults and isinstance(scheduler, LocalScheduler):
-        return FaultInjector(spec, scheduler, journal, faults_dir, say)
+        return FaultInjector(spec, scheduler, journal, faults_dir, say, peer_of)
     return NoFaults()

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.checkpoint.stateful import Stateful
 
 from trainctl.checkpoint.checkpointer import Checkpointer, transfer_config
+from trainctl.checkpoint.fence import FencedStorage
 from trainctl.checkpoint.outage import OUTAGE_FILE, InjectedOutage
 from trainctl.checkpoint.storage import open_storage
 from trainctl.runtime.reporter import Reporter
@@ -128,6 +129,8 @@ def checkpointing(
     storage = open_storage(root, storage_options=options or None, config=transfer_config(spec))
     if settings.faults_dir:
         storage = InjectedOutage(storage, Path(settings.faults_dir) / OUTAGE_FILE)
+    # A superseded attempt (an orphan on a partitioned node) writes nothing that matters.
+    storage = FencedStorage(storage, settings.attempt)
     checkpointer = Checkpointer.from_spec(root, spec, storage=storage, on_event=on_event)
     return TrainingCheckpoint(checkpointer, model, optimizer, ctx.reporter)
 
