@@ -198,8 +198,17 @@ def trainctl_reference(work: Path) -> str:
 
 # -- plain torchrun ---------------------------------------------------------------------------
 def torchrun_agent(
-    work: Path, run: str, node: str, port: int, log: Path, *, tuned: bool, elastic: bool
+    work: Path,
+    run: str,
+    node: str,
+    port: int,
+    log: Path,
+    *,
+    tuned: bool,
+    elastic: bool,
+    prefix: tuple[str, ...] = (),
 ) -> subprocess.Popen[bytes]:
+    """One plain torchrun agent (`prefix`: a command it runs under, e.g. another user)."""
     env = {
         **os.environ,
         "BENCH_RUN": run,
@@ -215,6 +224,7 @@ def torchrun_agent(
     }
     env.pop("TRAINCTL_AGENT_SOCKET", None)
     argv = [
+        *prefix,
         sys.executable,
         "-m",
         "torch.distributed.run",

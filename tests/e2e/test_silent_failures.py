@@ -247,3 +247,24 @@ def test_a_partitioned_node_is_excluded_and_tears_itself_down(
     assert fence == {"attempt": 1}
     log = (storage / "jobs" / "cut" / "logs" / "node-1.log").read_text()
     assert "controller silent" in log
+
+
+def test_no_healthy_node_is_blamed_with_every_core_saturated(
+    tmp_path: Path, storage: Path, baseline: dict[str, Any]
+) -> None:
+    # Unrelated busy processes, two per core, at the job's own priority, for the whole run:
+    # heartbeats come late and jittery, and the detector must learn that, not convict.
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(2 * (os.cpu_count() or 1))
+    ]
+    try:
+        out = run(tmp_path, storage, "loaded", spare_nodes=1)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert out["fingerprint"] == baseline["fingerprint"]
+    state = read_state(storage, "loaded")
+    assert len(state["attempts"]) == 1 and state["attempts"][0]["cause"] is None
+    assert blocklist(storage, "loaded") == {}

@@ -129,6 +129,7 @@ class Agent:
         self.control = ControlClient(control_endpoint, node, token, liveness=liveness)
         self.worker_token = new_token()
         self.attempt: Attempt | None = None
+        self._pending_launch: Launch | None = None
         self.quit_reason: str | None = None
         self.prober: NodeProber | None = None
         self._gate_key: tuple[GatePlan, str | None] | None = None
@@ -261,8 +262,11 @@ class Agent:
     def _handle_control(self) -> None:
         while not self.control.inbox.empty():
             message = self.control.inbox.get_nowait()
-            if isinstance(message, Launch) and self.attempt is None:
-                self._launch(message)
+            if isinstance(message, Launch):
+                if self.attempt is None:
+                    self._launch(message)
+                else:  # still ending the last attempt: this one starts right after
+                    self._pending_launch = message
             elif isinstance(message, Stop) and self.attempt and self.attempt.stop is None:
                 self.attempt.stop = message
             elif isinstance(message, Probe):
@@ -317,6 +321,9 @@ class Agent:
                 finally:
                     self.attempt.workers.close()
                     self.attempt = None
+                pending, self._pending_launch = self._pending_launch, None
+                if pending is not None and self.quit_reason is None:
+                    self._launch(pending)
             else:
                 time.sleep(0.02)
         return 0

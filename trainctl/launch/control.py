@@ -171,10 +171,14 @@ class ControlServer:
         finally:
             if node is not None:
                 with self._lock:
-                    if self._connections.get(node) is conn:
+                    current = self._connections.get(node) is conn
+                    if current:
                         del self._connections[node]
                         self._liveness.forget(node)
-                self.messages.put(Envelope(Disconnected(), node, time=time.time()))
+                # Only the node's current connection ending says anything: an older one (its
+                # agent replaced since) or one the controller dropped on purpose does not.
+                if current:
+                    self.messages.put(Envelope(Disconnected(), node, time=time.time()))
             with contextlib.suppress(OSError):
                 conn.close()
 

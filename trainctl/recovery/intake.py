@@ -95,9 +95,14 @@ class Intake:
         known = {node.name for node in self.record.nodes}
         if name not in known:
             return []
-        current = self.record.attempts[-1].number if self.record.attempts else None
-        if isinstance(message, ATTEMPT_MESSAGES) and envelope.attempt != current:
-            return []  # a late message of an earlier attempt
+        latest = self.record.attempts[-1] if self.record.attempts else None
+        live = latest is not None and latest.state in (AttemptState.STARTING, AttemptState.RUNNING)
+        if isinstance(message, ATTEMPT_MESSAGES) and (
+            not live or latest is None or envelope.attempt != latest.number
+        ):
+            # A late message of an attempt that has ended (between attempts, the next one's
+            # record does not exist yet: its view must not start with the last one's exits).
+            return []
         in_attempt = name in self.fleet.active
         now = time.time()
         if isinstance(message, Hello):
