@@ -118,8 +118,8 @@ def launch(recipe: Path, job: str, storage: Path, faults: list[str]) -> Any:
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO)
 
 
-NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
-"""Node b of a torchrun partition runs as another user, so nftables can tell its packets."""
+OTHER_GROUP = ("setpriv", "--regid=65534", "--clear-groups")
+"""Node b of a torchrun partition runs with another group, so nftables can tell its packets."""
 
 
 def nft(*args: str) -> None:
@@ -212,7 +212,7 @@ def torchrun_fault(work: Path, kind: str, tuned: bool, run: int, step: int) -> d
     log.touch(mode=0o666)
     agents = [torchrun_agent(work, name, "a", port, log, tuned=tuned, elastic=True)]
     time.sleep(1.0)
-    prefix = NOBODY if cut else ()
+    prefix = OTHER_GROUP if cut else ()
     agents.append(
         torchrun_agent(work, name, "b", port, log, tuned=tuned, elastic=True, prefix=prefix)
     )
@@ -225,7 +225,7 @@ def torchrun_fault(work: Path, kind: str, tuned: bool, run: int, step: int) -> d
         if cut:  # every packet node b's processes send is dropped: no ACK, no FIN, nothing
             nft("add", "table", "inet", "blame")
             nft("add chain inet blame output { type filter hook output priority 0 ; }")
-            nft("add rule inet blame output meta skuid 65534 drop")
+            nft("add rule inet blame output meta skgid 65534 drop")
         else:
             proctree.signal_all(node_pids(name, "b"), signal.SIGSTOP)
         deadline = time.monotonic() + PEER_WAIT_S

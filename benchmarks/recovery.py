@@ -56,18 +56,26 @@ CONFIG = {
     "batch_size": 8,
     "lr": 0.003,
     "steps": 1_000_000,
-    "step_sleep_s": 0.05,
 }
+"""Steps are compute (forward, backward, optimizer on 2 cores), not sleep: per-step overhead
+shows in the goodput."""
 CHECKPOINT = {"interval_steps": 10, "keep_last": 2}
 TUNED_RDZV = (
-    "join_timeout=120,last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3,"
+    "join_timeout=20,last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3,"
     "close_timeout=5"
 )
+"""torchrun's rendezvous as a careful user tunes it: trainctl's keep-alive settings, and a join
+timeout of 20 s (its default, 600 s, and the 120 s used before, idle the job that long when a
+round waits for a node that will not come)."""
 FAULT_STEP = 15
+SCENARIOS = ("worker_crash", "node_loss", "node_freeze")
+"""SIGKILL of one worker; SIGKILL of every process of a node; SIGSTOP of every process of a
+node (a host gone silent: no FIN). trainctl runs with one spare for the node faults."""
 MAX_STEPS = 40
 RUN_TIMEOUT_S = 150.0
 TARGETS = {
     "node_loss_s": 3.0,
+    "node_freeze_s": 5.0,
     "worker_crash_s": 2.5,
     "success_rate": 1.0,
     "goodput": 0.95,
@@ -145,38 +153,71 @@ def trainctl_cmd(*args: str, storage: Path) -> list[str]:
     ]
 
 
-def fault_time(storage: Path, job: str) -> float | None:
-    for path in sorted((storage / "jobs" / job / "events").glob("*.json")):
-        event = json.loads(path.read_text())
-        if event["kind"] == "fault_injected":
-            return float(event["time"])
+def inject(scenario: str, node: list[int], worker: int | None) -> float | None:
+    """The fault, the same way for every contender; returns when it was done (None: the worker
+    was not found). The benchmark stamps the time itself, right before the signal."""
+    if scenario == "worker_crash":
+        if worker is None:
+            return None
+        killed = time.time()
+        os.kill(worker, signal.SIGKILL)
+        return killed
+    killed = time.time()
+    proctree.signal_all(node, signal.SIGSTOP if scenario == "node_freeze" else signal.SIGKILL)
+    return killed
+
+
+def tagged_node(job: str, node: str) -> list[int]:
+    on_node = set(proctree.tagged("TRAINCTL_NODE", node))
+    return [pid for pid in proctree.tagged("TRAINCTL_JOB_ID", job) if pid in on_node]
+
+
+def trainctl_worker(job: str, node: str) -> int | None:
+    from trainctl.launch.zygote import worker_identity
+
+    for pid in tagged_node(job, node):
+        identity = worker_identity(pid)
+        if identity is not None and identity[1] == 0:
+            return pid
     return None
 
 
-def trainctl_run(work: Path, fault: str, run: int, reference: str | None) -> dict[str, Any]:
-    job = f"tc-{fault.split(':')[0]}-{run}"
+def trainctl_run(work: Path, scenario: str, run: int, reference: str | None) -> dict[str, Any]:
+    job = f"tc-{scenario}-{run}"
     log = work / f"{job}.steps"
-    spares = 1 if fault.startswith("kill-node") else 0
+    spares = 0 if scenario == "worker_crash" else 1
     recipe = trainctl_recipe(work, job, log, spares=spares, max_steps=MAX_STEPS)
     storage = work / "store"
-    proc = subprocess.run(
-        trainctl_cmd(
-            "launch", str(recipe), "--job-id", job, "--json", "--fault", fault, storage=storage
-        ),
-        capture_output=True,
+    proc = subprocess.Popen(
+        trainctl_cmd("launch", str(recipe), "--job-id", job, "--json", storage=storage),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
     )
-    killed = fault_time(storage, job)
-    latency = first_step_after(log, killed) if killed is not None else None
-    fingerprint = None
-    with contextlib.suppress(ValueError):
-        fingerprint = json.loads(proc.stdout).get("fingerprint")
-    ok = proc.returncode == 0 and latency is not None
-    if reference is not None:
-        ok = ok and fingerprint == reference
-    proctree.signal_all(proctree.tagged("TRAINCTL_JOB_ID", job), signal.SIGKILL)
-    return {"ok": ok, "latency_s": latency, "exit": proc.returncode, "fingerprint": fingerprint}
+    result: dict[str, Any] = {"ok": False, "latency_s": None, "exit": None}
+    try:
+        if not wait_for_step(log, FAULT_STEP, 120):
+            result["exit"] = "never reached the fault step"
+            return result
+        killed = inject(scenario, tagged_node(job, "node-1"), trainctl_worker(job, "node-1"))
+        if killed is None:
+            result["exit"] = "no worker found"
+            return result
+        out, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+        fingerprint = None
+        with contextlib.suppress(ValueError):
+            fingerprint = json.loads(out).get("fingerprint")
+        result["latency_s"] = first_step_after(log, killed)
+        result["exit"] = proc.returncode
+        result["ok"] = proc.returncode == 0 and result["latency_s"] is not None
+        if reference is not None:
+            result["ok"] = result["ok"] and fingerprint == reference
+        return result
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proctree.signal_all(proctree.tagged("TRAINCTL_JOB_ID", job), signal.SIGKILL)
 
 
 def trainctl_reference(work: Path) -> str:
@@ -221,6 +262,8 @@ def torchrun_agent(
         "TRAINCTL_MAX_STEPS": str(MAX_STEPS if not run.startswith("good") else 10**9),
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
+        # As trainctl's own workers run: each agent's rendezvous store connection is its own.
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
     }
     env.pop("TRAINCTL_AGENT_SOCKET", None)
     argv = [
@@ -264,7 +307,7 @@ def torchrun_run(work: Path, scenario: str, tuned: bool, run: int) -> dict[str, 
     name = f"tr-{scenario}-{'tuned' if tuned else 'default'}-{run}"
     log = work / f"{name}.steps"
     port = free_port()
-    elastic = scenario == "node_loss"
+    elastic = scenario != "worker_crash"
     agents = [torchrun_agent(work, name, "a", port, log, tuned=tuned, elastic=elastic)]
     time.sleep(1.0)  # node a hosts the rendezvous store
     agents.append(torchrun_agent(work, name, "b", port, log, tuned=tuned, elastic=elastic))
@@ -273,18 +316,14 @@ def torchrun_run(work: Path, scenario: str, tuned: bool, run: int) -> dict[str, 
         if not wait_for_step(log, FAULT_STEP, 120):
             result["exit"] = "never reached the fault step"
             return result
-        killed = time.time()
-        if scenario == "worker_crash":
-            worker = worker_of(name, "b")
-            if worker is None:
-                result["exit"] = "no worker found"
-                return result
-            os.kill(worker, signal.SIGKILL)
-            survivors = agents
-        else:
-            proctree.signal_all(node_pids(name, "b"), signal.SIGKILL)
-            survivors = agents[:1]
-        deadline = time.monotonic() + RUN_TIMEOUT_S
+        killed = inject(scenario, node_pids(name, "b"), worker_of(name, "b"))
+        if killed is None:
+            result["exit"] = "no worker found"
+            return result
+        survivors = agents if scenario == "worker_crash" else agents[:1]
+        # A frozen peer is never noticed by torchrun itself (its sockets stay open): give it a
+        # minute, not the full run timeout.
+        deadline = time.monotonic() + (60.0 if scenario == "node_freeze" else RUN_TIMEOUT_S)
         while time.monotonic() < deadline and any(a.poll() is None for a in survivors):
             time.sleep(0.1)
         codes = [a.poll() for a in survivors]
@@ -301,8 +340,21 @@ def torchrun_run(work: Path, scenario: str, tuned: bool, run: int) -> dict[str, 
 
 
 # -- goodput ----------------------------------------------------------------------------------
-def goodput_figure(log: Path, started: float, ended: float) -> dict[str, Any]:
-    """Goodput, and where the rest of the wall time went (from the step log alone).
+def step_median(log: Path) -> float:
+    """The median time between consecutive steps of one process in a step log."""
+    rows = sorted(read_steps(log))
+    deltas = [
+        t1 - t0
+        for (t0, pid0, step0), (t1, pid1, step1) in itertools.pairwise(rows)
+        if pid1 == pid0 and step1 == step0 + 1
+    ]
+    return statistics.median(deltas)
+
+
+def goodput_figure(log: Path, started: float, ended: float, reference_s: float) -> dict[str, Any]:
+    """Goodput = steps reached × the *uninterrupted* run's median step (`reference_s`, the same
+    for every contender) / wall time, and where the rest of the wall time went (from the step
+    log alone).
 
     wall = startup (launch → first step) + consecutive step intervals + restart gaps + tail;
     `step_excess_s` is what consecutive intervals took beyond the median step (checkpoint
@@ -324,8 +376,9 @@ def goodput_figure(log: Path, started: float, ended: float) -> dict[str, Any]:
     steps = max(step for _, _, step in rows)
     wall = ended - started
     return {
-        "goodput": steps * median / wall,
+        "goodput": steps * reference_s / wall,
         "steps": steps,
+        "reference_step_s": reference_s,
         "median_step_s": median,
         "mean_step_s": statistics.fmean(deltas),
         "wall_s": wall,
@@ -337,7 +390,9 @@ def goodput_figure(log: Path, started: float, ended: float) -> dict[str, Any]:
     }
 
 
-def trainctl_goodput(work: Path, minutes: float, every_s: float) -> dict[str, Any]:
+def trainctl_goodput(
+    work: Path, minutes: float, every_s: float, reference_s: float
+) -> dict[str, Any]:
     job = "tc-goodput"
     log = work / f"{job}.steps"
     recipe = trainctl_recipe(
@@ -366,7 +421,8 @@ def trainctl_goodput(work: Path, minutes: float, every_s: float) -> dict[str, An
         next_failure = started + every_s
         while time.time() < end:
             time.sleep(0.2)
-            if time.time() >= next_failure:
+            # Every failure well inside the window: its recovery is measured too.
+            if time.time() >= next_failure and next_failure <= end - every_s / 4:
                 state = json.loads((storage / "jobs" / job / "state.json").read_text())
                 victim = state["attempts"][-1]["nodes"][-1]
                 on_node = set(proctree.tagged("TRAINCTL_NODE", victim))
@@ -382,10 +438,12 @@ def trainctl_goodput(work: Path, minutes: float, every_s: float) -> dict[str, An
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=30)
         proctree.signal_all(proctree.tagged("TRAINCTL_JOB_ID", job), signal.SIGKILL)
-    return {**goodput_figure(log, started, ended), "failures": failures}
+    return {**goodput_figure(log, started, ended, reference_s), "failures": failures}
 
 
-def torchrun_goodput(work: Path, minutes: float, every_s: float) -> dict[str, Any]:
+def torchrun_goodput(
+    work: Path, minutes: float, every_s: float, reference_s: float
+) -> dict[str, Any]:
     name = "good-torchrun"
     log = work / f"{name}.steps"
     port = free_port()
@@ -399,7 +457,8 @@ def torchrun_goodput(work: Path, minutes: float, every_s: float) -> dict[str, An
         next_failure = started + every_s
         while time.time() < end:
             time.sleep(0.2)
-            if time.time() >= next_failure:
+            # Every failure well inside the window: its recovery is measured too.
+            if time.time() >= next_failure and next_failure <= end - every_s / 4:
                 proctree.signal_all(node_pids(name, "b"), signal.SIGKILL)
                 b.wait()
                 failures += 1
@@ -412,7 +471,7 @@ def torchrun_goodput(work: Path, minutes: float, every_s: float) -> dict[str, An
         for agent in (a, b):
             with contextlib.suppress(Exception):
                 agent.wait(timeout=5)
-    return {**goodput_figure(log, started, ended), "failures": failures}
+    return {**goodput_figure(log, started, ended, reference_s), "failures": failures}
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -483,18 +542,11 @@ def main() -> int:
         print("reference run (uninterrupted)...", file=sys.stderr, flush=True)
         reference = trainctl_reference(work)
         latency: dict[str, dict[str, Any]] = {}
-        for scenario, fault in (
-            ()
-            if args.goodput_only
-            else (
-                ("worker_crash", f"kill-worker:node-1@step={FAULT_STEP}"),
-                ("node_loss", f"kill-node:node-1@step={FAULT_STEP}"),
-            )
-        ):
+        for scenario in () if args.goodput_only else SCENARIOS:
             print(f"{scenario}:", file=sys.stderr, flush=True)
             latency[scenario] = {
                 "trainctl": repeat(
-                    args.runs, "trainctl", lambda i, f=fault: trainctl_run(work, f, i, reference)
+                    args.runs, "trainctl", lambda i, s=scenario: trainctl_run(work, s, i, reference)
                 ),
                 "torchrun_tuned": repeat(
                     args.peer_runs,
@@ -511,10 +563,13 @@ def main() -> int:
         goodput: dict[str, Any] = {}
         if args.goodput_minutes > 0:
             print(f"goodput, {args.goodput_minutes:g} min each:", file=sys.stderr, flush=True)
-            goodput["trainctl"] = trainctl_goodput(work, args.goodput_minutes, args.failure_every)
+            reference_s = step_median(work / "reference.steps")
+            goodput["trainctl"] = trainctl_goodput(
+                work, args.goodput_minutes, args.failure_every, reference_s
+            )
             if not args.trainctl_goodput_only:
                 goodput["torchrun_tuned"] = torchrun_goodput(
-                    work, args.goodput_minutes, args.failure_every
+                    work, args.goodput_minutes, args.failure_every, reference_s
                 )
         figures["goodput"] = goodput
 

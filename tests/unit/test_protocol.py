@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from trainctl.health.liveness import LivenessPolicy
 from trainctl.launch.control import ControlClient, ControlServer, WorkerChannel
 from trainctl.protocol import (
     AGENT_MESSAGES,
@@ -220,3 +221,56 @@ def test_worker_channel_keeps_only_its_workers_datagrams() -> None:
     finally:
         sender.close()
         channel.close()
+
+
+FAST = LivenessPolicy(interval_s=0.05, threshold=8.0, acceptable_pause_s=0.3, min_std_s=0.02)
+
+
+def test_a_peer_that_stops_beating_is_silent_without_any_fin() -> None:
+    server = ControlServer(TOKEN, liveness=FAST)
+    client = ControlClient(server.endpoint, "node-0", TOKEN, liveness=FAST)
+    try:
+        client.send(Hello(1), None)
+        assert isinstance(_take(server).message, Hello)
+        time.sleep(0.6)  # beats flow both ways: neither side is suspected
+        assert server.silent() == [] and client.silent() is None
+        # The agent's beats stop but its socket stays open (a frozen host): only the
+        # heartbeats can tell, and they do.
+        client._closed.set()
+        deadline = time.monotonic() + 5
+        while not server.silent() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (silent,) = server.silent()
+        assert silent.peer == "node-0" and silent.reason.startswith("silent for")
+        assert time.time() - silent.last_heard < 5
+        # ... and the other way round: the controller's beats stop.
+        server._closed.set()
+        deadline = time.monotonic() + 5
+        while client.silent() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (client.silent() or "").startswith("silent for")
+    finally:
+        client.close()
+        server.close()
+
+
+def test_only_a_node_s_current_connection_ending_says_it_is_gone() -> None:
+    server = ControlServer(TOKEN)
+    old = ControlClient(server.endpoint, "node-0", TOKEN)
+    new = ControlClient(server.endpoint, "node-0", TOKEN)
+    try:
+        old.send(Hello(1), None)
+        assert _take(server).message == Hello(1)
+        new.send(Hello(2), None)  # the node's agent was replaced
+        assert _take(server).message == Hello(2)
+        old.close()  # the old agent's connection ends late: not the node going away
+        with pytest.raises(queue.Empty):
+            server.messages.get(timeout=0.5)
+        assert server.send("node-0", Stop("still there", "kill"))
+        assert new.inbox.get(timeout=5) == Stop("still there", "kill")
+        server.drop("node-0")  # dropped on purpose: nothing to report either
+        with pytest.raises(queue.Empty):
+            server.messages.get(timeout=0.5)
+    finally:
+        new.close()
+        server.close()
