@@ -85,7 +85,7 @@ KINDS: dict[str, dict[str, Any]] = {
         "target": 1.0,
     },
     "rank in a loop": {
-        "config": {"spin_at_step": "{s}", "spin_rank": 1},
+        "config": {"spin_at_step": "{s}", "spin_node": "node-1"},
         "blame": "node-1",
         "hang": True,
         "target": HANG_TIMEOUT_S + 1,
@@ -154,6 +154,8 @@ def trainctl_fault(
     sections: dict[str, Any] = {"health": {"hang_timeout_s": HANG_TIMEOUT_S}}
     if spec.get("xid"):
         sections = {**extra["xid"], "health": {"probe_interval_s": 0.5}}
+        for files in extra["xid"]["node_env"].values():  # every run starts with healthy GPUs
+            Path(files["FAKE_NVML_FILE"]).write_text("device_count=1\n")
     recipe = trainctl_recipe(
         work, job, log, spares=1, max_steps=MAX_STEPS, **sections, config=config
     )

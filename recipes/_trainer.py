@@ -8,6 +8,7 @@ exactly the batches an uninterrupted one would have.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -84,8 +85,8 @@ def train(
     step_sleep_s = float(config.get("step_sleep_s", 0.0))  # tests: slow steps down
     fail_at_step = int(config.get("fail_at_step", 0))  # tests: a software error at that step
     fail_in = config.get("fail_in_attempts", [0])  # ... in these attempts ("all": every one)
-    spin_at_step = int(config.get("spin_at_step", 0))  # tests: one rank loops in Python ...
-    spin_rank = int(config.get("spin_rank", 0))  # ... this one, in the first attempt only
+    spin_at_step = int(config.get("spin_at_step", 0))  # tests: a rank loops in Python ...
+    spin_node = config.get("spin_node")  # ... local rank 0 of this node, first attempt only
     if ctx.is_main:
         params = sum(p.numel() for p in model.parameters())  # DTensor numel is global
         ctx.log(
@@ -103,7 +104,8 @@ def train(
                 time.sleep(step_sleep_s)
         if step + 1 == fail_at_step and (fail_in == "all" or ctx.attempt in fail_in):
             raise RuntimeError(f"injected failure at step {step + 1}")
-        if step + 1 == spin_at_step and ctx.rank == spin_rank and ctx.attempt == 0:
+        on_node = os.environ.get("TRAINCTL_NODE") == spin_node and ctx.local_rank == 0
+        if step + 1 == spin_at_step and on_node and ctx.attempt == 0:
             spin_forever()
         loss = loss_fn(model, batch)
         loss.backward()

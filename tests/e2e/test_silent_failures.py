@@ -162,14 +162,14 @@ def test_a_rank_stuck_in_its_own_loop_is_named_from_the_stacks(
         tmp_path,
         storage,
         "spin",
-        config={"spin_at_step": 12, "spin_rank": 1},
+        config={"spin_at_step": 12, "spin_node": "node-1"},
         spare_nodes=1,
         health={"hang_timeout_s": 4},
     )
     assert out["fingerprint"] == baseline["fingerprint"]
     first = read_state(storage, "spin")["attempts"][0]
     assert (first["cause"], first["blamed"]) == ("node_fault", "node-1")
-    assert "rank 1 on node-1 is running its own code at spin_forever" in first["reason"]
+    assert "on node-1 is running its own code at spin_forever" in first["reason"]
     assert "wait(s) in torch" in first["reason"]
     status = trainctl("status", "spin", storage=storage)
     assert "running its own code" in status.stdout + status.stderr

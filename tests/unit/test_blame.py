@@ -92,3 +92,25 @@ def test_the_same_exception_everywhere_before_the_first_step_is_deterministic() 
     )
     assert not conclude(decide(2.0, other), other, False, [], 2.0, REPEAT).deterministic
     assert decide(2.0, other).action is Action.FAIL
+
+
+def test_the_crash_is_pinned_on_the_node_whose_worker_died_whatever_reported_first() -> None:
+    # The peer's broken connection often reports first (its collective fails at once, while
+    # torchrun on the crashed node notices its dead worker a monitor interval later), and the
+    # crashed node's report comes after the stop, marked stopped but with the crash evidence
+    # its agent read from before the stop.
+    peer_first = view(
+        NodeExit("node-0", 1, 1.0, errors=(PEER,)),
+        NodeExit("node-1", -9, 1.2, stopped=True, crashes=KILLED),
+    )
+    decision = decide(2.0, observe(AttemptView(nodes=NODES), [peer_first.exits[0]]))
+    assert decision.cause is Cause.WORKER_CRASH and decision.suspect is None
+    earlier = [FailureRecord("crash:1", 10, "worker_crash", "node-1", 100.0)]
+    concluded = conclude(decision, peer_first, True, earlier, 200.0, REPEAT)
+    assert (concluded.blamed, concluded.cause) == ("node-1", Cause.NODE_FAULT)
+    assert KILLED[0] in concluded.reason
+    # What the stop itself killed (SIGKILL, no evidence from before it) is no crash.
+    stopped = view(
+        NodeExit("node-0", 1, 1.0, errors=(PEER,)), NodeExit("node-1", -9, 1.2, stopped=True)
+    )
+    assert conclude(decision, stopped, True, earlier, 200.0, REPEAT).blamed is None

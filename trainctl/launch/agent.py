@@ -98,9 +98,13 @@ class Attempt:
         self.log_offset = 0
         """Where this attempt's output starts in the node log."""
 
-    def failure(self, code: int) -> tuple[tuple[ErrorFile, ...], tuple[str, ...]]:
+    def failure(
+        self, code: int, upto: int | None = None
+    ) -> tuple[tuple[ErrorFile, ...], tuple[str, ...]]:
         """What the attempt's workers left: error files (``@record``, trainctl.runtime) and
-        tracebacks from plain scripts' stderr, and for a failed torchrun how workers died."""
+        tracebacks from plain scripts' stderr, and for a failed torchrun how workers died —
+        read from the node log up to `upto` (where it stood when a stop came: what the stop
+        itself killed is not a crash)."""
         errors = collect_error_files(self.node.error_dir)
         if code == 0:
             return errors, ()
@@ -108,7 +112,8 @@ class Attempt:
         try:
             with open(self.node.log_path, "rb") as log:
                 log.seek(self.log_offset)
-                torchrun_log = log.read().decode(errors="replace")
+                size = -1 if upto is None else max(0, upto - self.log_offset)
+                torchrun_log = log.read(size).decode(errors="replace")
         except OSError:
             torchrun_log = ""
         return errors, evidence.crash_evidence(torchrun_log)
@@ -399,6 +404,9 @@ class Agent:
         torchrun = attempt.torchrun
         assert torchrun is not None
         keep = [torchrun.pid]
+        stopped_at: int | None = None
+        with contextlib.suppress(OSError):
+            stopped_at = os.path.getsize(attempt.node.log_path)
         pids = self._attempt_processes()
         if stop.mode == "kill":
             proctree.signal_all(pids, signal.SIGKILL)
@@ -406,7 +414,7 @@ class Agent:
         else:
             proctree.kill_tree(pids, attempt.grace_s, keep_reaped=keep)
         code = torchrun.wait()
-        errors, crashes = attempt.failure(code)
+        errors, crashes = attempt.failure(code, upto=stopped_at)
         self.send(Exit(code, stopped=True, reason=stop.reason, errors=errors, crashes=crashes))
 
     def close(self) -> None:

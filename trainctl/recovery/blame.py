@@ -26,6 +26,7 @@ from trainctl.recovery.policy import (
     AttemptView,
     Cause,
     Decision,
+    describe_exit,
     error_signature,
     is_communication_error,
 )
@@ -130,6 +131,13 @@ def conclude(
             "deterministic, not retried",
             deterministic=True,
         )
+    if decision.cause is Cause.WORKER_CRASH:
+        # The first exit decided at once, and it is often a peer's broken connection: with
+        # every node's end known, the one node whose workers died of a signal is the suspect.
+        crashed = [e for e in view.exits if e.signalled]
+        alone = crashed[0].node if len({e.node for e in crashed}) == 1 else None
+        reason = describe_exit(crashed[0]) if alone else decision.reason
+        decision = dataclasses.replace(decision, reason=reason, suspect=alone)
     earlier = repeat_offence(decision, history, now, repeat)
     if earlier:
         node = decision.suspect

@@ -58,10 +58,10 @@ class NodeExit:
 
     @property
     def signalled(self) -> bool:
-        """A worker (or torchrun) of this node was killed by a signal: a crash of its own."""
-        return self.code < 0 or any(
-            "killed by" in c or c.startswith("kernel:") for c in self.crashes
-        )
+        """A worker (or torchrun) of this node was killed by a signal before any stop: a crash
+        of its own (what a stop kills is not; the agent leaves it out of `crashes`)."""
+        own = any("killed by" in c or c.startswith("kernel:") for c in self.crashes)
+        return own or (self.code < 0 and not self.stopped)
 
 
 @dataclasses.dataclass(frozen=True)
