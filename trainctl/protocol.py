@@ -110,6 +110,10 @@ class StackDump:
     method: str | None
     text: str | None
     failures: tuple[str, ...] = ()
+    nccl_seq: int | None = None
+    """NCCL's flight recorder (GPUs): the last collective this rank enqueued, when it dumped."""
+    nccl_pending: str | None = None
+    """... and the oldest it had not completed."""
 
 
 # -- messages -----------------------------------------------------------------------------------

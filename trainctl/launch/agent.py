@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
+from trainctl.health import flight_recorder
 from trainctl.health.gate import GateConfig, GateResult, NodeProber
 from trainctl.health.liveness import LivenessPolicy
 from trainctl.health.verdict import GIB, Verdict
@@ -232,6 +233,8 @@ class Agent:
         env[Env.AGENT_SOCKET] = attempt.workers.address
         env[Env.WORKER_TOKEN] = self.worker_token
         env[Env.STACKS_DIR] = str(attempt.stacks_dir)
+        # NCCL's flight recorder (GPUs), dumping beside the stacks when its watchdog times out.
+        env.update(flight_recorder.worker_env(str(attempt.stacks_dir), env))
         if self.zygote is not None and self.zygote.poll() is None:
             env[Env.ZYGOTE] = self.zygote_address
         log = self._log_file(node.log_path)

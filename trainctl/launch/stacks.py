@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from trainctl.health import flight_recorder
 from trainctl.launch import proctree
 from trainctl.protocol import STACK_DUMP_SIGNAL, StackDump
 
@@ -137,6 +138,7 @@ def dump_worker(worker: WorkerProcess, stacks_dir: Path) -> StackDump:
             method = "faulthandler (SIGUSR2)"
         else:
             failures.append(f"faulthandler: {error}")
+    collectives = flight_recorder.read_rank(stacks_dir, worker.rank)
     return StackDump(
         rank=worker.rank,
         local_rank=worker.local_rank,
@@ -145,4 +147,6 @@ def dump_worker(worker: WorkerProcess, stacks_dir: Path) -> StackDump:
         method=method,
         text=text,
         failures=tuple(failures),
+        nccl_seq=collectives.last_seq if collectives else None,
+        nccl_pending=collectives.pending if collectives else None,
     )

@@ -79,6 +79,9 @@ class SilentRank:
     uninterruptible I/O, ``S``: sleeping, ...); None when unknown."""
     position: StackPosition | None = None
     """Where its main thread was, from the stack dump; None when unknown."""
+    nccl_seq: int | None = None
+    """The last NCCL collective it enqueued (flight recorder, GPUs); None when unknown."""
+    nccl_pending: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,8 +127,10 @@ def localise_hang(hang: Hang) -> tuple[str | None, str]:
     """The node a hang points at, and why (None: not localised to one node).
 
     Evidence, strongest first: a worker process stopped (state ``T``/``t``) or in
-    uninterruptible sleep (``D``); ranks of one node running their own code while the others
-    wait in torch (from the stacks); ranks of one node behind the others' step. Blame only when
+    uninterruptible sleep (``D``); on GPUs, ranks of one node that never enqueued the NCCL
+    collective the others wait in (the flight recorder's dumps); ranks of one node running
+    their own code while the others wait in torch (from the stacks); ranks of one node behind
+    the others' step. Blame only when
     the evidence points at exactly one node.
     """
     for states, what in (("Tt", "stopped"), ("D", "in uninterruptible sleep")):
@@ -134,6 +139,19 @@ def localise_hang(hang: Hang) -> tuple[str | None, str]:
         if node is not None:
             letters = "/".join(sorted({str(r.process_state) for r in stuck}))
             return node, f"rank {_ranks(stuck)} on {node} is {what} (state {letters})"
+    recorded = [r for r in hang.ranks if r.nccl_seq is not None]
+    seqs = [r.nccl_seq or 0 for r in recorded]
+    if len(recorded) > 1 and min(seqs) < max(seqs):
+        behind = [r for r in recorded if r.nccl_seq == min(seqs)]
+        node = _one_node(behind)
+        if node is not None:
+            ahead = next(r for r in recorded if r.nccl_seq == max(seqs))
+            waits = f" waiting in {ahead.nccl_pending}" if ahead.nccl_pending else ""
+            return node, (
+                f"rank {_ranks(behind)} on {node} never enqueued NCCL collective "
+                f"#{max(seqs)} (it stopped at #{min(seqs)}) while rank {ahead.rank} is{waits} "
+                "(flight recorder)"
+            )
     positioned = _by_position(hang)
     if positioned is not None and positioned[0] is not None:
         return positioned

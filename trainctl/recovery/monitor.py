@@ -50,6 +50,8 @@ class PendingHang:
     """rank -> /proc state letter, from the dumps."""
     positions: dict[int, StackPosition | None] = dataclasses.field(default_factory=dict)
     """rank -> where its main thread was, from the dumps."""
+    dumps: dict[int, StackDump] = dataclasses.field(default_factory=dict)
+    """rank -> its dump (NCCL's flight recorder summary among the rest)."""
     declared: bool = False
 
 
@@ -199,6 +201,11 @@ class AttemptMonitor:
                 f"# method: {dump.method or 'none succeeded'}\n"
             )
             header += "".join(f"# failed: {failure}\n" for failure in dump.failures)
+            if dump.nccl_seq is not None:
+                header += (
+                    f"# NCCL flight recorder: last collective enqueued #{dump.nccl_seq}, "
+                    f"oldest not completed: {dump.nccl_pending or 'none'}\n"
+                )
             body = dump.text or "(no stacks could be read)\n"
             self.journal.write_job_file(
                 f"stacks/attempt-{self.attempt}/{node}-rank-{dump.rank}.txt",
@@ -208,6 +215,7 @@ class AttemptMonitor:
             if hang is not None:
                 hang.states[dump.rank] = dump.state
                 hang.positions[dump.rank] = stack_position(dump.text)
+                hang.dumps[dump.rank] = dump
         self.journal.event(
             StacksSaved(
                 dumps=[
@@ -244,6 +252,8 @@ class AttemptMonitor:
                 silent_s=silent_s,
                 process_state=hang.states.get(rank),
                 position=hang.positions.get(rank),
+                nccl_seq=hang.dumps[rank].nccl_seq if rank in hang.dumps else None,
+                nccl_pending=hang.dumps[rank].nccl_pending if rank in hang.dumps else None,
             )
             for rank, silent_s in sorted(silence.items())
         )
