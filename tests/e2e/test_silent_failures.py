@@ -156,13 +156,14 @@ def test_a_node_whose_workers_keep_dying_is_blamed_the_second_time(
 def test_a_rank_stuck_in_its_own_loop_is_named_from_the_stacks(
     tmp_path: Path, storage: Path, baseline: dict[str, Any]
 ) -> None:
-    # Rank 1 (node-1) loops in Python at step 12 while rank 0 waits for it in a collective:
-    # both fall silent, both processes are running (state R/S), both at the same step.
+    # node-1's rank loops in Python at step 11 while the other waits for it in a collective:
+    # both fall silent, both processes are running (state R/S), both at the same step. Right
+    # after the step-10 checkpoint: its upload, still going, must not extend the timeout.
     out = run(
         tmp_path,
         storage,
         "spin",
-        config={"spin_at_step": 12, "spin_node": "node-1"},
+        config={"spin_at_step": 11, "spin_node": "node-1"},
         spare_nodes=1,
         health={"hang_timeout_s": 4},
     )

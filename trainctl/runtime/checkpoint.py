@@ -97,6 +97,7 @@ class TrainingCheckpoint:
         self.reporter.saving(step)
         self.trainer.step = step
         self.checkpointer.save(step, self.state, extra={"step": step})
+        self.reporter.staged(step)
 
     def finish(self) -> None:
         """Wait for the last upload and release the checkpoint process group's resources."""

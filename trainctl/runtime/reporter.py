@@ -116,6 +116,11 @@ class Reporter:
         for the previous upload). Step timers are left alone."""
         self.send(WorkerProgress(self.rank, step, time.time(), saving=True))
 
+    def staged(self, step: int) -> None:
+        """The save of `step` no longer blocks training (its upload goes on in the background):
+        the allowance ends, or a hang right after a checkpoint would wait for it."""
+        self.send(WorkerProgress(self.rank, step, time.time(), saving=False))
+
     def result(self, final_step: int, fingerprint: str) -> None:
         self.send(Result(self.rank, final_step, fingerprint), reliable=True)
 
