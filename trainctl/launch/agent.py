@@ -28,19 +28,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
 from trainctl.health import flight_recorder
-from trainctl.health.gate import GateConfig, GateResult, NodeProber
+from trainctl.health.gate import GateResult, NodeProber
 from trainctl.health.liveness import LivenessPolicy
-from trainctl.health.verdict import GIB, Verdict
-from trainctl.launch import evidence, proctree, stacks
-from trainctl.launch.control import ControlClient, WorkerChannel, worker_socket_address
-from trainctl.launch.plan import LaunchPlan, NodePlan
-from trainctl.launch.torchrun import WarmTorchrun, can_warm_start, collect_error_files
+from trainctl.health.verdict import Verdict
+from trainctl.launch import proctree, stacks
+from trainctl.launch.control import ControlClient
+from trainctl.launch.node_attempt import Attempt, gate_config, liveness_policy
+from trainctl.launch.plan import LaunchPlan
+from trainctl.launch.torchrun import WarmTorchrun, can_warm_start
 from trainctl.protocol import (
     Disconnected,
     DumpStacks,
@@ -69,61 +69,6 @@ PROGRESS_BATCH_S = 0.25
 """Heartbeats are forwarded at most this often (one message per node, not per worker)."""
 MAX_SAMPLES_PER_RANK = 256
 """Per-step samples kept per rank between two forwards (bounded if the controller stalls)."""
-
-
-def gate_config(gate: GatePlan, rdzv_endpoint: str | None) -> GateConfig:
-    """The health gate: the plan's paths and limits, and the rendezvous endpoint."""
-    host, _, port = (rdzv_endpoint or "").rpartition(":")
-    return GateConfig(
-        paths=gate.paths,
-        min_free_disk_bytes=int(gate.min_free_disk_gb * GIB),
-        rendezvous=(host, int(port)) if port.isdigit() and int(port) > 0 else None,
-        require_nvml=gate.require_nvml,
-    )
-
-
-class Attempt:
-    """What the agent holds for the attempt it is running."""
-
-    def __init__(self, plan: LaunchPlan, node: NodePlan, worker_token: str) -> None:
-        self.plan = plan
-        self.node = node
-        self.workers = WorkerChannel(
-            worker_socket_address(plan.job_id, plan.attempt, node.name), worker_token
-        )
-        self.torchrun: subprocess.Popen[bytes] | None = None
-        self.stop: Stop | None = None
-        """Set once the controller asked this attempt to stop."""
-        self.stacks_dir = Path(node.error_dir).parent / f"{node.name}-stacks"
-        self.grace_s = float(node.env_dict().get(Env.STOP_GRACE_S, "5"))
-        self.log_offset = 0
-        """Where this attempt's output starts in the node log."""
-
-    def failure(
-        self, code: int, upto: int | None = None
-    ) -> tuple[tuple[ErrorFile, ...], tuple[str, ...]]:
-        """What the attempt's workers left: error files (``@record``, trainctl.runtime) and
-        tracebacks from plain scripts' stderr, and for a failed torchrun how workers died —
-        read from the node log up to `upto` (where it stood when a stop came: what the stop
-        itself killed is not a crash)."""
-        errors = collect_error_files(self.node.error_dir)
-        if code == 0:
-            return errors, ()
-        errors += evidence.traceback_errors(self.node.error_dir, errors)
-        try:
-            with open(self.node.log_path, "rb") as log:
-                log.seek(self.log_offset)
-                size = -1 if upto is None else max(0, upto - self.log_offset)
-                torchrun_log = log.read(size).decode(errors="replace")
-        except OSError:
-            torchrun_log = ""
-        return errors, evidence.crash_evidence(torchrun_log)
-
-
-def liveness_policy(environ: Mapping[str, str]) -> LivenessPolicy:
-    """How this agent judges its controller's heartbeats (`Env.LIVENESS`; defaults if unset)."""
-    raw = environ.get(Env.LIVENESS)
-    return LivenessPolicy(**json.loads(raw)) if raw else LivenessPolicy()
 
 
 class Agent:
