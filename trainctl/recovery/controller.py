@@ -114,7 +114,7 @@ class Controller:
             spec, self.scheduler, journal, self.run_dir / "faults", self.say, self.server.peers.get
         )
         self.fleet = Fleet(
-            self.faults.scheduler(self.scheduler),
+            self.faults.reachable(self.scheduler),
             self.server,
             journal,
             self._agent_env,

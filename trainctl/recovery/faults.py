@@ -65,7 +65,7 @@ class NoFaults:
     failed_at: float | None = None
     """When the last injected fault fired (the best evidence of when its failure began)."""
 
-    def scheduler(self, scheduler: NodeScheduler) -> NodeScheduler:
+    def reachable(self, scheduler: NodeScheduler) -> NodeScheduler:
         """The scheduler as the controller sees it (a partitioned node cannot be reached)."""
         return scheduler
 
@@ -134,7 +134,7 @@ class FaultInjector(NoFaults):
         peer_of: Callable[[str], str | None] = lambda node: None,
     ) -> None:
         self.spec = spec
-        self.scheduler_ = scheduler
+        self.scheduler = scheduler
         self.journal = journal
         self.faults_dir = faults_dir
         self.say = say
@@ -170,17 +170,17 @@ class FaultInjector(NoFaults):
         """Inject `fault`; returns what was done, for the event."""
         job_id, node = self.journal.job_id, fault.node or ""
         if fault.kind == "kill-node":
-            pids = self.scheduler_.node_processes(job_id, node)
-            self.scheduler_.kill_node(job_id, node)
+            pids = self.scheduler.node_processes(job_id, node)
+            self.scheduler.kill_node(job_id, node)
             return f"SIGKILL to every process of {node} ({len(pids)})"
         if fault.kind == "freeze-node":
-            pids = self.scheduler_.node_processes(job_id, node)
+            pids = self.scheduler.node_processes(job_id, node)
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGSTOP)
             return f"SIGSTOP to every process of {node} ({len(pids)})"
         if fault.kind in ("kill-worker", "hang"):
-            workers = self.scheduler_.worker_pids(job_id, node, local_rank=0)
+            workers = self.scheduler.worker_pids(job_id, node, local_rank=0)
             if not workers:
                 return f"no worker found on {node}"
             sig = signal.SIGKILL if fault.kind == "kill-worker" else signal.SIGSTOP
@@ -203,8 +203,8 @@ class FaultInjector(NoFaults):
             return f"checkpoint storage refuses every request for {fault.duration_s:g} s"
         raise ValueError(f"unknown fault {fault.kind}")
 
-    def scheduler(self, scheduler: NodeScheduler) -> NodeScheduler:
-        return Unreachable(self.scheduler_, self.cut)
+    def reachable(self, scheduler: NodeScheduler) -> NodeScheduler:
+        return Unreachable(self.scheduler, self.cut)
 
     def _partition(self, node: str) -> str:
         peer = self.peer_of(node)
