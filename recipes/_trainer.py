@@ -67,6 +67,9 @@ def train(
     max_steps = ctx.max_steps or int(config["steps"])
     torch.manual_seed(ctx.seed)  # identical initial weights on every rank and every run
     model, blocks = build_model(config)
+    # Built on the CPU (the same weights on any device), then onto this rank's device:
+    # cuda:LOCAL_RANK on a GPU node, the CPU otherwise (a no-op).
+    model.to(ctx.device)
     shard_model(model, blocks, ctx.distributed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(config["lr"]), weight_decay=0.01)
     ckpt = checkpointing(ctx, model, optimizer)
@@ -97,8 +100,10 @@ def train(
     warm_step, warm_time = step, started
     while step < max_steps:
         with ctx.busy():  # local work, no collective: what straggler detection compares
-            batch = rank_slice(
-                make_batch(config, batch_generator(ctx.seed, step)), ctx.rank, ctx.world_size
+            batch = ctx.to_device(
+                rank_slice(
+                    make_batch(config, batch_generator(ctx.seed, step)), ctx.rank, ctx.world_size
+                )
             )
             if step_sleep_s:
                 time.sleep(step_sleep_s)

@@ -35,6 +35,8 @@ class Env:
     STOP_GRACE_S = "TRAINCTL_STOP_GRACE_S"
     CHECKPOINT = "TRAINCTL_CHECKPOINT"
     """The validated ``checkpoint:`` section as JSON, credentials left out."""
+    HEALTH = "TRAINCTL_HEALTH"
+    """The validated ``health:`` section as JSON (the collective timeout derives from it)."""
     CHECKPOINT_ROOT = "TRAINCTL_CHECKPOINT_ROOT"
     SECRETS_FILE = "TRAINCTL_SECRETS_FILE"
     """A 0600 file with the recipe's secret values (`trainctl.secrets`), never the values."""
@@ -43,6 +45,9 @@ class Env:
     AGENT_SOCKET = "TRAINCTL_AGENT_SOCKET"
     WORKER_TOKEN = "TRAINCTL_WORKER_TOKEN"
     STACKS_DIR = "TRAINCTL_STACKS_DIR"
+    WORKER_SERVER_DIR = "TRAINCTL_WORKER_SERVER_DIR"
+    """A private directory where each worker serves torch's debug handlers on
+    ``r<RANK>.sock`` (the flight recorder, read on demand by the agent)."""
     ZYGOTE = "TRAINCTL_ZYGOTE"
     STEP_LOG = "TRAINCTL_STEP_LOG"
     """Benchmarks: rank 0 appends "time pid step world_size" per step to this file."""

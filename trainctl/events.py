@@ -207,6 +207,8 @@ class FenceFailed(EventData):
 class NodeStarted(EventData):
     agent_pid: int | None = None
     torchrun_pid: int | None = None
+    workers: int | None = None
+    """The workers its torchrun starts (``nproc_per_node: gpu``: the GPUs it found)."""
 
 
 @kind("node_exited")

@@ -147,6 +147,8 @@ class Started(Message):
     TYPE: ClassVar[str] = "started"
     pid: int
     torchrun_pid: int
+    workers: int = 0
+    """How many workers this torchrun starts (0: not said, an agent of an earlier release)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,7 +72,12 @@ def _fix_for(error: Any) -> str:
         return "add the field"
     if kind.endswith("_type") or kind.endswith("_parsing"):
         return f"use a value of the right type: {error.get('msg', '')}"
-    return str(error.get("msg", "fix the value"))
+    return _message(error) or "fix the value"
+
+
+def _message(error: Any) -> str:
+    """pydantic's message without its "Value error, " prefix (our validators' own words)."""
+    return str(error.get("msg", "")).removeprefix("Value error, ")
 
 
 def _shown(error: Any) -> Any:
@@ -89,10 +94,13 @@ def validation_to_user_error(error: ValidationError, source: str) -> UserError:
     field = _field_path(tuple(first.get("loc", ())))
     # A model-level error's input is the whole recipe (secrets and all): not worth quoting.
     has_value = first.get("type") != "missing" and bool(first.get("loc"))
+    kind = first.get("type")
     return UserError(
-        first.get("msg", "invalid value")
-        if first.get("type") != "extra_forbidden"
-        else "unknown field",
+        "unknown field"
+        if kind == "extra_forbidden"
+        else "invalid value"
+        if kind == "value_error"
+        else _message(first) or "invalid value",
         where=f"{source}: {field}",
         value=_shown(first) if has_value else None,
         has_value=has_value,

@@ -9,7 +9,7 @@ receives the validated sections, not loose values.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -230,8 +230,11 @@ class JobSpec(_Frozen):
     """Arguments passed to the script."""
     nodes: int = Field(default=1, ge=1, le=1024)
     """Number of nodes (simulated nodes with the local scheduler)."""
-    nproc_per_node: int = Field(default=1, ge=1, le=64)
-    """Worker processes per node."""
+    nproc_per_node: int | Literal["gpu", "auto"] = 1
+    """Worker processes per node: a number, ``gpu`` (one per GPU the node's agent sees:
+    NVML's devices, narrowed by ``CUDA_VISIBLE_DEVICES`` where the scheduler set it; a node
+    without one fails its attempt) or ``auto`` (one per GPU, or 1 on a node without GPUs; unlike
+    torchrun's ``auto``, never one per CPU core). Each worker binds ``cuda:LOCAL_RANK``."""
     min_nodes: int | None = Field(default=None, ge=1)
     """Fewest nodes the job may shrink to after excluding bad ones (default: `nodes`)."""
     spare_nodes: int = Field(default=0, ge=0, le=64)
@@ -282,6 +285,17 @@ class JobSpec(_Frozen):
                 }
         return data
 
+    @field_validator("nproc_per_node", mode="before")
+    @classmethod
+    def _nproc(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or (isinstance(value, int) and not 1 <= value <= 64):
+            raise ValueError("use a number of workers from 1 to 64, gpu or auto")
+        if isinstance(value, str) and value not in ("gpu", "auto"):
+            raise ValueError("use a number of workers from 1 to 64, gpu or auto")
+        return value
+
     @field_validator("env")
     @classmethod
     def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
@@ -323,7 +337,16 @@ class JobSpec(_Frozen):
         return self
 
     @property
+    def per_gpu(self) -> bool:
+        """Whether each node's worker count is its GPU count (``gpu``/``auto``), known only
+        once the node's agent has probed its GPUs."""
+        return isinstance(self.nproc_per_node, str)
+
+    @property
     def world_size(self) -> int:
+        """The number of workers, 0 while it depends on the nodes' GPUs (`per_gpu`)."""
+        if isinstance(self.nproc_per_node, str):
+            return 0
         return self.nodes * self.nproc_per_node
 
     def job_secrets(self) -> JobSecrets:

@@ -81,12 +81,17 @@ def test_the_agent_points_the_recorder_at_the_stacks_dir_unless_the_recipe_did(
     tmp_path: Path,
 ) -> None:
     env = worker_env(str(tmp_path), {})
-    assert env["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "2000"
-    assert env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
-    assert env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == str(tmp_path / "nccl_trace_rank_")
-    assert "TORCH_NCCL_TRACE_BUFFER_SIZE" not in worker_env(
-        str(tmp_path), {"TORCH_NCCL_TRACE_BUFFER_SIZE": "100"}
-    )
+    assert env == {
+        "TORCH_FR_BUFFER_SIZE": "2000",
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        "TORCH_FR_DUMP_TEMP_FILE": str(tmp_path / "nccl_trace_rank_"),
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
+    }
+    # the recipe's env passes NCCL settings through untouched, old names or new
+    for name in ("TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_FR_BUFFER_SIZE"):
+        assert "TORCH_FR_BUFFER_SIZE" not in worker_env(str(tmp_path), {name: "100"})
+    kept = worker_env(str(tmp_path), {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"})
+    assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in kept
     # NCCL writes <prefix><rank>: that is where the agent reads it.
     dump_path(tmp_path, 1).write_bytes(BEHIND)
     assert read_rank(tmp_path, 1) == Collectives(11, None)
@@ -103,7 +108,7 @@ def test_the_rank_that_never_enqueued_the_collective_is_named() -> None:
     node, why = localise_hang(Hang(20.0, 4.0, "hang timeout 4 s", ranks))
     assert node == "node-1"
     assert why == (
-        "rank 1 on node-1 never enqueued NCCL collective #12 (it stopped at #11) while rank 0 "
+        "rank 1 on node-1 never enqueued collective #12 (it stopped at #11) while rank 0 "
         "is waiting in nccl:all_reduce #12 (started) (flight recorder)"
     )
     # Every rank at the same collective: a deadlock, the recorder blames nobody.

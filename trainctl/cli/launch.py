@@ -76,8 +76,10 @@ def launch(
         None, help="Arguments for the script, after --."
     ),
     nodes: int | None = typer.Option(None, "--nodes", min=1, help="Number of nodes."),
-    nproc_per_node: int | None = typer.Option(
-        None, "--nproc-per-node", min=1, help="Worker processes per node."
+    nproc_per_node: str | None = typer.Option(
+        None,
+        "--nproc-per-node",
+        help="Worker processes per node: N, gpu (one per visible GPU) or auto.",
     ),
     storage: str | None = STORAGE_OPTION,
     job_id: str | None = typer.Option(None, "--job-id", help="Job id (default: name-time-random)."),

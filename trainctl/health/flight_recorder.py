@@ -1,13 +1,25 @@
-"""NCCL's flight recorder, read: which collective each rank reached when a job hung.
+"""The flight recorder, read: which collective each rank reached when a job hung.
 
-On GPUs, torch's NCCL process group keeps a ring of its recent collectives per rank
-(`TORCH_NCCL_TRACE_BUFFER_SIZE`) and, with `TORCH_NCCL_DUMP_ON_TIMEOUT=1`, writes it when its
-watchdog times out, to ``<TORCH_NCCL_DEBUG_INFO_TEMP_FILE><rank>``. The node agent sets those
-three for every worker, the file prefix inside the attempt's stacks directory, so a hang's
-dumps lie beside its Python stacks. Each dump is a pickle of plain data (``version``,
-``pg_config``, ``entries``: one dict per collective with its process group, ``collective_seq_id``,
-``profiling_name`` such as ``nccl:all_reduce``, and ``state``: scheduled, started or completed;
-the format `torch.distributed.flight_recorder` reads).
+torch's process groups keep a ring of each rank's recent collectives
+(`TORCH_FR_BUFFER_SIZE`, formerly `TORCH_NCCL_TRACE_BUFFER_SIZE`; NCCL's on GPUs, gloo's
+too on the CPU). The agent gets it two
+ways, both into the attempt's stacks directory, beside the Python stacks:
+
+- **on demand**, when the controller suspects a hang: each worker serves torch's debug
+  handlers on a Unix socket (`trainctl.runtime` starts torch's ``_WorkerServer`` on
+  ``<TRAINCTL_WORKER_SERVER_DIR>/r<RANK>.sock``) and the agent asks for
+  ``dump_nccl_trace_json`` (NCCL), else ``fr_trace_json`` (gloo). The handlers run on C++
+  threads: they answer while the rank's Python is stuck, even holding the GIL. Saved as
+  ``flight_recorder_rank_<RANK>.json``.
+- **from NCCL's watchdog**: with `TORCH_NCCL_DUMP_ON_TIMEOUT=1`, a collective that times out
+  (the process group's timeout, `trainctl.runtime.collective_timeout`) dumps to
+  ``<TORCH_FR_DUMP_TEMP_FILE><rank>`` before `TORCH_NCCL_ASYNC_ERROR_HANDLING` tears
+  the process down: the evidence survives even when no controller asked.
+
+A dump is plain data, as JSON or as a pickle (``version``, ``pg_config``, ``entries``: one dict
+per collective with its process group, ``collective_seq_id``, ``profiling_name`` such as
+``nccl:all_reduce``, ``state``: scheduled, started or completed, and ``retired`` once torch
+let go of it; the format `torch.distributed.flight_recorder` reads).
 
 `read_dump` keeps, per rank, the highest collective it enqueued on the default process group
 and the oldest it has not completed. In a hang, the ranks that enqueued collective N wait for
@@ -21,25 +33,105 @@ in the stacks directory cannot run code in the agent.
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import io
+import json
+import os
 import pickle
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 DUMP_PREFIX = "nccl_trace_rank_"
+FETCHED_PREFIX = "flight_recorder_rank_"
 TRACE_BUFFER_SIZE = 2000
 """Collectives each rank keeps (torch's default is 0: no recorder)."""
+HANDLERS = ("dump_nccl_trace_json", "fr_trace_json")
+"""torch's debug handlers that return the recorder: NCCL's (CUDA builds), then the generic
+one (gloo), tried in this order."""
+FETCH_TIMEOUT_S = 2.0
+ALIASES = {
+    "TORCH_FR_BUFFER_SIZE": "TORCH_NCCL_TRACE_BUFFER_SIZE",
+    "TORCH_FR_DUMP_TEMP_FILE": "TORCH_NCCL_DEBUG_INFO_TEMP_FILE",
+}
+"""The flight recorder's current names and the deprecated NCCL ones torch still reads (a
+recipe that sets either keeps its value)."""
 
 
 def worker_env(stacks_dir: str, environ: Mapping[str, str]) -> dict[str, str]:
-    """The flight recorder's settings for a node's workers (what the recipe set wins)."""
+    """NCCL's failure settings for a node's workers (what the recipe set wins: its ``env:``
+    passes every ``NCCL_*``/``TORCH_NCCL_*`` variable through untouched).
+
+    - the flight recorder on, dumping into the stacks directory when a collective times out;
+    - ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``: a failed or timed-out collective tears the process
+      down without ``ncclCommAbort`` (which can itself hang on a wedged GPU); the agent sees
+      the worker exit and trainctl recovers the job.
+    """
     wanted = {
-        "TORCH_NCCL_TRACE_BUFFER_SIZE": str(TRACE_BUFFER_SIZE),
+        "TORCH_FR_BUFFER_SIZE": str(TRACE_BUFFER_SIZE),
         "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(Path(stacks_dir) / DUMP_PREFIX),
+        "TORCH_FR_DUMP_TEMP_FILE": str(Path(stacks_dir) / DUMP_PREFIX),
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
     }
-    return {k: v for k, v in wanted.items() if k not in environ}
+    return {
+        name: value
+        for name, value in wanted.items()
+        if name not in environ and ALIASES.get(name, name) not in environ
+    }
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout_s: float) -> None:
+        super().__init__("localhost", timeout=timeout_s)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+def call_handler(socket_path: str, handler: str, timeout_s: float = FETCH_TIMEOUT_S) -> bytes:
+    """POST ``/handler/<handler>`` to a worker's debug server; the body of a 200 answer.
+    Raises OSError (no server, timeout) or ValueError (the handler answered an error)."""
+    connection = _UnixHTTPConnection(socket_path, timeout_s)
+    try:
+        connection.request("POST", f"/handler/{handler}")
+        response = connection.getresponse()
+        body = response.read()
+    except http.client.HTTPException as bad:
+        raise OSError(f"{handler}: {bad!r}") from None
+    finally:
+        connection.close()
+    if response.status != 200:
+        raise ValueError(f"{handler}: HTTP {response.status}: {body[:200]!r}")
+    return body
+
+
+def fetch_rank(server_dir: str | Path, rank: int, stacks_dir: str | Path) -> str | None:
+    """Ask rank `rank`'s debug server for its flight recorder and save it in `stacks_dir`.
+    Returns None when saved, else why not (one line, for the dump's failures)."""
+    sock = str(Path(server_dir) / f"r{rank}.sock")
+    problems = []
+    for handler in HANDLERS:
+        try:
+            body = call_handler(sock, handler)
+        except (OSError, ValueError) as bad:
+            problems.append(str(bad) if isinstance(bad, ValueError) else f"{handler}: {bad!r}")
+            if isinstance(bad, OSError):
+                break  # no server: the next handler cannot answer either
+            continue
+        target = fetched_path(stacks_dir, rank)
+        partial = target.with_suffix(".partial")
+        partial.write_bytes(body)
+        os.replace(partial, target)
+        return None
+    return "flight recorder: " + "; ".join(problems)
+
+
+def fetched_path(stacks_dir: str | Path, rank: int) -> Path:
+    return Path(stacks_dir) / f"{FETCHED_PREFIX}{rank}.json"
 
 
 def dump_path(stacks_dir: str | Path, rank: int) -> Path:
@@ -62,9 +154,13 @@ class Collectives:
 
 
 def read_dump(data: bytes) -> Collectives | None:
-    """A rank's dump summarised; None when it holds no collective or is not a dump."""
+    """A rank's dump (JSON or pickle) summarised; None when it holds no collective or is not
+    a dump."""
     try:
-        dump = _PlainData(io.BytesIO(data)).load()
+        if data.lstrip()[:1] == b"{":
+            dump = json.loads(data)
+        else:
+            dump = _PlainData(io.BytesIO(data)).load()
     except Exception:  # a truncated, foreign or hostile file: no evidence
         return None
     entries = dump.get("entries") if isinstance(dump, dict) else None
@@ -81,7 +177,8 @@ def read_dump(data: bytes) -> Collectives | None:
         return None
     ops = groups.get("0") or max(groups.values(), key=len)
     ops.sort(key=lambda e: e["collective_seq_id"])
-    waiting = next((e for e in ops if e.get("state") != "completed"), None)
+    # gloo never marks an entry completed; torch retires an entry once its work is done.
+    waiting = next((e for e in ops if e.get("state") != "completed" and not e.get("retired")), None)
     pending = (
         None
         if waiting is None
@@ -92,8 +189,13 @@ def read_dump(data: bytes) -> Collectives | None:
 
 
 def read_rank(stacks_dir: str | Path, rank: int) -> Collectives | None:
-    """The rank's dump in the stacks directory, if NCCL wrote one."""
-    try:
-        return read_dump(dump_path(stacks_dir, rank).read_bytes())
-    except OSError:
-        return None
+    """The rank's recorder from the stacks directory: the one fetched on demand, else the
+    one NCCL's watchdog wrote; None when neither is there."""
+    for path in (fetched_path(stacks_dir, rank), dump_path(stacks_dir, rank)):
+        try:
+            found = read_dump(path.read_bytes())
+        except OSError:
+            continue
+        if found is not None:
+            return found
+    return None

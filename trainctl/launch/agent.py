@@ -35,12 +35,14 @@ from typing import IO
 from trainctl.health import flight_recorder
 from trainctl.health.gate import GateResult, NodeProber
 from trainctl.health.liveness import LivenessPolicy
+from trainctl.health.readings import NvmlReading
 from trainctl.health.verdict import Verdict
-from trainctl.launch import proctree, stacks
+from trainctl.launch import proctree, stacks, workers
 from trainctl.launch.control import ControlClient
 from trainctl.launch.node_attempt import Attempt, gate_config, liveness_policy
 from trainctl.launch.plan import LaunchPlan
 from trainctl.launch.torchrun import WarmTorchrun, can_warm_start
+from trainctl.launch.workers import WorkerCountError
 from trainctl.protocol import (
     Disconnected,
     DumpStacks,
@@ -138,12 +140,18 @@ class Agent:
             self.send(StacksReport(()))
             return
         started = time.monotonic()
-        workers = stacks.find_workers(os.getpid())
+        found = stacks.find_workers(os.getpid())
         stacks_dir = self.attempt.stacks_dir
+        server_dir = self.attempt.server_dir
         dumps = []
-        if workers:
-            with ThreadPoolExecutor(max_workers=len(workers)) as pool:
-                dumps = list(pool.map(lambda w: stacks.dump_worker(w, stacks_dir), workers))
+        if found:
+            with ThreadPoolExecutor(max_workers=len(found)) as pool:
+                dumps = list(
+                    pool.map(
+                        lambda w: stacks.dump_worker(w, stacks_dir, server_dir),
+                        found,
+                    )
+                )
         self.send(StacksReport(tuple(dumps), time.monotonic() - started))
 
     # -- torchrun ----------------------------------------------------------------------------
@@ -172,13 +180,24 @@ class Agent:
         if self._warm is None or self._warm.process.poll() is not None:
             self._warm = WarmTorchrun(self.python, dict(os.environ), self._log_file(log_path))
 
-    def start_torchrun(self, attempt: Attempt) -> None:
+    def workers_for(self, attempt: Attempt, nvml: NvmlReading) -> int:
+        """This node's worker count: the plan's, or its visible GPUs (``gpu``/``auto``)."""
+        requested = workers.requested_workers(attempt.node.argv)
+        if requested is None:
+            return 0  # a plan without the flag: torchrun's default
+        environ = {**os.environ, **attempt.node.env_dict()}
+        gpus = workers.visible_gpus(nvml, environ)
+        return workers.workers_per_node(requested, gpus, self.name, nvml)
+
+    def start_torchrun(self, attempt: Attempt, count: int = 0) -> None:
         node = attempt.node
         env = node.env_dict()
         env[Env.AGENT_SOCKET] = attempt.workers.address
         env[Env.WORKER_TOKEN] = self.worker_token
         env[Env.STACKS_DIR] = str(attempt.stacks_dir)
-        # NCCL's flight recorder (GPUs), dumping beside the stacks when its watchdog times out.
+        env[Env.WORKER_SERVER_DIR] = attempt.server_dir
+        # NCCL's failure settings: the flight recorder (dumping beside the stacks when its
+        # watchdog times out) and how a failed collective ends the process.
         env.update(flight_recorder.worker_env(str(attempt.stacks_dir), env))
         if self.zygote is not None and self.zygote.poll() is None:
             env[Env.ZYGOTE] = self.zygote_address
@@ -186,7 +205,7 @@ class Agent:
         Path(node.error_dir).mkdir(parents=True, exist_ok=True)
         log.write(f"--- attempt {attempt.plan.attempt} on {node.name}\n".encode())
         attempt.log_offset = log.tell()
-        argv = list(node.argv)
+        argv = workers.with_workers(node.argv, count) if count else list(node.argv)
         if can_warm_start(argv) and self._warm is not None:
             warm, self._warm = self._warm, None
             attempt.torchrun = warm.start(argv[3:], env)
@@ -198,7 +217,7 @@ class Agent:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        self.send(Started(os.getpid(), attempt.torchrun.pid))
+        self.send(Started(os.getpid(), attempt.torchrun.pid, count))
 
     # -- control -----------------------------------------------------------------------------
     def _launch(self, message: Launch) -> None:
@@ -272,7 +291,7 @@ class Agent:
                 try:
                     self.run_attempt(self.attempt)
                 finally:
-                    self.attempt.workers.close()
+                    self.attempt.close()
                     self.attempt = None
                 pending, self._pending_launch = self._pending_launch, None
                 if pending is not None and self.quit_reason is None:
@@ -283,7 +302,8 @@ class Agent:
 
     def run_attempt(self, attempt: Attempt) -> None:
         plan = attempt.plan
-        verdict = self.probe("preflight", plan.gate, plan.rdzv_endpoint).verdict
+        result = self.probe("preflight", plan.gate, plan.rdzv_endpoint)
+        verdict = result.verdict
         if verdict.status is Verdict.UNHEALTHY:
             # Never join the rendezvous; stay connected (so the controller reads the verdict
             # before it sees this node go) until it says stop or goes away.
@@ -292,7 +312,12 @@ class Agent:
                 self._handle_control()
             self.send(Exit(0, stopped=True, reason=attempt.stop.reason))
             return
-        self.start_torchrun(attempt)
+        try:
+            workers = self.workers_for(attempt, result.nvml)
+        except WorkerCountError as bad:
+            self.send(Exit(1, errors=(ErrorFile("nproc_per_node", str(bad)),)))
+            return
+        self.start_torchrun(attempt, workers)
         self.start_probing(attempt)
         try:
             self._watch(attempt)

@@ -5,7 +5,9 @@ environment (the health gate's, the liveness policy for its controller)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -43,9 +45,17 @@ class Attempt:
         self.stop: Stop | None = None
         """Set once the controller asked this attempt to stop."""
         self.stacks_dir = Path(node.error_dir).parent / f"{node.name}-stacks"
+        self.server_dir = tempfile.mkdtemp(prefix="trainctl-w")
+        """Where the workers serve torch's debug handlers (a short path: Unix socket names
+        have 108 bytes; private: 0700)."""
         self.grace_s = float(node.env_dict().get(Env.STOP_GRACE_S, "5"))
         self.log_offset = 0
         """Where this attempt's output starts in the node log."""
+
+    def close(self) -> None:
+        """The attempt is over: its worker channel and debug sockets go."""
+        self.workers.close()
+        shutil.rmtree(self.server_dir, ignore_errors=True)
 
     def failure(
         self, code: int, upto: int | None = None

@@ -63,6 +63,8 @@ class LaunchPlan:
     job_id: str
     attempt: int
     world_size: int
+    """0 while it depends on the nodes' GPUs (``nproc_per_node: gpu``): each agent reports
+    its worker count when its torchrun starts."""
     rdzv_endpoint: str
     nodes: tuple[NodePlan, ...]
     excluded: tuple[str, ...] = ()
@@ -182,6 +184,9 @@ def node_env(spec: JobSpec, facts: Facts, job_id: str, attempt: int, node: str) 
     env[Env.CHECKPOINT] = json.dumps(
         ckpt.model_dump(mode="json"), sort_keys=True, separators=(",", ":")
     )
+    env[Env.HEALTH] = json.dumps(
+        spec.health.model_dump(mode="json"), sort_keys=True, separators=(",", ":")
+    )
     env.update(spec.env)
     env.update(spec.node_env.get(node, {}))
     return dict(sorted(env.items()))
@@ -245,7 +250,7 @@ def plan_attempt(
     return LaunchPlan(
         job_id=job_id,
         attempt=attempt,
-        world_size=len(nodes) * spec.nproc_per_node,
+        world_size=0 if spec.per_gpu else len(nodes) * int(spec.nproc_per_node),
         rdzv_endpoint=f"{facts.rdzv_host}:{port}",
         nodes=tuple(node_plans),
         excluded=excluded,
@@ -257,9 +262,10 @@ def plan_attempt(
 
 def render_plan(plan: LaunchPlan) -> str:
     """Human- and diff-friendly text of a plan: per node, the env and the exact argv."""
+    world = str(plan.world_size) if plan.world_size else "one worker per GPU of each node"
     lines = [
         f"job {plan.job_id} attempt {plan.attempt}: {len(plan.nodes)} node(s), "
-        f"world size {plan.world_size}, rendezvous {plan.rdzv_endpoint}",
+        f"world size {world}, rendezvous {plan.rdzv_endpoint}",
     ]
     if plan.excluded:
         lines.append(f"excluded: {', '.join(plan.excluded)}")

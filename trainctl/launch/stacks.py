@@ -111,10 +111,19 @@ def dump_with_faulthandler(pid: int, path: Path) -> tuple[str | None, str | None
     return None, f"no dump in {path} within {FAULTHANDLER_WAIT_S:g} s (process stopped?)"
 
 
-def dump_worker(worker: WorkerProcess, stacks_dir: Path) -> StackDump:
-    """Dump one worker's stacks: its state, the text, the method that worked, the failures."""
+def dump_worker(
+    worker: WorkerProcess, stacks_dir: Path, server_dir: str | None = None
+) -> StackDump:
+    """Dump one worker's stacks: its state, the text, the method that worked, the failures;
+    first its flight recorder, from its debug server in `server_dir` (fast, and taken before
+    py-spy pauses the process)."""
     state = process_state(worker.pid)
     failures: list[str] = []
+    if server_dir is not None and state not in ("T", "t", None):
+        stacks_dir.mkdir(parents=True, exist_ok=True)
+        problem = flight_recorder.fetch_rank(server_dir, worker.rank, stacks_dir)
+        if problem is not None:
+            failures.append(problem)
     text: str | None = None
     method: str | None = None
     binary = py_spy_binary()

@@ -130,6 +130,7 @@ class Controller:
             spec.recovery.exclude_s,
             spec.max_steps,
             self.say,
+            per_gpu=spec.per_gpu,
         )
 
     def say(self, message: str) -> None:
@@ -362,8 +363,8 @@ class Controller:
         )
         extra = f" ({selection.reason})" if selection.reason else ""
         self.say(
-            f"attempt {number}: {len(selection.nodes)} node(s), world size {plan.world_size}"
-            + extra
+            f"attempt {number}: {len(selection.nodes)} node(s), world size "
+            f"{plan.world_size or 'one worker per GPU'}" + extra
         )
         return plan
 

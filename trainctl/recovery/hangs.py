@@ -148,7 +148,7 @@ def localise_hang(hang: Hang) -> tuple[str | None, str]:
             ahead = next(r for r in recorded if r.nccl_seq == max(seqs))
             waits = f" waiting in {ahead.nccl_pending}" if ahead.nccl_pending else ""
             return node, (
-                f"rank {_ranks(behind)} on {node} never enqueued NCCL collective "
+                f"rank {_ranks(behind)} on {node} never enqueued collective "
                 f"#{max(seqs)} (it stopped at #{min(seqs)}) while rank {ahead.rank} is{waits} "
                 "(flight recorder)"
             )

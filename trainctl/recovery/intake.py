@@ -68,6 +68,7 @@ class Intake:
         exclude_s: float,
         max_steps: int | None,
         say: Callable[[str], None],
+        per_gpu: bool = False,
     ) -> None:
         self.journal = journal
         self.record = journal.record
@@ -79,9 +80,13 @@ class Intake:
         self.exclude_s = exclude_s
         self.max_steps = max_steps
         self.say = say
+        self.per_gpu = per_gpu
+        """``nproc_per_node: gpu``/``auto``: the nodes' started workers make the world size."""
         self.monitor: AttemptMonitor | None = None
         """The running attempt's monitor (None before the first attempt starts)."""
         self._announced = 0
+        self._workers: dict[int, dict[str, int]] = {}
+        """Per attempt (``nproc_per_node: gpu``), the workers each node reported starting."""
 
     def take(self, envelope: Envelope) -> list[policy.Observation]:
         """Handle one message; returns the observations it makes for the policy."""
@@ -200,12 +205,22 @@ class Intake:
             self.monitor.node_started(name)
         self.record.node(name).move(NodeState.RUNNING)
         self.journal.changed()
+        attempt = self.record.attempts[-1]
+        count = f" with {message.workers} worker(s)" if message.workers else ""
         self.journal.event(
-            NodeStarted(agent_pid=message.pid, torchrun_pid=message.torchrun_pid),
-            f"{name}: torchrun started",
+            NodeStarted(
+                agent_pid=message.pid,
+                torchrun_pid=message.torchrun_pid,
+                workers=message.workers or None,
+            ),
+            f"{name}: torchrun started{count}",
             node=name,
         )
-        attempt = self.record.attempts[-1]
+        if message.workers and self.per_gpu:
+            # ``nproc_per_node: gpu``: the world is the sum of what each node found.
+            started = self._workers.setdefault(attempt.number, {})
+            started[name] = message.workers
+            attempt.world_size = sum(started.values())
         if attempt.state == AttemptState.STARTING:
             attempt.move(AttemptState.RUNNING)
         self.faults.reached(0)

@@ -186,7 +186,8 @@ class Journal:
                 shrunk=selection.shrunk,
                 excluded=excluded,
             ),
-            f"attempt {number}: {', '.join(names)}, world size {world_size}{extra}",
+            f"attempt {number}: {', '.join(names)}, world size "
+            f"{world_size or 'one worker per GPU'}{extra}",
         )
         return attempt
 

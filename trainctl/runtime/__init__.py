@@ -30,6 +30,8 @@ from typing import IO, Any, NoReturn
 
 import torch
 
+from trainctl.runtime import device as devices
+from trainctl.runtime.collective_timeout import CollectiveTimeout
 from trainctl.runtime.fingerprint import model_fingerprint
 from trainctl.runtime.reporter import Reporter
 from trainctl.runtime.settings import WorkerSettings
@@ -54,6 +56,10 @@ class RankContext:
     distributed: bool
     settings: WorkerSettings = dataclasses.field(default_factory=WorkerSettings)
     """Everything the node agent told this worker (the checkpoint section among it)."""
+    collective_timeout: CollectiveTimeout | None = None
+    """Derives the process group's timeout from this rank's step times (`collective_timeout`)."""
+    _debug_server: Any = None
+    """torch's worker server: the agent reads the flight recorder through it, on demand."""
     _stop_signal: list[str] = dataclasses.field(default_factory=list)
     _step_log: IO[str] | None = None
     """``TRAINCTL_STEP_LOG``: rank 0 appends "time pid step world_size" per step (benchmarks
@@ -68,10 +74,20 @@ class RankContext:
         print(f"[rank {self.rank}] {message}", file=sys.stderr, flush=True)
 
     def progress(self, step: int) -> None:
-        """Report that `step` steps have completed (feeds hang and straggler detection)."""
-        self.reporter.progress(step)
+        """Report that `step` steps have completed (feeds hang and straggler detection, and
+        the process group's collective timeout)."""
+        step_time = self.reporter.progress(step)
+        if self.collective_timeout is not None:
+            applied = self.collective_timeout.observe(step_time)
+            if applied is not None and self.is_main:
+                self.log(f"collective timeout now {applied:.0f} s (derived from step times)")
         if self._step_log is not None:
             self._step_log.write(f"{time.time():.6f} {os.getpid()} {step} {self.world_size}\n")
+
+    def to_device(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """`batch` on this rank's device (a no-op on the CPU; pinned, asynchronous copies to
+        a GPU)."""
+        return devices.to_device(batch, self.device)
 
     def busy(self) -> contextlib.AbstractContextManager[None]:
         """Mark work that waits for no other rank; its time is the step's busy time.
@@ -116,6 +132,9 @@ class RankContext:
                 # anyone tears the group down, so no rank is still talking to a closing store.
                 dist.barrier()
                 dist.destroy_process_group()
+        if self._debug_server is not None:
+            self._debug_server.shutdown()
+            self._debug_server = None
         self.reporter.close()
 
     def exit(self, code: int = 0) -> NoReturn:
@@ -138,13 +157,13 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value not in (None, "") else default
 
 
-def _default_backend() -> str:
-    # async DCP saves need a CPU backend, so GPU jobs get both gloo and nccl.
-    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-
-
 def _init_process_group(
-    rank: int, world_size: int, backend: str, timeout_s: float, settings: WorkerSettings
+    rank: int,
+    world_size: int,
+    backend: str,
+    timeout_s: float,
+    settings: WorkerSettings,
+    device: torch.device,
 ) -> None:
     """Join the process group through a store that holds nothing from an earlier round.
 
@@ -173,23 +192,80 @@ def _init_process_group(
     if agent_store:
         prefix += f"r{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
     store = dist.PrefixStore(prefix, base)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    # On a GPU, `device_id` binds the group to this rank's GPU (NCCL's communicator is built
+    # for it, eagerly, instead of guessing a device at the first collective).
+    dist.init_process_group(
+        backend,
+        store=store,
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,
+        device_id=device if device.type == "cuda" else None,
+    )
 
 
-def init(backend: str | None = None, timeout_s: float = 120.0) -> RankContext:
-    """Initialise this worker: process group, signal handlers, reporter. Call once."""
+def _set_collective_timeout(seconds: float) -> None:
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    if dist.is_initialized():
+        distributed_c10d._set_pg_timeout(timedelta(seconds=seconds))
+
+
+def _serve_debug_handlers(directory: str | None, rank: int) -> Any:
+    """torch's worker server on ``<directory>/r<RANK>.sock``: its handlers (the flight
+    recorder among them) answer from C++ threads, so the agent can read them while this
+    rank's Python is stuck. None where torch lacks it or the socket cannot be made."""
+    if not directory:
+        return None
+    try:
+        from torch._C._distributed_c10d import _WorkerServer
+
+        return _WorkerServer(f"{directory}/r{rank}.sock")
+    except Exception as error:  # the evidence is a bonus: never fail a worker for it
+        print(f"trainctl: no debug handlers for the agent: {error!r}", file=sys.stderr)
+        return None
+
+
+def init(backend: str | None = None, timeout_s: float | None = None) -> RankContext:
+    """Initialise this worker: its device, process group, signal handlers, reporter. Once.
+
+    On a host with CUDA the worker binds ``cuda:LOCAL_RANK`` before it joins the group
+    (`trainctl.runtime.device`); the group starts with ``health.first_step_allowance_s`` as
+    its collective timeout (`timeout_s` overrides it) and then follows the step times
+    (`trainctl.runtime.collective_timeout`).
+    """
     settings = WorkerSettings.from_environ(os.environ)
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     distributed = "RANK" in os.environ and "MASTER_ADDR" in os.environ
+    cuda = torch.cuda.is_available()
+    device = devices.choose_device(
+        local_rank,
+        cuda_available=cuda,
+        device_count=torch.cuda.device_count() if cuda else 0,
+        environ=os.environ,
+    )
+    devices.bind(device)
+    collective_timeout = None
     if distributed:
-        _init_process_group(rank, world_size, backend or _default_backend(), timeout_s, settings)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+        initial_s = timeout_s or CollectiveTimeout.initial_s(settings.health)
+        _init_process_group(
+            rank,
+            world_size,
+            backend or devices.default_backend(device),
+            initial_s,
+            settings,
+            device,
+        )
+        if timeout_s is None:
+            collective_timeout = CollectiveTimeout(
+                settings.health,
+                checkpointing=bool(settings.checkpoint and settings.checkpoint.interval_steps),
+                apply=_set_collective_timeout,
+                current_s=initial_s,
+            )
     ctx = RankContext(
         rank=rank,
         world_size=world_size,
@@ -205,6 +281,10 @@ def init(backend: str | None = None, timeout_s: float = 120.0) -> RankContext:
         reporter=Reporter.from_settings(settings, rank),
         distributed=distributed,
         settings=settings,
+        collective_timeout=collective_timeout,
+        _debug_server=_serve_debug_handlers(settings.worker_server_dir, rank)
+        if distributed
+        else None,
     )
     if settings.step_log and rank == 0:
         ctx._step_log = open(settings.step_log, "a", buffering=1)  # noqa: SIM115 - for the run

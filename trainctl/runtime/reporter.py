@@ -98,7 +98,7 @@ class Reporter:
             except OSError:
                 return False
 
-    def progress(self, step: int) -> None:
+    def progress(self, step: int) -> float | None:
         """Mark that `step` completed (the heartbeat hang detection and straggler stats use).
 
         Sends the wall-clock step time since the previous call and the busy time accumulated
@@ -109,6 +109,7 @@ class Reporter:
         self._last_step_time = now
         busy_time, self._busy_s = self._busy_s, None
         self.send(WorkerProgress(self.rank, step, now, step_time, busy_time))
+        return step_time
 
     def saving(self, step: int) -> None:
         """Mark that a checkpoint save of `step` starts: until the next step the controller

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from trainctl.env import Env
 from trainctl.errors import first_problem
-from trainctl.spec import CheckpointSpec
+from trainctl.spec import CheckpointSpec, HealthSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,10 +33,13 @@ class WorkerSettings:
     checkpoint: CheckpointSpec | None = None
     """The recipe's ``checkpoint:`` section, credentials left out (None: no checkpoints)."""
     checkpoint_root: str | None = None
+    health: HealthSpec = dataclasses.field(default_factory=HealthSpec)
+    """The recipe's ``health:`` section (the spec's defaults without trainctl)."""
     agent_socket: str | None = None
     """The node agent's datagram socket (None: reports go nowhere)."""
     worker_token: str = ""
     stacks_dir: str | None = None
+    worker_server_dir: str | None = None
     secrets_file: str | None = None
     faults_dir: str | None = None
     """Testing: a storage-outage fault is planned; the checkpoint storage watches this dir."""
@@ -73,6 +76,13 @@ class WorkerSettings:
                 checkpoint = CheckpointSpec.model_validate(section)
             except ValidationError as bad:
                 raise ValueError(f"{Env.CHECKPOINT}: {first_problem(bad)}") from None
+        health = HealthSpec()
+        section = document(Env.HEALTH)
+        if section is not None:
+            try:
+                health = HealthSpec.model_validate(section)
+            except ValidationError as bad:
+                raise ValueError(f"{Env.HEALTH}: {first_problem(bad)}") from None
         return cls(
             job_id=text(Env.JOB_ID) or "local",
             node=text(Env.NODE) or "local",
@@ -82,9 +92,11 @@ class WorkerSettings:
             config=config,
             checkpoint=checkpoint,
             checkpoint_root=text(Env.CHECKPOINT_ROOT),
+            health=health,
             agent_socket=text(Env.AGENT_SOCKET),
             worker_token=text(Env.WORKER_TOKEN) or "",
             stacks_dir=text(Env.STACKS_DIR),
+            worker_server_dir=text(Env.WORKER_SERVER_DIR),
             secrets_file=text(Env.SECRETS_FILE),
             faults_dir=text(Env.FAULTS_DIR),
             step_log=text(Env.STEP_LOG),

@@ -1,0 +1,75 @@
+"""``nproc_per_node: gpu`` on real 2-node jobs: each node's agent counts its GPUs through the
+real pynvml code paths (a fake ``libnvidia-ml.so.1`` per node, see tests/fakenvml) narrowed by
+``CUDA_VISIBLE_DEVICES``, and starts one worker per GPU. The workers compute on the CPU here
+(no CUDA): the same job with an explicit worker count ends with the same weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import events, launch, read_state, write_recipe
+from tests.e2e.test_health import nvml_env
+from tests.fakenvml.build import build_or_skip
+
+
+@pytest.fixture(scope="module")
+def fake_nvml_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_or_skip(tmp_path_factory.mktemp("fakenvml"))
+
+
+def gpu_nodes(tmp_path: Path, lib: Path, node1_devices: int) -> dict[str, dict[str, str]]:
+    node0, node1 = tmp_path / "node-0.nvml", tmp_path / "node-1.nvml"
+    node0.write_text("device_count=2\n")
+    node1.write_text(f"device_count={node1_devices}\n")
+    # node-1's NVML lists more GPUs than its allocation: the scheduler's mask decides
+    narrowed = {"CUDA_VISIBLE_DEVICES": "2,3"} if node1_devices > 2 else {}
+    return {"node-0": nvml_env(lib, node0), "node-1": {**nvml_env(lib, node1), **narrowed}}
+
+
+def test_one_worker_per_visible_gpu(storage: Path, tmp_path: Path, fake_nvml_dir: Path) -> None:
+    common = {"checkpoint": {"interval_steps": 0}, "max_steps": 4}
+    per_gpu = write_recipe(
+        tmp_path,
+        "per-gpu",
+        nproc_per_node="gpu",
+        node_env=gpu_nodes(tmp_path, fake_nvml_dir, node1_devices=4),
+        **common,
+    )
+    result = launch(str(per_gpu), "--json", job_id="per-gpu", storage=storage)
+    assert result.returncode == 0, result.stderr
+    started = {
+        e["node"]: e["data"]["workers"]
+        for e in events(storage, "per-gpu")
+        if e["kind"] == "node_started"
+    }
+    assert started == {"node-0": 2, "node-1": 2}
+    assert read_state(storage, "per-gpu")["attempts"][0]["world_size"] == 4
+    log = (storage / "jobs" / "per-gpu" / "logs" / "node-0.log").read_text()
+    assert "world size 4" in log
+
+    fixed = write_recipe(tmp_path, "fixed-4", nproc_per_node=2, **common)
+    oracle = launch(str(fixed), "--json", job_id="fixed-4", storage=storage)
+    assert oracle.returncode == 0, oracle.stderr
+    assert result.json()["fingerprint"] == oracle.json()["fingerprint"]
+
+
+def test_a_gpu_job_on_a_node_without_gpus_fails_with_the_reason(
+    storage: Path, tmp_path: Path, fake_nvml_dir: Path
+) -> None:
+    recipe = write_recipe(
+        tmp_path,
+        "no-gpu",
+        nproc_per_node="gpu",
+        node_env=gpu_nodes(tmp_path, fake_nvml_dir, node1_devices=0),
+        checkpoint={"interval_steps": 0},
+        max_steps=4,
+        recovery={"crash_loop_limit": 1},
+    )
+    result = launch(str(recipe), job_id="no-gpu", storage=storage)
+    assert result.returncode != 0
+    state = read_state(storage, "no-gpu")
+    assert state["state"] == "failed"
+    assert "node-1 has no visible NVIDIA GPU" in state["reason"], state["reason"]
+    assert "Traceback" not in result.stderr
