@@ -114,6 +114,9 @@ class StackDump:
     """NCCL's flight recorder (GPUs): the last collective this rank enqueued, when it dumped."""
     nccl_pending: str | None = None
     """... and the oldest it had not completed."""
+    flight_recorder: str | None = None
+    """The recorder itself, trimmed to its newest collectives (JSON; `flight_recorder.trimmed`),
+    stored beside the stacks for people and torch's analyser."""
 
 
 # -- messages -----------------------------------------------------------------------------------

@@ -172,6 +172,14 @@ def test_a_rank_stuck_in_its_own_loop_is_named_from_the_stacks(
     assert (first["cause"], first["blamed"]) == ("node_fault", "node-1")
     assert "on node-1 is running its own code at spin_forever" in first["reason"]
     assert "wait(s) in torch" in first["reason"]
+    # gloo's flight recorder, read from the ranks' debug servers while node-1's rank held the
+    # GIL: node-1 never entered the collective the other rank waits in.
+    assert "on node-1 never enqueued collective #" in first["reason"], first["reason"]
+    stacks = storage / "jobs" / "spin" / "stacks" / "attempt-0"
+    recorders = {p.name.split("-rank-")[0]: p for p in stacks.glob("*.flight_recorder.json")}
+    assert set(recorders) == {"node-0", "node-1"}
+    entries = json.loads(recorders["node-1"].read_text())["entries"]
+    assert entries and entries[-1]["profiling_name"].startswith("gloo:")
     status = trainctl("status", "spin", storage=storage)
     assert "running its own code" in status.stdout + status.stderr
 

@@ -51,6 +51,8 @@ HANDLERS = ("dump_nccl_trace_json", "fr_trace_json")
 """torch's debug handlers that return the recorder: NCCL's (CUDA builds), then the generic
 one (gloo), tried in this order."""
 FETCH_TIMEOUT_S = 2.0
+KEEP_ENTRIES = 64
+"""Collectives per rank the job store keeps from a dump (the newest: where the hang is)."""
 ALIASES = {
     "TORCH_FR_BUFFER_SIZE": "TORCH_NCCL_TRACE_BUFFER_SIZE",
     "TORCH_FR_DUMP_TEMP_FILE": "TORCH_NCCL_DEBUG_INFO_TEMP_FILE",
@@ -157,10 +159,7 @@ def read_dump(data: bytes) -> Collectives | None:
     """A rank's dump (JSON or pickle) summarised; None when it holds no collective or is not
     a dump."""
     try:
-        if data.lstrip()[:1] == b"{":
-            dump = json.loads(data)
-        else:
-            dump = _PlainData(io.BytesIO(data)).load()
+        dump = _load(data)
     except Exception:  # a truncated, foreign or hostile file: no evidence
         return None
     entries = dump.get("entries") if isinstance(dump, dict) else None
@@ -186,6 +185,25 @@ def read_dump(data: bytes) -> Collectives | None:
         f"({waiting.get('state', '?')})"
     )
     return Collectives(ops[-1]["collective_seq_id"], pending)
+
+
+def _load(data: bytes) -> Any:
+    if data.lstrip()[:1] == b"{":
+        return json.loads(data)
+    return _PlainData(io.BytesIO(data)).load()
+
+
+def trimmed(stacks_dir: str | Path, rank: int, keep: int = KEEP_ENTRIES) -> str | None:
+    """The rank's recorder as JSON with only its newest `keep` entries (None: no dump)."""
+    for path in (fetched_path(stacks_dir, rank), dump_path(stacks_dir, rank)):
+        try:
+            dump = _load(path.read_bytes())
+        except Exception:  # absent, truncated or foreign: try the other, else nothing
+            continue
+        if isinstance(dump, dict) and isinstance(dump.get("entries"), list):
+            dump = {**dump, "entries": dump["entries"][-keep:], "source": path.name}
+            return json.dumps(dump, default=repr)
+    return None
 
 
 def read_rank(stacks_dir: str | Path, rank: int) -> Collectives | None:

@@ -158,4 +158,5 @@ def dump_worker(
         failures=tuple(failures),
         nccl_seq=collectives.last_seq if collectives else None,
         nccl_pending=collectives.pending if collectives else None,
+        flight_recorder=flight_recorder.trimmed(stacks_dir, worker.rank),
     )

@@ -409,6 +409,17 @@ class Controller:
             lambda timeout_s: self._pump(timeout_s, early),
             lambda: self.stop_signal is not None,
         )
+        # A loss noticed while waiting, of an agent that has since been replaced (the previous
+        # attempt's teardown, seen late after a controller pause), is not this attempt's.
+        early = [
+            seen
+            for seen in early
+            if not (
+                isinstance(seen, policy.NodeLost)
+                and seen.node in self.fleet.connected
+                and seen.time < self.fleet.hello_at.get(seen.node, 0.0)
+            )
+        ]
         plan = self._start_attempt(selection)
         crew = Crew(
             self.spec,

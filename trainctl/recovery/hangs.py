@@ -139,6 +139,7 @@ def localise_hang(hang: Hang) -> tuple[str | None, str]:
         if node is not None:
             letters = "/".join(sorted({str(r.process_state) for r in stuck}))
             return node, f"rank {_ranks(stuck)} on {node} is {what} (state {letters})"
+    positioned = _by_position(hang)
     recorded = [r for r in hang.ranks if r.nccl_seq is not None]
     seqs = [r.nccl_seq or 0 for r in recorded]
     if len(recorded) > 1 and min(seqs) < max(seqs):
@@ -147,12 +148,13 @@ def localise_hang(hang: Hang) -> tuple[str | None, str]:
         if node is not None:
             ahead = next(r for r in recorded if r.nccl_seq == max(seqs))
             waits = f" waiting in {ahead.nccl_pending}" if ahead.nccl_pending else ""
+            # The stacks say where the late rank is, when they agree on the node.
+            stacks = f"; {positioned[1]}" if positioned and positioned[0] == node else ""
             return node, (
                 f"rank {_ranks(behind)} on {node} never enqueued collective "
                 f"#{max(seqs)} (it stopped at #{min(seqs)}) while rank {ahead.rank} is{waits} "
-                "(flight recorder)"
+                f"(flight recorder){stacks}"
             )
-    positioned = _by_position(hang)
     if positioned is not None and positioned[0] is not None:
         return positioned
     steps = [r.step if r.step is not None else -1 for r in hang.ranks]

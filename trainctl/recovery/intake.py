@@ -112,6 +112,7 @@ class Intake:
         now = time.time()
         if isinstance(message, Hello):
             self.fleet.connected.add(name)
+            self.fleet.hello_at[name] = now
             self.journal.event(AgentConnected(pid=message.pid), f"{name}: agent up", node=name)
             if not in_attempt:
                 self.fleet.send(name, self.standby_probe())

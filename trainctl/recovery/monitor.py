@@ -203,8 +203,13 @@ class AttemptMonitor:
             header += "".join(f"# failed: {failure}\n" for failure in dump.failures)
             if dump.nccl_seq is not None:
                 header += (
-                    f"# NCCL flight recorder: last collective enqueued #{dump.nccl_seq}, "
+                    f"# flight recorder: last collective enqueued #{dump.nccl_seq}, "
                     f"oldest not completed: {dump.nccl_pending or 'none'}\n"
+                )
+            if dump.flight_recorder:
+                self.journal.write_job_file(
+                    f"stacks/attempt-{self.attempt}/{node}-rank-{dump.rank}.flight_recorder.json",
+                    dump.flight_recorder.encode(),
                 )
             body = dump.text or "(no stacks could be read)\n"
             self.journal.write_job_file(
@@ -219,7 +224,12 @@ class AttemptMonitor:
         self.journal.event(
             StacksSaved(
                 dumps=[
-                    {k: v for k, v in dataclasses.asdict(d).items() if k != "text"} for d in dumps
+                    {
+                        k: v
+                        for k, v in dataclasses.asdict(d).items()
+                        if k not in ("text", "flight_recorder")
+                    }
+                    for d in dumps
                 ],
                 duration_s=duration_s,
             ),
