@@ -35,6 +35,7 @@ from trainctl.protocol import (
     Disconnected,
     Envelope,
     Exit,
+    GpuUsage,
     Hello,
     Probe,
     Progress,
@@ -49,6 +50,7 @@ from trainctl.protocol import (
 from trainctl.recovery import placement, policy
 from trainctl.recovery.faults import NoFaults
 from trainctl.recovery.fleet import Fleet
+from trainctl.recovery.gpu_recorder import GpuRecorder
 from trainctl.recovery.journal import Journal
 from trainctl.recovery.monitor import AttemptMonitor
 from trainctl.state import AttemptState, NodeState
@@ -68,6 +70,7 @@ class Intake:
         exclude_s: float,
         max_steps: int | None,
         say: Callable[[str], None],
+        gpu: GpuRecorder,
     ) -> None:
         self.journal = journal
         self.record = journal.record
@@ -79,6 +82,8 @@ class Intake:
         self.exclude_s = exclude_s
         self.max_steps = max_steps
         self.say = say
+        self.gpu = gpu
+        """Where GPU utilisation samples go (the job's GPU time series, idle flags)."""
         self.monitor: AttemptMonitor | None = None
         """The running attempt's monitor (None before the first attempt starts)."""
         self._announced = 0
@@ -114,6 +119,8 @@ class Intake:
             return self._disconnected(name, in_attempt, now)
         elif isinstance(message, VerdictReport):
             return self._verdict(name, message, in_attempt)
+        elif isinstance(message, GpuUsage):
+            self.gpu.add(name, envelope.attempt, message.phase, message.sample, now)
         elif isinstance(message, StacksReport):
             if self.monitor is not None:
                 self.monitor.stacks(name, message.dumps, message.duration_s)
