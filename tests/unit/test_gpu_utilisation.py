@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, sealed_env
+from tests.conftest import REPO, S3Endpoint, sealed_env
 from trainctl.health.readings import GpuUtilisation, NvmlStatus, ProbeError, UtilisationSample
 from trainctl.health.utilisation import (
     NodeSample,
@@ -435,3 +435,21 @@ def test_report_shows_gpu_use_over_time(busy_and_idle: Path, storage: Path) -> N
     text = trainctl(busy_and_idle, "report", "gpu-1", "--out", str(storage / "r.html"))
     assert text.returncode == 0, text.stderr
     assert "GPU utilisation per node" in text.stderr and "  n0: 91" in text.stderr
+    page = (storage / "r.html").read_text()
+    assert "<h2>GPU utilisation</h2>" in page and "<td>n1</td>" in page
+
+
+def test_gpu_chunks_on_s3_are_written_once_and_read_back(s3: S3Endpoint) -> None:
+    store = JobStore(s3.root("store"), s3.storage_options)
+    record = JobRecord("gpu-s3", "tiny", created_at=0.0, updated_at=0.0)
+    store.create(record, "name: tiny\n")
+    recorder = GpuRecorder(Journal(store, record), idle_util_pct=10, window_s=60, flush_s=5)
+    for t in range(12):
+        recorder.add("n0", 0, "running", sample(100 + t, 80), now=100 + t)
+    recorder.flush(now=120)  # nothing left: flushed at 105 (100-105) and 111 (106-111)
+    names = store.files.list(f"{store.job_url('gpu-s3')}/gpu")
+    assert len(names) == 2 and all(name.endswith(".jsonl.gz") for name in names)
+    series = read_gpu_series(store, "gpu-s3")
+    assert [s.time for s in series.samples] == [100 + t for t in range(12)]
+    rows, problems = store.read_gpu_rows("gpu-s3", last_s=1)  # the newest chunk only
+    assert [row["time"] for row in rows] == [106 + t for t in range(6)] and problems == []

@@ -41,15 +41,16 @@ OUT_OPTION = typer.Option(
 )
 
 
-def render_picture(ledger: Ledger, path: Path) -> bytes:
-    """The picture for `path`'s suffix: PNG, bare SVG, or an HTML page."""
+def render_picture(ledger: Ledger, path: Path, gpu: dict[str, Any] | None = None) -> bytes:
+    """The picture for `path`'s suffix: PNG, bare SVG, or an HTML page (with the GPU
+    utilisation tables when `gpu` is given)."""
     picture = layout(ledger)
     suffix = path.suffix.lower()
     if suffix == ".png":
         return to_png(picture)
     if suffix == ".svg":
         return to_svg(picture).encode()
-    return to_html(ledger, picture).encode()
+    return to_html(ledger, picture, gpu).encode()
 
 
 def write_picture(path: Path, data: bytes) -> None:
@@ -171,7 +172,7 @@ def report(
     warn_skipped(series.problems)
     gpu = gpu_timeline(series.samples, ledger.start, ledger.end)
     path = Path(out).expanduser().absolute() if out else store.local_job_dir(job_id) / "report.html"
-    write_picture(path, render_picture(ledger, path))
+    write_picture(path, render_picture(ledger, path, gpu))
     if as_json:
         emit_json(report_json(ledger, path, gpu))
         return
