@@ -249,6 +249,28 @@ class NodeReprobe(EventData):
     pass
 
 
+@kind("gpu_idle")
+class GpuIdle(EventData):
+    """A node's GPUs idle while the job's other nodes are busy (one event per episode; a
+    warning: nothing is excluded for it). `trainctl.health.utilisation.judge_idle`."""
+
+    mean_util_pct: float
+    min_util_pct: float | None = None
+    others_util_pct: float
+    """The median of the other nodes' mean utilisation."""
+    threshold_pct: float
+    window_s: float
+    num_samples: int
+
+
+@kind("gpu_idle_cleared")
+class GpuIdleCleared(EventData):
+    """The node's GPUs are busy again (or the others idle too): its idle episode ended."""
+
+    mean_util_pct: float
+    others_util_pct: float
+
+
 @kind("straggler")
 class Straggler(EventData):
     """The evidence of `trainctl.health.progress.detect_stragglers` as extra fields."""

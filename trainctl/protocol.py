@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from trainctl.env import STACK_DUMP_SIGNAL, Env, unix_address
 from trainctl.errors import first_problem
+from trainctl.health.readings import UtilisationSample
 
 if TYPE_CHECKING:
     from pydantic import TypeAdapter
@@ -143,6 +144,17 @@ class VerdictReport(Message):
     TYPE: ClassVar[str] = "verdict"
     phase: str
     record: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuUsage(Message):
+    """Agent -> controller: how busy the node's GPUs are (`UtilisationSample`), taken with each
+    health probe (`phase`: ``preflight``, ``running`` or ``standby``). Stored as the job's GPU
+    time series, not as events."""
+
+    TYPE: ClassVar[str] = "gpu_usage"
+    phase: str
+    sample: UtilisationSample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,6 +309,7 @@ AGENT_MESSAGES: tuple[type[Message], ...] = (
     Hello,
     Beat,
     VerdictReport,
+    GpuUsage,
     Started,
     Progress,
     Result,

@@ -217,6 +217,14 @@ class HealthSpec(_Frozen):
     controller_pause_s: float = Field(default=5.0, ge=0)
     """The same for agents judging the controller (an agent that loses its controller tears
     its node down)."""
+    gpu_idle_util_pct: float = Field(default=10.0, ge=0, le=100)
+    """A node whose GPUs' mean utilisation stays below this (percent) over
+    `gpu_idle_window_s`, while the median of the job's other nodes is at or above it, is
+    flagged idle (a ``gpu_idle`` event and a line in `trainctl status`; a warning, never an
+    exclusion). 0 turns the flag off."""
+    gpu_idle_window_s: float = Field(default=300.0, gt=0)
+    """How many seconds of the latest GPU samples (taken while training ran) the idle-GPU
+    judgement and `trainctl status` look at."""
 
 
 class JobSpec(_Frozen):

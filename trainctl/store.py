@@ -6,6 +6,8 @@ Layout under the storage root (a local path, ``file://`` or ``s3://bucket/prefix
     jobs/<job-id>/state.json         JobRecord, replaced atomically as a whole
     jobs/<job-id>/events/<t>-<pid>-<n>-<kind>.json   one typed event per object, time-ordered
     jobs/<job-id>/nodes/<node>.json  latest health verdict and evidence per node
+    jobs/<job-id>/gpu/<t>-<pid>-<n>.jsonl.gz   GPU utilisation samples, one gzip'd JSON line
+                                     per node sample, many per object (`write_gpu_chunk`)
     jobs/<job-id>/blocklist.json     excluded nodes, why and until when
     jobs/<job-id>/lease.json         which controller runs the job (`trainctl.lease`)
     jobs/<job-id>/logs/<node>.log    node logs (local roots; copied up for remote roots)
@@ -21,6 +23,7 @@ verdicts).
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import itertools
 import json
 import os
@@ -196,6 +199,63 @@ class JobStore:
                 problems.append(Problem(url, str(bad) if isinstance(bad, BadEvent) else "not JSON"))
         events.sort(key=lambda e: e.time)
         return EventLog(events, problems)
+
+    # -- GPU utilisation samples --------------------------------------------------------------
+    def write_gpu_chunk(self, job_id: str, rows: list[dict[str, Any]], now: float) -> None:
+        """Store a batch of GPU samples (each row has a ``time`` <= `now`) as one new object.
+
+        Object stores cannot append, and one object per sample would be millions of objects on
+        a big job, so the controller batches: a chunk's name starts with `now` (microseconds),
+        so chunks sort by time and a reader after the last N seconds skips older ones unread.
+        Written once, gzip'd JSON lines, whole or not at all.
+        """
+        if not rows:
+            return
+        with self._lock:
+            seq = next(self._seq)
+        name = f"{int(now * 1e6):017d}-{os.getpid()}-{seq:06d}.jsonl.gz"
+        lines = b"".join(json.dumps(row, sort_keys=True).encode() + b"\n" for row in rows)
+        payload = gzip.compress(lines, compresslevel=6, mtime=0)
+        self.files.write_once(join(self.job_url(job_id), "gpu", name), payload)
+
+    def read_gpu_rows(
+        self, job_id: str, last_s: float | None = None
+    ) -> tuple[list[dict[str, Any]], list[Problem]]:
+        """Stored GPU sample rows (JSON objects), in chunk order: every one, or with `last_s`
+        only the chunks written within `last_s` seconds before the newest chunk (a chunk's rows
+        may start up to a flush interval before it was written). A chunk that is not gzip'd
+        JSON lines is listed as a problem; the readable lines of a damaged one are kept."""
+        directory = join(self.job_url(job_id), "gpu")
+        rows: list[dict[str, Any]] = []
+        problems: list[Problem] = []
+        chunks = [
+            (int(name.split("-", 1)[0]) / 1e6, name)
+            for name in self.files.list(directory)
+            if name.endswith(".jsonl.gz") and name.split("-", 1)[0].isdigit()
+        ]
+        newest = max((written for written, _ in chunks), default=0.0)
+        for written, name in chunks:
+            if last_s is not None and written < newest - last_s:
+                continue
+            url = join(directory, name)
+            raw = self.files.read(url)
+            if raw is None:
+                continue
+            try:
+                text = gzip.decompress(raw)
+            except (OSError, EOFError) as bad:
+                problems.append(Problem(url, f"not gzip ({bad})"))
+                continue
+            for number, line in enumerate(text.splitlines(), 1):
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    row = None
+                if isinstance(row, dict):
+                    rows.append(row)
+                else:
+                    problems.append(Problem(url, f"line {number} is not a JSON object"))
+        return rows, problems
 
     # -- nodes -------------------------------------------------------------------------------
     def write_blocklist(self, job_id: str, entries: dict[str, dict[str, Any]]) -> None:

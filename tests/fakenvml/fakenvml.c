@@ -28,9 +28,19 @@
  *   not_supported=ecc,remap          queries answering NVML_ERROR_NOT_SUPPORTED; names:
  *                                    ecc retired_pages remap temperature slowdown_threshold
  *                                    clock_reasons recovery_action events
+ * Utilisation readings (each absent key answers NVML_ERROR_NOT_SUPPORTED, as a driver or GPU
+ * without that counter does; so a file written before these keys existed reads as "not
+ * available", never as a fault):
+ *   util_gpu=90, util_memory=40      nvmlDeviceGetUtilizationRates (percent)
+ *   memory_used_mib=60000, memory_total_mib=81559   nvmlDeviceGetMemoryInfo (both needed)
+ *   power_mw=650000                  nvmlDeviceGetPowerUsage (milliwatts)
+ *   power_limit_mw=700000            nvmlDeviceGetEnforcedPowerLimit (milliwatts)
+ *   sm_clock_mhz=1980, sm_clock_max_mhz=1980   nvmlDeviceGet{,Max}ClockInfo(NVML_CLOCK_SM)
  *
  * The file is re-read on every call, so a test may add a fault while a process runs;
  * XIDs already delivered are remembered per process and not delivered twice.
+ * Init is reference-counted like the real library's: every nvmlInit needs its nvmlShutdown,
+ * so two users in one process (the health probe and the utilisation sampler) coexist.
  * A missing FAKE_NVML_FILE makes init fail with NVML_ERROR_UNKNOWN: a typo in a
  * test must not look like a healthy machine.
  */
@@ -73,6 +83,9 @@ struct fake_gpu {
     unsigned int temperature, slowdown_threshold;
     unsigned long long clock_reasons;
     int recovery_action; /* -1: not supported */
+    /* Utilisation readings; -1: the key is absent, the query answers NOT_SUPPORTED. */
+    long long util_gpu, util_memory, memory_used_mib, memory_total_mib;
+    long long power_mw, power_limit_mw, sm_clock_mhz, sm_clock_max_mhz;
 };
 
 struct fake_state {
@@ -162,6 +175,14 @@ static void set_gpu_key(struct fake_gpu *gpu, const char *key, const char *value
     else if (!strcmp(key, "slowdown_threshold")) gpu->slowdown_threshold = (unsigned)number;
     else if (!strcmp(key, "clock_reasons")) gpu->clock_reasons = number;
     else if (!strcmp(key, "recovery_action")) gpu->recovery_action = (int)number;
+    else if (!strcmp(key, "util_gpu")) gpu->util_gpu = (long long)number;
+    else if (!strcmp(key, "util_memory")) gpu->util_memory = (long long)number;
+    else if (!strcmp(key, "memory_used_mib")) gpu->memory_used_mib = (long long)number;
+    else if (!strcmp(key, "memory_total_mib")) gpu->memory_total_mib = (long long)number;
+    else if (!strcmp(key, "power_mw")) gpu->power_mw = (long long)number;
+    else if (!strcmp(key, "power_limit_mw")) gpu->power_limit_mw = (long long)number;
+    else if (!strcmp(key, "sm_clock_mhz")) gpu->sm_clock_mhz = (long long)number;
+    else if (!strcmp(key, "sm_clock_max_mhz")) gpu->sm_clock_max_mhz = (long long)number;
     else fprintf(stderr, "fakenvml: unknown GPU key %s\n", key);
 }
 
@@ -176,6 +197,10 @@ static nvmlReturn_t load_state(void) {
         state.gpus[i].temperature = 40;
         state.gpus[i].slowdown_threshold = 90;
         state.gpus[i].recovery_action = -1;
+        state.gpus[i].util_gpu = state.gpus[i].util_memory = -1;
+        state.gpus[i].memory_used_mib = state.gpus[i].memory_total_mib = -1;
+        state.gpus[i].power_mw = state.gpus[i].power_limit_mw = -1;
+        state.gpus[i].sm_clock_mhz = state.gpus[i].sm_clock_max_mhz = -1;
     }
     const char *path = getenv("FAKE_NVML_FILE");
     FILE *file = path ? fopen(path, "r") : NULL;
@@ -238,7 +263,7 @@ nvmlReturn_t nvmlInitWithFlags(unsigned int flags) {
     if (loaded != NVML_SUCCESS) return loaded;
     if (state.init_error) return state.init_error;
     for (int i = 0; i < MAX_GPUS; i++) devices[i].index = i;
-    initialized = 1;
+    initialized++;
     return NVML_SUCCESS;
 }
 
@@ -246,7 +271,7 @@ nvmlReturn_t nvmlInit_v2(void) { return nvmlInitWithFlags(0); }
 
 nvmlReturn_t nvmlShutdown(void) {
     if (!initialized) return NVML_ERROR_UNINITIALIZED;
-    initialized = 0;
+    initialized--;
     return NVML_SUCCESS;
 }
 
@@ -443,4 +468,66 @@ nvmlReturn_t nvmlEventSetWait_v2(struct fake_event_set *set, nvmlEventData_t *da
 nvmlReturn_t nvmlEventSetFree(struct fake_event_set *set) {
     free(set);
     return NVML_SUCCESS;
+}
+
+/* -- utilisation readings ---------------------------------------------------------------- */
+
+typedef struct { unsigned int gpu, memory; } nvmlUtilization_t;
+typedef struct { unsigned long long total, free, used; } nvmlMemory_t;
+#define NVML_CLOCK_SM 1
+#define MIB (1024ULL * 1024ULL)
+
+nvmlReturn_t nvmlDeviceGetUtilizationRates(struct fake_device *device, nvmlUtilization_t *util) {
+    struct fake_gpu *gpu;
+    nvmlReturn_t ret = device_query(device, NULL, &gpu);
+    if (ret != NVML_SUCCESS) return ret;
+    if (gpu->util_gpu < 0 || gpu->util_memory < 0) return NVML_ERROR_NOT_SUPPORTED;
+    util->gpu = (unsigned)gpu->util_gpu;
+    util->memory = (unsigned)gpu->util_memory;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetMemoryInfo(struct fake_device *device, nvmlMemory_t *memory) {
+    struct fake_gpu *gpu;
+    nvmlReturn_t ret = device_query(device, NULL, &gpu);
+    if (ret != NVML_SUCCESS) return ret;
+    if (gpu->memory_used_mib < 0 || gpu->memory_total_mib < 0) return NVML_ERROR_NOT_SUPPORTED;
+    memory->total = (unsigned long long)gpu->memory_total_mib * MIB;
+    memory->used = (unsigned long long)gpu->memory_used_mib * MIB;
+    memory->free = memory->total > memory->used ? memory->total - memory->used : 0;
+    return NVML_SUCCESS;
+}
+
+static nvmlReturn_t unsigned_reading(long long value, unsigned int *out) {
+    if (value < 0) return NVML_ERROR_NOT_SUPPORTED;
+    *out = (unsigned)value;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetPowerUsage(struct fake_device *device, unsigned int *milliwatts) {
+    struct fake_gpu *gpu;
+    nvmlReturn_t ret = device_query(device, NULL, &gpu);
+    return ret != NVML_SUCCESS ? ret : unsigned_reading(gpu->power_mw, milliwatts);
+}
+
+nvmlReturn_t nvmlDeviceGetEnforcedPowerLimit(struct fake_device *device, unsigned int *milliwatts) {
+    struct fake_gpu *gpu;
+    nvmlReturn_t ret = device_query(device, NULL, &gpu);
+    return ret != NVML_SUCCESS ? ret : unsigned_reading(gpu->power_limit_mw, milliwatts);
+}
+
+nvmlReturn_t nvmlDeviceGetClockInfo(struct fake_device *device, int type, unsigned int *mhz) {
+    struct fake_gpu *gpu;
+    nvmlReturn_t ret = device_query(device, NULL, &gpu);
+    if (ret != NVML_SUCCESS) return ret;
+    if (type != NVML_CLOCK_SM) return NVML_ERROR_NOT_SUPPORTED; /* only the SM clock is simulated */
+    return unsigned_reading(gpu->sm_clock_mhz, mhz);
+}
+
+nvmlReturn_t nvmlDeviceGetMaxClockInfo(struct fake_device *device, int type, unsigned int *mhz) {
+    struct fake_gpu *gpu;
+    nvmlReturn_t ret = device_query(device, NULL, &gpu);
+    if (ret != NVML_SUCCESS) return ret;
+    if (type != NVML_CLOCK_SM) return NVML_ERROR_NOT_SUPPORTED;
+    return unsigned_reading(gpu->sm_clock_max_mhz, mhz);
 }

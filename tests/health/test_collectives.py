@@ -45,6 +45,7 @@ def start(mode: str, tmp_path: Path, **extra: str) -> subprocess.Popen[str]:
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",  # a free port: never torchrun's fixed default 29500
             "--nproc-per-node=2",
             "--max-restarts=0",
             "--monitor-interval=0.1",
@@ -121,12 +122,16 @@ def test_flight_recorders_read_on_demand_name_the_rank_that_never_entered(
     deadline = time.monotonic() + 90
     read_until(process, "READY", deadline)
     read_until(process, "READY", deadline)
-    time.sleep(1.0)  # rank 0 is in its sixth all-reduce; rank 1 spins
-    for rank in (0, 1):
-        assert flight_recorder.fetch_rank(servers, rank, stacks) is None
-    waiting = flight_recorder.read_rank(stacks, 0)
-    spinning = flight_recorder.read_rank(stacks, 1)
-    assert waiting is not None and spinning is not None
+    # rank 0 enters its sixth all-reduce; rank 1 spins
+    while True:
+        for rank in (0, 1):
+            assert flight_recorder.fetch_rank(servers, rank, stacks) is None
+        waiting = flight_recorder.read_rank(stacks, 0)
+        spinning = flight_recorder.read_rank(stacks, 1)
+        assert waiting is not None and spinning is not None
+        if waiting.last_seq == 6 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert (waiting.last_seq, spinning.last_seq) == (6, 5)
     assert waiting.pending == "gloo:all_reduce #6 (scheduled)"
     hang = Hang(

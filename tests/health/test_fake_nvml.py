@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -204,3 +205,145 @@ def test_build_without_a_compiler_says_so(tmp_path: Path) -> None:
 
     with pytest.raises(fakenvml.CompilerMissing, match="no C compiler 'no-such-cc'"):
         fakenvml.build_fake_nvml(tmp_path, compiler="no-such-cc")
+
+
+# -- utilisation sampling (GpuSampler) through the real pynvml calls ------------------------------
+
+_SAMPLE_SCRIPT = """
+import json, time
+from trainctl.health.nvml import sample_gpus
+print(json.dumps(sample_gpus(123.0).to_dict()))
+"""
+
+BUSY_GPU = (
+    "gpu.0.util_gpu=91\ngpu.0.util_memory=42\ngpu.0.memory_used_mib=61440\n"
+    "gpu.0.memory_total_mib=81920\ngpu.0.power_mw=650500\ngpu.0.power_limit_mw=700000\n"
+    "gpu.0.temperature=71\ngpu.0.sm_clock_mhz=1755\ngpu.0.sm_clock_max_mhz=1980\n"
+    "gpu.0.clock_reasons=0x44\ngpu.0.ecc_volatile_corrected=3\n"
+)
+
+
+def sample_with(
+    fake_nvml_lib: Path, sealed_env: EnvFactory, tmp_path: Path, text: str | None
+) -> dict[str, Any]:
+    fault_file = tmp_path / "util.nvml"
+    if text is not None:
+        fault_file.write_text(text)
+    env = sealed_env(fake_nvml_lib, fault_file)
+    done = subprocess.run(
+        [sys.executable, "-c", _SAMPLE_SCRIPT], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def test_sampler_reads_every_utilisation_counter(
+    fake_nvml_lib: Path, sealed_env: EnvFactory, tmp_path: Path
+) -> None:
+    sample = sample_with(fake_nvml_lib, sealed_env, tmp_path, "device_count=2\n" + BUSY_GPU)
+    assert sample["status"] == "available" and sample["time"] == 123.0
+    busy = sample["gpus"][0]
+    assert busy == {
+        "index": 0,
+        "uuid": "GPU-00000000-fake-0000-0000-000000000000",
+        "gpu_util_pct": 91,
+        "memory_util_pct": 42,
+        "memory_used_bytes": 61440 * 2**20,
+        "memory_total_bytes": 81920 * 2**20,
+        "power_w": 650.5,
+        "power_limit_w": 700.0,
+        "temperature_c": 71,
+        "sm_clock_mhz": 1755,
+        "sm_clock_max_mhz": 1980,
+        "clock_event_reasons": 0x44,
+        "ecc_corrected_volatile": 3,
+        "ecc_uncorrected_volatile": 0,
+        "not_supported": [],
+        "errors": [],
+    }
+
+
+def test_counters_the_file_omits_are_not_available_not_faults(
+    fake_nvml_lib: Path, sealed_env: EnvFactory, tmp_path: Path
+) -> None:
+    # A fault file written before the utilisation keys existed: a driver without the counters.
+    sample = sample_with(
+        fake_nvml_lib, sealed_env, tmp_path, "device_count=1\ngpu.0.not_supported=ecc\n"
+    )
+    gpu = sample["gpus"][0]
+    assert gpu["errors"] == []
+    assert gpu["not_supported"] == [
+        "utilization",
+        "memory",
+        "power",
+        "power_limit",
+        "sm_clock",
+        "sm_clock_max",
+        "ecc.corrected",
+        "ecc.uncorrected",
+    ]
+    assert gpu["gpu_util_pct"] is None and gpu["memory_used_bytes"] is None
+    assert gpu["power_w"] is None and gpu["sm_clock_mhz"] is None
+    assert gpu["temperature_c"] == 40  # still read: only what is missing is missing
+
+
+def test_failing_and_lost_gpus_are_errors_in_the_sample(
+    fake_nvml_lib: Path, sealed_env: EnvFactory, tmp_path: Path
+) -> None:
+    text = "device_count=3\n" + BUSY_GPU + "gpu.1.error=999\ngpu.2.lost=1\n"
+    gpus = sample_with(fake_nvml_lib, sealed_env, tmp_path, text)["gpus"]
+    assert gpus[0]["gpu_util_pct"] == 91 and gpus[0]["errors"] == []
+    assert {e["code"] for e in gpus[1]["errors"]} == {999} and gpus[1]["gpu_util_pct"] is None
+    assert gpus[2]["errors"] == [{"probe": "handle", "code": 15, "message": "GPU is lost"}]
+
+
+def test_nvml_that_fails_or_is_missing_says_so(
+    fake_nvml_lib: Path, sealed_env: EnvFactory, tmp_path: Path
+) -> None:
+    failed = sample_with(fake_nvml_lib, sealed_env, tmp_path, "device_count=2\ninit_error=9\n")
+    assert failed["status"] == "failed" and failed["gpus"] == []
+    assert failed["message"] == "NVML failed (init): Driver Not Loaded (code 9)"
+    unreadable = sample_with(fake_nvml_lib, sealed_env, tmp_path, None)
+    assert unreadable["status"] == "failed"
+
+
+def test_missing_library_is_no_gpus_to_sample(sealed_env: EnvFactory, no_real_nvml: None) -> None:
+    env = sealed_env(None, None)
+    done = subprocess.run(
+        [sys.executable, "-c", _SAMPLE_SCRIPT], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    sample = json.loads(done.stdout)
+    assert (sample["status"], sample["message"]) == (
+        "library_missing",
+        "NVML unavailable: no GPU probes",
+    )
+
+
+def test_sampler_and_probe_share_nvml_in_one_process(
+    fake_nvml_lib: Path, sealed_env: EnvFactory, tmp_path: Path
+) -> None:
+    # NVML counts its initialisations: the agent's sampler closing must not shut the health
+    # probe's NVML down, and one sampler samples many times on one initialisation.
+    fault_file = tmp_path / "node.nvml"
+    fault_file.write_text("device_count=1\ngpu.0.util_gpu=5\ngpu.0.util_memory=1\n")
+    script = textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from trainctl.health.nvml import GpuSampler, NvmlProbe
+        with NvmlProbe() as probe:
+            sampler = GpuSampler()
+            first = sampler.sample(1.0)
+            Path({str(fault_file)!r}).write_text("device_count=1\\ngpu.0.util_gpu=97\\n"
+                                                 "gpu.0.util_memory=60\\n")
+            second = sampler.sample(2.0)
+            sampler.close()
+            after = probe.read()
+        print(first.gpus[0].gpu_util_pct, second.gpus[0].gpu_util_pct, after.status.value)
+        """
+    )
+    env = sealed_env(fake_nvml_lib, fault_file)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["5", "97", "available"]

@@ -3,7 +3,9 @@
 Without JOB: run the node gate's probes here (GPUs through NVML, disk at the storage root and
 any `--path`, memory, optionally `--endpoint`) and print a table on stderr, or the result as
 JSON on stdout with `--json`. With JOB: show each node's latest verdict from the job store
-(``jobs/<JOB>/nodes/<node>.json``). Exit status 1 when anything is UNHEALTHY, else 0.
+(``jobs/<JOB>/nodes/<node>.json``) and its GPUs' latest utilisation readings (util, memory,
+power, temperature, SM clock, throttle reasons, ECC; ``jobs/<JOB>/gpu/``). Exit status 1 when
+anything is UNHEALTHY, else 0.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, read_node_verdicts
+from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, read_node_verdicts, warn_skipped
 from trainctl.cli.console import emit_json, format_age, terminal
 from trainctl.errors import NotFoundError, UserError
 from trainctl.exitcodes import ExitCode
 from trainctl.health.gate import GateConfig, GateResult, preflight
-from trainctl.health.readings import NvmlStatus
+from trainctl.health.readings import GpuUtilisation, NvmlStatus
+from trainctl.health.utilisation import NodeSample, clock_reason_names
 from trainctl.health.verdict import (
     GIB,
     HealthVerdict,
@@ -30,6 +33,7 @@ from trainctl.health.verdict import (
     Verdict,
     worst_status,
 )
+from trainctl.report.gpu import gpu_readings_json, read_gpu_series, stored_health
 from trainctl.store import JobStore, resolve_storage_root
 
 _STYLE = {Verdict.OK: "green", Verdict.DEGRADED: "yellow", Verdict.UNHEALTHY: "red"}
@@ -160,8 +164,71 @@ def read_node_records(root: str, job_id: str) -> dict[str, dict[str, Any]]:
     return records
 
 
+def _opt(value: float | None, unit: str = "", digits: int = 0) -> str:
+    return "-" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def _gpu_row(node: str, gpu: GpuUtilisation) -> list[str]:
+    memory = "-"
+    if gpu.memory_used_bytes is not None and gpu.memory_total_bytes:
+        memory = f"{gpu.memory_used_bytes / GIB:.1f}/{gpu.memory_total_bytes / GIB:.1f}G"
+    power = _opt(gpu.power_w, "W")
+    if gpu.power_w is not None and gpu.power_limit_w is not None:
+        power += f"/{gpu.power_limit_w:.0f}W"
+    clock = _opt(gpu.sm_clock_mhz)
+    if gpu.sm_clock_mhz is not None and gpu.sm_clock_max_mhz is not None:
+        clock += f"/{gpu.sm_clock_max_mhz}"
+    ecc = "-"
+    if gpu.ecc_corrected_volatile is not None or gpu.ecc_uncorrected_volatile is not None:
+        ecc = f"{_opt(gpu.ecc_corrected_volatile)}/{_opt(gpu.ecc_uncorrected_volatile)}"
+    reasons = clock_reason_names(gpu.clock_event_reasons)
+    if gpu.errors:
+        reasons = [*reasons, f"errors: {', '.join(e.probe for e in gpu.errors)}"]
+    return [
+        node,
+        str(gpu.index),
+        _opt(gpu.gpu_util_pct, "%"),
+        memory,
+        power,
+        _opt(gpu.temperature_c, "C"),
+        clock,
+        ecc,
+        ", ".join(reasons) or ("-" if gpu.clock_event_reasons is None else "none"),
+    ]
+
+
+def _print_gpus(job_id: str, latest: dict[str, NodeSample]) -> None:
+    """The latest per-GPU readings: one row per GPU (a node without GPUs says why)."""
+    table = Table(box=None, pad_edge=False, title=f"GPUs of {escape(job_id)}, latest sample")
+    for column in (
+        "NODE",
+        "GPU",
+        "UTIL",
+        "MEMORY",
+        "POWER",
+        "TEMP",
+        "SM MHZ",
+        "ECC C/U",
+        "THROTTLE",
+    ):
+        table.add_column(column)
+    now = time.time()
+    for node, row in latest.items():
+        for gpu in row.sample.gpus:
+            table.add_row(*(Text(cell) for cell in _gpu_row(node, gpu)))
+        if not row.sample.gpus:
+            table.add_row(node, "-", Text(row.sample.message or "no GPUs"))
+    terminal.console.print(table)
+    for node, row in latest.items():
+        terminal.detail(escape(f"{node}: sampled {format_age(now - row.time)} ago ({row.phase})"))
+
+
 def _show_job(root: str, job_id: str, as_json: bool) -> list[Verdict]:
     raw = read_node_records(root, job_id)
+    store = JobStore(root)
+    series = read_gpu_series(store, job_id, last_s=stored_health(store, job_id).gpu_idle_window_s)
+    warn_skipped(series.problems)
+    latest = series.latest()
     records: dict[str, NodeVerdictRecord] = {}
     unreadable: dict[str, str] = {}
     for node, data in sorted(raw.items()):
@@ -173,10 +240,14 @@ def _show_job(root: str, job_id: str, as_json: bool) -> list[Verdict]:
     if as_json:
         nodes: dict[str, Any] = {node: record.to_dict() for node, record in records.items()}
         nodes |= {node: {"node": node, "error": error} for node, error in unreadable.items()}
-        emit_json({"job_id": job_id, "status": worst_status(statuses).value, "nodes": nodes})
+        gpus = {node: gpu_readings_json(row) for node, row in latest.items()}
+        status = worst_status(statuses).value
+        emit_json({"job_id": job_id, "status": status, "nodes": nodes, "gpus": gpus})
         return statuses
     if not records and not unreadable:
         terminal.info(f"{job_id}: no node verdicts yet")
+        if latest:
+            _print_gpus(job_id, latest)
         return statuses
     table = Table(box=None, pad_edge=False, title=f"node health of {escape(job_id)}")
     for column in ("NODE", "STATUS", "PHASE", "CHECKED", "REASON"):
@@ -193,6 +264,8 @@ def _show_job(root: str, job_id: str, as_json: bool) -> list[Verdict]:
     for node, error in unreadable.items():
         table.add_row(node, "?", "", "", f"unreadable record: {error}")
     terminal.console.print(table)
+    if latest:
+        _print_gpus(job_id, latest)
     for node, record in records.items():
         evidence = json.dumps(record.verdict.evidence, sort_keys=True)
         terminal.detail(escape(f"{node} evidence: {evidence}"))

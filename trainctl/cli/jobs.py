@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -15,21 +16,62 @@ from trainctl.cli.common import (
     open_store,
     read_events,
     read_node_verdicts,
+    warn_skipped,
 )
 from trainctl.cli.console import emit_json, format_age, plain_table, terminal
+from trainctl.health.utilisation import IdleFinding, NodeUtilisation
+from trainctl.report.gpu import node_usage_json, read_gpu_series, stored_health
 from trainctl.state import JobRecord
+from trainctl.store import JobStore
+
+GIB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuStatus:
+    """What `status` shows of the job's GPUs: each node's use over the recent window (the
+    spec's ``health.gpu_idle_window_s`` up to the newest sample) and the nodes flagged idle."""
+
+    window_s: float
+    nodes: dict[str, NodeUtilisation]
+    idle: dict[str, IdleFinding]
+
+
+def gpu_status(store: JobStore, job_id: str) -> GpuStatus:
+    health = stored_health(store, job_id)
+    series = read_gpu_series(store, job_id, last_s=health.gpu_idle_window_s)
+    warn_skipped(series.problems)
+    idle = {node: f for node, f in series.idle(health).items() if f.idle}
+    return GpuStatus(health.gpu_idle_window_s, series.summaries(health.gpu_idle_window_s), idle)
+
+
+def _gpu_text(usage: NodeUtilisation | None) -> str:
+    """``91% (min 88%), 58.6/79.6 GiB`` for the node table."""
+    if usage is None:
+        return ""
+    if usage.mean_util_pct is None:
+        return "n/a" if usage.num_gpus else "no GPUs"
+    text = f"{usage.mean_util_pct:.0f}% (min {usage.min_util_pct:.0f}%)"
+    if usage.memory_used_bytes is not None and usage.memory_total_bytes:
+        text += f", {usage.memory_used_bytes / GIB:.1f}/{usage.memory_total_bytes / GIB:.1f} GiB"
+    return text
 
 
 def status_json(
     record: JobRecord,
     verdicts: dict[str, dict[str, Any]] | None = None,
     blocklist: dict[str, dict[str, Any]] | None = None,
+    gpus: GpuStatus | None = None,
 ) -> dict[str, object]:
     """The `status --json` object: a stable, documented shape.
 
     Each node carries ``health``: its last verdict from ``nodes/<node>.json`` (status, reason,
-    phase, checked_at; the evidence is in `trainctl health JOB --json`), or null. ``excluded``
-    is the job's blocklist: node -> reason, cause, since, expires_at, active.
+    phase, checked_at; the evidence is in `trainctl health JOB --json`), or null; and ``gpu``:
+    its GPU use over the recent window (num_samples, since, until, num_gpus, mean_util_pct,
+    min_util_pct, memory_used_bytes, memory_total_bytes, and ``idle``: the idle-GPU finding
+    when the node is flagged, else null), or null when it sent no samples. ``gpu_window_s`` is
+    the window. ``excluded`` is the job's blocklist: node -> reason, cause, since, expires_at,
+    active.
     """
     data = record.to_json()
     now = time.time()
@@ -39,7 +81,10 @@ def status_json(
     }
     data["attempts_count"] = len(record.attempts)
     verdicts = verdicts or {}
+    gpus = gpus or GpuStatus(0.0, {}, {})
+    data["gpu_window_s"] = gpus.window_s
     for node in data["nodes"]:
+        node["gpu"] = node_usage_json(gpus.nodes.get(node["name"]), gpus.idle.get(node["name"]))
         verdict = verdicts.get(node["name"])
         node["health"] = (
             None
@@ -102,8 +147,9 @@ def status(
     verdicts = read_node_verdicts(store, job_id)
     blocklist = store.read_blocklist(job_id)
     slurm = schedulers.describe(record)
+    gpus = gpu_status(store, job_id)
     if as_json:
-        data = status_json(record, verdicts, blocklist)
+        data = status_json(record, verdicts, blocklist, gpus)
         data["slurm"] = slurm
         emit_json(data)
         return
@@ -119,7 +165,7 @@ def status(
         console.print(f"step {record.step}")
     if record.fingerprint:
         console.print(f"final step {record.final_step}, fingerprint {record.fingerprint}")
-    table = plain_table("NODE", "STATE", "PID", "STEP", "HEALTH", "REASON")
+    table = plain_table("NODE", "STATE", "PID", "STEP", "HEALTH", "GPU UTIL, MEMORY", "REASON")
     for node in record.nodes:
         verdict = verdicts.get(node.name, {})
         table.add_row(
@@ -128,9 +174,14 @@ def status(
             "" if node.pid is None else str(node.pid),
             "" if node.step is None else str(node.step),
             str(verdict.get("status", "")),
+            _gpu_text(gpus.nodes.get(node.name)),
             node.reason,
         )
     console.print(table)
+    if gpus.nodes:
+        console.print(f"GPU use over the last {format_age(gpus.window_s)} of samples")
+    for finding in gpus.idle.values():
+        console.print(escape(f"GPUs idle: {finding.reason}"), style="yellow")
     for node in record.nodes:
         verdict = verdicts.get(node.name, {})
         if verdict.get("status") not in (None, "OK"):

@@ -1,7 +1,8 @@
 """`trainctl report JOB`: where a job's time went (the goodput ledger) and a timeline picture.
 
-Reads the job store only (no server needed). The ledger goes to stderr as tables, or with
-``--json`` as one object on stdout; the picture is written to ``--out`` or to the job's local
+Reads the job store only (no server needed). The ledger and the GPU utilisation over time (per
+node per time bucket, per attempt per node) go to stderr as tables, or with ``--json`` as one
+object on stdout; the picture is written to ``--out`` or to the job's local
 run directory (``report.html``). A ``.png`` suffix writes a PNG, ``.svg`` a bare SVG, anything
 else a self-contained HTML page.
 """
@@ -17,10 +18,17 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store, read_events
+from trainctl.cli.common import (
+    JSON_OPTION,
+    STORAGE_OPTION,
+    open_store,
+    read_events,
+    warn_skipped,
+)
 from trainctl.cli.console import emit_json, plain_table, terminal
 from trainctl.errors import UserError
 from trainctl.report.goodput import build_ledger
+from trainctl.report.gpu import gpu_timeline, read_gpu_series
 from trainctl.report.ledger import CATEGORIES, Ledger
 from trainctl.report.render import to_html, to_png, to_svg
 from trainctl.report.timeline import format_duration, format_share, layout
@@ -33,15 +41,16 @@ OUT_OPTION = typer.Option(
 )
 
 
-def render_picture(ledger: Ledger, path: Path) -> bytes:
-    """The picture for `path`'s suffix: PNG, bare SVG, or an HTML page."""
+def render_picture(ledger: Ledger, path: Path, gpu: dict[str, Any] | None = None) -> bytes:
+    """The picture for `path`'s suffix: PNG, bare SVG, or an HTML page (with the GPU
+    utilisation tables when `gpu` is given)."""
     picture = layout(ledger)
     suffix = path.suffix.lower()
     if suffix == ".png":
         return to_png(picture)
     if suffix == ".svg":
         return to_svg(picture).encode()
-    return to_html(ledger, picture).encode()
+    return to_html(ledger, picture, gpu).encode()
 
 
 def write_picture(path: Path, data: bytes) -> None:
@@ -72,11 +81,39 @@ def write_picture(path: Path, data: bytes) -> None:
         ) from None
 
 
-def report_json(ledger: Ledger, picture: Path) -> dict[str, Any]:
-    """The `report --json` object: the ledger (see `Ledger.to_json`) plus the picture's path."""
+def report_json(ledger: Ledger, picture: Path, gpu: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `report --json` object: the ledger (see `Ledger.to_json`), the picture's path, and
+    ``gpu``: GPU utilisation over time (`trainctl.report.gpu.gpu_timeline`: start, bucket_s,
+    per node the mean utilisation of each bucket, per attempt per node mean/min/readings)."""
     data = ledger.to_json()
     data["picture"] = str(picture)
+    data["gpu"] = gpu
     return data
+
+
+def _print_gpu(gpu: dict[str, Any], start: float) -> None:
+    if not gpu["nodes"]:
+        return
+    console = terminal.console
+    per_attempt = plain_table("ATTEMPT", "NODE", "GPU UTIL MEAN", "MIN", "READINGS")
+    for number, nodes in gpu["attempts"].items():
+        for node, usage in nodes.items():
+            per_attempt.add_row(
+                number,
+                node,
+                f"{usage['mean_util_pct']:.1f}%",
+                f"{usage['min_util_pct']}%",
+                str(usage["num_readings"]),
+            )
+    console.print(per_attempt)
+    offset = format_duration(gpu["start"] - start)
+    console.print(
+        f"GPU utilisation per node, mean % per {format_duration(gpu['bucket_s'])} "
+        f"from T+{offset} (- : no sample)"
+    )
+    for node, buckets in gpu["nodes"].items():
+        cells = " ".join("-" if value is None else f"{value:.0f}" for value in buckets)
+        console.print(escape(f"  {node}: {cells}"))
 
 
 def _print_ledger(ledger: Ledger, picture: Path) -> None:
@@ -131,9 +168,13 @@ def report(
     store = open_store(storage)
     record = store.read_state(job_id)
     ledger = build_ledger(record, read_events(store, job_id), now=time.time())
+    series = read_gpu_series(store, job_id)
+    warn_skipped(series.problems)
+    gpu = gpu_timeline(series.samples, ledger.start, ledger.end)
     path = Path(out).expanduser().absolute() if out else store.local_job_dir(job_id) / "report.html"
-    write_picture(path, render_picture(ledger, path))
+    write_picture(path, render_picture(ledger, path, gpu))
     if as_json:
-        emit_json(report_json(ledger, path))
+        emit_json(report_json(ledger, path, gpu))
         return
     _print_ledger(ledger, path)
+    _print_gpu(gpu, ledger.start)

@@ -24,7 +24,14 @@ from typing import Any, TypeVar
 
 import pynvml
 
-from trainctl.health.readings import GpuReading, NvmlReading, NvmlStatus, ProbeError
+from trainctl.health.readings import (
+    GpuReading,
+    GpuUtilisation,
+    NvmlReading,
+    NvmlStatus,
+    ProbeError,
+    UtilisationSample,
+)
 
 NVML_UNAVAILABLE = "NVML unavailable: no GPU probes"
 """What the GPU probe says on a machine without NVML (the fail-open case)."""
@@ -282,3 +289,111 @@ def read_nvml(*, xid_wait_ms: int = 0) -> NvmlReading:
     """One-shot reading: open NVML, read every GPU, close. Never raises an NVML error."""
     with NvmlProbe(xid_wait_ms=xid_wait_ms) as probe:
         return probe.read()
+
+
+# -- utilisation sampling ---------------------------------------------------------------------
+
+
+def _milliwatts(value: int | None) -> float | None:
+    return None if value is None else value / 1000.0
+
+
+def sample_gpu(index: int, handle: Any) -> GpuUtilisation:
+    """How busy one GPU is now (utilisation, memory, power, clocks, temperature, throttling,
+    ECC); an unsupported query is listed in `not_supported`, a failing one in `errors`."""
+    queries = _GpuQueries()
+    q = queries.get
+    uuid = q("uuid", pynvml.nvmlDeviceGetUUID, handle)
+    rates = q("utilization", pynvml.nvmlDeviceGetUtilizationRates, handle)
+    memory = q("memory", pynvml.nvmlDeviceGetMemoryInfo, handle)
+    power = q("power", pynvml.nvmlDeviceGetPowerUsage, handle)
+    limit = q("power_limit", pynvml.nvmlDeviceGetEnforcedPowerLimit, handle)
+    temperature = q(
+        "temperature", pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU
+    )
+    sm = pynvml.NVML_CLOCK_SM
+    clock = q("sm_clock", pynvml.nvmlDeviceGetClockInfo, handle, sm)
+    clock_max = q("sm_clock_max", pynvml.nvmlDeviceGetMaxClockInfo, handle, sm)
+    reasons = q("clock_event_reasons", _clock_event_reasons, handle)
+    ecc = pynvml.nvmlDeviceGetTotalEccErrors
+    volatile = pynvml.NVML_VOLATILE_ECC
+    corrected = q("ecc.corrected", ecc, handle, pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, volatile)
+    uncorrected = q(
+        "ecc.uncorrected", ecc, handle, pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, volatile
+    )
+    return GpuUtilisation(
+        index=index,
+        uuid=uuid,
+        gpu_util_pct=None if rates is None else int(rates.gpu),
+        memory_util_pct=None if rates is None else int(rates.memory),
+        memory_used_bytes=None if memory is None else int(memory.used),
+        memory_total_bytes=None if memory is None else int(memory.total),
+        power_w=_milliwatts(power),
+        power_limit_w=_milliwatts(limit),
+        temperature_c=temperature,
+        sm_clock_mhz=clock,
+        sm_clock_max_mhz=clock_max,
+        clock_event_reasons=reasons,
+        ecc_corrected_volatile=corrected,
+        ecc_uncorrected_volatile=uncorrected,
+        not_supported=tuple(queries.not_supported),
+        errors=tuple(queries.errors),
+    )
+
+
+class GpuSampler:
+    """Samples every GPU's utilisation, keeping NVML initialised between samples.
+
+    One per process, for its whole life: NVML is initialised on the first `sample` (retried on
+    the next while it fails) and shut down by `close`, never once per sample. NVML counts its
+    initialisations, so a sampler and an `NvmlProbe` coexist in one process.
+    """
+
+    def __init__(self) -> None:
+        self._initialized = False
+
+    def __enter__(self) -> GpuSampler:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def sample(self, now: float) -> UtilisationSample:
+        """Every GPU now, stamped `now` (the caller's clock). Never raises an NVML error."""
+        if not self._initialized:
+            try:
+                pynvml.nvmlInit()
+            except pynvml.NVMLError_LibraryNotFound:
+                return UtilisationSample(now, NvmlStatus.LIBRARY_MISSING, message=NVML_UNAVAILABLE)
+            except pynvml.NVMLError as error:
+                return self._failed(now, "init", error)
+            self._initialized = True
+        try:
+            num_gpus = int(pynvml.nvmlDeviceGetCount())
+        except pynvml.NVMLError as error:
+            return self._failed(now, "device_count", error)
+        gpus = []
+        for index in range(num_gpus):
+            try:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            except pynvml.NVMLError as error:
+                gpus.append(GpuUtilisation(index=index, errors=(_error("handle", error),)))
+                continue
+            gpus.append(sample_gpu(index, handle))
+        return UtilisationSample(now, NvmlStatus.AVAILABLE, tuple(gpus))
+
+    def _failed(self, now: float, probe: str, error: pynvml.NVMLError) -> UtilisationSample:
+        message = f"NVML failed ({probe}): {error} (code {int(error.value)})"
+        return UtilisationSample(now, NvmlStatus.FAILED, message=message)
+
+    def close(self) -> None:
+        """Shut NVML down if this sampler initialised it."""
+        if self._initialized:
+            self._initialized = False
+            pynvml.nvmlShutdown()
+
+
+def sample_gpus(now: float) -> UtilisationSample:
+    """One-shot sample: initialise NVML, sample every GPU, shut down."""
+    with GpuSampler() as sampler:
+        return sampler.sample(now)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from typing import Any
 
 
@@ -165,3 +166,76 @@ class HostReading(_Plain):
     disks: tuple[DiskReading, ...] = ()
     memory: MemoryReading | None = None
     endpoint: EndpointReading | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuUtilisation(_Plain):
+    """How busy one GPU was at one moment, as NVML reported it. `None`: not available.
+
+    Sampled every probe interval (not judged for faults: `GpuReading` is for that), so a job's
+    GPU use can be followed over time at every layer: node, attempt, job.
+    """
+
+    index: int
+    uuid: str | None = None
+    gpu_util_pct: int | None = None
+    """Percent of the last sample period in which a kernel ran (nvmlDeviceGetUtilizationRates)."""
+    memory_util_pct: int | None = None
+    """Percent of the period in which device memory was read or written."""
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None
+    """The enforced power limit."""
+    temperature_c: int | None = None
+    sm_clock_mhz: int | None = None
+    sm_clock_max_mhz: int | None = None
+    clock_event_reasons: int | None = None
+    """Bitmask of active clock event (throttle) reasons; names in `gpu_verdict`."""
+    ecc_corrected_volatile: int | None = None
+    ecc_uncorrected_volatile: int | None = None
+    not_supported: tuple[str, ...] = ()
+    errors: tuple[ProbeError, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class UtilisationSample(_Plain):
+    """Every GPU of one node at one moment (`time`: seconds since the epoch)."""
+
+    time: float
+    status: NvmlStatus
+    gpus: tuple[GpuUtilisation, ...] = ()
+    message: str = ""
+    """Why there are no GPUs to show (NVML missing or failed); empty when available."""
+
+    def to_compact(self) -> dict[str, Any]:
+        """`to_dict` without the fields that say nothing (None, empty): the stored form."""
+        data = self.to_dict()
+        data["gpus"] = [
+            {key: value for key, value in gpu.items() if value not in (None, [])}
+            for gpu in data["gpus"]
+        ]
+        if not data["message"]:
+            del data["message"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UtilisationSample:
+        """Read back `to_dict`/`to_compact` output; ValueError (naming the field) if it does
+        not fit."""
+        from pydantic import ValidationError
+
+        from trainctl.errors import first_problem
+
+        try:
+            sample: UtilisationSample = _sample_adapter().validate_python(data)
+        except ValidationError as bad:
+            raise ValueError(first_problem(bad)) from None
+        return sample
+
+
+@functools.cache
+def _sample_adapter() -> Any:
+    from pydantic import TypeAdapter  # imported on first use: readings stay light to import
+
+    return TypeAdapter(UtilisationSample)

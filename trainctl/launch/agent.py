@@ -39,6 +39,7 @@ from trainctl.health.readings import NvmlReading
 from trainctl.health.verdict import Verdict
 from trainctl.launch import proctree, stacks, workers
 from trainctl.launch.control import ControlClient
+from trainctl.launch.gpu_sampler import GpuUsageSampler
 from trainctl.launch.node_attempt import Attempt, gate_config, liveness_policy
 from trainctl.launch.plan import LaunchPlan
 from trainctl.launch.torchrun import WarmTorchrun, can_warm_start
@@ -85,6 +86,7 @@ class Agent:
         self._pending_launch: Launch | None = None
         self.quit_reason: str | None = None
         self.prober: NodeProber | None = None
+        self.gpu_usage = GpuUsageSampler()
         self._gate_key: tuple[GatePlan, str | None] | None = None
         self._probing_done = threading.Event()
         self._probe_thread: threading.Thread | None = None
@@ -100,7 +102,7 @@ class Agent:
 
     # -- health ------------------------------------------------------------------------------
     def probe(self, phase: str, gate: GatePlan, rdzv_endpoint: str | None) -> GateResult:
-        """Probe now and report the verdict to the controller."""
+        """Probe now and report the verdict, and how busy the GPUs are, to the controller."""
         if self.prober is None or self._gate_key != (gate, rdzv_endpoint):
             if self.prober is not None:
                 self.prober.close()
@@ -108,6 +110,7 @@ class Agent:
             self._gate_key = (gate, rdzv_endpoint)
         result = self.prober.probe()
         self.send(VerdictReport(phase, result.record(self.name, phase=phase).to_dict()))
+        self.send(self.gpu_usage.sample(phase))
         return result
 
     def _probe_periodically(self, attempt: Attempt) -> None:
@@ -394,6 +397,7 @@ class Agent:
         self.stop_probing()
         if self.prober is not None:
             self.prober.close()
+        self.gpu_usage.close()
         if self._warm is not None:
             self._warm.discard()
         if self.zygote is not None and self.zygote.poll() is None:

@@ -41,6 +41,7 @@ from trainctl.recovery import placement, policy
 from trainctl.recovery.attempt import Attempt, Crew
 from trainctl.recovery.faults import plan_faults
 from trainctl.recovery.fleet import Fleet
+from trainctl.recovery.gpu_recorder import GpuRecorder
 from trainctl.recovery.intake import Intake
 from trainctl.recovery.journal import Journal
 from trainctl.secrets import JobSecrets, merge_options
@@ -130,6 +131,7 @@ class Controller:
             spec.recovery.exclude_s,
             spec.max_steps,
             self.say,
+            GpuRecorder(journal, spec.health.gpu_idle_util_pct, spec.health.gpu_idle_window_s),
             per_gpu=spec.per_gpu,
         )
 
@@ -170,6 +172,7 @@ class Controller:
             raise
         finally:
             self.fleet.shutdown()
+            self.intake.gpu.flush()  # after the agents are gone: their last samples are in
             self.server.close()
             self.faults.close()
             JobSecrets.remove(self.secrets_path)

@@ -35,6 +35,7 @@ from trainctl.protocol import (
     Disconnected,
     Envelope,
     Exit,
+    GpuUsage,
     Hello,
     Probe,
     Progress,
@@ -49,6 +50,7 @@ from trainctl.protocol import (
 from trainctl.recovery import placement, policy
 from trainctl.recovery.faults import NoFaults
 from trainctl.recovery.fleet import Fleet
+from trainctl.recovery.gpu_recorder import GpuRecorder
 from trainctl.recovery.journal import Journal
 from trainctl.recovery.monitor import AttemptMonitor
 from trainctl.state import AttemptState, NodeState
@@ -68,6 +70,7 @@ class Intake:
         exclude_s: float,
         max_steps: int | None,
         say: Callable[[str], None],
+        gpu: GpuRecorder,
         per_gpu: bool = False,
     ) -> None:
         self.journal = journal
@@ -80,6 +83,8 @@ class Intake:
         self.exclude_s = exclude_s
         self.max_steps = max_steps
         self.say = say
+        self.gpu = gpu
+        """Where GPU utilisation samples go (the job's GPU time series, idle flags)."""
         self.per_gpu = per_gpu
         """``nproc_per_node: gpu``/``auto``: the nodes' started workers make the world size."""
         self.monitor: AttemptMonitor | None = None
@@ -120,6 +125,8 @@ class Intake:
             return self._disconnected(name, in_attempt, now)
         elif isinstance(message, VerdictReport):
             return self._verdict(name, message, in_attempt)
+        elif isinstance(message, GpuUsage):
+            self.gpu.add(name, envelope.attempt, message.phase, message.sample, now)
         elif isinstance(message, StacksReport):
             if self.monitor is not None:
                 self.monitor.stacks(name, message.dumps, message.duration_s)

@@ -1,10 +1,11 @@
 """The journal: everything the controller (and `trainctl resume`) records about a job.
 
-The one writer of a running job's ``state.json``, typed events, blocklist, node verdicts and
-stack dumps. It holds the `JobRecord` and the blocklist, makes the record's state moves with
-their events (an attempt's start and end, the job's end, exclusions), and scrubs every
-message it stores of the job's secret values. While `writable()` says no (the controller lost
-its lease: another controller owns the job now), it writes nothing.
+The one writer of a running job's ``state.json``, typed events, blocklist, node verdicts,
+stack dumps and GPU time series. It holds the `JobRecord` and the blocklist, makes the
+record's state moves with their events (an attempt's start and end, the job's end,
+exclusions), and scrubs every message it stores of the job's secret values. While
+`writable()` says no (the controller lost its lease: another controller owns the job now),
+it writes nothing.
 """
 
 from __future__ import annotations
@@ -105,6 +106,11 @@ class Journal:
     def write_node(self, node: str, document: dict[str, Any]) -> None:
         if self.writable():
             self.store.write_node(self.job_id, node, document)
+
+    def write_gpu_chunk(self, rows: list[dict[str, Any]], now: float) -> None:
+        """Store a batch of GPU utilisation samples (`JobStore.write_gpu_chunk`)."""
+        if self.writable():
+            self.store.write_gpu_chunk(self.job_id, rows, now)
 
     def write_job_file(self, relative: str, data: bytes) -> None:
         if self.writable():

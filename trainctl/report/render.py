@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
+from typing import Any
 
 from trainctl.report.ledger import CATEGORIES, Ledger
 from trainctl.report.png import Canvas, parse_color
@@ -93,8 +94,36 @@ def _opt(value: object) -> str:
     return "" if value is None else html.escape(str(value))
 
 
-def to_html(ledger: Ledger, picture: Picture) -> str:
-    """A self-contained page: the SVG timeline and the ledger's tables (no scripts, no links)."""
+def _gpu_section(gpu: dict[str, Any] | None) -> list[str]:
+    """GPU utilisation tables (`trainctl.report.gpu.gpu_timeline`), when any node sent any."""
+    if not gpu or not gpu.get("nodes"):
+        return []
+    per_attempt = [
+        (
+            html.escape(number),
+            html.escape(node),
+            f"{usage['mean_util_pct']:.1f}%",
+            f"{usage['min_util_pct']}%",
+            str(usage["num_readings"]),
+        )
+        for number, nodes in gpu["attempts"].items()
+        for node, usage in nodes.items()
+    ]
+    size = format_duration(gpu["bucket_s"])
+    over_time = [
+        (html.escape(node), " ".join("-" if v is None else f"{v:.0f}" for v in buckets))
+        for node, buckets in gpu["nodes"].items()
+    ]
+    return [
+        "<h2>GPU utilisation</h2>",
+        _table(("attempt", "node", "mean", "lowest", "readings"), per_attempt, {0, 2, 3, 4}),
+        _table(("node", f"mean % per {size} (-: no sample)"), over_time, set()),
+    ]
+
+
+def to_html(ledger: Ledger, picture: Picture, gpu: dict[str, Any] | None = None) -> str:
+    """A self-contained page: the SVG timeline, the ledger's tables and, with `gpu`, the GPU
+    utilisation tables (no scripts, no links)."""
     wall = ledger.wall_s
     totals = ledger.seconds
     categories = [
@@ -157,6 +186,7 @@ def to_html(ledger: Ledger, picture: Picture) -> str:
             "<h2>Failures</h2>",
             _table(("time", "attempt", "node", "cause", "fault", "reason"), failures, {1}),
         ]
+    sections += _gpu_section(gpu)
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>trainctl report {html.escape(ledger.job_id)}</title>"
