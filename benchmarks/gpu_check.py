@@ -5,9 +5,9 @@
 Without an NVIDIA GPU (no NVML, no CUDA) it says so and exits 0: nothing is pretended. With
 one or more GPUs, on this one node:
 
-1. **probe**: every GPU's NVML readings (name, memory, temperature, power, SM clock,
-   utilisation, ECC, clock-event reasons) checked against sane ranges, and `trainctl health`'s
-   verdict on this machine (expected ``OK``);
+1. **probe**: every GPU as trainctl's own NVML sampler reads it (utilisation, memory,
+   power and its limit, temperature, SM clock and its maximum, ECC, clock-event reasons)
+   checked against sane ranges, and `trainctl health`'s verdict on this machine (``OK``);
 2. **train**: tiny-gpt with FSDP2 on CUDA/NCCL, ``nproc_per_node: gpu`` (one worker per GPU),
    checkpointing: an uninterrupted run, then the same run with a worker killed mid-run
    (``--fault kill-worker``): trainctl must recover it and end with the same weight
@@ -62,65 +62,48 @@ def no_gpu_reason() -> str | None:
 
 # -- 1. probe -------------------------------------------------------------------------------
 SANE = {
-    "memory_total_gib": (1.0, 1024.0),
+    "memory_total_bytes": (1 << 30, 1 << 40),
+    "memory_used_bytes": (0, 1 << 40),
     "temperature_c": (5, 105),
     "power_w": (1.0, 2000.0),
+    "power_limit_w": (10.0, 2000.0),
     "sm_clock_mhz": (100, 5000),
-    "utilization_pct": (0, 100),
+    "sm_clock_max_mhz": (100, 5000),
+    "gpu_util_pct": (0, 100),
+    "memory_util_pct": (0, 100),
 }
+"""What a working datacenter GPU reports: a reading outside these is a broken probe or GPU."""
+
+
+def check_readings(gpus: list[dict[str, Any]]) -> list[str]:
+    """Problems with what trainctl's sampler read (missing or outside `SANE`)."""
+    problems = []
+    for gpu in gpus:
+        for key, (low, high) in SANE.items():
+            value = gpu.get(key)
+            if value is None:
+                problems.append(f"gpu{gpu['index']} {key}: not read")
+            elif not low <= value <= high:
+                problems.append(f"gpu{gpu['index']} {key}={value} outside [{low}, {high}]")
+        if gpu.get("errors"):
+            problems.append(f"gpu{gpu['index']} errors: {gpu['errors']}")
+    return problems
 
 
 def probe() -> dict[str, Any]:
-    import pynvml
+    """trainctl's own NVML code on the real GPUs: the utilisation sampler and the health
+    gate (`trainctl health`), whose verdict must be OK."""
+    from trainctl.health.nvml import sample_gpus
 
-    pynvml.nvmlInit()
-    gpus, problems = [], []
-    try:
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            reading: dict[str, Any] = {
-                "index": index,
-                "name": _text(pynvml.nvmlDeviceGetName(handle)),
-                "memory_total_gib": memory.total / (1 << 30),
-                "memory_used_gib": memory.used / (1 << 30),
-                "temperature_c": pynvml.nvmlDeviceGetTemperature(
-                    handle, pynvml.NVML_TEMPERATURE_GPU
-                ),
-                "power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1000,
-                "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
-                "utilization_pct": pynvml.nvmlDeviceGetUtilizationRates(handle).gpu,
-            }
-            for name, query in (
-                ("ecc_uncorrected_volatile", "ecc"),
-                ("clock_event_reasons", "clocks"),
-            ):
-                try:
-                    if query == "ecc":
-                        reading[name] = pynvml.nvmlDeviceGetTotalEccErrors(
-                            handle,
-                            pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
-                            pynvml.NVML_VOLATILE_ECC,
-                        )
-                    else:
-                        reading[name] = pynvml.nvmlDeviceGetCurrentClocksThrottleReasons(handle)
-                except pynvml.NVMLError as error:
-                    reading[name] = f"not available: {error}"
-            for key, (low, high) in SANE.items():
-                if not low <= reading[key] <= high:
-                    problems.append(f"gpu{index} {key}={reading[key]} outside [{low}, {high}]")
-            gpus.append(reading)
-    finally:
-        pynvml.nvmlShutdown()
+    sample = sample_gpus(time.time())
+    gpus = [gpu.to_dict() for gpu in sample.gpus]
+    problems = [] if gpus else [f"no GPU sampled: {sample.message}"]
+    problems += check_readings(gpus)
     health = _trainctl("health", "--json", storage=tempfile.gettempdir())
     verdict = json.loads(health.stdout).get("status") if health.stdout.strip() else None
     if verdict != "OK":
         problems.append(f"trainctl health says {verdict!r} (exit {health.returncode})")
     return {"gpus": gpus, "trainctl_health": verdict, "problems": problems, "ok": not problems}
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _trainctl(*args: str, storage: str, timeout_s: float = 900) -> subprocess.CompletedProcess[str]:
