@@ -178,6 +178,12 @@ class LocalSlurmCluster:
         )
 
     def _make_gpus(self) -> None:
+        """Fake GPUs: `gres.conf` (beside slurm.conf, AutoDetect=off) gives every node
+        `gpus_per_node` devices of type `gpu_type`, backed by character devices with NVIDIA's
+        major number 195 under `<root>/dev`. They must be devices: with regular files slurmd
+        22.05 logs "is not a valid character or block device, fix your gres.conf" and a step
+        gets no CUDA_VISIBLE_DEVICES. All nodes share the files (one host); no driver is
+        behind them, and nothing opens them."""
         devices = self.root / "dev"
         devices.mkdir(exist_ok=True)
         for index in range(self.gpus_per_node):
