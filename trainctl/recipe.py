@@ -61,10 +61,24 @@ def parse_fault(text: str, where: str = "--fault") -> FaultSpec:
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(part) for part in loc) or "<top level>"
+    """`slurm.extra_args[1]`: names joined with dots, list indexes in brackets."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path or "<top level>"
+
+
+def _explained(error: Any) -> Any:
+    """The exception a validator raised when it says what is wrong and how to fix it
+    (`SlurmValueError`: ``problem`` and ``fix``), else None."""
+    raised = (error.get("ctx") or {}).get("error")
+    return raised if hasattr(raised, "problem") and hasattr(raised, "fix") else None
 
 
 def _fix_for(error: Any) -> str:
+    explained = _explained(error)
+    if explained is not None:
+        return str(explained.fix)
     kind = error.get("type", "")
     if kind == "extra_forbidden":
         return "remove the field or check its spelling (see the recipe reference in README.md)"
@@ -94,13 +108,18 @@ def validation_to_user_error(error: ValidationError, source: str) -> UserError:
     field = _field_path(tuple(first.get("loc", ())))
     # A model-level error's input is the whole recipe (secrets and all): not worth quoting.
     has_value = first.get("type") != "missing" and bool(first.get("loc"))
+    explained = _explained(first)
     kind = first.get("type")
+    if explained is not None:
+        problem = str(explained.problem)
+    elif kind == "extra_forbidden":
+        problem = "unknown field"
+    elif kind == "value_error":
+        problem = "invalid value"  # our validators' words go to the fix
+    else:
+        problem = _message(first) or "invalid value"
     return UserError(
-        "unknown field"
-        if kind == "extra_forbidden"
-        else "invalid value"
-        if kind == "value_error"
-        else _message(first) or "invalid value",
+        problem,
         where=f"{source}: {field}",
         value=_shown(first) if has_value else None,
         has_value=has_value,

@@ -5,7 +5,8 @@ The CLI never reaches into an adapter: it asks this module to
 - `bind` a controller to where it runs (the local scheduler, or the Slurm allocation it is
   the batch process of: nodes, address, requeue count — read once, here, at the edge), and
   carry out what `placement.after_run` decides when the controller ends (requeue, drain);
-- `submit` a batch job (Slurm) and `describe` a job as its scheduler sees it (`status`);
+- `check_request` and `submit` a batch job (Slurm), `describe` a job as its scheduler sees
+  it (`status`);
 - `clear_leftovers` of a dead controller on this host before a resume.
 """
 
@@ -78,7 +79,7 @@ def bind(record: JobRecord, environ: Mapping[str, str] = os.environ) -> Binding:
         code: ExitCode, spec: JobSpec, journal: Journal, warn: Callable[[str], None]
     ) -> None:
         decision = placement.after_run(
-            code, journal.load_blocklist(), time.time(), spec.recovery.drain_blamed_nodes
+            code, journal.load_blocklist(), time.time(), spec.slurm.drain_blamed_nodes
         )
         if decision.action is placement.AfterRunAction.NONE:
             return
@@ -100,6 +101,12 @@ def bind(record: JobRecord, environ: Mapping[str, str] = os.environ) -> Binding:
         restart_count=allocation.restart_count,
         after_run=after_run,
     )
+
+
+def check_request(script: SbatchScript) -> None:
+    """Ask Slurm whether it could ever run the script (`sbatch --test-only`; nothing is
+    submitted or written). Raises `SlurmRequestRefused` (exit 2) if it could not."""
+    SlurmClient().test_submit(script)
 
 
 def submit(script: SbatchScript) -> str:

@@ -23,6 +23,9 @@ from trainctl.secrets import (
     split_options,
     without_redacted,
 )
+from trainctl.spec_slurm import SlurmSpec
+
+__all__ = ["SlurmSpec"]  # the ``slurm:`` section lives in its own module, a section of JobSpec
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """Job ids become path segments and Slurm job names: no `/`, no `..`, at most 64 characters."""
@@ -123,8 +126,6 @@ class RecoverySpec(_Frozen):
     exclude_s: float = Field(default=3600.0, gt=0)
     """How long a blamed node stays on the blocklist; after that a clean health probe lets it
     back."""
-    drain_blamed_nodes: bool = False
-    """Slurm: also drain a blamed node (needs operator rights)."""
 
     @field_validator("restarts_per_cause")
     @classmethod
@@ -264,6 +265,7 @@ class JobSpec(_Frozen):
     launch: LaunchSpec = Field(default_factory=LaunchSpec)
     health: HealthSpec = Field(default_factory=HealthSpec)
     recovery: RecoverySpec = Field(default_factory=RecoverySpec)
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     faults: tuple[FaultSpec, ...] = ()
     """Faults to inject (``trainctl launch --fault``; local scheduler only, for tests and demos)."""
     node_env: dict[str, dict[str, str]] = Field(default_factory=dict)
@@ -275,6 +277,28 @@ class JobSpec(_Frozen):
     """Whether the script uses trainctl.runtime (recipes do; plain scripts may not)."""
     source: str | None = None
     """The recipe file (absolute), where `trainctl resume` finds the secret values again."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_drain(cls, data: Any) -> Any:
+        """`recovery.drain_blamed_nodes` (releases before the ``slurm:`` section, and the
+        specs they stored) means `slurm.drain_blamed_nodes`."""
+        if not isinstance(data, dict) or not isinstance(data.get("recovery"), dict):
+            return data
+        recovery = dict(data["recovery"])
+        if "drain_blamed_nodes" not in recovery:
+            return data
+        old = recovery.pop("drain_blamed_nodes")
+        slurm = data.get("slurm")
+        slurm = dict(slurm) if isinstance(slurm, dict) else {} if slurm is None else slurm
+        if isinstance(slurm, dict):
+            if "drain_blamed_nodes" in slurm and slurm["drain_blamed_nodes"] != old:
+                raise ValueError(
+                    "recovery.drain_blamed_nodes (the old name) and slurm.drain_blamed_nodes "
+                    "disagree: keep slurm.drain_blamed_nodes only"
+                )
+            slurm.setdefault("drain_blamed_nodes", old)
+        return {**data, "recovery": recovery, "slurm": slurm}
 
     @model_validator(mode="before")
     @classmethod

@@ -76,7 +76,10 @@ def launched() -> Iterator[list[subprocess.Popen[str]]]:
         raise AssertionError(f"processes of torchrun {process.pid} left behind")
 
 
-def read_until(process: subprocess.Popen[str], wanted: str, deadline: float) -> list[str]:
+def read_until(
+    process: subprocess.Popen[str], wanted: str, deadline: float, times: int = 1
+) -> list[str]:
+    """Lines of output until `wanted` appeared `times` times (ranks share the pipe)."""
     assert process.stdout is not None
     lines: list[str] = []
     while time.monotonic() < deadline:
@@ -84,7 +87,7 @@ def read_until(process: subprocess.Popen[str], wanted: str, deadline: float) -> 
         if not line:
             break
         lines.append(line)
-        if wanted in line:
+        if "".join(lines).count(wanted) >= times:
             return lines
     raise AssertionError(f"never saw {wanted!r}; output:\n{''.join(lines)}")
 
@@ -120,8 +123,7 @@ def test_flight_recorders_read_on_demand_name_the_rank_that_never_entered(
     process = start("spin", tmp_path, TRAINCTL_WORKER_SERVER_DIR=str(servers))
     launched.append(process)
     deadline = time.monotonic() + 90
-    read_until(process, "READY", deadline)
-    read_until(process, "READY", deadline)
+    read_until(process, "READY", deadline, times=2)
     # rank 0 enters its sixth all-reduce; rank 1 spins
     while True:
         for rank in (0, 1):

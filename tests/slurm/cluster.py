@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -66,6 +67,7 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/filetxt
 JobCompLoc={root}/log/jobcomp.txt
+GresTypes=gpu
 {node_lines}
 PartitionName=debug Nodes={node_range} Default=YES MaxTime=INFINITE State=UP
 """
@@ -118,8 +120,12 @@ class LocalSlurmCluster:
         cpus_per_node: int = 2,
         cred_expire_s: int = 5,
         slurmd_timeout_s: int = 10,
+        gpus_per_node: int = 2,
+        gpu_type: str = "h100",
     ) -> None:
         self.root = root
+        self.gpus_per_node = gpus_per_node
+        self.gpu_type = gpu_type
         self.nodes = [f"n{i}" for i in range(1, num_nodes + 1)]
         self.cpus_per_node = cpus_per_node
         self.cred_expire_s = cred_expire_s
@@ -145,6 +151,7 @@ class LocalSlurmCluster:
         (self.root / "munge" / "key").chmod(0o700)
         ports = free_ports(1 + len(self.nodes))
         self.conf.write_text(self._slurm_conf(ports[0], ports[1:]))
+        self._make_gpus()
         self._start_munged()
         self._spawn("slurmctld", ["slurmctld", "-D"])
         for node in self.nodes:
@@ -155,7 +162,8 @@ class LocalSlurmCluster:
     def _slurm_conf(self, ctld_port: int, node_ports: list[int]) -> str:
         node_lines = "\n".join(
             f"NodeName={node} NodeHostname=localhost NodeAddr=127.0.0.1 Port={port} "
-            f"CPUs={self.cpus_per_node} RealMemory=1000 State=UNKNOWN"
+            f"CPUs={self.cpus_per_node} RealMemory=1000 "
+            f"Gres=gpu:{self.gpu_type}:{self.gpus_per_node} State=UNKNOWN"
             for node, port in zip(self.nodes, node_ports, strict=True)
         )
         return SLURM_CONF_TEMPLATE.format(
@@ -167,6 +175,25 @@ class LocalSlurmCluster:
             slurmd_timeout_s=self.slurmd_timeout_s,
             node_lines=node_lines,
             node_range=f"n[1-{len(self.nodes)}]",
+        )
+
+    def _make_gpus(self) -> None:
+        """Fake GPUs: `gres.conf` (beside slurm.conf, AutoDetect=off) gives every node
+        `gpus_per_node` devices of type `gpu_type`, backed by character devices with NVIDIA's
+        major number 195 under `<root>/dev`. They must be devices: with regular files slurmd
+        22.05 logs "is not a valid character or block device, fix your gres.conf" and a step
+        gets no CUDA_VISIBLE_DEVICES. All nodes share the files (one host); no driver is
+        behind them, and nothing opens them."""
+        devices = self.root / "dev"
+        devices.mkdir(exist_ok=True)
+        for index in range(self.gpus_per_node):
+            path = devices / f"nvidia{index}"
+            if not path.exists():
+                os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(195, index))
+        (self.conf.parent / "gres.conf").write_text(
+            "AutoDetect=off\n"
+            f"NodeName=n[1-{len(self.nodes)}] Name=gpu Type={self.gpu_type} "
+            f"File={devices}/nvidia[0-{self.gpus_per_node - 1}]\n"
         )
 
     def _spawn(self, name: str, argv: list[str]) -> None:

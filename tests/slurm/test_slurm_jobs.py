@@ -125,14 +125,14 @@ def test_usr1_checkpoints_requeues_and_resumes(
 
 
 @pytest.mark.timeout(360)
-def test_crashed_node_is_excluded_on_requeue(
+def test_crashed_node_is_excluded_on_requeue_and_drained(
     slurm_cluster: LocalSlurmCluster,
     slurm: SlurmClient,
     storage: Path,
     tmp_path: Path,
     baseline: str,
 ) -> None:
-    recipe = write_recipe(tmp_path, "sgpt", config=CONFIG)
+    recipe = write_recipe(tmp_path, "sgpt", config=CONFIG, slurm={"drain_blamed_nodes": True})
     submit(slurm_cluster, storage, recipe, "s-crash")
     wait_for_step(storage, "s-crash", 12, timeout_s=120)
     nodes = read_state(storage, "s-crash")["attempts"][-1]["nodes"]
@@ -149,6 +149,10 @@ def test_crashed_node_is_excluded_on_requeue(
     assert victim in blocked
     requeued = [e for e in events(storage, "s-crash") if e["kind"] == "requeue"]
     assert requeued and requeued[0]["data"]["excluded"] == [victim]
+    # slurm.drain_blamed_nodes: the blamed node is drained for every job, with trainctl's why.
+    assert "DRAIN" in slurm.node_state(victim)
+    shown = slurm_cluster.run("scontrol", "--oneliner", "show", "node", victim).stdout
+    assert "Reason=trainctl job s-crash:" in shown, shown
 
 
 @pytest.mark.timeout(300)

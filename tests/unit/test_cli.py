@@ -117,6 +117,16 @@ def test_cli_surface_is_deliberate(storage: Path) -> None:
             "--scheduler",
             "--partition",
             "--time",
+            "--gpus-per-node",
+            "--account",
+            "--qos",
+            "--constraint",
+            "--reservation",
+            "--exclusive",
+            "--no-exclusive",
+            "--mem",
+            "--cpus-per-task",
+            "--sbatch-arg",
             "--fault",
             "--json",
             "--help",
@@ -173,7 +183,7 @@ def test_slurm_dry_run_prints_the_sbatch_command_and_script(storage: Path) -> No
 def test_slurm_options_need_the_slurm_scheduler(storage: Path) -> None:
     result = trainctl("launch", "recipes/tiny-gpt.yaml", "--time", "10", storage=storage)
     assert result.returncode == 2
-    assert "--partition and --time are Slurm options" in result.stderr
+    assert "--time: Slurm option(s), for --scheduler slurm" in result.stderr
     assert "Traceback" not in result.stderr
     faults = trainctl(
         "launch",

@@ -60,16 +60,120 @@ def test_golden_minimal() -> None:
     assert "--exclude" not in script.text and "--partition" not in script.text
 
 
-def test_golden_full() -> None:
-    options = SlurmOptions(
-        partition="gpu,gpu-low",
-        time_limit="1-12:00:00",
-        signal_grace_s=300,
-        extra_args=("--account=ml-research", "--gres=gpu:8", "--comment=two words"),
-    )
-    script = render(options=options, nodes=4, exclude=["node17", "node03", "node17"])
+FULL_H100 = SlurmOptions(
+    partition="gpu,gpu-low",
+    time_limit="1-12:00:00",
+    gpus_per_node=8,
+    gpu_type="h100",
+    account="ml-research",
+    qos="high",
+    constraint="h100&ib",
+    reservation="maint-window",
+    exclusive=True,
+    mem="0",
+    cpus_per_task=96,
+    signal_grace_s=300,
+    extra_args=("--comment=two words", "--mail-type=END", "--hold"),
+)
+
+
+def test_golden_full_8xh100_request() -> None:
+    script = render(options=FULL_H100, nodes=4, exclude=["node17", "node03", "node17"])
     check_golden("sbatch-full.txt", script)
     assert "#SBATCH --exclude=node03,node17\n" in script.text
+    directives = [line for line in script.text.splitlines() if line.startswith("#SBATCH")]
+    for expected in (
+        "--partition=gpu,gpu-low",
+        "--time=1-12:00:00",
+        "--gpus-per-node=h100:8",
+        "--account=ml-research",
+        "--qos=high",
+        '--constraint="h100&ib"',
+        "--reservation=maint-window",
+        "--exclusive",
+        "--mem=0",
+        "--cpus-per-task=96",
+        '--comment="two words"',
+        "--mail-type=END",
+        "--hold",
+    ):
+        assert f"#SBATCH {expected}" in directives, expected
+    assert "--gres" not in script.text
+
+
+def test_golden_gres_form_with_type() -> None:
+    options = SlurmOptions(gpus_per_node=2, gpu_type="a100_80g", gpu_request="gres")
+    script = render(options=options)
+    check_golden("sbatch-gres.txt", script)
+    assert "#SBATCH --gres=gpu:a100_80g:2\n" in script.text
+    assert "--gpus-per-node" not in script.text
+    untyped = render(options=SlurmOptions(gpus_per_node=4, gpu_request="gres")).text
+    assert "#SBATCH --gres=gpu:4\n" in untyped
+    assert "#SBATCH --gpus-per-node=4\n" in render(options=SlurmOptions(gpus_per_node=4)).text
+    assert "gpu" not in render(options=SlurmOptions(gpus_per_node=0, gpu_request="gres")).text
+
+
+AWKWARD = SlurmOptions(
+    constraint="[rack1|rack2]&(h100*2)",
+    reservation="a,b",
+    mem="512000",
+    extra_args=(
+        '--comment=it\'s "quoted" #not-a-comment $(touch PWNED) `x` back\\slash',
+        "--mail-user=a+b@example.org",
+        "--begin=now+1hour",
+    ),
+)
+
+
+def test_golden_awkward_values_are_quoted_and_read_back_verbatim() -> None:
+    script = render(options=AWKWARD)
+    check_golden("sbatch-awkward.txt", script)
+    directives = {
+        sbatch_argument(line[len("#SBATCH ") :]).partition("=")[0]: sbatch_argument(
+            line[len("#SBATCH ") :]
+        ).partition("=")[2]
+        for line in script.text.splitlines()
+        if line.startswith("#SBATCH ")
+    }
+    assert directives["--constraint"] == AWKWARD.constraint
+    assert directives["--reservation"] == "a,b"
+    assert directives["--comment"] == AWKWARD.extra_args[0].partition("=")[2]
+    assert directives["--mail-user"] == "a+b@example.org"
+    assert directives["--begin"] == "now+1hour"
+
+
+def test_example_recipe_renders_golden(storage: Path) -> None:
+    """recipes/examples/slurm-8xh100.yaml loads, and its --dry-run is the golden script."""
+    from tests.e2e.harness import trainctl
+    from trainctl.recipe import load_recipe
+
+    recipe = REPO / "recipes" / "examples" / "slurm-8xh100.yaml"
+    spec = load_recipe(recipe)
+    assert spec.nodes == 64 and spec.nproc_per_node == 8 and spec.health.require_nvml
+    assert spec.slurm.gpus_per_node == 8 and spec.slurm.gpu_type == "h100"
+    assert spec.slurm.mem == "0" and spec.slurm.exclusive
+    assert spec.checkpoint.storage is not None and spec.checkpoint.storage.startswith("s3://")
+    result = trainctl(
+        "launch",
+        str(recipe),
+        "--scheduler",
+        "slurm",
+        "--job-id",
+        "golden",
+        "--dry-run",
+        storage=storage,
+    )
+    assert result.returncode == 0, result.stderr
+    got = (
+        result.stdout.replace(str(storage), "<storage>")
+        .replace(sys.executable, "<python>")
+        .replace(str(REPO), "<repo>")
+    )
+    path = GOLDEN / "sbatch-slurm-8xh100.txt"
+    if os.environ.get("TRAINCTL_UPDATE_GOLDEN") == "1":
+        path.write_text(got)
+    assert got == path.read_text()
+    assert not (storage / "jobs").exists(), "a dry run writes nothing"
 
 
 def test_golden_hostile() -> None:
@@ -181,10 +285,46 @@ def sbatch_argument(text: str) -> str:
 @pytest.mark.parametrize(
     ("changes", "where", "problem"),
     [
-        ({"options": SlurmOptions(partition="gpu;rm")}, "--partition", "partition"),
-        ({"options": SlurmOptions(partition="")}, "--partition", "partition"),
-        ({"options": SlurmOptions(time_limit="4h")}, "--time", "time limit"),
-        ({"options": SlurmOptions(time_limit="1:2:3:4")}, "--time", "time limit"),
+        ({"options": SlurmOptions(partition="gpu;rm")}, "slurm.partition", "partition"),
+        ({"options": SlurmOptions(partition="")}, "slurm.partition", "partition"),
+        ({"options": SlurmOptions(time_limit="4h")}, "slurm.time_limit", "time limit"),
+        ({"options": SlurmOptions(time_limit="1:2:3:4")}, "slurm.time_limit", "time limit"),
+        ({"options": SlurmOptions(gpus_per_node=-1)}, "slurm.gpus_per_node", ">= 0"),
+        ({"options": SlurmOptions(gpu_type="h100")}, "slurm.gpu_type", "no GPUs"),
+        (
+            {"options": SlurmOptions(gpus_per_node=1, gpu_type="h100:2")},
+            "slurm.gpu_type",
+            "GPU type",
+        ),
+        ({"options": SlurmOptions(account="ml research")}, "slurm.account", "account"),
+        ({"options": SlurmOptions(qos="a,b")}, "slurm.qos", "QOS"),
+        ({"options": SlurmOptions(constraint="a b")}, "slurm.constraint", "feature"),
+        ({"options": SlurmOptions(reservation="r;x")}, "slurm.reservation", "reservation"),
+        ({"options": SlurmOptions(mem="1.5G")}, "slurm.mem", "memory"),
+        ({"options": SlurmOptions(mem="-1")}, "slurm.mem", "memory"),
+        ({"options": SlurmOptions(cpus_per_task=0)}, "slurm.cpus_per_task", ">= 1"),
+        (
+            {"options": SlurmOptions(extra_args=("--account=ml",))},
+            "slurm.extra_args[0]",
+            "field for --account",
+        ),
+        (
+            {"options": SlurmOptions(extra_args=("--hold", "--parti=gpu"))},
+            "slurm.extra_args[1]",
+            "field for --partition",
+        ),
+        (
+            {"options": SlurmOptions(extra_args=("--gres=gpu:8",))},
+            "slurm.extra_args[0]",
+            "GPUs are asked for",
+        ),
+        (
+            {"options": SlurmOptions(extra_args=("--gpus-per-node=8",))},
+            "slurm.extra_args[0]",
+            "field for --gpus-per-node",
+        ),
+        ({"options": SlurmOptions(extra_args=("--comment two",))}, "slurm.extra_args[0]", "long"),
+        ({"options": SlurmOptions(extra_args=("--",))}, "slurm.extra_args[0]", "long"),
         ({"options": SlurmOptions(signal_grace_s=0)}, "slurm.signal_grace_s", "grace"),
         ({"options": SlurmOptions(signal_grace_s=70000)}, "slurm.signal_grace_s", "grace"),
         ({"options": SlurmOptions(extra_args=("-A ml",))}, "slurm.extra_args[0]", "long"),
@@ -228,8 +368,8 @@ def test_accepts_every_sbatch_time_format(time_limit: str) -> None:
 def test_storage_url_and_extra_args_are_passed_through() -> None:
     script = render(
         storage_root="s3://bucket/trainctl",
-        options=SlurmOptions(extra_args=("--hold", "--gres=gpu:8", "--exclusive")),
+        options=SlurmOptions(extra_args=("--hold", "--gres=nvme:1", "--gpus=16")),
     )
     assert script.text.rstrip().endswith("--storage s3://bucket/trainctl")
-    assert "#SBATCH --hold\n#SBATCH --gres=gpu:8\n#SBATCH --exclusive\n" in script.text
+    assert "#SBATCH --hold\n#SBATCH --gres=nvme:1\n#SBATCH --gpus=16\n" in script.text
     assert shlex.split(script.describe().splitlines()[0])[1:] == list(script.argv)

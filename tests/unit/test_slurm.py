@@ -12,7 +12,9 @@ from trainctl.launch.slurm import (
     SlurmClient,
     SlurmError,
     SlurmJobView,
+    SlurmRequestRefused,
     parse_job_line,
+    refused_request,
     state_meaning,
 )
 from trainctl.launch.slurm_nodes import srun_argv
@@ -95,3 +97,47 @@ def test_missing_commands_and_failures_are_slurm_errors() -> None:
     assert "exit code 1" in str(raised.value)
     with pytest.raises(SlurmError, match=r"did not answer within 0\.2 s"):
         SlurmClient(timeout_s=0.2).run(["sleep", "5"])
+
+
+@pytest.mark.parametrize(
+    ("stderr", "reason"),
+    [
+        (
+            "allocation failure: Requested node configuration is not available\n",
+            "Requested node configuration is not available",
+        ),
+        (
+            "sbatch: error: Batch job submission failed: Requested node configuration is not "
+            "available\n",
+            "Requested node configuration is not available",
+        ),
+        (
+            "sbatch: error: invalid partition specified: nope\n"
+            "allocation failure: Invalid partition name specified\n",
+            "Invalid partition name specified",
+        ),
+        (
+            "allocation failure: Requested reservation is invalid",
+            "Requested reservation is invalid",
+        ),
+        ("sbatch: error: Invalid --mem specification\n", "Invalid --mem specification"),
+        # Slurm could not be asked: not a refusal of the request, a retry may help.
+        (
+            "sbatch: error: Batch job submission failed: Unable to contact slurm controller "
+            "(connect failure)\n",
+            None,
+        ),
+        ("sbatch: error: Socket timed out on send/recv operation\n", None),
+        ("", None),
+        ("Segmentation fault\n", None),
+    ],
+)
+def test_refused_request_tells_a_refusal_from_an_outage(stderr: str, reason: str | None) -> None:
+    assert refused_request(stderr) == reason
+
+
+def test_a_refused_request_is_bad_input() -> None:
+    error = SlurmRequestRefused("Requested node configuration is not available")
+    assert error.exit_code == 2
+    assert "Requested node configuration is not available" in error.render()
+    assert "sinfo" in (error.fix or "")

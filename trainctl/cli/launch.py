@@ -11,8 +11,10 @@ import typer
 from rich.markup import escape
 
 from trainctl import schedulers
+from trainctl.cli import slurm_launch
 from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store
 from trainctl.cli.console import emit_json, emit_result, terminal
+from trainctl.cli.slurm_launch import SlurmFlags
 from trainctl.errors import UserError
 from trainctl.events import Event, JobCreated
 from trainctl.exitcodes import ExitCode
@@ -96,8 +98,42 @@ def launch(
     scheduler: str = typer.Option(
         "local", "--scheduler", help="local (simulated nodes on this host) or slurm (sbatch)."
     ),
-    partition: str | None = typer.Option(None, "--partition", help="Slurm partition."),
-    time_limit: str | None = typer.Option(None, "--time", help="Slurm time limit (sbatch --time)."),
+    partition: str | None = typer.Option(
+        None, "--partition", help="Slurm: partition (overrides slurm.partition)."
+    ),
+    time_limit: str | None = typer.Option(
+        None, "--time", help="Slurm: time limit, as sbatch --time (slurm.time_limit)."
+    ),
+    gpus_per_node: str | None = typer.Option(
+        None,
+        "--gpus-per-node",
+        help="Slurm: GPUs per node, N or TYPE:N (slurm.gpus_per_node, slurm.gpu_type).",
+    ),
+    account: str | None = typer.Option(None, "--account", help="Slurm: account (slurm.account)."),
+    qos: str | None = typer.Option(None, "--qos", help="Slurm: QOS (slurm.qos)."),
+    constraint: str | None = typer.Option(
+        None, "--constraint", help="Slurm: node features (slurm.constraint)."
+    ),
+    reservation: str | None = typer.Option(
+        None, "--reservation", help="Slurm: reservation (slurm.reservation)."
+    ),
+    exclusive: bool | None = typer.Option(
+        None, "--exclusive/--no-exclusive", help="Slurm: whole nodes (slurm.exclusive)."
+    ),
+    mem: str | None = typer.Option(
+        None, "--mem", help="Slurm: memory per node, e.g. 500G; 0: all (slurm.mem)."
+    ),
+    cpus_per_task: int | None = typer.Option(
+        None,
+        "--cpus-per-task",
+        min=1,
+        help="Slurm: CPUs of each node's task (slurm.cpus_per_task).",
+    ),
+    sbatch_arg: list[str] | None = typer.Option(
+        None,
+        "--sbatch-arg",
+        help="Slurm: one more sbatch option, long form, NAME=VALUE (slurm.extra_args); repeatable.",
+    ),
     fault: list[str] | None = typer.Option(
         None,
         "--fault",
@@ -119,12 +155,26 @@ def launch(
         raise UserError(
             "unknown scheduler", where="--scheduler", value=scheduler, fix="use local or slurm"
         )
-    if scheduler == "local" and (partition or time_limit):
+    slurm_flags = SlurmFlags(
+        partition=partition,
+        time_limit=time_limit,
+        gpus_per_node=gpus_per_node,
+        account=account,
+        qos=qos,
+        constraint=constraint,
+        reservation=reservation,
+        exclusive=exclusive,
+        mem=mem,
+        cpus_per_task=cpus_per_task,
+        sbatch_args=tuple(sbatch_arg or ()),
+    )
+    if scheduler == "local" and slurm_flags.given():
+        given = slurm_flags.given()
         raise UserError(
-            "--partition and --time are Slurm options",
-            where="--partition/--time",
-            value=partition or time_limit,
-            fix="add --scheduler slurm, or drop them",
+            f"{', '.join(given)}: Slurm option(s), for --scheduler slurm",
+            where=given[0],
+            fix="add --scheduler slurm, or drop them (a recipe's slurm: section is fine: "
+            "the local scheduler ignores it)",
         )
     spec = _load_spec(target, list(script_args or []), overrides)
     if rdzv_port is not None:
@@ -135,9 +185,7 @@ def launch(
     store = open_store(storage)
     job = check_job_id(job_id) if job_id else _new_job_id(spec.name)
     if scheduler == "slurm":
-        from trainctl.cli import slurm_launch
-
-        slurm_launch.submit(spec, store, job, target, partition, time_limit, dry_run, as_json)
+        slurm_launch.submit(spec, store, job, target, slurm_flags, dry_run, as_json)
         return
     if dry_run:
         _dry_run(spec, store, job, as_json)

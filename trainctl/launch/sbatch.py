@@ -17,9 +17,9 @@ Values reach two parsers, and each gets its own quoting:
 - the shell part gets `shlex.quote`, so spaces, quotes, ``$(...)``, backticks and newlines
   arrive verbatim and nothing is executed.
 
-Validation raises `UserError` for what sbatch would refuse (or silently change): a malformed
-partition or time limit, a job name over 1024 bytes, a signal time over 65535 s, a ``%`` or
-``\\`` the output path would turn into a filename pattern.
+Validation raises `UserError` for what sbatch would refuse (or silently change): a job name
+over 1024 bytes, a ``%`` or ``\\`` the output path would turn into a filename pattern, and
+every value of the request (`trainctl.launch.slurm_request`, named ``slurm.<field>``).
 """
 
 from __future__ import annotations
@@ -30,68 +30,22 @@ import shlex
 from collections.abc import Mapping, Sequence
 
 from trainctl.errors import UserError
+from trainctl.launch.slurm_request import (
+    CONTROL_CHARACTERS,
+    JOB_NAME_MAX_BYTES,
+    SlurmOptions,
+    check_options,
+    request_directives,
+)
 
-JOB_NAME_MAX_BYTES = 1024
-"""slurmctld refuses longer job names ("Pathname ... too long")."""
-SIGNAL_GRACE_MAX_S = 65535
-"""The largest `--signal=...@TIME` sbatch accepts."""
-DEFAULT_SIGNAL_GRACE_S = 120
+__all__ = ["SbatchScript", "SlurmOptions", "render_sbatch"]
+
 RESUME_MODULE = ("-m", "trainctl.cli.main", "resume")
 """The batch script runs `python -m trainctl.cli.main resume JOB --storage ROOT`."""
 
-PARTITION_PATTERN = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")
 NODE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-TIME_LIMIT_PATTERN = re.compile(
-    r"\d+(:\d+){0,2}"  # minutes | minutes:seconds | hours:minutes:seconds
-    r"|\d+-\d+(:\d+){0,2}"  # days-hours | days-hours:minutes | days-hours:minutes:seconds
-    r"|UNLIMITED|INFINITE",
-    re.IGNORECASE,
-)
 BARE_DIRECTIVE_VALUE = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
-
-OWNED_SBATCH_OPTIONS = (
-    "--job-name",
-    "--nodes",
-    "--ntasks-per-node",
-    "--requeue",
-    "--no-requeue",
-    "--open-mode",
-    "--signal",
-    "--exclude",
-    "--nodelist",
-    "--partition",
-    "--time",
-    "--chdir",
-    "--output",
-    "--error",
-    "--parsable",
-    "--wrap",
-    "--array",
-)
-"""sbatch options trainctl sets itself (or that would break requeue and exclusion)."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SlurmOptions:
-    """How a job asks Slurm for its allocation (the recipe's `slurm:` section and CLI flags)."""
-
-    partition: str | None = None
-    """`--partition`: one partition or a comma-separated list; None: the cluster's default."""
-    time_limit: str | None = None
-    """`--time`, in a format sbatch accepts (`MM`, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`,
-    `D-HH:MM:SS`, `UNLIMITED`); None: the partition's default."""
-    signal_grace_s: int = DEFAULT_SIGNAL_GRACE_S
-    """Slurm sends USR1 to the batch process this long before the time limit
-    (`--signal=B:USR1@N`): the time to commit a checkpoint and requeue. Slurm may send it up
-    to 60 s earlier than asked."""
-    drain_bad_nodes: bool = False
-    """Also drain (`scontrol update State=DRAIN`) a node the job blamed, for every job, not
-    only exclude it from this one. Needs Slurm operator rights."""
-    extra_args: tuple[str, ...] = ()
-    """More sbatch options, one per item in long form (`--account=ml`, `--gres=gpu:8`),
-    written as `#SBATCH` lines. Options trainctl sets itself are refused."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,15 +120,11 @@ def render_sbatch(
     ]
     if exclude:
         directives.append(("--exclude", ",".join(sorted(set(exclude)))))
-    if options.partition is not None:
-        directives.append(("--partition", options.partition))
-    if options.time_limit is not None:
-        directives.append(("--time", options.time_limit))
     directives += [("--chdir", workdir), ("--output", log_path.replace("%", "%%"))]
+    directives += request_directives(options)
 
     lines = ["#!/bin/bash"]
     lines += [_directive(option, value) for option, value in directives]
-    lines += [_directive(*_split_option(arg)) for arg in options.extra_args]
     lines += [
         "#",
         f"# trainctl job {job_id}.",
@@ -204,11 +154,6 @@ def _directive(option: str, value: str | None) -> str:
     return f"#SBATCH {option}={_directive_value(value)}"
 
 
-def _split_option(arg: str) -> tuple[str, str | None]:
-    option, equals, value = arg.partition("=")
-    return option, value if equals else None
-
-
 def _directive_value(value: str) -> str:
     """`value` as sbatch's `#SBATCH` parser will read it back, verbatim."""
     if BARE_DIRECTIVE_VALUE.fullmatch(value):
@@ -236,53 +181,18 @@ def _check_job_name(job_name: str) -> None:
 
 
 def _check_options(options: SlurmOptions) -> None:
-    if options.partition is not None and not PARTITION_PATTERN.fullmatch(options.partition):
+    problems = check_options(options)
+    if problems:
+        where, error = problems[0]
         raise UserError(
-            "not a Slurm partition name (or comma-separated list of them)",
-            where="--partition",
-            value=options.partition,
-            fix="`sinfo -s` lists the partitions",
+            error.problem, where=where, value=_field_value(options, where), fix=error.fix
         )
-    if options.time_limit is not None and not TIME_LIMIT_PATTERN.fullmatch(options.time_limit):
-        raise UserError(
-            "not a time limit sbatch accepts",
-            where="--time",
-            value=options.time_limit,
-            fix="use MINUTES, HH:MM:SS, DAYS-HH, DAYS-HH:MM:SS or UNLIMITED (e.g. 04:00:00)",
-        )
-    grace = options.signal_grace_s
-    if isinstance(grace, bool) or not isinstance(grace, int) or not 0 < grace <= 65535:
-        raise UserError(
-            f"the preemption signal's grace must be whole seconds in 1..{SIGNAL_GRACE_MAX_S}",
-            where="slurm.signal_grace_s",
-            value=grace,
-            fix="leave time to commit a checkpoint, e.g. 120",
-        )
-    for index, arg in enumerate(options.extra_args):
-        _check_extra_arg(index, arg)
 
 
-def _check_extra_arg(index: int, arg: str) -> None:
-    where = f"slurm.extra_args[{index}]"
-    if not arg.startswith("--") or len(arg) < 3:
-        raise UserError(
-            "extra sbatch options must be long options, one per item",
-            where=where,
-            value=arg,
-            fix="write `--account=ml`, not `-A ml`",
-        )
-    if CONTROL_CHARACTERS.search(arg):
-        raise UserError("an sbatch option holds a control character", where=where, value=arg)
-    name = arg.split("=", 1)[0]
-    # sbatch accepts any unambiguous prefix of a long option (`--requ` is `--requeue`).
-    owned = [option for option in OWNED_SBATCH_OPTIONS if option.startswith(name)]
-    if owned:
-        raise UserError(
-            f"trainctl sets {owned[0]} itself",
-            where=where,
-            value=arg,
-            fix="use trainctl's own flags (--nodes, --partition, --time) and recipe fields",
-        )
+def _field_value(options: SlurmOptions, where: str) -> object:
+    field, _, index = where.removeprefix("slurm.").partition("[")
+    value = getattr(options, field)
+    return value[int(index.rstrip("]"))] if index else value
 
 
 def _check_absolute(label: str, path: str) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from trainctl.errors import TrainctlError
+from trainctl.errors import TrainctlError, UserError
 from trainctl.exitcodes import ExitCode
 from trainctl.launch.sbatch import SbatchScript
 
@@ -40,6 +40,55 @@ class SlurmError(TrainctlError):
         if self.stderr:
             message += f": {self.stderr}"
         super().__init__(message)
+
+
+REFUSALS = (
+    "allocation failure:",
+    "Batch job submission failed:",
+    "invalid partition specified",
+    "Invalid --",
+    "Invalid generic resource",
+    "Invalid feature specification",
+    "Invalid account",
+    "Invalid qos",
+    "Requested reservation is invalid",
+)
+"""How sbatch 22.05 says that it will not take a request (as opposed to: cannot be reached)."""
+UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out", "Connection refused")
+
+
+class SlurmRequestRefused(UserError):
+    """Slurm will not take the job's request as it stands: fix the request (exit code 2;
+    resubmitting the same request would be refused again)."""
+
+    def __init__(self, slurm_says: str) -> None:
+        super().__init__(
+            f"Slurm refuses the job's request: {slurm_says}",
+            where="the slurm: section and launch flags",
+            fix="ask for what the cluster has (`sinfo -o '%P %D %G %f'` lists partitions, "
+            "GPUs and features; `scontrol show reservation` the reservations); "
+            "`trainctl launch ... --dry-run` shows the request",
+        )
+        self.slurm_says = slurm_says
+
+
+def refused_request(stderr: str) -> str | None:
+    """sbatch's reason for refusing a request (its last line), or None when its stderr says
+    something else (Slurm unreachable, a crash): then a retry may help."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    if not lines or any(marker in stderr for marker in UNREACHABLE):
+        return None
+    if not any(marker in stderr for marker in REFUSALS):
+        return None
+    reason = lines[-1]
+    for prefix in ("allocation failure: ", "sbatch: error: ", "Batch job submission failed: "):
+        reason = reason.removeprefix(prefix)
+    return reason
+
+
+def _refusal_or(error: SlurmError) -> TrainctlError:
+    refusal = refused_request(error.stderr)
+    return error if refusal is None else SlurmRequestRefused(refusal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,8 +222,9 @@ class SlurmClient:
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     timeout_s: float = DEFAULT_TIMEOUT_S
 
-    def run(self, argv: Sequence[str]) -> str:
-        """Run one command; returns its stdout. Raises `SlurmError` on failure or timeout."""
+    def run(self, argv: Sequence[str], stdin: str | None = None) -> str:
+        """Run one command (`stdin`: its input); returns its stdout. Raises `SlurmError` on
+        failure or timeout."""
         try:
             result = subprocess.run(
                 list(argv),
@@ -182,7 +232,8 @@ class SlurmClient:
                 capture_output=True,
                 text=True,
                 timeout=self.timeout_s,
-                stdin=subprocess.DEVNULL,
+                input=stdin,
+                stdin=subprocess.DEVNULL if stdin is None else None,
             )
         except FileNotFoundError as error:
             raise SlurmError(
@@ -204,12 +255,26 @@ class SlurmClient:
         path = Path(script.script_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(script.text)
-        out = self.run(script.argv).strip()
+        try:
+            out = self.run(script.argv).strip()
+        except SlurmError as error:
+            raise _refusal_or(error) from None
         # --parsable prints "JOBID" or "JOBID;CLUSTER".
         job_id = out.split(";", 1)[0]
         if not job_id.isdigit():
             raise SlurmError(script.argv, f"printed no job id (got {out!r})")
         return job_id
+
+    def test_submit(self, script: SbatchScript) -> None:
+        """Ask Slurm whether it could ever run the script's request, submitting nothing
+        (`sbatch --test-only`, the script on stdin: nothing is written either). Raises
+        `SlurmRequestRefused` when the cluster cannot satisfy the request (too many GPUs per
+        node, an unknown GPU type, partition, reservation or feature), `SlurmError` when
+        Slurm could not be asked."""
+        try:
+            self.run(["sbatch", "--test-only"], stdin=script.text)
+        except SlurmError as error:
+            raise _refusal_or(error) from None
 
     def job_view(self, slurm_job_id: str) -> SlurmJobView | None:
         """Slurm's view of the job, or None once Slurm forgot it (MinJobAge after its end).

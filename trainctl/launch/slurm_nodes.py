@@ -9,6 +9,13 @@ Inside an allocation Slurm 22.05 gives a step the node's CPUs exclusively, so a 
 that node (an agent restarted while the old step winds down) would wait "step creation
 temporarily disabled"; `--overlap` lets the steps share the node, as agents and their torchrun
 must.
+
+GPUs need no flag of their own here: on Slurm 22.05 an agent's step is given the allocation's
+GPUs on its node — srun reads `SLURM_GPUS_PER_NODE` from the batch environment (the job's
+`--gpus-per-node`), and a step gets all of the job's GRES by default (its `--gres`) — and
+`--overlap` lets two steps on a node (an agent restarted beside the old one) share them.
+slurmstepd then sets `CUDA_VISIBLE_DEVICES`/`SLURM_STEP_GPUS` for the agent, which torchrun and
+the workers inherit (tests/slurm/test_slurm_gpus.py).
 """
 
 from __future__ import annotations

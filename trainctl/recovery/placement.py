@@ -351,7 +351,7 @@ class AfterRun:
     reason: str
     excluded: tuple[str, ...] = ()
     drain: bool = False
-    """Also drain the excluded nodes (the recipe's `recovery.drain_blamed_nodes`)."""
+    """Also drain the excluded nodes (the recipe's `slurm.drain_blamed_nodes`)."""
 
 
 def after_run(

@@ -30,7 +30,10 @@ def main() -> None:
         dist.all_reduce(tensor)
         time.sleep(0.01)
         ctx.progress(step + 1)
-    print(f"READY {ctx.rank}", flush=True)
+    # one write: with PYTHONUNBUFFERED, print() writes the text and the newline separately,
+    # and two ranks' lines interleave on the shared pipe
+    sys.stdout.write(f"READY {ctx.rank}\n")
+    sys.stdout.flush()
     if ctx.rank == 1:
         end = time.monotonic() + 120
         count = 0
