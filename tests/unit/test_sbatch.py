@@ -149,7 +149,7 @@ def test_example_recipe_renders_golden(storage: Path) -> None:
 
     recipe = REPO / "recipes" / "examples" / "slurm-8xh100.yaml"
     spec = load_recipe(recipe)
-    assert spec.nodes == 64 and spec.nproc_per_node == 8 and spec.health.require_nvml
+    assert spec.nodes == 64 and spec.nproc_per_node == "gpu" and spec.health.require_nvml
     assert spec.slurm.gpus_per_node == 8 and spec.slurm.gpu_type == "h100"
     assert spec.slurm.mem == "0" and spec.slurm.exclusive
     assert spec.checkpoint.storage is not None and spec.checkpoint.storage.startswith("s3://")
