@@ -216,6 +216,9 @@ class Exit(Message):
     crashes: tuple[str, ...] = ()
     """How workers died without an exception of their own: signals, the OOM killer's lines
     (`trainctl.launch.evidence`)."""
+    flight_recorders: dict[str, str] = dataclasses.field(default_factory=dict)
+    """rank -> the flight recorder NCCL's watchdog dumped when a collective timed out or
+    failed (trimmed JSON, `flight_recorder.trimmed`); empty when none did."""
 
 
 @dataclasses.dataclass(frozen=True)

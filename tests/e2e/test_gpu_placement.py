@@ -5,6 +5,7 @@ real pynvml code paths (a fake ``libnvidia-ml.so.1`` per node, see tests/fakenvm
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,31 @@ def test_a_gpu_job_on_a_node_without_gpus_fails_with_the_reason(
     assert state["state"] == "failed"
     assert "node-1 has no visible NVIDIA GPU" in state["reason"], state["reason"]
     assert "Traceback" not in result.stderr
+
+
+def test_a_watchdog_dump_reaches_the_job_store(storage: Path, tmp_path: Path) -> None:
+    """NCCL's watchdog dumps a rank's recorder and tears the rank down: the agent sends the
+    dump with the attempt's exit, and it lands beside the attempt's stacks."""
+    recipe = write_recipe(
+        tmp_path,
+        "watchdog",
+        script=str(Path(__file__).parent / "scripts" / "watchdog_dump.py"),
+        checkpoint={"interval_steps": 0},
+        recovery={"crash_loop_limit": 1},
+        launch={"stop_grace_s": 1},
+    )
+    result = launch(str(recipe), job_id="watchdog", storage=storage)
+    assert result.returncode != 0
+    stacks = storage / "jobs" / "watchdog" / "stacks" / "attempt-0"
+    saved = list(stacks.glob("*-rank-0.flight_recorder.json"))
+    assert len(saved) == 1, sorted(p.name for p in stacks.parent.rglob("*"))
+    dump = json.loads(saved[0].read_text())
+    assert dump["source"] == "nccl_trace_rank_0"
+    assert dump["entries"][-1] == {
+        "collective_seq_id": 7,
+        "process_group": ["0", "default_pg"],
+        "profiling_name": "nccl:all_reduce",
+        "state": "started",
+        "retired": False,
+        "is_p2p": False,
+    }

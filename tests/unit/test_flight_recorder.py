@@ -3,6 +3,7 @@ what `torch.distributed.flight_recorder` loads), and the hung rank they name."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -13,6 +14,8 @@ from trainctl.health.flight_recorder import (
     dump_path,
     read_dump,
     read_rank,
+    trimmed,
+    watchdog_dumps,
     worker_env,
 )
 from trainctl.recovery.hangs import Hang, SilentRank, localise_hang
@@ -96,6 +99,14 @@ def test_the_agent_points_the_recorder_at_the_stacks_dir_unless_the_recipe_did(
     dump_path(tmp_path, 1).write_bytes(BEHIND)
     assert read_rank(tmp_path, 1) == Collectives(11, None)
     assert read_rank(tmp_path, 0) is None
+    # ... and what it sends with the attempt's exit: newest entries, as JSON, source named
+    (tmp_path / "nccl_trace_rank_x").write_bytes(BEHIND)  # not a rank: ignored
+    dumps = watchdog_dumps(tmp_path)
+    assert list(dumps) == ["1"]
+    sent = json.loads(dumps["1"])
+    assert sent["source"] == "nccl_trace_rank_1"
+    assert [e["collective_seq_id"] for e in sent["entries"]] == list(range(1, 12))
+    assert json.loads(trimmed(tmp_path, 1, keep=2) or "")["entries"][0]["collective_seq_id"] == 10
 
 
 def test_the_rank_that_never_enqueued_the_collective_is_named() -> None:

@@ -206,6 +206,19 @@ def trimmed(stacks_dir: str | Path, rank: int, keep: int = KEEP_ENTRIES) -> str 
     return None
 
 
+def watchdog_dumps(stacks_dir: str | Path) -> dict[str, str]:
+    """rank -> trimmed recorder, for every dump NCCL's watchdog left in `stacks_dir` (a
+    collective timed out or failed: the evidence outlives the process it tore down)."""
+    found: dict[str, str] = {}
+    for path in sorted(Path(stacks_dir).glob(f"{DUMP_PREFIX}*")):
+        rank = path.name[len(DUMP_PREFIX) :]
+        if rank.isdigit():
+            text = trimmed(stacks_dir, int(rank))
+            if text is not None:
+                found[rank] = text
+    return found
+
+
 def read_rank(stacks_dir: str | Path, rank: int) -> Collectives | None:
     """The rank's recorder from the stacks directory: the one fetched on demand, else the
     one NCCL's watchdog wrote; None when neither is there."""

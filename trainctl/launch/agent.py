@@ -360,7 +360,13 @@ class Agent:
                 )
                 errors, crashes = attempt.failure(code)
                 self.send(
-                    Exit(code, errors=errors, killed_leftovers=len(leftovers), crashes=crashes)
+                    Exit(
+                        code,
+                        errors=errors,
+                        killed_leftovers=len(leftovers),
+                        crashes=crashes,
+                        flight_recorders=flight_recorder.watchdog_dumps(attempt.stacks_dir),
+                    )
                 )
                 return
 
@@ -391,7 +397,16 @@ class Agent:
             proctree.kill_tree(pids, attempt.grace_s, keep_reaped=keep)
         code = torchrun.wait()
         errors, crashes = attempt.failure(code, upto=stopped_at)
-        self.send(Exit(code, stopped=True, reason=stop.reason, errors=errors, crashes=crashes))
+        self.send(
+            Exit(
+                code,
+                stopped=True,
+                reason=stop.reason,
+                errors=errors,
+                crashes=crashes,
+                flight_recorders=flight_recorder.watchdog_dumps(attempt.stacks_dir),
+            )
+        )
 
     def close(self) -> None:
         self.stop_probing()

@@ -238,6 +238,13 @@ class Intake:
         self.record.node(name).exit_code = message.code
         if self.monitor is not None:
             self.monitor.node_exited(name)
+        for rank, text in sorted(message.flight_recorders.items()):
+            if rank.isdigit():  # a rank number from the agent: one safe path segment
+                self.journal.write_job_file(
+                    f"stacks/attempt-{self.record.attempts[-1].number}/{name}-rank-{rank}"
+                    ".flight_recorder.json",
+                    text.encode(),
+                )
         how = "was stopped" if message.stopped else f"exited with {message.code}"
         if message.crashes and not message.stopped:
             how += f" ({'; '.join(message.crashes)})"
