@@ -64,6 +64,13 @@ def train(
 ) -> None:
     ctx = runtime.init()
     config = {**defaults, **ctx.config}
+    if config.get("deterministic") and ctx.device.type == "cuda":
+        # Bit-identical runs on GPUs (the fingerprint oracle): deterministic kernels, and
+        # attention by the math kernel (the memory-efficient one accumulates its backward with
+        # atomic adds). Needs CUBLAS_WORKSPACE_CONFIG=:4096:8 in the recipe's env.
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
     max_steps = ctx.max_steps or int(config["steps"])
     torch.manual_seed(ctx.seed)  # identical initial weights on every rank and every run
     model, blocks = build_model(config)

@@ -322,11 +322,13 @@ class JobSpec(_Frozen):
     def _nproc(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value)
-        if isinstance(value, bool) or (isinstance(value, int) and not 1 <= value <= 64):
-            raise ValueError("use a number of workers from 1 to 64, gpu or auto")
-        if isinstance(value, str) and value not in ("gpu", "auto"):
-            raise ValueError("use a number of workers from 1 to 64, gpu or auto")
-        return value
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, str) and value in ("gpu", "auto"):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 64:
+            return value
+        raise ValueError("use a number of workers from 1 to 64, gpu or auto")
 
     @field_validator("env")
     @classmethod

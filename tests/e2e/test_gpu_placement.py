@@ -102,3 +102,30 @@ def test_a_watchdog_dump_reaches_the_job_store(storage: Path, tmp_path: Path) ->
         "retired": False,
         "is_p2p": False,
     }
+
+
+def test_a_per_gpu_job_whose_rank_never_reports_is_a_hang(
+    storage: Path, tmp_path: Path, fake_nvml_dir: Path
+) -> None:
+    """With one worker per GPU the world size is known only when the nodes start: ranks that
+    never report a step must still be watched (first-step hang), and the stuck node blamed."""
+    one_gpu = tmp_path / "one.nvml"
+    one_gpu.write_text("device_count=1\n")
+    recipe = write_recipe(
+        tmp_path,
+        "gpu-hang",
+        nproc_per_node="gpu",
+        spare_nodes=1,
+        max_steps=4,
+        node_env={f"node-{i}": nvml_env(fake_nvml_dir, one_gpu) for i in range(3)},
+        checkpoint={"interval_steps": 0},
+        config={"spin_at_step": 1, "spin_node": "node-1"},
+        health={"first_step_allowance_s": 30, "hang_floor_s": 4, "stack_dump_timeout_s": 5},
+        launch={"stop_grace_s": 1},
+    )
+    result = launch(str(recipe), "--json", job_id="gpu-hang", storage=storage)
+    assert result.returncode == 0, result.stderr
+    first = read_state(storage, "gpu-hang")["attempts"][0]
+    assert first["world_size"] == 2
+    assert (first["cause"], first["blamed"]) == ("node_fault", "node-1"), first["reason"]
+    assert first["reason"].startswith("hang: no progress"), first["reason"]

@@ -106,8 +106,8 @@ def test_a_collective_whose_peer_never_comes_fails_on_the_derived_timeout(
     deadline = time.monotonic() + 90
     lines = read_until(process, "COLLECTIVE", deadline)
     text = "".join(lines)
-    # the group started with 600 s; from the step times it derived 2 + 1 = 3 s
-    assert "collective timeout now 3 s" in text, text
+    # the group started with 600 + 2 + 60 s; from the step times it derived 2 x (2 + 1) s
+    assert "collective timeout now 6 s" in text, text
     # rank 1 sleeps 120 s: rank 0's all-reduce ended on the derived timeout, not by its peer
     assert "COLLECTIVE FAILED" in lines[-1], text
     assert "COLLECTIVE COMPLETED" not in text

@@ -73,7 +73,7 @@ def test_nproc_per_node_values(value: object, expected: object) -> None:
     assert JobSpec(name="j", script="/x.py", nproc_per_node=value).nproc_per_node == expected
 
 
-@pytest.mark.parametrize("value", [0, 65, "gpus", "cpu", True, -1])
+@pytest.mark.parametrize("value", [0, 65, "gpus", "cpu", True, -1, 100.0, 2.5])
 def test_bad_nproc_per_node_is_refused(value: object) -> None:
     with pytest.raises(ValueError, match="1 to 64, gpu or auto"):
         JobSpec(name="j", script="/x.py", nproc_per_node=value)
@@ -135,15 +135,16 @@ def derived(health: HealthSpec, times: list[float], checkpointing: bool = False)
 
 def test_collective_timeout_follows_the_step_times() -> None:
     health = HealthSpec()  # floor 60 s, k 5, stack dumps 15 s, checkpoint allowance 300 s
-    assert CollectiveTimeout.initial_s(health) == 600.0  # until warm: first_step_allowance_s
+    # until warm: the first-step allowance + 2 stack windows + a minute, past trainctl's own
+    assert CollectiveTimeout.initial_s(health) == 600.0 + 30.0 + 60.0
     assert derived(health, [0.5] * (WARMUP_STEPS - 1)) == []  # too few step times yet
-    assert derived(health, [0.5] * WARMUP_STEPS) == [75.0]  # floor + stack window
-    assert derived(health, [0.5] * WARMUP_STEPS, checkpointing=True) == [375.0]
-    assert derived(health, [20.0] * WARMUP_STEPS) == [115.0]  # 5 x 20 s + 15 s
+    assert derived(health, [0.5] * WARMUP_STEPS) == [150.0]  # 2 x (floor + stack window)
+    assert derived(health, [0.5] * WARMUP_STEPS, checkpointing=True) == [450.0]
+    assert derived(health, [20.0] * WARMUP_STEPS) == [230.0]  # 2 x (5 x 20 s + 15 s)
     # applied again only when it moves by more than 20 %: once, not every step
-    assert derived(health, [0.5] * 50) == [75.0]
-    assert derived(health, [0.5] * WARMUP_STEPS + [30.0] * 2) == [75.0, 165.0]
+    assert derived(health, [0.5] * 50) == [150.0]
+    assert derived(health, [0.5] * WARMUP_STEPS + [30.0] * 2) == [150.0, 330.0]
     pinned = HealthSpec(hang_timeout_s=900.0)
-    assert CollectiveTimeout.initial_s(pinned) == 900.0
-    assert derived(pinned, [0.5] * WARMUP_STEPS) == []  # 900 + 15 is within 20 % of 900
+    assert CollectiveTimeout.initial_s(pinned) == 900.0 + 30.0 + 60.0
+    assert derived(pinned, [0.5] * WARMUP_STEPS) == [1830.0]
     assert derived(health, [None, -1.0]) == []  # type: ignore[list-item]

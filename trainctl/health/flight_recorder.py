@@ -193,9 +193,25 @@ def _load(data: bytes) -> Any:
     return _PlainData(io.BytesIO(data)).load()
 
 
-def trimmed(stacks_dir: str | Path, rank: int, keep: int = KEEP_ENTRIES) -> str | None:
-    """The rank's recorder as JSON with only its newest `keep` entries (None: no dump)."""
+def _newest_first(stacks_dir: str | Path, rank: int) -> list[Path]:
+    """The rank's dumps, newest first: the one fetched on demand and NCCL's watchdog's (which
+    may come later, when the collective the hang left waiting times out)."""
+    found = []
     for path in (fetched_path(stacks_dir, rank), dump_path(stacks_dir, rank)):
+        try:
+            found.append((path.stat().st_mtime_ns, path))
+        except OSError:
+            continue
+    return [path for _, path in sorted(found, key=lambda item: item[0], reverse=True)]
+
+
+def trimmed(
+    stacks_dir: str | Path, rank: int, keep: int = KEEP_ENTRIES, *, watchdog_only: bool = False
+) -> str | None:
+    """The rank's newest recorder as JSON with only its newest `keep` entries (None: no
+    dump); `watchdog_only`: NCCL's watchdog dump alone."""
+    paths = [dump_path(stacks_dir, rank)] if watchdog_only else _newest_first(stacks_dir, rank)
+    for path in paths:
         try:
             dump = _load(path.read_bytes())
         except Exception:  # absent, truncated or foreign: try the other, else nothing
@@ -213,16 +229,16 @@ def watchdog_dumps(stacks_dir: str | Path) -> dict[str, str]:
     for path in sorted(Path(stacks_dir).glob(f"{DUMP_PREFIX}*")):
         rank = path.name[len(DUMP_PREFIX) :]
         if rank.isdigit():
-            text = trimmed(stacks_dir, int(rank))
+            text = trimmed(stacks_dir, int(rank), watchdog_only=True)
             if text is not None:
                 found[rank] = text
     return found
 
 
 def read_rank(stacks_dir: str | Path, rank: int) -> Collectives | None:
-    """The rank's recorder from the stacks directory: the one fetched on demand, else the
-    one NCCL's watchdog wrote; None when neither is there."""
-    for path in (fetched_path(stacks_dir, rank), dump_path(stacks_dir, rank)):
+    """The rank's newest recorder in the stacks directory (fetched on demand, or written by
+    NCCL's watchdog); None when neither is there."""
+    for path in _newest_first(stacks_dir, rank):
         try:
             found = read_dump(path.read_bytes())
         except OSError:

@@ -201,7 +201,7 @@ class Agent:
         env[Env.WORKER_SERVER_DIR] = attempt.server_dir
         # NCCL's failure settings: the flight recorder (dumping beside the stacks when its
         # watchdog times out) and how a failed collective ends the process.
-        env.update(flight_recorder.worker_env(str(attempt.stacks_dir), env))
+        env.update(flight_recorder.worker_env(str(attempt.stacks_dir), {**os.environ, **env}))
         if self.zygote is not None and self.zygote.poll() is None:
             env[Env.ZYGOTE] = self.zygote_address
         log = self._log_file(node.log_path)

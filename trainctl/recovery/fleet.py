@@ -43,9 +43,9 @@ class Fleet:
         self.agent_env = agent_env
         self.spares = spares
         self.connected: set[str] = set()
-        self.hello_at: dict[str, float] = {}
-        """When each node's current agent said hello (unix time)."""
         """Nodes whose agent said hello and has not gone away."""
+        self.hello_at: dict[str, float] = {}
+        """When each node's current agent said hello (unix time, the agent's clock)."""
         self.started: dict[str, float] = {}
         """Node -> monotonic time its agent was started."""
         self.active: tuple[str, ...] = ()

@@ -117,7 +117,9 @@ class Intake:
         now = time.time()
         if isinstance(message, Hello):
             self.fleet.connected.add(name)
-            self.fleet.hello_at[name] = now
+            # When the agent said it (its clock): a loss noticed before it is an earlier
+            # agent's, however late this controller reads the hello.
+            self.fleet.hello_at[name] = envelope.time or now
             self.journal.event(AgentConnected(pid=message.pid), f"{name}: agent up", node=name)
             if not in_attempt:
                 self.fleet.send(name, self.standby_probe())
@@ -229,6 +231,8 @@ class Intake:
             started = self._workers.setdefault(attempt.number, {})
             started[name] = message.workers
             attempt.world_size = sum(started.values())
+            if self.monitor is not None:  # ranks that never report count as silent
+                self.monitor.watch.world_size = attempt.world_size
         if attempt.state == AttemptState.STARTING:
             attempt.move(AttemptState.RUNNING)
         self.faults.reached(0)

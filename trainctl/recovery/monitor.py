@@ -52,6 +52,8 @@ class PendingHang:
     """rank -> where its main thread was, from the dumps."""
     dumps: dict[int, StackDump] = dataclasses.field(default_factory=dict)
     """rank -> its dump (NCCL's flight recorder summary among the rest)."""
+    nodes: dict[int, str] = dataclasses.field(default_factory=dict)
+    """rank -> the node whose agent dumped it (known even for a rank that never reported)."""
     declared: bool = False
 
 
@@ -221,6 +223,7 @@ class AttemptMonitor:
                 hang.states[dump.rank] = dump.state
                 hang.positions[dump.rank] = stack_position(dump.text)
                 hang.dumps[dump.rank] = dump
+                hang.nodes[dump.rank] = node
         self.journal.event(
             StacksSaved(
                 dumps=[
@@ -257,7 +260,7 @@ class AttemptMonitor:
         ranks = tuple(
             policy.SilentRank(
                 rank=rank,
-                node=watch.node_of(rank),
+                node=watch.node_of(rank) or hang.nodes.get(rank),
                 step=watch.step_of(rank),
                 silent_s=silent_s,
                 process_state=hang.states.get(rank),
