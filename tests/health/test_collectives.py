@@ -13,6 +13,7 @@ Two ranks under real torchrun, started through `trainctl.runtime` (the code ever
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.harness import assert_no_leftovers, job_processes
 from trainctl.health import flight_recorder
 from trainctl.recovery.hangs import Hang, SilentRank, localise_hang
 
@@ -68,12 +70,13 @@ def launched() -> Iterator[list[subprocess.Popen[str]]]:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
-        # every process of the run is gone: torchrun, both ranks
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            continue
-        raise AssertionError(f"processes of torchrun {process.pid} left behind")
+        # torchrun starts its workers in sessions of their own: they are found by the job tag
+        # every process of the run carries, killed, and then none may be left.
+        job = f"collectives-{process.args[-1]}-{os.getpid()}"  # type: ignore[index]
+        for pid in job_processes(job):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert_no_leftovers(job)
 
 
 def read_until(
