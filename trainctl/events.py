@@ -98,6 +98,14 @@ class JobStopped(JobEnded):
     pass
 
 
+@kind("job_cancelled")
+class JobCancelled(JobEnded):
+    by: str = ""
+    """``user@host`` of the shell that asked."""
+    request: str = ""
+    """The request's id (``jobs/<id>/cancel/<request>.json``)."""
+
+
 @kind("job_gave_up")
 class JobGaveUp(JobEnded):
     pass

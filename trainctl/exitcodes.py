@@ -25,6 +25,8 @@ class ExitCode(enum.IntEnum):
     STORE_CORRUPT = 5
     """The job store holds a file trainctl cannot read (a corrupt or partial state, spec or
     blocklist): fix or restore the file named. Do not requeue: a retry reads the same file."""
+    CANCELLED = 7
+    """Someone cancelled the job (`trainctl cancel`): do not requeue."""
 
 
 EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
@@ -34,4 +36,5 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.GAVE_UP: "gave up: crash loop or no progress, do not requeue",
     ExitCode.PREEMPTED: "preempted, checkpoint taken, requeue me",
     ExitCode.STORE_CORRUPT: "job store unreadable (corrupt file named), do not requeue",
+    ExitCode.CANCELLED: "cancelled (trainctl cancel), do not requeue",
 }

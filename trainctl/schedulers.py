@@ -114,6 +114,15 @@ def submit(script: SbatchScript) -> str:
     return SlurmClient().submit(script)
 
 
+def cancel(record: JobRecord) -> str | None:
+    """End the job in its scheduler too (Slurm: `scancel`); what was done, or None (local
+    jobs: the controller stopped every process itself). Raises `SlurmError`."""
+    if record.scheduler != "slurm" or not record.scheduler_job_id:
+        return None
+    SlurmClient().cancel(record.scheduler_job_id)
+    return f"scancel {record.scheduler_job_id}"
+
+
 def describe(record: JobRecord) -> dict[str, Any] | None:
     """The job as its scheduler sees it (Slurm: `squeue`, read through one table); None for
     jobs of the local scheduler."""

@@ -29,23 +29,37 @@ class JobState(str, enum.Enum):
     """Ended with a failure; a retry (requeue or `trainctl resume`) is allowed."""
     STOPPED = "stopped"
     """Stopped on request (Ctrl-C, SIGTERM, preemption)."""
+    CANCELLED = "cancelled"
+    """Cancelled by someone (`trainctl cancel`): not to be resumed or requeued unasked."""
 
     @property
     def terminal(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.STOPPED)
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.STOPPED, JobState.CANCELLED)
 
 
 JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.PENDING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.STOPPED}),
-    JobState.RUNNING: frozenset(
-        {JobState.RECOVERING, JobState.SUCCEEDED, JobState.FAILED, JobState.STOPPED}
+    JobState.PENDING: frozenset(
+        {JobState.RUNNING, JobState.FAILED, JobState.STOPPED, JobState.CANCELLED}
     ),
-    JobState.RECOVERING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.STOPPED}),
+    JobState.RUNNING: frozenset(
+        {
+            JobState.RECOVERING,
+            JobState.SUCCEEDED,
+            JobState.FAILED,
+            JobState.STOPPED,
+            JobState.CANCELLED,
+        }
+    ),
+    JobState.RECOVERING: frozenset(
+        {JobState.RUNNING, JobState.FAILED, JobState.STOPPED, JobState.CANCELLED}
+    ),
     # RUNNING -> RECOVERING also covers `trainctl resume` after the controller itself died.
     # A failed or stopped job may be resumed; a succeeded one is final.
     JobState.FAILED: frozenset({JobState.RUNNING, JobState.PENDING, JobState.RECOVERING}),
     JobState.STOPPED: frozenset({JobState.RUNNING, JobState.PENDING, JobState.RECOVERING}),
     JobState.SUCCEEDED: frozenset(),
+    # `trainctl resume --force` only.
+    JobState.CANCELLED: frozenset({JobState.RUNNING, JobState.PENDING, JobState.RECOVERING}),
 }
 
 
@@ -224,6 +238,10 @@ class JobRecord:
     """Newest checkpoint step committed during this job, as reported by the workers."""
     faults_fired: list[str] = dataclasses.field(default_factory=list)
     """Injected faults already fired (so `resume` does not fire them again)."""
+    cancel: dict[str, Any] | None = None
+    """The cancel request the job ended on (`trainctl.cancel.CancelRequest`), if any."""
+    cancels_cleared: list[str] = dataclasses.field(default_factory=list)
+    """Cancel requests `resume --force` set aside (honoured once, never again)."""
 
     def move(self, new: JobState, reason: str = "") -> None:
         check_transition(JOB_TRANSITIONS, self.state, new)

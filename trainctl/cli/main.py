@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from trainctl.cli import ckpt, health, jobs, launch, report, resume
+from trainctl.cli import cancel, ckpt, health, jobs, launch, report, resume
 from trainctl.cli.console import NORMAL, QUIET, VERBOSE, terminal
 from trainctl.errors import TrainctlError
 from trainctl.exitcodes import ExitCode
@@ -39,6 +39,7 @@ def _global_options(
 
 app.command("launch", context_settings={"allow_interspersed_args": True})(launch.launch)
 app.command("resume")(resume.resume)
+app.command("cancel")(cancel.cancel)
 app.command("list")(jobs.list_jobs)
 app.command("status")(jobs.status)
 app.command("events")(jobs.events)

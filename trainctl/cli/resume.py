@@ -22,12 +22,15 @@ from trainctl.spec import check_job_id
 def resume(
     job_id: str = typer.Argument(..., help="The job to resume."),
     storage: str | None = STORAGE_OPTION,
+    force: bool = typer.Option(
+        False, "--force", help="Resume a job someone cancelled (`trainctl cancel`)."
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Resume a job from its newest committed checkpoint (idempotent; scheduler hook)."""
     store = open_store(storage)
     check_job_id(job_id, where="JOB")
-    resumed = prepare_resume(store, job_id, os.environ, say, warn)
+    resumed = prepare_resume(store, job_id, os.environ, say, warn, force=force)
     record = resumed.record
     if resumed.spec is None or resumed.binding is None:
         resumed.lease.release()

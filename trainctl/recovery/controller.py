@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trainctl.cancel import CANCEL, CancelWatch
 from trainctl.checkpoint import fence
 from trainctl.events import FenceFailed, JobFailed, RecoveryPlanned
 from trainctl.exitcodes import ExitCode
@@ -97,6 +98,7 @@ class Controller:
         self.options = options
         self.scheduler: NodeScheduler = scheduler or LocalScheduler(options.python)
         self.stop_signal: str | None = None
+        self.cancels = CancelWatch(self.store, self.record.job_id, self.record.cancels_cleared)
         self.run_dir = self.store.local_job_dir(self.record.job_id)
         self.secrets_path = self.run_dir / "private" / "secrets.json"
         health = spec.health
@@ -134,6 +136,12 @@ class Controller:
             GpuRecorder(journal, spec.health.gpu_idle_util_pct, spec.health.gpu_idle_window_s),
             per_gpu=spec.per_gpu,
         )
+
+    def _stop_requested(self) -> str | None:
+        """A stop signal's name, or ``cancel`` once someone asked (`trainctl cancel`)."""
+        if self.stop_signal is not None:
+            return self.stop_signal
+        return CANCEL if self.cancels.check() is not None else None
 
     def say(self, message: str) -> None:
         self.options.on_message(message)
@@ -230,6 +238,9 @@ class Controller:
                 return ExitCode.FAILED  # the job is another controller's now: record nothing
             if decision.action == policy.Action.SUCCEED:
                 return self.journal.end_job(JobState.SUCCEEDED, decision.reason, ExitCode.FINISHED)
+            cancel = self.cancels.check()
+            if cancel is not None and decision.action in (policy.Action.STOP, policy.Action.FAIL):
+                return self.journal.cancel_job(cancel, ExitCode.CANCELLED)
             if decision.action == policy.Action.STOP:
                 code = decision.exit_code or ExitCode.FAILED
                 return self.journal.end_job(JobState.STOPPED, decision.reason, code)
@@ -410,7 +421,7 @@ class Controller:
         early += self.fleet.wait_for(
             selection.nodes,
             lambda timeout_s: self._pump(timeout_s, early),
-            lambda: self.stop_signal is not None,
+            lambda: self._stop_requested() is not None,
         )
         # A loss noticed while waiting, of an agent that has since been replaced (the previous
         # attempt's teardown, seen late after a controller pause), is not this attempt's.
@@ -431,7 +442,7 @@ class Controller:
             self.intake,
             self.faults,
             self._pump,
-            lambda: self.stop_signal,
+            self._stop_requested,
             self.options.abandoned,
             self.say,
         )

@@ -15,11 +15,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from trainctl.cancel import CancelRequest
 from trainctl.events import (
     AttemptEnded,
     AttemptStarted,
     Event,
     EventData,
+    JobCancelled,
     JobFailed,
     JobGaveUp,
     JobResumed,
@@ -52,6 +54,7 @@ _JOB_END = {
     JobState.SUCCEEDED: JobSucceeded,
     JobState.FAILED: JobFailed,
     JobState.STOPPED: JobStopped,
+    JobState.CANCELLED: JobCancelled,
 }
 
 
@@ -278,6 +281,18 @@ class Journal:
         blamed = self.record.attempts[-1].blamed if self.record.attempts else None
         data = (JobGaveUp if gave_up else _JOB_END[state])(exit_code=int(exit_code), blamed=blamed)
         self.event(data, reason)
+        return exit_code
+
+    def cancel_job(self, request: CancelRequest, exit_code: ExitCode) -> ExitCode:
+        """End the job as cancelled, saying who asked and why."""
+        reason = request.describe()
+        self.record.move(JobState.CANCELLED, reason)
+        self.record.cancel = request.to_json()
+        self.record.exit_code = int(exit_code)
+        self.save_state()
+        self.event(
+            JobCancelled(exit_code=int(exit_code), by=request.by, request=request.id), reason
+        )
         return exit_code
 
     def controller_started(self, host: str) -> None:

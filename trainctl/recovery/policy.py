@@ -321,6 +321,8 @@ def decide(now: float, view: AttemptView) -> Decision:
         )
     if view.stop is not None:
         preempted = view.stop.signal in ("SIGTERM", "SIGUSR1")
+        if view.stop.signal == "cancel":
+            return Decision(Action.STOP, "cancel requested", ExitCode.CANCELLED, cause=Cause.STOP)
         return Decision(
             Action.STOP,
             f"stop requested ({view.stop.signal})",

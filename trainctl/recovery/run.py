@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 
+from trainctl.cancel import pending_requests
 from trainctl.errors import UserError
 from trainctl.events import LeaseTaken
 from trainctl.exitcodes import ExitCode
@@ -87,9 +88,15 @@ def run_job(
 
 
 def prepare_resume(
-    store: JobStore, job_id: str, environ: Mapping[str, str], say: Say, warn: Say
+    store: JobStore,
+    job_id: str,
+    environ: Mapping[str, str],
+    say: Say,
+    warn: Say,
+    force: bool = False,
 ) -> Resumed:
-    """Pick a job up from the store; raises `LeaseHeld` while its controller runs."""
+    """Pick a job up from the store; raises `LeaseHeld` while its controller runs, and a
+    `UserError` for a cancelled job unless `force` (which sets its cancel requests aside)."""
     store.read_state(job_id)  # an unknown job: one clear error, before any lease is taken
     text = store.read_spec_text(job_id)
     if text is None:
@@ -106,6 +113,17 @@ def prepare_resume(
     record = store.read_state(job_id)
     if record.state == JobState.SUCCEEDED:
         return Resumed(None, record, None, lease)
+    pending = pending_requests(store, job_id, record.cancels_cleared)
+    if (record.state == JobState.CANCELLED or pending) and not force:
+        lease.release()
+        raise UserError(
+            f"the job was cancelled ({record.reason if record.cancel else pending[0].describe()})",
+            where=f"job {job_id}",
+            fix=f"`trainctl resume {job_id} --force` runs it again anyway",
+        )
+    record.cancels_cleared = [*record.cancels_cleared, *(r.id for r in pending)]
+    if record.state == JobState.CANCELLED:
+        record.cancel = None  # the event log keeps who cancelled it and why
     spec, missing = restore_secrets(stored, environ)
     for name in missing:
         warn(
