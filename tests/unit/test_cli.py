@@ -100,7 +100,19 @@ def test_exit_code_table_matches_readme() -> None:
 def test_cli_surface_is_deliberate(storage: Path) -> None:
     """Every command and launch option, listed: growth of the surface is a decision."""
     top = trainctl("--help", storage=storage).stdout
-    for command in ("launch", "resume", "list", "status", "events", "health", "report", "ckpt"):
+    for command in (
+        "launch",
+        "resume",
+        "cancel",
+        "list",
+        "status",
+        "events",
+        "describe",
+        "logs",
+        "health",
+        "report",
+        "ckpt",
+    ):
         assert re.search(rf"│ {command}\s", top), command
     launch_help = trainctl("launch", "--help", storage=storage).stdout
     options = sorted(set(re.findall(r"(--[a-z][a-z-]+)", launch_help)))

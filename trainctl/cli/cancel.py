@@ -15,13 +15,12 @@ import time
 import typer
 
 from trainctl.cancel import CancelRequest, request_cancel
-from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store
+from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_job
 from trainctl.cli.console import emit_json, emit_result, terminal
-from trainctl.errors import NotFoundError, TrainctlError
+from trainctl.errors import TrainctlError
 from trainctl.exitcodes import ExitCode
 from trainctl.lease import Lease, LeaseHeld
 from trainctl.recovery.journal import Journal
-from trainctl.spec import check_job_id
 from trainctl.state import JobRecord, JobState
 from trainctl.store import JobStore
 
@@ -38,12 +37,7 @@ def cancel(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Cancel a job: its controller stops every process and records who and why."""
-    store = open_store(storage)
-    check_job_id(job_id, where="JOB")
-    if not store.exists(job_id):
-        raise NotFoundError(
-            "no such job", where=store.job_url(job_id), fix="`trainctl list` shows the jobs"
-        )
+    store, job_id = open_job(storage, job_id)  # a unique prefix will do
     record = store.read_state(job_id)
     if record.state.terminal:
         _report(record, f"job {job_id} already {record.state.value}: nothing to cancel", as_json)

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from trainctl.checkpoint import inspect
 from trainctl.checkpoint.retention import MIN_KEEP_LAST
-from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store
+from trainctl.cli.common import JOB_HELP, JSON_OPTION, STORAGE_OPTION, open_store, resolve_job_id
 from trainctl.cli.console import QUIET, emit_json, emit_result, format_age, terminal
 from trainctl.errors import NotFoundError, UserError
 from trainctl.recipe import stored_checkpoint_section
@@ -37,13 +37,17 @@ app = typer.Typer(
     help="Inspect, verify and garbage-collect a job's checkpoints.", no_args_is_help=True
 )
 
-JOB_ARGUMENT = typer.Argument(..., help="Job id.")
+JOB_ARGUMENT = typer.Argument(..., help=JOB_HELP)
 
 
 @dataclass(frozen=True)
 class JobCheckpoints:
     """Where a job's checkpoints are and the retention its recipe asked for."""
 
+    job_id: str
+    """The job id the command's JOB resolved to (a unique prefix names the whole id)."""
+    known: bool
+    """Whether the job store has this job (checkpoints a script saved have none)."""
     root: str
     storage_options: dict[str, Any]
     keep_last: int
@@ -55,11 +59,15 @@ def job_checkpoints(storage: str | None, job_id: str) -> JobCheckpoints:
     section (the defaults when the job has no stored spec). Credentials are not stored: the
     standard AWS chain supplies them."""
     store = open_store(storage)
+    job_id = resolve_job_id(store, job_id, allow_unknown=True)
+    known = job_id in store.list_jobs()
     text = store.read_spec_text(job_id)
     section = CheckpointSpec()
     if text is not None:
         section = stored_checkpoint_section(text, f"{store.job_url(job_id)}/spec.yaml")
     return JobCheckpoints(
+        job_id=job_id,
+        known=known,
         root=store.checkpoint_root(job_id, section.storage),
         storage_options=without_redacted(section.storage_options),
         keep_last=section.keep_last,
@@ -94,7 +102,15 @@ def list_checkpoints(
 ) -> None:
     """List a job's checkpoint steps: committed or not, size, world size, age."""
     where = job_checkpoints(storage, job_id)
+    job_id = where.job_id
     steps = inspect.list_steps(where.root, storage_options=where.storage_options)
+    if not steps and not where.known:
+        raise NotFoundError(
+            "no such job, and no checkpoints under " + where.root,
+            where="JOB",
+            value=job_id,
+            fix="run `trainctl list` to see the jobs in this storage root (or pass --storage)",
+        )
     if as_json:
         emit_json({"job_id": job_id, "root": where.root, "steps": [s.to_json() for s in steps]})
         return
@@ -128,6 +144,7 @@ def verify_checkpoint(
 ) -> None:
     """Read every object of a committed step and check sizes and checksums (exit 1 if bad)."""
     where = job_checkpoints(storage, job_id)
+    job_id = where.job_id
     if step is None:
         committed = [
             s.step
@@ -203,6 +220,7 @@ def collect_garbage(
 ) -> None:
     """Delete steps the retention policy rejects, uncommitted leftovers and orphaned uploads."""
     where = job_checkpoints(storage, job_id)
+    job_id = where.job_id
     keep_last = where.keep_last if keep_last is None else keep_last
     keep_every = where.keep_every if keep_every is None else (keep_every or None)
     if keep_last < MIN_KEEP_LAST:

@@ -8,7 +8,9 @@ import typer
 from rich.markup import escape
 
 from trainctl.cli.console import terminal
+from trainctl.errors import NotFoundError, UserError
 from trainctl.events import Event
+from trainctl.spec import check_job_id
 from trainctl.store import JobStore, Problem, resolve_storage_root
 
 STORAGE_OPTION = typer.Option(
@@ -17,10 +19,58 @@ STORAGE_OPTION = typer.Option(
     help="Storage root (path, file:// or s3://). Default: $TRAINCTL_STORAGE or ~/.trainctl.",
 )
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object on stdout.")
+JOB_HELP = "Job id, or a unique prefix of one."
 
 
 def open_store(storage: str | None) -> JobStore:
     return JobStore(resolve_storage_root(storage))
+
+
+MAX_LISTED_MATCHES = 10
+"""How many of an ambiguous prefix's matches an error names."""
+
+
+def resolve_job_id(store: JobStore, text: str, allow_unknown: bool = False) -> str:
+    """The job id that `text` names in `store`: an exact id wins, else the one id it prefixes.
+
+    One store read when `text` is a whole id; a listing of ``jobs/`` otherwise. Raises
+    `UserError` (exit 2) for an invalid id or an ambiguous prefix (naming the matches), and
+    `NotFoundError` (exit 2) when nothing matches — unless `allow_unknown`, which returns
+    `text` itself (`ckpt` reads checkpoints a script saved with no job in the store).
+    """
+    check_job_id(text, where="JOB")
+    if store.exists(text):
+        return text
+    jobs = store.list_jobs()
+    if text in jobs:  # a job directory without state.json: the command says what is missing
+        return text
+    matches = sorted(job for job in jobs if job.startswith(text))
+    if len(matches) == 1:
+        return matches[0]
+    if not matches and allow_unknown:
+        return text
+    if not matches:
+        raise NotFoundError(
+            "no such job",
+            where=store.root,
+            value=text,
+            fix="run `trainctl list` to see the jobs in this storage root (or pass --storage)",
+        )
+    shown = ", ".join(matches[:MAX_LISTED_MATCHES])
+    more = len(matches) - MAX_LISTED_MATCHES
+    raise UserError(
+        f"ambiguous job id prefix: {len(matches)} jobs match: {shown}"
+        + (f" (and {more} more)" if more > 0 else ""),
+        where="JOB",
+        value=text,
+        fix="type more of the job id (`trainctl list` shows them whole)",
+    )
+
+
+def open_job(storage: str | None, text: str) -> tuple[JobStore, str]:
+    """The store of `--storage` and the job id `text` resolves to there (`resolve_job_id`)."""
+    store = open_store(storage)
+    return store, resolve_job_id(store, text)
 
 
 def read_events(store: JobStore, job_id: str) -> list[Event]:

@@ -1,6 +1,7 @@
 """The one console for humans (stderr) and the one writer for results (stdout).
 
-stdout is a contract: only what a script would parse goes there (a job id, one JSON object).
+stdout is a contract: only what a script would parse goes there (a job id, a table of jobs,
+log lines, one JSON object).
 Everything for people goes to stderr through one rich Console, gated by -q/-v and honouring
 NO_COLOR (rich reads it).
 """
@@ -23,6 +24,8 @@ class Terminal:
 
     def __init__(self) -> None:
         self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+        # Results for scripts and pipes (tables, listings): stdout, same width and colour rules.
+        self.out = Console(highlight=False)
         self.verbosity = NORMAL
 
     def info(self, message: str) -> None:
@@ -82,6 +85,11 @@ def emit_result(text: str) -> None:
     """Write one machine-readable line to stdout."""
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+def emit_table(table: Table) -> None:
+    """Write a result table to stdout (so `trainctl list | grep x` works)."""
+    terminal.out.print(table)
 
 
 def emit_json(obj: Any) -> None:

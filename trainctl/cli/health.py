@@ -19,7 +19,13 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, read_node_verdicts, warn_skipped
+from trainctl.cli.common import (
+    JSON_OPTION,
+    STORAGE_OPTION,
+    read_node_verdicts,
+    resolve_job_id,
+    warn_skipped,
+)
 from trainctl.cli.console import emit_json, format_age, terminal
 from trainctl.errors import NotFoundError, UserError
 from trainctl.exitcodes import ExitCode
@@ -40,7 +46,9 @@ _STYLE = {Verdict.OK: "green", Verdict.DEGRADED: "yellow", Verdict.UNHEALTHY: "r
 
 
 def health(
-    job_id: str | None = typer.Argument(None, help="Show this job's node verdicts instead."),
+    job_id: str | None = typer.Argument(
+        None, help="Show this job's node verdicts instead (its id, or a unique prefix)."
+    ),
     as_json: bool = JSON_OPTION,
     storage: str | None = STORAGE_OPTION,
     paths: list[str] = typer.Option(
@@ -58,7 +66,7 @@ def health(
     if job_id is None:
         statuses = [_probe_here(root, paths, endpoint, min_free_gb, as_json)]
     else:
-        statuses = _show_job(root, job_id, as_json)
+        statuses = _show_job(root, resolve_job_id(JobStore(root), job_id), as_json)
     if worst_status(statuses) is Verdict.UNHEALTHY:
         raise typer.Exit(int(ExitCode.FAILED))
 

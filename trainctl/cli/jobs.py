@@ -1,27 +1,36 @@
-"""`trainctl list | status JOB | events JOB`: read the job store only; no server needed."""
+"""`trainctl list | status JOB | events JOB`: read the job store only; no server needed.
+
+JOB is a job id or a unique prefix of one (`trainctl.cli.common.resolve_job_id`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import re
 import time
+from datetime import datetime
 from typing import Any
 
 import typer
 from rich.markup import escape
+from rich.table import Table
 
 from trainctl import schedulers
 from trainctl.cli.common import (
+    JOB_HELP,
     JSON_OPTION,
     STORAGE_OPTION,
+    open_job,
     open_store,
     read_events,
     read_node_verdicts,
     warn_skipped,
 )
-from trainctl.cli.console import emit_json, format_age, plain_table, terminal
+from trainctl.cli.console import emit_json, emit_table, format_age, plain_table, terminal
+from trainctl.errors import UserError
 from trainctl.health.utilisation import IdleFinding, NodeUtilisation
 from trainctl.report.gpu import node_usage_json, read_gpu_series, stored_health
-from trainctl.state import JobRecord
+from trainctl.state import JobRecord, JobState
 from trainctl.store import JobStore
 
 GIB = 1024**3
@@ -94,8 +103,105 @@ def status_json(
     return data
 
 
-def list_jobs(storage: str | None = STORAGE_OPTION, as_json: bool = JSON_OPTION) -> None:
-    """List the jobs in the storage root, newest first."""
+SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(text: str, now: float) -> float:
+    """`--since`: an age (``90s``, ``30m``, ``2h``, ``3d``, ``1w``) or an ISO 8601 date or time
+    (``2026-12-01``, ``2026-12-01T08:00``; local time unless it carries a zone), as a Unix time.
+    Raises `UserError` otherwise."""
+    age = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if age:
+        return now - float(age.group(1)) * SINCE_UNITS[age.group(2)]
+    try:
+        return datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        raise UserError(
+            "not an age or a date",
+            where="--since",
+            value=text,
+            fix="give an age such as 30m, 2h, 3d or 1w, or an ISO date such as 2026-12-01 "
+            "or 2026-12-01T08:00",
+        ) from None
+
+
+def parse_state(text: str) -> JobState:
+    """`--state`: a job state's name (any case). Raises `UserError` otherwise."""
+    try:
+        return JobState(text.strip().lower())
+    except ValueError:
+        raise UserError(
+            "not a job state",
+            where="--state",
+            value=text,
+            fix="use one of " + ", ".join(state.value for state in JobState),
+        ) from None
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """`--name`: a glob (``tiny-*``) when it holds ``*?[``, else a substring; both ignore case."""
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatch(name.lower(), pattern.lower())
+    return pattern.lower() in name.lower()
+
+
+LIST_COLUMNS = ("JOB", "NAME", "STATE", "ATTEMPTS", "STEP", "AGE")
+DROPPED_FIRST = ("ATTEMPTS", "STEP", "NAME")
+"""The columns a narrow terminal loses, in order; JOB, STATE and AGE always stay."""
+NAME_MIN_WIDTH = 8
+
+
+def jobs_table(records: list[JobRecord], now: float, width: int) -> Table:
+    """The `list` table for a terminal `width` wide. The job id is the one thing to copy: it is
+    never wrapped or cut; NAME wraps, and when even that does not fit, whole columns go
+    (`DROPPED_FIRST`) rather than a column being cut to an ellipsis."""
+    rows = [
+        {
+            "JOB": r.job_id,
+            "NAME": r.name,
+            "STATE": r.state.value,
+            "ATTEMPTS": str(len(r.attempts)),
+            "STEP": "" if r.step is None else str(r.step),
+            "AGE": format_age(now - r.created_at),
+        }
+        for r in records
+    ]
+    needed = {
+        column: max(len(column), *(len(row[column]) for row in rows)) for column in LIST_COLUMNS
+    }
+    needed["NAME"] = min(needed["NAME"], NAME_MIN_WIDTH)
+    columns = list(LIST_COLUMNS)
+    for column in DROPPED_FIRST:
+        if sum(needed[c] for c in columns) + 2 * (len(columns) - 1) <= width:
+            break
+        columns.remove(column)
+    table = plain_table(*columns)
+    for shown in table.columns:
+        if shown.header != "NAME":
+            shown.no_wrap = True
+            shown.min_width = needed[str(shown.header)]
+    for row in rows:
+        table.add_row(*(row[column] for column in columns))
+    return table
+
+
+def list_jobs(
+    storage: str | None = STORAGE_OPTION,
+    as_json: bool = JSON_OPTION,
+    state_names: list[str] = typer.Option(
+        [], "--state", help="Only jobs in this state (repeat for several)."
+    ),
+    since: str | None = typer.Option(
+        None, "--since", help="Only jobs created since: an age (2h, 3d) or an ISO date."
+    ),
+    name: str | None = typer.Option(
+        None, "--name", help="Only jobs whose name holds this text, or matches this glob."
+    ),
+) -> None:
+    """List the jobs in the storage root, newest first (a table on stdout)."""
+    now = time.time()
+    states = [parse_state(text) for text in state_names]
+    created_after = parse_since(since, now) if since is not None else None
     store = open_store(storage)
     records = []
     for job_id in store.list_jobs():
@@ -103,7 +209,15 @@ def list_jobs(storage: str | None = STORAGE_OPTION, as_json: bool = JSON_OPTION)
             records.append(store.read_state(job_id))
         except Exception as exc:  # one unreadable job must not hide the others
             terminal.warn(escape(f"{job_id}: cannot read state ({exc})"))
-    records.sort(key=lambda r: r.created_at, reverse=True)
+    total = len(records)
+    records = [
+        r
+        for r in records
+        if (not states or r.state in states)
+        and (created_after is None or r.created_at >= created_after)
+        and (name is None or name_matches(name, r.name))
+    ]
+    records.sort(key=lambda r: (r.created_at, r.job_id), reverse=True)
     if as_json:
         emit_json(
             [
@@ -120,29 +234,22 @@ def list_jobs(storage: str | None = STORAGE_OPTION, as_json: bool = JSON_OPTION)
         )
         return
     if not records:
-        terminal.info(f"no jobs under {store.root}")
-        return
-    table = plain_table("JOB", "NAME", "STATE", "ATTEMPTS", "STEP", "AGE")
-    now = time.time()
-    for r in records:
-        table.add_row(
-            r.job_id,
-            r.name,
-            r.state.value,
-            str(len(r.attempts)),
-            "" if r.step is None else str(r.step),
-            format_age(now - r.created_at),
+        terminal.info(
+            f"no jobs under {store.root}"
+            if not total
+            else f"none of the {total} jobs under {store.root} match the filters"
         )
-    terminal.console.print(table)
+        return
+    emit_table(jobs_table(records, now, terminal.out.width))
 
 
 def status(
-    job_id: str = typer.Argument(..., help="Job id."),
+    job_id: str = typer.Argument(..., help=JOB_HELP),
     storage: str | None = STORAGE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show a job's state, nodes and attempts."""
-    store = open_store(storage)
+    store, job_id = open_job(storage, job_id)
     record = store.read_state(job_id)
     verdicts = read_node_verdicts(store, job_id)
     blocklist = store.read_blocklist(job_id)
@@ -214,12 +321,12 @@ def status(
 
 
 def events(
-    job_id: str = typer.Argument(..., help="Job id."),
+    job_id: str = typer.Argument(..., help=JOB_HELP),
     storage: str | None = STORAGE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show a job's events in time order."""
-    store = open_store(storage)
+    store, job_id = open_job(storage, job_id)
     record = store.read_state(job_id)
     items = read_events(store, job_id)
     if as_json:

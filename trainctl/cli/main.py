@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from trainctl.cli import cancel, ckpt, health, jobs, launch, report, resume
+from trainctl.cli import cancel, ckpt, describe, health, jobs, launch, logs, report, resume
 from trainctl.cli.console import NORMAL, QUIET, VERBOSE, terminal
 from trainctl.errors import TrainctlError
 from trainctl.exitcodes import ExitCode
@@ -43,6 +43,8 @@ app.command("cancel")(cancel.cancel)
 app.command("list")(jobs.list_jobs)
 app.command("status")(jobs.status)
 app.command("events")(jobs.events)
+app.command("describe")(describe.describe)
+app.command("logs")(logs.logs)
 app.command("health")(health.health)
 app.command("report")(report.report)
 app.add_typer(ckpt.app, name="ckpt")

@@ -19,9 +19,10 @@ import typer
 from rich.markup import escape
 
 from trainctl.cli.common import (
+    JOB_HELP,
     JSON_OPTION,
     STORAGE_OPTION,
-    open_store,
+    open_job,
     read_events,
     warn_skipped,
 )
@@ -159,13 +160,13 @@ def _print_ledger(ledger: Ledger, picture: Path) -> None:
 
 
 def report(
-    job_id: str = typer.Argument(..., help="Job id."),
+    job_id: str = typer.Argument(..., help=JOB_HELP),
     storage: str | None = STORAGE_OPTION,
     as_json: bool = JSON_OPTION,
     out: str | None = OUT_OPTION,
 ) -> None:
     """Show where a job's time went (goodput) and write its timeline picture."""
-    store = open_store(storage)
+    store, job_id = open_job(storage, job_id)
     record = store.read_state(job_id)
     ledger = build_ledger(record, read_events(store, job_id), now=time.time())
     series = read_gpu_series(store, job_id)

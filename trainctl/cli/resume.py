@@ -12,15 +12,14 @@ import os
 
 import typer
 
-from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store
+from trainctl.cli.common import JOB_HELP, JSON_OPTION, STORAGE_OPTION, open_job
 from trainctl.cli.console import emit_json, terminal
 from trainctl.cli.launch import finish, say, warn
 from trainctl.recovery.run import prepare_resume, run_job
-from trainctl.spec import check_job_id
 
 
 def resume(
-    job_id: str = typer.Argument(..., help="The job to resume."),
+    job_id: str = typer.Argument(..., help=f"The job to resume. {JOB_HELP}"),
     storage: str | None = STORAGE_OPTION,
     force: bool = typer.Option(
         False, "--force", help="Resume a job someone cancelled (`trainctl cancel`)."
@@ -28,8 +27,7 @@ def resume(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Resume a job from its newest committed checkpoint (idempotent; scheduler hook)."""
-    store = open_store(storage)
-    check_job_id(job_id, where="JOB")
+    store, job_id = open_job(storage, job_id)
     resumed = prepare_resume(store, job_id, os.environ, say, warn, force=force)
     record = resumed.record
     if resumed.spec is None or resumed.binding is None:
