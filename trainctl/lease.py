@@ -193,3 +193,47 @@ class Lease:
                 self.store.replace_tagged(self.url, self._document(released=True), self._tag)
             except Exception:
                 pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerSeen:
+    """What the job's lease says of its controller, for people (`status`, `list`)."""
+
+    holder: Holder | None
+    """None: the lease file is missing or unreadable."""
+    last_heard_s: float | None
+    """Seconds since its last renewal (by the holder's clock: a hint, never compared for
+    ownership, which `Lease.acquire` decides); None when unknown."""
+    alive: bool
+    """Renewed within its time to live and not released, and not a process gone from this
+    host."""
+
+    def describe(self) -> str:
+        if self.holder is None:
+            return "no controller holds the job's lease"
+        heard = "" if self.last_heard_s is None else f", last heard {_age(self.last_heard_s)} ago"
+        return f"controller {self.holder.describe()}{heard}"
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def controller_seen(store: JobStore, job_id: str, now: float | None = None) -> ControllerSeen:
+    """Whether the job's controller still renews its lease (a read of ``lease.json``)."""
+    now = time.time() if now is None else now
+    current = store.read_tagged(join(store.job_url(job_id), "lease.json"))
+    holder = Holder.parse(current[0]) if current is not None else None
+    if holder is None:
+        return ControllerSeen(None, None, False)
+    heard = now - holder.renewed_at
+    gone_here = holder.host == os.uname().nodename and start_time(holder.pid) != holder.started
+    alive = not holder.released and not gone_here and heard <= holder.ttl_s
+    return ControllerSeen(holder, heard, alive)

@@ -30,6 +30,7 @@ from trainctl.cli.console import emit_json, emit_table, format_age, plain_table,
 from trainctl.errors import UserError
 from trainctl.health.utilisation import IdleFinding, NodeUtilisation
 from trainctl.report.gpu import node_usage_json, read_gpu_series, stored_health
+from trainctl.lease import controller_seen
 from trainctl.state import JobRecord, JobState
 from trainctl.store import JobStore
 
@@ -64,6 +65,20 @@ def _gpu_text(usage: NodeUtilisation | None) -> str:
     if usage.memory_used_bytes is not None and usage.memory_total_bytes:
         text += f", {usage.memory_used_bytes / GIB:.1f}/{usage.memory_total_bytes / GIB:.1f} GiB"
     return text
+
+
+LIVE = (JobState.RUNNING, JobState.RECOVERING)
+"""States in which a controller should be renewing the job's lease."""
+
+
+def controller_alive(store: JobStore, record: JobRecord) -> bool:
+    """False when a job in a `LIVE` state has no controller renewing its lease."""
+    if record.state not in LIVE:
+        return True
+    try:
+        return controller_seen(store, record.job_id).alive
+    except Exception:  # an unreadable lease is no reason to fail a listing
+        return True
 
 
 def status_json(
@@ -151,7 +166,9 @@ DROPPED_FIRST = ("ATTEMPTS", "STEP", "NAME")
 NAME_MIN_WIDTH = 8
 
 
-def jobs_table(records: list[JobRecord], now: float, width: int) -> Table:
+def jobs_table(
+    records: list[JobRecord], now: float, width: int, silent: set[str] | None = None
+) -> Table:
     """The `list` table for a terminal `width` wide. The job id is the one thing to copy: it is
     never wrapped or cut; NAME wraps, and when even that does not fit, whole columns go
     (`DROPPED_FIRST`) rather than a column being cut to an ellipsis."""
@@ -159,7 +176,8 @@ def jobs_table(records: list[JobRecord], now: float, width: int) -> Table:
         {
             "JOB": r.job_id,
             "NAME": r.name,
-            "STATE": r.state.value,
+            # `running?`: no controller renews the job's lease (it died, or its host did)
+            "STATE": r.state.value + ("?" if r.job_id in (silent or set()) else ""),
             "ATTEMPTS": str(len(r.attempts)),
             "STEP": "" if r.step is None else str(r.step),
             "AGE": format_age(now - r.created_at),
@@ -218,6 +236,7 @@ def list_jobs(
         and (name is None or name_matches(name, r.name))
     ]
     records.sort(key=lambda r: (r.created_at, r.job_id), reverse=True)
+    silent = {r.job_id for r in records if not controller_alive(store, r)}
     if as_json:
         emit_json(
             [
@@ -225,6 +244,7 @@ def list_jobs(
                     "job_id": r.job_id,
                     "name": r.name,
                     "state": r.state.value,
+                    "controller_alive": r.job_id not in silent if r.state in LIVE else None,
                     "created_at": r.created_at,
                     "attempts": len(r.attempts),
                     "step": r.step,
@@ -240,7 +260,7 @@ def list_jobs(
             else f"none of the {total} jobs under {store.root} match the filters"
         )
         return
-    emit_table(jobs_table(records, now, terminal.out.width))
+    emit_table(jobs_table(records, now, terminal.out.width, silent))
 
 
 def status(
@@ -255,17 +275,35 @@ def status(
     blocklist = store.read_blocklist(job_id)
     slurm = schedulers.describe(record)
     gpus = gpu_status(store, job_id)
+    seen = controller_seen(store, job_id) if record.state in LIVE else None
     if as_json:
         data = status_json(record, verdicts, blocklist, gpus)
         data["slurm"] = slurm
+        data["controller"] = (
+            None
+            if seen is None
+            else {
+                "alive": seen.alive,
+                "last_heard_s": seen.last_heard_s,
+                "holder": seen.holder.describe() if seen.holder else None,
+            }
+        )
         emit_json(data)
         return
     console = terminal.console
+    doubt = "?" if seen is not None and not seen.alive else ""
     console.print(
         f"[bold]{escape(record.job_id)}[/bold]  {escape(record.name)}  "
-        f"[bold]{record.state.value}[/bold]"
+        f"[bold]{record.state.value}{doubt}[/bold]"
         + (f"  ({escape(record.reason)})" if record.reason else "")
     )
+    if seen is not None and not seen.alive:
+        console.print(
+            escape(
+                f"{seen.describe()}: it may be gone; `trainctl resume {job_id}` takes the job "
+                "over once its lease has expired"
+            )
+        )
     if slurm is not None:
         console.print(escape(f"slurm job {record.scheduler_job_id}: {slurm['describe']}"))
     if record.step is not None:
