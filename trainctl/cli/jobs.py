@@ -29,8 +29,8 @@ from trainctl.cli.common import (
 from trainctl.cli.console import emit_json, emit_table, format_age, plain_table, terminal
 from trainctl.errors import UserError
 from trainctl.health.utilisation import IdleFinding, NodeUtilisation
-from trainctl.report.gpu import node_usage_json, read_gpu_series, stored_health
 from trainctl.lease import controller_seen
+from trainctl.report.gpu import node_usage_json, read_gpu_series, stored_health
 from trainctl.state import JobRecord, JobState
 from trainctl.store import JobStore
 
