@@ -48,6 +48,8 @@ class JobCheckpoints:
     storage_options: dict[str, Any]
     keep_last: int
     keep_every: int | None
+    job_exists: bool
+    """Whether the job store holds the job (its checkpoints may outlive its record)."""
 
 
 def job_checkpoints(storage: str | None, job_id: str) -> JobCheckpoints:
@@ -64,6 +66,7 @@ def job_checkpoints(storage: str | None, job_id: str) -> JobCheckpoints:
         storage_options=without_redacted(section.storage_options),
         keep_last=section.keep_last,
         keep_every=section.keep_every or None,
+        job_exists=text is not None or store.exists(job_id),
     )
 
 
@@ -95,6 +98,13 @@ def list_checkpoints(
     """List a job's checkpoint steps: committed or not, size, world size, age."""
     where = job_checkpoints(storage, job_id)
     steps = inspect.list_steps(where.root, storage_options=where.storage_options)
+    if not steps and not where.job_exists:
+        raise NotFoundError(
+            "no such job, and no checkpoints of it",
+            where=where.root,
+            value=job_id,
+            fix="run `trainctl list` to see the jobs in this storage root (or pass --storage)",
+        )
     if as_json:
         emit_json({"job_id": job_id, "root": where.root, "steps": [s.to_json() for s in steps]})
         return

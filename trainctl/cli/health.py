@@ -153,6 +153,7 @@ def read_node_records(root: str, job_id: str) -> dict[str, dict[str, Any]]:
     Raises NotFoundError when the job has neither state nor node verdicts.
     """
     store = JobStore(root)
+    store.check_root()
     records = read_node_verdicts(store, job_id)
     if not records and not store.exists(job_id):
         raise NotFoundError(
