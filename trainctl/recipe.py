@@ -149,20 +149,19 @@ def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def _did_you_mean(model: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
-    """For an unknown field at `loc`: the closest field name in its section, else a field of
-    that name in another section (top-level ``interval_steps`` -> ``checkpoint.interval_steps``),
-    else the closest dotted path of all."""
+    """For an unknown field at `loc`: a field of that very name in another section (top-level
+    ``interval_steps`` -> ``checkpoint.interval_steps``), else the closest field name in its
+    own section, else the closest dotted path of all."""
     name = str(loc[-1])
-    section = _model_at(model, loc[:-1])
-    prefix = _field_path(loc[:-1]) + "." if loc[:-1] else ""
-    if section is not None:
-        close = difflib.get_close_matches(name, list(section.model_fields), n=1, cutoff=0.6)
-        if close:
-            return prefix + close[0]
     every = _field_paths(model)
     elsewhere = [path for path in every if path.rsplit(".", 1)[-1] == name]
     if elsewhere:
         return elsewhere[0]
+    section = _model_at(model, loc[:-1])
+    if section is not None:
+        close = difflib.get_close_matches(name, list(section.model_fields), n=1, cutoff=0.6)
+        if close:
+            return (_field_path(loc[:-1]) + "." if loc[:-1] else "") + close[0]
     close = difflib.get_close_matches(name, every, n=1, cutoff=0.8)
     return close[0] if close else None
 

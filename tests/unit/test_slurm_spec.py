@@ -45,7 +45,7 @@ def recipe(tmp_path: Path, slurm: Any, **more: Any) -> Path:
         ({"cpus_per_task": 0}, "slurm.cpus_per_task", ">= 1", "e.g."),
         ({"signal_grace_s": 0}, "slurm.signal_grace_s", "1..65535", "checkpoint"),
         ({"signal_grace_s": 70000}, "slurm.signal_grace_s", "1..65535", "checkpoint"),
-        ({"drain_blamed_nodes": "maybe"}, "slurm.drain_blamed_nodes", "true or false", "right type"),
+        ({"drain_blamed_nodes": "maybe"}, "slurm.drain_blamed_nodes", "true or", "right type"),
         ({"extra_args": ["-A ml"]}, "slurm.extra_args[0]", "long options", "--comment"),
         ({"extra_args": ["--hold", "--requeue"]}, "slurm.extra_args[1]", "sets --requeue", ""),
         ({"extra_args": ["--output=/x"]}, "slurm.extra_args[0]", "sets --output", ""),
