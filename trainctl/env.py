@@ -17,6 +17,9 @@ class Env:
     NODE = "TRAINCTL_NODE"
     STORAGE = "TRAINCTL_STORAGE"
     """The storage root; also the user's default (`--storage` overrides it)."""
+    STORAGE_TIMEOUT_S = "TRAINCTL_STORAGE_TIMEOUT_S"
+    """How long, in seconds, one storage request may take (connect, then each read) and a
+    command's first request may take, retries included; the user's setting (default 10)."""
     # -- node agent --
     CONTROL_TOKEN = "TRAINCTL_CONTROL_TOKEN"
     """The job's control token, for the agent's connection to the controller."""

@@ -50,14 +50,79 @@ class UserError(TrainctlError):
         return text
 
 
+class UserErrors(UserError):
+    """Several user mistakes found at once (every validation error of a recipe): each is a
+    `UserError` with its own place, value and fix; rendered as a count, then one entry per
+    problem. Exit code 2."""
+
+    def __init__(self, problems: list[UserError], *, where: str | None = None) -> None:
+        if len(problems) < 2:
+            raise ValueError("UserErrors holds two problems or more: raise the one alone")
+        self.problems = list(problems)
+        super().__init__(f"{len(self.problems)} problems", where=where)
+
+    def render(self) -> str:
+        entries = [
+            "  " + problem.render().replace("\n  fix:", "\n    fix:") for problem in self.problems
+        ]
+        return "\n".join([super().render(), *entries])
+
+
+def one_or_all(problems: list[UserError], *, where: str | None = None) -> UserError:
+    """The error to raise for `problems` (not empty): the one alone, else all of them."""
+    if not problems:
+        raise ValueError("no problems to raise")
+    return problems[0] if len(problems) == 1 else UserErrors(problems, where=where)
+
+
 class NotFoundError(UserError):
     """A named thing (job, checkpoint step) does not exist in the store."""
 
 
 class StorageError(TrainctlError):
-    """The storage backend failed (unreachable endpoint, permission). Retry may help."""
+    """The storage backend failed (a read or write refused or lost). Retry may help.
+
+    `problem` says what failed, `url` which storage URL (never credentials), `fix` what to do.
+    The subclasses below are the failures a person must act on, each with its exit code.
+    """
 
     exit_code = ExitCode.FAILED
+
+    def __init__(self, problem: str, *, url: str | None = None, fix: str | None = None) -> None:
+        self.problem = problem
+        self.url = url
+        self.fix = fix
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        """`url: problem` and, on a second line, the fix."""
+        text = f"{self.url}: {self.problem}" if self.url else self.problem
+        return f"{text}\n  fix: {self.fix}" if self.fix else text
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # DCP pickles a rank's exception to every rank: keyword arguments must survive it.
+        return (_rebuild_storage_error, (type(self), self.problem, self.url, self.fix))
+
+
+def _rebuild_storage_error(
+    kind: type[StorageError], problem: str, url: str | None, fix: str | None
+) -> StorageError:
+    return kind(problem, url=url, fix=fix)
+
+
+class StorageUnreachableError(StorageError):
+    """The storage endpoint did not answer (refused, timed out, DNS): an outage, not a
+    mistake in the input. Its own exit code: a scheduler may retry it later."""
+
+    exit_code = ExitCode.STORAGE_UNREACHABLE
+
+
+class StorageSetupError(StorageError):
+    """The storage refuses us for a reason a person must fix and a retry will not: no or
+    rejected credentials, access denied, a bucket that does not exist or cannot exist, a
+    local root that does not exist. Exit code 2, never retried."""
+
+    exit_code = ExitCode.BAD_INPUT
 
 
 class CorruptStoreError(TrainctlError):

@@ -25,6 +25,9 @@ class ExitCode(enum.IntEnum):
     STORE_CORRUPT = 5
     """The job store holds a file trainctl cannot read (a corrupt or partial state, spec or
     blocklist): fix or restore the file named. Do not requeue: a retry reads the same file."""
+    STORAGE_UNREACHABLE = 6
+    """The storage endpoint did not answer within the storage timeout
+    (``TRAINCTL_STORAGE_TIMEOUT_S``): a network or endpoint outage. A retry may succeed."""
     CANCELLED = 7
     """Someone cancelled the job (`trainctl cancel`): do not requeue."""
 
@@ -36,5 +39,6 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.GAVE_UP: "gave up: crash loop or no progress, do not requeue",
     ExitCode.PREEMPTED: "preempted, checkpoint taken, requeue me",
     ExitCode.STORE_CORRUPT: "job store unreadable (corrupt file named), do not requeue",
+    ExitCode.STORAGE_UNREACHABLE: "storage unreachable (endpoint or network), retry allowed",
     ExitCode.CANCELLED: "cancelled (trainctl cancel), do not requeue",
 }

@@ -8,16 +8,18 @@ the secret values back from the recipe the job was launched with.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from trainctl.errors import CorruptStoreError, UserError
+from trainctl.errors import CorruptStoreError, UserError, one_or_all
 from trainctl.secrets import (
     REDACTED,
     JobSecrets,
@@ -26,7 +28,12 @@ from trainctl.secrets import (
     split_options,
     without_redacted,
 )
-from trainctl.spec import FAULT_KINDS, CheckpointSpec, FaultSpec, JobSpec
+from trainctl.spec import FAULT_KINDS, CheckpointSpec, FaultSpec, JobSpec, SlurmSpec
+
+_MODELS: dict[str, type[BaseModel]] = {
+    model.__name__: model for model in (JobSpec, CheckpointSpec, SlurmSpec)
+}
+"""The models a recipe (or part of one) is validated as, by name (`ValidationError.title`)."""
 
 
 def parse_fault(text: str, where: str = "--fault") -> FaultSpec:
@@ -75,23 +82,152 @@ def _explained(error: Any) -> Any:
     return raised if hasattr(raised, "problem") and hasattr(raised, "fix") else None
 
 
-def _fix_for(error: Any) -> str:
-    explained = _explained(error)
-    if explained is not None:
-        return str(explained.fix)
-    kind = error.get("type", "")
-    if kind == "extra_forbidden":
-        return "remove the field or check its spelling (see the recipe reference in README.md)"
-    if kind == "missing":
-        return "add the field"
-    if kind.endswith("_type") or kind.endswith("_parsing"):
-        return f"use a value of the right type: {error.get('msg', '')}"
-    return _message(error) or "fix the value"
-
-
 def _message(error: Any) -> str:
     """pydantic's message without its "Value error, " prefix (our validators' own words)."""
-    return str(error.get("msg", "")).removeprefix("Value error, ")
+    return (
+        str(error.get("msg", "")).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    )
+
+
+_KIND_WORDS = {
+    "missing": "required field missing",
+    "extra_forbidden": "unknown field",
+}
+_WRONG_TYPE = {
+    "int_parsing": "a whole number",
+    "int_type": "a whole number",
+    "int_from_float": "a whole number",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "finite_number": "a finite number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "text",
+    "dict_type": "a mapping (`key: value` lines)",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "model_type": "a section (`key: value` lines)",
+    "model_attributes_type": "a section (`key: value` lines)",
+}
+"""What each kind of pydantic type error wanted, in our words (pydantic's are a fallback)."""
+
+_RANGE_KINDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field's annotation holds (``CheckpointSpec``, ``tuple[FaultSpec, ...]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        found = _model_in(argument)
+        if found is not None:
+            return found
+    return None
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The section model at field path `loc` under `model` (list indexes skipped), else None."""
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(str(part)) if current else None
+        current = _model_in(field.annotation) if field else None
+    return current
+
+
+def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every field of `model` as a dotted path, nested sections included."""
+    paths = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        paths.append(path)
+        inner = _model_in(field.annotation)
+        if inner is not None and inner is not model:
+            paths.extend(_field_paths(inner, f"{path}."))
+    return paths
+
+
+def _did_you_mean(model: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
+    """For an unknown field at `loc`: a field of that very name in another section (top-level
+    ``interval_steps`` -> ``checkpoint.interval_steps``), else the closest field name in its
+    own section, else the closest dotted path of all."""
+    name = str(loc[-1])
+    every = _field_paths(model)
+    elsewhere = [path for path in every if path.rsplit(".", 1)[-1] == name]
+    if elsewhere:
+        return elsewhere[0]
+    section = _model_at(model, loc[:-1])
+    if section is not None:
+        close = difflib.get_close_matches(name, list(section.model_fields), n=1, cutoff=0.6)
+        if close:
+            return (_field_path(loc[:-1]) + "." if loc[:-1] else "") + close[0]
+    close = difflib.get_close_matches(name, every, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def _bounds(model: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
+    """A field's allowed range in words (``from 0 to 4294967295``), from its declaration."""
+    section = _model_at(model, loc[:-1])
+    field = section.model_fields.get(str(loc[-1])) if section and loc else None
+    if field is None:
+        return None
+    low: tuple[str, Any] | None = None
+    high: tuple[str, Any] | None = None
+    for rule in field.metadata:
+        for attribute, sign in (("ge", ">="), ("gt", ">")):
+            if getattr(rule, attribute, None) is not None:
+                low = (sign, getattr(rule, attribute))
+        for attribute, sign in (("le", "<="), ("lt", "<")):
+            if getattr(rule, attribute, None) is not None:
+                high = (sign, getattr(rule, attribute))
+    if low and high and low[0] == ">=" and high[0] == "<=":
+        return f"from {low[1]} to {high[1]}"
+    parts = [f"{bound[0]} {bound[1]}" for bound in (low, high) if bound is not None]
+    return " and ".join(parts) or None
+
+
+def _problem(error: Any, model: type[BaseModel], source: str) -> UserError:
+    """One pydantic error as a `UserError`: file, field path, value (secrets redacted), fix."""
+    loc = tuple(error.get("loc", ()))
+    kind = str(error.get("type", ""))
+    explained = _explained(error)
+    fix: str | None = None
+    if explained is not None:
+        problem, fix = str(explained.problem), str(explained.fix)
+    elif kind in _RANGE_KINDS:
+        allowed = _bounds(model, loc)
+        problem = "out of range"
+        fix = f"use a value {allowed}" if allowed else _message(error)
+    elif kind == "extra_forbidden":
+        problem = _KIND_WORDS[kind]
+        suggestion = _did_you_mean(model, loc)
+        fix = (
+            f"did you mean `{suggestion}`?"
+            if suggestion
+            else "remove it or check its spelling (the recipe reference in README.md lists "
+            "the fields)"
+        )
+    elif kind in _WRONG_TYPE:
+        problem = f"not {_WRONG_TYPE[kind]}"
+        fix = f"use a value of the right type: {_WRONG_TYPE[kind]}"
+    elif kind == "missing":
+        problem, fix = _KIND_WORDS[kind], "add the field"
+    elif kind == "literal_error":
+        allowed = (error.get("ctx") or {}).get("expected", "an allowed value")
+        problem, fix = f"not one of {allowed}", f"use {allowed}"
+    else:
+        problem = _message(error) or "invalid value"
+    # A section-level error's input is the whole section (secrets and all): not worth quoting.
+    has_value = kind != "missing" and bool(loc)
+    where = f"{source}: {_field_path(loc)}" if loc else source
+    return UserError(
+        problem,
+        where=where,
+        value=_shown(error) if has_value else None,
+        has_value=has_value,
+        fix=fix,
+    )
 
 
 def _shown(error: Any) -> Any:
@@ -102,29 +238,22 @@ def _shown(error: Any) -> Any:
     return redact(error.get("input"))
 
 
-def validation_to_user_error(error: ValidationError, source: str) -> UserError:
-    """Turn pydantic's first error into one message naming file, field, value and fix."""
-    first = error.errors()[0]
-    field = _field_path(tuple(first.get("loc", ())))
-    # A model-level error's input is the whole recipe (secrets and all): not worth quoting.
-    has_value = first.get("type") != "missing" and bool(first.get("loc"))
-    explained = _explained(first)
-    kind = first.get("type")
-    if explained is not None:
-        problem = str(explained.problem)
-    elif kind == "extra_forbidden":
-        problem = "unknown field"
-    elif kind == "value_error":
-        problem = "invalid value"  # our validators' words go to the fix
-    else:
-        problem = _message(first) or "invalid value"
-    return UserError(
-        problem,
-        where=f"{source}: {field}",
-        value=_shown(first) if has_value else None,
-        has_value=has_value,
-        fix=_fix_for(first),
-    )
+def validation_problems(
+    error: ValidationError, source: str, model: type[BaseModel] | None = None
+) -> list[UserError]:
+    """Every problem pydantic found, each naming file, field, value and fix, in our words.
+
+    `model`: the model that was validated (default: the one `error` names), for "did you mean"
+    and allowed ranges."""
+    root = model or _MODELS.get(error.title, JobSpec)
+    return [_problem(each, root, source) for each in error.errors()]
+
+
+def validation_to_user_error(
+    error: ValidationError, source: str, model: type[BaseModel] | None = None
+) -> UserError:
+    """All of pydantic's problems as one error to raise: the one alone, else every one."""
+    return one_or_all(validation_problems(error, source, model), where=source)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -248,7 +377,7 @@ def stored_checkpoint_section(text: str, source: str) -> CheckpointSpec:
     try:
         return CheckpointSpec.model_validate(section or {})
     except ValidationError as exc:
-        raise validation_to_user_error(exc, f"{source}: checkpoint") from None
+        raise validation_to_user_error(exc, f"{source}: checkpoint", CheckpointSpec) from None
 
 
 def restore_secrets(stored: JobSpec, environ: Mapping[str, str]) -> tuple[JobSpec, list[str]]:

@@ -31,20 +31,32 @@ JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """Job ids become path segments and Slurm job names: no `/`, no `..`, at most 64 characters."""
 
 URL_SCHEMES = ("file", "s3")
+S3_BUCKET_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
+"""Bucket names botocore sends at all (S3's own rule, 3-63 lowercase letters, digits, dots and
+hyphens, is stricter: legacy and S3-compatible stores accept more, and answer for themselves)."""
+
+
+MAX_SEED = 2**32 - 1
+"""The largest seed: every seeding API a training script may hand it to takes it (numpy's
+legacy seed stops here; torch.manual_seed stops at 64 bits, and recipes derive per-step seeds
+from it by multiplication)."""
+MAX_STEPS = 10**9
+"""The largest step count a recipe may ask for (or count in): a billion steps."""
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # inf and nan are no one's timeout or threshold: time.sleep(inf) raises in every worker.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
 
 
 class CheckpointSpec(_Frozen):
     """The recipe's ``checkpoint:`` section."""
 
-    interval_steps: int = Field(default=0, ge=0)
+    interval_steps: int = Field(default=0, ge=0, le=MAX_STEPS)
     """Save every N steps (0: no periodic checkpoints)."""
-    keep_last: int = Field(default=2, ge=2)
+    keep_last: int = Field(default=2, ge=2, le=100_000)
     """Keep the newest N committed steps (at least 2: the newest may still be uploading)."""
-    keep_every: int = Field(default=0, ge=0)
+    keep_every: int = Field(default=0, ge=0, le=MAX_STEPS)
     """Also keep every step that is a multiple of this (0: none)."""
     storage: str | None = None
     """Where checkpoints go (path, file:// or s3://); default `<root>/checkpoints/<job id>`."""
@@ -69,7 +81,7 @@ class CheckpointSpec(_Frozen):
 class LaunchSpec(_Frozen):
     """How torchrun is driven (the ``launch:`` section)."""
 
-    max_restarts: int = Field(default=10, ge=0)
+    max_restarts: int = Field(default=10, ge=0, le=100_000)
     """Relaunches inside the allocation, all causes together (0: the first failure ends the
     job with exit 1 for the scheduler to requeue). torchrun itself never restarts: trainctl
     decides every restart, so it can blame, exclude and restore first."""
@@ -194,7 +206,7 @@ class HealthSpec(_Frozen):
     """The derived hang timeout is never shorter than this."""
     hang_k: float = Field(default=5.0, gt=0)
     """The derived hang timeout is at least this multiple of the p99 step time."""
-    hang_window: int = Field(default=100, ge=1)
+    hang_window: int = Field(default=100, ge=1, le=100_000)
     """How many recent step times (all ranks together) the p99 is taken over."""
     checkpoint_allowance_s: float = Field(default=300.0, ge=0)
     """Added to the hang timeout while a rank's checkpoint save is in progress (a save may wait
@@ -203,7 +215,7 @@ class HealthSpec(_Frozen):
     """Hang timeout before a rank's first reported step."""
     straggler_factor: float = Field(default=1.2, gt=1)
     """A node is a straggler when its step (busy) time exceeds this multiple of the others'."""
-    straggler_window: int = Field(default=20, ge=2)
+    straggler_window: int = Field(default=20, ge=2, le=100_000)
     """How many recent steps the straggler judgement looks at."""
     stack_dump_timeout_s: float = Field(default=15.0, gt=0)
     """After a hang, how long the controller waits for every node's stack dumps."""
@@ -248,10 +260,10 @@ class JobSpec(_Frozen):
     """Fewest nodes the job may shrink to after excluding bad ones (default: `nodes`)."""
     spare_nodes: int = Field(default=0, ge=0, le=64)
     """Standby nodes that replace a failed one."""
-    max_steps: int | None = Field(default=None, ge=1)
+    max_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     """Stop after this many steps (passed to the script as TRAINCTL_MAX_STEPS)."""
-    seed: int = 0
-    """Seed of the deterministic data and initialisation."""
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
+    """Seed of the deterministic data and initialisation (0 to 2**32 - 1)."""
     env: dict[str, str] = Field(default_factory=dict)
     """Extra environment variables for the workers. Entries whose names say they hold a
     credential (``WANDB_API_KEY``, ``HF_TOKEN``: `trainctl.secrets.is_secret_name`) are moved to
@@ -446,6 +458,13 @@ def check_storage_url(url: str, where: str = "storage") -> str:
                 value=url,
                 fix="use s3://bucket/prefix",
             )
+        if scheme == "s3" and not S3_BUCKET_PATTERN.fullmatch(rest.split("/", 1)[0]):
+            raise UserError(
+                "not a valid S3 bucket name",
+                where=where,
+                value=url,
+                fix="bucket names are 3-63 lowercase letters, digits, dots and hyphens",
+            )
         if scheme == "file" and not rest.startswith("/"):
             raise UserError(
                 "file URL must be absolute",
@@ -455,4 +474,15 @@ def check_storage_url(url: str, where: str = "storage") -> str:
             )
     elif not url.strip():
         raise UserError("empty storage path", where=where, value=url, fix="give a path or URL")
+    elif (typo := re.match(r"(s3|file):/*(?=[^/])", url)) is not None:
+        # `s3:/bucket` has no `://`: it would be a local directory named `s3:`.
+        scheme = typo[1]
+        meant = f"{scheme}://{'/' if scheme == 'file' else ''}{url[typo.end() :]}"
+        raise UserError(
+            f"a mistyped {scheme}:// URL (as a path it would be a local directory named "
+            f"'{scheme}:')",
+            where=where,
+            value=url,
+            fix=f"did you mean {meant}?",
+        )
     return url

@@ -38,6 +38,7 @@ from trainctl.errors import CorruptStoreError, NotFoundError, UserError
 from trainctl.events import BadEvent, Event
 from trainctl.spec import check_job_id, check_storage_url
 from trainctl.state import JobRecord
+from trainctl.storage_errors import storage_timeout_s
 from trainctl.store_files import StoreFiles, is_local
 
 DEFAULT_ROOT = "~/.trainctl"
@@ -88,10 +89,18 @@ class EventLog:
 class JobStore:
     """Reads and writes job records under a storage root. Thread-safe for event writes."""
 
-    def __init__(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        root: str,
+        storage_options: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        """`timeout_s`: how long a storage request may take (default: the user's
+        $TRAINCTL_STORAGE_TIMEOUT_S, read here, where a command opens its store)."""
         self.root = root
         self.local = is_local(root)
-        self.files = StoreFiles(root, storage_options)
+        timeout = storage_timeout_s() if timeout_s is None else timeout_s
+        self.files = StoreFiles(root, storage_options, timeout)
         self._seq = itertools.count()
         self._lock = threading.Lock()
 
@@ -119,7 +128,13 @@ class JobStore:
             path.mkdir(parents=True, exist_ok=True)
         return path
 
-    # -- low-level I/O -----------------------------------------------------------------------
+    def check_root(self, create: bool = False) -> None:
+        """Raise a `StorageError` naming the root and the fix when it cannot be used (missing
+        local directory unless `create`; S3: no credentials, unreachable, missing or denied
+        bucket). Commands call it first, so the store's trouble is one message, not a
+        traceback or an empty answer."""
+        self.files.check_root(create)
+
     # -- jobs --------------------------------------------------------------------------------
     def exists(self, job_id: str) -> bool:
         return self.files.read(join(self.job_url(job_id), "state.json")) is not None
@@ -147,16 +162,24 @@ class JobStore:
         payload = json.dumps(scrub(record.to_json()), indent=2, sort_keys=True).encode()
         self.files.write_atomic(join(self.job_url(record.job_id), "state.json"), payload)
 
+    def require_job(self, job_id: str) -> None:
+        """Raise `NotFoundError` (exit 2) unless the job exists under this root."""
+        if not self.exists(job_id):
+            raise self._no_such_job(job_id)
+
+    def _no_such_job(self, job_id: str) -> NotFoundError:
+        return NotFoundError(
+            "no such job",
+            where=self.root,
+            value=job_id,
+            fix="run `trainctl list` to see the jobs in this storage root (or pass --storage)",
+        )
+
     def read_state(self, job_id: str) -> JobRecord:
         url = join(self.job_url(job_id), "state.json")
         data = self.files.read_json(url)
         if data is None:
-            raise NotFoundError(
-                "no such job",
-                where=self.root,
-                value=job_id,
-                fix="run `trainctl list` to see the jobs in this storage root (or pass --storage)",
-            )
+            raise self._no_such_job(job_id)
         try:
             return JobRecord.from_json(data)
         except ValueError as bad:

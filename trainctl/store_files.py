@@ -19,9 +19,10 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
-from trainctl.errors import CorruptStoreError, StorageError
+from trainctl.errors import CorruptStoreError, StorageError, StorageSetupError
+from trainctl.storage_errors import DEFAULT_TIMEOUT_S, translate
 
 
 def is_local(url: str) -> bool:
@@ -32,13 +33,45 @@ class Conflict(Exception):
     """A conditional write lost: the object changed since it was read."""
 
 
-class StoreFiles:
-    """Objects under one root (a local path or an fsspec URL)."""
+def s3_options(timeout_s: float) -> dict[str, Any]:
+    """s3fs options that bound how long one request may take: connect and read timeouts of
+    `timeout_s`, and botocore's ``standard`` retries (3 attempts, backoff) instead of its
+    legacy 5 that, with their backoff, made an unreachable endpoint a 13 s wait."""
+    return {
+        "config_kwargs": {
+            "connect_timeout": timeout_s,
+            "read_timeout": timeout_s,
+            "retries": {"max_attempts": 3, "mode": "standard"},
+        }
+    }
 
-    def __init__(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
+
+class StoreFiles:
+    """Objects under one root (a local path or an fsspec URL).
+
+    A failure to reach or use the storage raises a `StorageError` naming the URL and the fix
+    (`trainctl.storage_errors.translate`): unreachable endpoint, missing or rejected
+    credentials, access denied, missing bucket. `timeout_s` bounds each request (connect and
+    read) and, in `check_root`, the first one with its retries.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        storage_options: dict[str, Any] | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
         self.root = root
         self.local = is_local(root)
-        self._options = storage_options or {}
+        self.timeout_s = timeout_s
+        given = dict(storage_options or {})
+        if not self.local:
+            defaults = s3_options(timeout_s)
+            given["config_kwargs"] = {
+                **defaults["config_kwargs"],
+                **(given.get("config_kwargs") or {}),
+            }
+        self._options = given
         self._fs: Any = None
 
     @property
@@ -48,6 +81,49 @@ class StoreFiles:
 
             self._fs, _ = fsspec.core.url_to_fs(self.root, **self._options)
         return self._fs
+
+    def check_root(self, create: bool = False) -> None:
+        """Fail now, with one clear message, if the root cannot be used: a local root that is
+        not a directory (unless `create`: the first write makes it), or an S3 root whose
+        bucket is missing, denied, misnamed, unreachable or has no credentials to reach it.
+        On S3 this is one ``ListObjectsV2`` of at most one key under the prefix (what
+        read access to the root allows), given `timeout_s` in all, retries included."""
+        if self.local:
+            if os.path.isdir(self.root) or (create and not os.path.exists(self.root)):
+                return
+            problem = "is not a directory" if os.path.exists(self.root) else "does not exist"
+            raise StorageSetupError(
+                f"the storage root {problem}",
+                url=self.root,
+                fix="check --storage / $TRAINCTL_STORAGE (`trainctl launch` creates the root)",
+            )
+        from fsspec.asyn import sync
+
+        bucket, _, prefix = self.root.split("://", 1)[1].partition("/")
+        prefix = prefix.strip("/")
+        try:
+            fs = self.fs
+            sync(
+                fs.loop,
+                fs._call_s3,
+                "list_objects_v2",
+                Bucket=bucket,
+                Prefix=f"{prefix}/" if prefix else "",
+                MaxKeys=1,
+                timeout=self.timeout_s,
+            )
+        except Exception as exc:
+            self._fail(exc, self.root, "reach")
+
+    def _fail(self, error: Exception, url: str, doing: str) -> NoReturn:
+        """Raise what `error`, met while `doing` something to `url`, means: the translated
+        `StorageError`, else a plain one for an OSError, else `error` itself (a bug)."""
+        translated = translate(error, url, self.timeout_s)
+        if translated is not None:
+            raise translated from error
+        if isinstance(error, OSError):
+            raise StorageError(f"cannot {doing} it: {error}", url=url) from error
+        raise error
 
     def _local_temp(self, url: str, data: bytes) -> str:
         """`data` in a new, fsync'd temporary file beside `url`, readable as a store file."""
@@ -79,8 +155,8 @@ class StoreFiles:
                         os.unlink(tmp)
             else:
                 self.fs.pipe_file(url, data)  # one PUT replaces an object atomically
-        except OSError as exc:
-            raise StorageError(f"cannot write {url}: {exc}") from exc
+        except Exception as exc:
+            self._fail(exc, url, "write")
 
     def write_once(self, url: str, data: bytes) -> None:
         """Create `url` holding `data`, whole or not at all; FileExistsError if it exists."""
@@ -95,8 +171,8 @@ class StoreFiles:
                 self.fs.pipe_file(url, data, mode="create")
         except FileExistsError:
             raise
-        except OSError as exc:
-            raise StorageError(f"cannot write {url}: {exc}") from exc
+        except Exception as exc:
+            self._fail(exc, url, "write")
 
     def read(self, url: str) -> bytes | None:
         try:
@@ -106,8 +182,8 @@ class StoreFiles:
             return bytes(self.fs.cat_file(url))
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            raise StorageError(f"cannot read {url}: {exc}") from exc
+        except Exception as exc:
+            self._fail(exc, url, "read")
 
     def list(self, url: str) -> list[str]:
         """Names (not paths) directly under `url`; empty when it does not exist."""
@@ -118,8 +194,8 @@ class StoreFiles:
             return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(url, detail=False))
         except FileNotFoundError:
             return []
-        except OSError as exc:
-            raise StorageError(f"cannot list {url}: {exc}") from exc
+        except Exception as exc:
+            self._fail(exc, url, "list")
 
     def read_json(self, url: str) -> Any:
         """A stored JSON document (None when absent); CorruptStoreError when not JSON."""
@@ -153,8 +229,8 @@ class StoreFiles:
             tag = str(self.fs.info(url)["ETag"])
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            raise StorageError(f"cannot read {url}: {exc}") from exc
+        except Exception as exc:
+            self._fail(exc, url, "read")
         raw = self.read(url)
         return None if raw is None else (raw, tag)
 
@@ -178,7 +254,9 @@ class StoreFiles:
         except OSError as exc:
             if exc.errno == errno.EINVAL or "Precondition" in str(exc):
                 raise Conflict(url) from None
-            raise StorageError(f"cannot write {url}: {exc}") from exc
+            self._fail(exc, url, "write")
+        except Exception as exc:
+            self._fail(exc, url, "write")
         self.fs.invalidate_cache(url)
         return str((out or {}).get("ETag") or self.read_tagged(url) or "")
 

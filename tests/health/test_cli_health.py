@@ -136,8 +136,12 @@ def test_health_job_table(sealed_env: EnvFactory) -> None:
     assert "XID 79" in done.stderr
 
 
-def test_health_of_an_unknown_job_is_a_user_error(sealed_env: EnvFactory) -> None:
-    done = trainctl(sealed_env(None, None), "health", "no-such-job")
+def test_health_of_an_unknown_job_is_a_user_error(sealed_env: EnvFactory, tmp_path: Path) -> None:
+    env = sealed_env(None, None)
+    missing = trainctl(env, "health", "no-such-job")  # no storage root yet: that is said first
+    assert missing.returncode == 2 and "the storage root does not exist" in missing.stderr
+    Path(env["TRAINCTL_STORAGE"]).mkdir()
+    done = trainctl(env, "health", "no-such-job")
     assert done.returncode == 2
     assert "no such job (got 'no-such-job')" in done.stderr
     assert "Traceback" not in done.stderr

@@ -80,7 +80,7 @@ def test_bad_recipe_field_via_cli(storage: Path, tmp_path: Path) -> None:
     result = trainctl("launch", str(recipe), storage=storage)
     assert result.returncode == 2
     assert f"{recipe}: checkpoint.interval_step: unknown field (got 5)" in result.stderr
-    assert "fix: remove the field" in result.stderr
+    assert "fix: did you mean `checkpoint.interval_steps`?" in result.stderr
 
 
 def test_list_empty_and_json(storage: Path) -> None:

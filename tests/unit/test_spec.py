@@ -44,14 +44,14 @@ def test_overrides_apply_and_defaults_fill(tmp_path: Path) -> None:
 
 
 BAD_RECIPES = [
-    ("script: train.py\nnodez: 2\n", "job.yaml: nodez", "unknown field", "remove the field"),
-    ("script: train.py\nnodes: two\n", "job.yaml: nodes", "valid integer", "right type"),
-    ("script: train.py\nnodes: 0\n", "job.yaml: nodes", "greater than or equal to 1", "(got 0)"),
+    ("script: train.py\nnodez: 2\n", "job.yaml: nodez", "unknown field", "did you mean `nodes`?"),
+    ("script: train.py\nnodes: two\n", "job.yaml: nodes", "not a whole number", "right type"),
+    ("script: train.py\nnodes: 0\n", "job.yaml: nodes", "out of range (got 0)", "from 1 to 1024"),
     (
         "script: train.py\ncheckpoint:\n  keep_last: 1\n",
         "job.yaml: checkpoint.keep_last",
-        "greater than or equal to 2",
-        "(got 1)",
+        "out of range (got 1)",
+        "use a value from 2 to 100000",
     ),
     (
         "script: train.py\ncheckpoint:\n  storage: gs://b/x\n",
@@ -60,7 +60,7 @@ BAD_RECIPES = [
         "s3://bucket/prefix",
     ),
     ("script: missing.py\n", "job.yaml: script", "training script not found", "missing.py"),
-    ("nodes: 2\n", "job.yaml: script", "Field required", "add the field"),
+    ("nodes: 2\n", "job.yaml: script", "required field missing", "add the field"),
     ("script: train.py\nnodes: [2\n", "job.yaml:3:1", "malformed YAML", "fix the YAML"),
     ("- a\n- b\n", "job.yaml", "must be a YAML mapping", "key: value"),
     ("script: train.py\nnodes: 2\nmin_nodes: 3\n", "job.yaml", "min_nodes (3) cannot exceed", ""),

@@ -31,6 +31,7 @@ from trainctl.checkpoint.storage import (
     TransferConfig,
     WrittenObject,
 )
+from trainctl.storage_errors import translate
 
 T = TypeVar("T")
 
@@ -95,8 +96,19 @@ class S3Storage(Storage):
         raise AssertionError("unreachable")
 
     def call(self, method: str, *, attempts: int | None = None, **kwargs: Any) -> Any:
-        """`call_async` from a normal thread (blocks until the request finished)."""
-        return self.submit(lambda: self.call_async(method, attempts=attempts, **kwargs)).result()
+        """`call_async` from a normal thread (blocks until the request finished).
+
+        A failure a person must act on (no credentials, unreachable endpoint, missing or
+        denied bucket) raises a `StorageError` naming the root and the fix."""
+        try:
+            return self.submit(
+                lambda: self.call_async(method, attempts=attempts, **kwargs)
+            ).result()
+        except Exception as error:
+            translated = translate(error, self.root)
+            if translated is None or translated is error:
+                raise
+            raise translated from error
 
     def submit(self, make: Callable[[], Awaitable[T]]) -> Future[T]:
         """Schedule a coroutine on the I/O loop; returns a thread-safe future."""

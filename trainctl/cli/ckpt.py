@@ -47,7 +47,8 @@ class JobCheckpoints:
     job_id: str
     """The job id the command's JOB resolved to (a unique prefix names the whole id)."""
     known: bool
-    """Whether the job store has this job (checkpoints a script saved have none)."""
+    """Whether the job store has this job (checkpoints a script saved have none; a job's
+    checkpoints may also outlive its record)."""
     root: str
     storage_options: dict[str, Any]
     keep_last: int
@@ -60,8 +61,8 @@ def job_checkpoints(storage: str | None, job_id: str) -> JobCheckpoints:
     standard AWS chain supplies them."""
     store = open_store(storage)
     job_id = resolve_job_id(store, job_id, allow_unknown=True)
-    known = job_id in store.list_jobs()
     text = store.read_spec_text(job_id)
+    known = text is not None or store.exists(job_id)
     section = CheckpointSpec()
     if text is not None:
         section = stored_checkpoint_section(text, f"{store.job_url(job_id)}/spec.yaml")
@@ -106,8 +107,8 @@ def list_checkpoints(
     steps = inspect.list_steps(where.root, storage_options=where.storage_options)
     if not steps and not where.known:
         raise NotFoundError(
-            "no such job, and no checkpoints under " + where.root,
-            where="JOB",
+            "no such job, and no checkpoints of it",
+            where=where.root,
             value=job_id,
             fix="run `trainctl list` to see the jobs in this storage root (or pass --storage)",
         )

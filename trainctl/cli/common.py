@@ -22,8 +22,12 @@ JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object on stdou
 JOB_HELP = "Job id, or a unique prefix of one."
 
 
-def open_store(storage: str | None) -> JobStore:
-    return JobStore(resolve_storage_root(storage))
+def open_store(storage: str | None, create: bool = False) -> JobStore:
+    """The job store at `--storage` (or the default), checked usable first (`check_root`):
+    its trouble is one message. `create`: a missing local root is fine (launch makes it)."""
+    store = JobStore(resolve_storage_root(storage))
+    store.check_root(create)
+    return store
 
 
 MAX_LISTED_MATCHES = 10

@@ -66,7 +66,9 @@ def health(
     if job_id is None:
         statuses = [_probe_here(root, paths, endpoint, min_free_gb, as_json)]
     else:
-        statuses = _show_job(root, resolve_job_id(JobStore(root), job_id), as_json)
+        store = JobStore(root)
+        store.check_root()  # a missing or unreachable root is said first, once
+        statuses = _show_job(root, resolve_job_id(store, job_id), as_json)
     if worst_status(statuses) is Verdict.UNHEALTHY:
         raise typer.Exit(int(ExitCode.FAILED))
 
@@ -161,6 +163,7 @@ def read_node_records(root: str, job_id: str) -> dict[str, dict[str, Any]]:
     Raises NotFoundError when the job has neither state nor node verdicts.
     """
     store = JobStore(root)
+    store.check_root()
     records = read_node_verdicts(store, job_id)
     if not records and not store.exists(job_id):
         raise NotFoundError(

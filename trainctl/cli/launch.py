@@ -182,7 +182,7 @@ def launch(
             update={"launch": spec.launch.model_copy(update={"rdzv_port": rdzv_port})}
         )
     check_faults(spec, scheduler)
-    store = open_store(storage)
+    store = open_store(storage, create=True)
     job = check_job_id(job_id) if job_id else _new_job_id(spec.name)
     if scheduler == "slurm":
         slurm_launch.submit(spec, store, job, target, slurm_flags, dry_run, as_json)

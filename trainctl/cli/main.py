@@ -11,6 +11,7 @@ from trainctl.cli import cancel, ckpt, describe, health, jobs, launch, logs, rep
 from trainctl.cli.console import NORMAL, QUIET, VERBOSE, terminal
 from trainctl.errors import TrainctlError
 from trainctl.exitcodes import ExitCode
+from trainctl.storage_errors import translate
 
 # typer >= 0.20 vendors click; find its ClickException without importing a private module.
 _CLICK_EXCEPTION: Any = next(
@@ -70,6 +71,14 @@ def main() -> None:
     except _CLICK_EXCEPTION as exc:  # usage errors (bad flag, value out of range): exit 2
         exc.show()
         sys.exit(exc.exit_code)
+    except Exception as error:
+        # A storage failure met outside the store's own boundary (a checkpoint backend call
+        # that is not translated there): still one message, never botocore's traceback.
+        storage = translate(error, None)
+        if storage is None:
+            raise
+        terminal.error(str(storage))
+        sys.exit(int(storage.exit_code))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from trainctl.errors import TrainctlError, UserError
 from trainctl.events import Event, JobCreated, JobFailed, Submitted
 from trainctl.exitcodes import ExitCode
 from trainctl.launch.sbatch import SlurmOptions, render_sbatch
-from trainctl.recipe import spec_to_yaml, validation_to_user_error
+from trainctl.recipe import spec_to_yaml, validation_problems
 from trainctl.recovery.journal import new_record
 from trainctl.spec import JobSpec, SlurmSpec
 from trainctl.state import JobState
@@ -100,7 +100,7 @@ def apply_flags(spec: JobSpec, flags: SlurmFlags) -> JobSpec:
         slurm = SlurmSpec.model_validate({**spec.slurm.model_dump(), **update})
     except ValidationError as error:
         field = str(error.errors()[0].get("loc", ("",))[0])
-        bad = validation_to_user_error(error, "slurm")
+        bad = validation_problems(error, "slurm")[0]  # the flag of the first: one message
         path = str(bad.where).replace(": ", ".", 1)  # "slurm: mem" -> "slurm.mem"
         raise UserError(
             bad.problem,
