@@ -32,10 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
-from trainctl.health import flight_recorder
 from trainctl.health.gate import GateResult, NodeProber
 from trainctl.health.liveness import LivenessPolicy
-from trainctl.health.readings import NvmlReading
 from trainctl.health.verdict import Verdict
 from trainctl.launch import proctree, stacks, workers
 from trainctl.launch.control import ControlClient
@@ -183,25 +181,9 @@ class Agent:
         if self._warm is None or self._warm.process.poll() is not None:
             self._warm = WarmTorchrun(self.python, dict(os.environ), self._log_file(log_path))
 
-    def workers_for(self, attempt: Attempt, nvml: NvmlReading) -> int:
-        """This node's worker count: the plan's, or its visible GPUs (``gpu``/``auto``)."""
-        requested = workers.requested_workers(attempt.node.argv)
-        if requested is None:
-            return 0  # a plan without the flag: torchrun's default
-        environ = {**os.environ, **attempt.node.env_dict()}
-        gpus = workers.visible_gpus(nvml, environ)
-        return workers.workers_per_node(requested, gpus, self.name, nvml)
-
     def start_torchrun(self, attempt: Attempt, count: int = 0) -> None:
         node = attempt.node
-        env = node.env_dict()
-        env[Env.AGENT_SOCKET] = attempt.workers.address
-        env[Env.WORKER_TOKEN] = self.worker_token
-        env[Env.STACKS_DIR] = str(attempt.stacks_dir)
-        env[Env.WORKER_SERVER_DIR] = attempt.server_dir
-        # NCCL's failure settings: the flight recorder (dumping beside the stacks when its
-        # watchdog times out) and how a failed collective ends the process.
-        env.update(flight_recorder.worker_env(str(attempt.stacks_dir), {**os.environ, **env}))
+        env = attempt.worker_env(os.environ)
         if self.zygote is not None and self.zygote.poll() is None:
             env[Env.ZYGOTE] = self.zygote_address
         log = self._log_file(node.log_path)
@@ -316,11 +298,11 @@ class Agent:
             self.send(Exit(0, stopped=True, reason=attempt.stop.reason))
             return
         try:
-            workers = self.workers_for(attempt, result.nvml)
+            count = attempt.worker_count(result.nvml, os.environ)
         except WorkerCountError as bad:
             self.send(Exit(1, errors=(ErrorFile("nproc_per_node", str(bad)),)))
             return
-        self.start_torchrun(attempt, workers)
+        self.start_torchrun(attempt, count)
         self.start_probing(attempt)
         try:
             self._watch(attempt)
@@ -358,16 +340,7 @@ class Agent:
                 leftovers = proctree.kill_tree(
                     self._attempt_processes(), grace_s=1.0, keep_reaped=[torchrun.pid]
                 )
-                errors, crashes = attempt.failure(code)
-                self.send(
-                    Exit(
-                        code,
-                        errors=errors,
-                        killed_leftovers=len(leftovers),
-                        crashes=crashes,
-                        flight_recorders=flight_recorder.watchdog_dumps(attempt.stacks_dir),
-                    )
-                )
+                self.send(attempt.exit(code, killed_leftovers=len(leftovers)))
                 return
 
     def _attempt_processes(self) -> list[int]:
@@ -396,17 +369,7 @@ class Agent:
         else:
             proctree.kill_tree(pids, attempt.grace_s, keep_reaped=keep)
         code = torchrun.wait()
-        errors, crashes = attempt.failure(code, upto=stopped_at)
-        self.send(
-            Exit(
-                code,
-                stopped=True,
-                reason=stop.reason,
-                errors=errors,
-                crashes=crashes,
-                flight_recorders=flight_recorder.watchdog_dumps(attempt.stacks_dir),
-            )
-        )
+        self.send(attempt.exit(code, upto=stopped_at, stopped=True, reason=stop.reason))
 
     def close(self) -> None:
         self.stop_probing()

@@ -11,14 +11,16 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from trainctl.health import flight_recorder
 from trainctl.health.gate import GateConfig
 from trainctl.health.liveness import LivenessPolicy
+from trainctl.health.readings import NvmlReading
 from trainctl.health.verdict import GIB
-from trainctl.launch import evidence
+from trainctl.launch import evidence, workers
 from trainctl.launch.control import WorkerChannel, worker_socket_address
 from trainctl.launch.plan import LaunchPlan, NodePlan
 from trainctl.launch.torchrun import collect_error_files
-from trainctl.protocol import Env, ErrorFile, GatePlan, Stop
+from trainctl.protocol import Env, ErrorFile, Exit, GatePlan, Stop
 
 
 def gate_config(gate: GatePlan, rdzv_endpoint: str | None) -> GateConfig:
@@ -38,6 +40,7 @@ class Attempt:
     def __init__(self, plan: LaunchPlan, node: NodePlan, worker_token: str) -> None:
         self.plan = plan
         self.node = node
+        self.worker_token = worker_token
         self.workers = WorkerChannel(
             worker_socket_address(plan.job_id, plan.attempt, node.name), worker_token
         )
@@ -51,6 +54,50 @@ class Attempt:
         self.grace_s = float(node.env_dict().get(Env.STOP_GRACE_S, "5"))
         self.log_offset = 0
         """Where this attempt's output starts in the node log."""
+
+    def worker_count(self, nvml: NvmlReading, environ: Mapping[str, str]) -> int:
+        """This node's worker count: the plan's, or its visible GPUs (``gpu``/``auto``);
+        0 for a plan without the flag (torchrun's default). Raises `WorkerCountError`."""
+        requested = workers.requested_workers(self.node.argv)
+        if requested is None:
+            return 0
+        gpus = workers.visible_gpus(nvml, {**environ, **self.node.env_dict()})
+        return workers.workers_per_node(requested, gpus, self.node.name, nvml)
+
+    def worker_env(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """What the agent adds for torchrun and the workers: the plan's environment, where
+        to report, dump stacks and serve debug handlers, and NCCL's failure settings (the
+        flight recorder dumping beside the stacks; how a failed collective ends a process),
+        unless the recipe or the site set them."""
+        env = self.node.env_dict()
+        env[Env.AGENT_SOCKET] = self.workers.address
+        env[Env.WORKER_TOKEN] = self.worker_token
+        env[Env.STACKS_DIR] = str(self.stacks_dir)
+        env[Env.WORKER_SERVER_DIR] = self.server_dir
+        env.update(flight_recorder.worker_env(str(self.stacks_dir), {**environ, **env}))
+        return env
+
+    def exit(
+        self,
+        code: int,
+        *,
+        upto: int | None = None,
+        stopped: bool = False,
+        reason: str = "",
+        killed_leftovers: int = 0,
+    ) -> Exit:
+        """The attempt's end for the controller: what its workers left (`failure`) and any
+        flight recorder NCCL's watchdog dumped."""
+        errors, crashes = self.failure(code, upto=upto)
+        return Exit(
+            code,
+            stopped=stopped,
+            reason=reason,
+            errors=errors,
+            killed_leftovers=killed_leftovers,
+            crashes=crashes,
+            flight_recorders=flight_recorder.watchdog_dumps(self.stacks_dir),
+        )
 
     def close(self) -> None:
         """The attempt is over: its worker channel and debug sockets go."""
