@@ -7,31 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.browser import ink, page_text, render
+from tests.browser import check_report_page
 from tests.unit.test_report_cli import JOB, run, write_job_store
-
-LEGEND = (
-    "productive",
-    "checkpoint_stall",
-    "failure_detection",
-    "restore",
-    "checkpoint committed (durable)",
-    "checkpoint restored",
-    "node excluded",
-    "failure (node: cause)",
-)
-
-
-def check_report_page(page: Path, workdir: Path, lanes: list[str], failures: list[str]) -> None:
-    """`page` renders in Chromium: not blank, and its text names every lane, every failure
-    label and every legend entry."""
-    shown = render(page, workdir)
-    num_colours, drawn = ink(shown.screenshot)
-    assert num_colours >= 20, f"only {num_colours} colours: a blank or broken page"
-    assert drawn >= 0.05, f"only {drawn:.1%} of the screenshot differs from the background"
-    text = page_text(shown.dom)
-    for expected in [*lanes, *failures, *LEGEND, "time since job start", "goodput"]:
-        assert expected in text, f"{expected!r} not in the page's text"
 
 
 def test_report_page_in_headless_chromium(storage: Path, tmp_path: Path) -> None:

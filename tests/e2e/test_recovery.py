@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.adapters.test_report_browser import check_report_page
+from tests.browser import check_report_page
 from tests.conftest import REPO, sealed_env
 from tests.e2e.conftest import BUCKET, S3
 from tests.e2e.harness import (

@@ -26,6 +26,7 @@ from trainctl.report.timeline import (
     lane_name,
     tick_step,
 )
+from trainctl.state import JobState
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -75,6 +76,22 @@ def test_title_and_wall_clock() -> None:
     assert timeline.title == "j1 (succeeded): goodput 74.2% of 2m12s"
     assert timeline.subtitle == "1970-01-01 00:00:00 UTC to 1970-01-01 00:02:12 UTC"
     assert timeline.legend[0] == (Category.PRODUCTIVE, "productive 1m38s (74.2%)")
+
+
+def test_a_live_job_says_it_has_not_ended() -> None:
+    events = [ev(0, "job_created"), started(1, 0, ["a"], 1), ev(3, "first_step", 0, step=1)]
+    timeline = build_timeline(build_ledger(job(JobState.RUNNING), events, now=50.0))
+    assert timeline.title == "j1 (running): goodput 0.0% of 50s"
+    assert timeline.subtitle.endswith("00:00:50 UTC (not ended yet)")
+    assert [lane.name for lane in timeline.lanes] == ["job", "attempt 0 · a"]
+
+
+def test_a_job_without_attempts_or_time_still_draws() -> None:
+    ledger = build_ledger(job(JobState.PENDING), [], now=0.0)
+    timeline = build_timeline(ledger)
+    assert [lane.name for lane in timeline.lanes] == ["job"] and timeline.wall_s == 0
+    assert timeline_png(timeline).startswith(b"\x89PNG")
+    ET.fromstring(timeline_svg(timeline))
 
 
 @pytest.mark.parametrize(
@@ -219,7 +236,7 @@ def test_text_from_the_store_is_escaped() -> None:
     ]
     ledger = build_ledger(job(), events, now=1e9)
     timeline = build_timeline(ledger)
-    page = to_html(ledger, timeline.title, timeline_svg(timeline))
+    page = to_html(ledger, timeline_svg(timeline))
     assert "<script" not in page and "&lt;script&gt;" in page
     svg = re.search(r"<svg.*?</svg>", page, flags=re.S)
     assert svg is not None

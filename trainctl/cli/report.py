@@ -83,7 +83,7 @@ def render_picture(ledger: Ledger, path: Path, gpu: dict[str, Any] | None = None
         return timeline_png(timeline)
     if suffix == ".svg":
         return timeline_svg(timeline).encode()
-    return to_html(ledger, timeline.title, timeline_svg(timeline), gpu).encode()
+    return to_html(ledger, timeline_svg(timeline), gpu).encode()
 
 
 def write_picture(path: Path, data: bytes) -> None:

@@ -114,11 +114,14 @@ def _marks(ax: Axes, timeline: Timeline, tips: _Tips) -> None:
             # failures close together get their labels one above the other
             near = sum(1 for t in labelled if abs(t - mark.time_s) < timeline.wall_s / 8)
             labelled.append(mark.time_s)
+            # labels near the right edge go to the left of their mark, inside the picture
+            left = mark.time_s > 0.7 * timeline.wall_s
             ax.annotate(
                 mark.label,
                 (mark.time_s, top),
-                xytext=(4, 4 + 12 * near),
+                xytext=(-4 if left else 4, 4 + 12 * near),
                 textcoords="offset points",
+                horizontalalignment="right" if left else "left",
                 fontsize=9,
                 color=FAILURE,
                 fontweight="bold",

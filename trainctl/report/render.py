@@ -69,8 +69,8 @@ def _gpu_section(gpu: dict[str, Any] | None) -> list[str]:
     ]
 
 
-def to_html(ledger: Ledger, title: str, svg: str, gpu: dict[str, Any] | None = None) -> str:
-    """A self-contained page headed `title`: the timeline picture `svg` (an SVG document), the
+def to_html(ledger: Ledger, svg: str, gpu: dict[str, Any] | None = None) -> str:
+    """A self-contained page: the timeline picture `svg` (an SVG document, titled itself), the
     ledger's tables and, with `gpu`, the GPU utilisation tables (no scripts, no links)."""
     wall = ledger.wall_s
     totals = ledger.seconds
@@ -108,7 +108,7 @@ def to_html(ledger: Ledger, title: str, svg: str, gpu: dict[str, Any] | None = N
         for f in ledger.failures
     ]
     sections = [
-        f"<h1>{html.escape(title)}</h1>",
+        f"<h1>trainctl report: {html.escape(ledger.job_id)}</h1>",
         f'<figure class="timeline">{inline_svg(svg)}</figure>',
         "<h2>Where the time went</h2>",
         _table(("category", "seconds", "share"), categories, {1, 2}),

@@ -371,13 +371,9 @@ def build_timeline(ledger: Ledger, resolution: int = RESOLUTION) -> Timeline:
         + _failure_marks(ledger, lanes)
     )
     totals = ledger.seconds
-    running = ", running" if ledger.live else ""
     productive = format_share(totals[Category.PRODUCTIVE.value], wall)
-    title = (
-        f"{ledger.job_id} ({ledger.state}{running}): goodput {productive} "
-        f"of {format_duration(wall)}"
-    )
-    until = format_clock(ledger.end) + (" (still running)" if ledger.live else "")
+    title = f"{ledger.job_id} ({ledger.state}): goodput {productive} of {format_duration(wall)}"
+    until = format_clock(ledger.end) + (" (not ended yet)" if ledger.live else "")
     legend = tuple(
         (c, f"{c.value} {format_duration(totals[c.value])} ({format_share(totals[c.value], wall)})")
         for c in CATEGORIES
