@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from tests.unit.test_goodput import ended, ev, job, node_failure_with_spare, started
-from trainctl.report.draw import inline_svg, timeline_png, timeline_svg
+from trainctl.report.draw import gpu_svg, inline_svg, timeline_png, timeline_svg
 from trainctl.report.goodput import build_ledger
 from trainctl.report.ledger import Category, Failure
 from trainctl.report.render import to_html
@@ -243,3 +243,22 @@ def test_text_from_the_store_is_escaped() -> None:
     words = " ".join(ET.fromstring(svg.group(0)).itertext())
     assert f"attempt 1 · {hostile}" in words and f"{hostile}: worker_crash" in words
     assert inline_svg(timeline_svg(timeline)).startswith("<svg")
+
+
+def test_gpu_heat_map_sits_in_the_page_beside_the_timeline() -> None:
+    ledger = build_ledger(*node_failure_with_spare())
+    gpu = {
+        "start": ledger.start,
+        "bucket_s": 30.0,
+        "nodes": {"n0": [90, 95, None, 80, 99], "n1": [10, None, None, None, None]},
+        "attempts": {"1": {"n0": {"mean_util_pct": 90.0, "min_util_pct": 80, "num_readings": 3}}},
+    }
+    assert gpu_svg({**gpu, "nodes": {}}, ledger.wall_s) is None
+    heat_map = gpu_svg(gpu, ledger.wall_s)
+    assert heat_map is not None
+    words = " ".join(ET.fromstring(heat_map).itertext())
+    assert "GPU utilisation per node, mean % per 30s" in words and "n1" in words
+    page = to_html(ledger, timeline_svg(build_timeline(ledger)), gpu, heat_map)
+    assert page.index('<figure class="timeline">') < page.index('<figure class="gpu">')
+    ids = re.findall(r'\bid="([^"]+)"', page)
+    assert len(ids) == len(set(ids)), "two inline pictures, no id shared"

@@ -29,7 +29,7 @@ from trainctl.cli.common import (
 )
 from trainctl.cli.console import emit_json, plain_table, terminal
 from trainctl.errors import UserError
-from trainctl.report.draw import timeline_png, timeline_svg
+from trainctl.report.draw import gpu_svg, timeline_png, timeline_svg
 from trainctl.report.goodput import build_ledger
 from trainctl.report.gpu import gpu_timeline, read_gpu_series
 from trainctl.report.ledger import CATEGORIES, Ledger
@@ -83,7 +83,8 @@ def render_picture(ledger: Ledger, path: Path, gpu: dict[str, Any] | None = None
         return timeline_png(timeline)
     if suffix == ".svg":
         return timeline_svg(timeline).encode()
-    return to_html(ledger, timeline_svg(timeline), gpu).encode()
+    heat_map = gpu_svg(gpu, ledger.wall_s) if gpu else None
+    return to_html(ledger, timeline_svg(timeline), gpu, heat_map).encode()
 
 
 def write_picture(path: Path, data: bytes) -> None:

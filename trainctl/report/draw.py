@@ -205,3 +205,44 @@ def timeline_svg(timeline: Timeline, prefix: str = "timeline") -> str:
 def inline_svg(svg: str) -> str:
     """An SVG document as an element to put inside HTML (no XML declaration or doctype)."""
     return svg[svg.index("<svg") :]
+
+
+def gpu_svg(gpu: dict[str, Any], wall_s: float, prefix: str = "gpu") -> str | None:
+    """GPU utilisation over time as an SVG heat map: a row per node, a cell per time bucket of
+    `trainctl.report.gpu.gpu_timeline` (its ``start`` is T+0), blank where a node sent no sample;
+    None when no node sent any."""
+    nodes: dict[str, list[float | None]] = gpu.get("nodes") or {}
+    if not nodes:
+        return None
+    import matplotlib
+    import numpy as np
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, MultipleLocator
+
+    size = float(gpu["bucket_s"])
+    names = list(nodes)
+    values = np.array(
+        [[np.nan if v is None else v for v in nodes[name]] for name in names], dtype=float
+    )
+    edges = np.arange(values.shape[1] + 1) * size
+    fig = Figure(figsize=(WIDTH_IN, 1.4 + 0.3 * len(names)), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    mesh = ax.pcolormesh(edges, np.arange(len(names) + 1), values, cmap="viridis", vmin=0, vmax=100)
+    ax.set_yticks(np.arange(len(names)) + 0.5, names, fontsize=9)
+    ax.set_ylim(len(names), 0)
+    wall = max(wall_s, size)
+    ax.set_xlim(0, wall)
+    ax.xaxis.set_major_locator(MultipleLocator(tick_step(wall)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"T+{format_duration(value)}"))
+    ax.tick_params(labelsize=9)
+    ax.set_title(
+        f"GPU utilisation per node, mean % per {format_duration(size)} (blank: no sample)",
+        fontsize=10,
+        color=TEXT,
+        loc="left",
+    )
+    fig.colorbar(mesh, ax=ax, label="GPU utilisation %", pad=0.01)
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": prefix}):
+        buffer = io.StringIO()
+        fig.savefig(buffer, format="svg", metadata={"Date": None})
+    return _prefix_ids(buffer.getvalue(), prefix)

@@ -42,8 +42,9 @@ def _opt(value: object) -> str:
     return "" if value is None else html.escape(str(value))
 
 
-def _gpu_section(gpu: dict[str, Any] | None) -> list[str]:
-    """GPU utilisation tables (`trainctl.report.gpu.gpu_timeline`), when any node sent any."""
+def _gpu_section(gpu: dict[str, Any] | None, picture: str | None) -> list[str]:
+    """GPU utilisation (`trainctl.report.gpu.gpu_timeline`) as a `picture` (an SVG document)
+    and tables, when any node sent any."""
     if not gpu or not gpu.get("nodes"):
         return []
     per_attempt = [
@@ -64,14 +65,21 @@ def _gpu_section(gpu: dict[str, Any] | None) -> list[str]:
     ]
     return [
         "<h2>GPU utilisation</h2>",
+        f'<figure class="gpu">{inline_svg(picture)}</figure>' if picture else "",
         _table(("attempt", "node", "mean", "lowest", "readings"), per_attempt, {0, 2, 3, 4}),
         _table(("node", f"mean % per {size} (-: no sample)"), over_time, set()),
     ]
 
 
-def to_html(ledger: Ledger, svg: str, gpu: dict[str, Any] | None = None) -> str:
+def to_html(
+    ledger: Ledger,
+    svg: str,
+    gpu: dict[str, Any] | None = None,
+    gpu_picture: str | None = None,
+) -> str:
     """A self-contained page: the timeline picture `svg` (an SVG document, titled itself), the
-    ledger's tables and, with `gpu`, the GPU utilisation tables (no scripts, no links)."""
+    ledger's tables and, with `gpu`, the GPU utilisation picture `gpu_picture` (an SVG
+    document, when given) and tables. No scripts, no links."""
     wall = ledger.wall_s
     totals = ledger.seconds
     categories = [
@@ -134,7 +142,7 @@ def to_html(ledger: Ledger, svg: str, gpu: dict[str, Any] | None = None) -> str:
             "<h2>Failures</h2>",
             _table(("time", "attempt", "node", "cause", "fault", "reason"), failures, {1}),
         ]
-    sections += _gpu_section(gpu)
+    sections += _gpu_section(gpu, gpu_picture)
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>trainctl report {html.escape(ledger.job_id)}</title>"
