@@ -59,6 +59,8 @@ def _chromium(chromium: str, page: Path, workdir: Path, *args: str) -> str:
         "--no-first-run",
         "--disable-extensions",
         "--disable-background-networking",
+        "--disable-breakpad",  # no crash handler processes outliving the browser
+        "--disable-crash-reporter",
         "--hide-scrollbars",
         f"--user-data-dir={profile}",
         f"--window-size={WINDOW[0]},{WINDOW[1]}",
@@ -78,8 +80,8 @@ def render(page: Path, workdir: Path) -> Rendered:
     """Open `page` (a local file) in headless Chromium: its screenshot and its DOM."""
     chromium = chromium_or_skip()
     shot = workdir / "screenshot.png"
-    _chromium(chromium, page, workdir, f"--screenshot={shot}")
-    dom = _chromium(chromium, page, workdir, "--dump-dom")
+    dom = _chromium(chromium, page, workdir, f"--screenshot={shot}", "--dump-dom")
+    assert shot.is_file(), "chromium took no screenshot"
     return Rendered(shot.read_bytes(), dom)
 
 

@@ -227,7 +227,10 @@ def gpu_svg(gpu: dict[str, Any], wall_s: float, prefix: str = "gpu") -> str | No
     edges = np.arange(values.shape[1] + 1) * size
     fig = Figure(figsize=(WIDTH_IN, 1.4 + 0.3 * len(names)), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
-    mesh = ax.pcolormesh(edges, np.arange(len(names) + 1), values, cmap="viridis", vmin=0, vmax=100)
+    rows = np.arange(len(names) + 1)
+    mesh = ax.pcolormesh(
+        edges, rows, values, cmap="viridis", vmin=0, vmax=100, edgecolors="face", linewidth=0
+    )
     ax.set_yticks(np.arange(len(names)) + 0.5, names, fontsize=9)
     ax.set_ylim(len(names), 0)
     wall = max(wall_s, size)
