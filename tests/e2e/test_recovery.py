@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tests.browser import check_report_page
 from tests.conftest import REPO, sealed_env
 from tests.e2e.conftest import BUCKET, S3
 from tests.e2e.harness import (
@@ -90,6 +91,13 @@ def test_node_loss_promotes_the_spare_and_excludes_the_node(
     assert "node agent lost" in status.stdout + status.stderr
     # nothing committed was lost: the newest two steps are there
     assert committed_steps(storage, "spare")[-2:] == [25, 30]
+    # the report of this real job reads in a real browser: a lane per attempt and node, the
+    # failure labelled with its node and cause
+    page = tmp_path / "spare-report.html"
+    report = trainctl("report", "spare", "--out", str(page), storage=storage)
+    assert report.returncode == 0, report.stderr
+    lanes = [f"attempt {a['number']} · {n}" for a in state["attempts"] for n in a["nodes"]]
+    check_report_page(page, tmp_path, lanes, ["node-1: node_fault"])
 
 
 def test_node_loss_without_spare_shrinks_and_reshards(

@@ -1,24 +1,24 @@
 """`trainctl report`: run as a user would (a subprocess, sealed environment) on a job store built
-from synthetic events; checks the JSON contract, the HTML/SVG/PNG pictures and the errors."""
+from synthetic events; checks the JSON contract, the HTML/SVG/PNG pictures and the errors
+(a bad `--out` suffix against its golden message)."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
-import struct
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.adapters.test_storage_errors_cli import Run, check_error
 from tests.conftest import REPO, sealed_env
 from tests.unit.test_goodput import node_failure_with_spare
 from trainctl.exitcodes import ExitCode
-from trainctl.report.png import PNG_SIGNATURE
 from trainctl.state import JobRecord, JobState
 from trainctl.store import JobStore
 
@@ -36,8 +36,7 @@ def run(*args: str, storage: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture
-def job_store(storage: Path) -> Path:
+def write_job_store(storage: Path) -> Path:
     """A store holding one finished job: a node failure recovered on a spare (132 s wall)."""
     _, events, _ = node_failure_with_spare()
     store = JobStore(str(storage))
@@ -50,18 +49,18 @@ def job_store(storage: Path) -> Path:
     return storage
 
 
-def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
-    assert data.startswith(PNG_SIGNATURE)
-    chunks, offset = [], len(PNG_SIGNATURE)
-    while offset < len(data):
-        (length,) = struct.unpack(">I", data[offset : offset + 4])
-        kind = data[offset + 4 : offset + 8]
-        body = data[offset + 8 : offset + 8 + length]
-        (crc,) = struct.unpack(">I", data[offset + 8 + length : offset + 12 + length])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
-        chunks.append((kind, body))
-        offset += 12 + length
-    return chunks
+@pytest.fixture
+def job_store(storage: Path) -> Path:
+    return write_job_store(storage)
+
+
+def self_contained(page: str) -> None:
+    """Nothing in `page` is fetched when it opens: no script, no link, every reference is to
+    an id inside the page."""
+    for outside in ("<script", "<link", "src=", "<iframe", "@import"):
+        assert outside not in page, outside
+    references = re.findall(r'href="([^"]*)"|url\(([^)]*)\)', page)
+    assert all((href or url).startswith("#") for href, url in references), references
 
 
 def svg_of(html: str) -> ET.Element:
@@ -100,13 +99,15 @@ def test_json_is_the_ledger_and_the_picture_path(job_store: Path) -> None:
     assert picture == job_store / "jobs" / JOB / "report.html"
     page = picture.read_text()
     assert page.startswith("<!doctype html>")
-    for outside in ("<script", "<link", "src=", "href=", "url("):  # self-contained, no network
-        assert outside not in page, outside
+    self_contained(page)
     svg = svg_of(page)
     titles = [t.text or "" for t in svg.iter("{http://www.w3.org/2000/svg}title")]
     assert any("n1: node agent lost" in t for t in titles), "failure reason as a tooltip"
     assert any(t.startswith("checkpoint step 40") for t in titles), "checkpoint tick"
-    assert any("failure_detection" in t for t in titles), "legend"
+    assert any("failure_detection" in t for t in titles), "a bar's category"
+    words = " ".join(svg.itertext())
+    for expected in ("attempt 1 · n1", "attempt 2 · n2", "n1: node_fault", "node excluded"):
+        assert expected in words, expected
 
 
 def test_human_output_goes_to_stderr(job_store: Path) -> None:
@@ -122,27 +123,26 @@ def test_human_output_goes_to_stderr(job_store: Path) -> None:
     assert lines[-1] == f"timeline: {job_store / 'jobs' / JOB / 'report.html'}"
 
 
-def test_png_out_decodes_to_the_declared_size(job_store: Path, tmp_path: Path) -> None:
-    out = tmp_path / "timeline.png"
+def test_png_out_is_the_timeline(job_store: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    out = tmp_path / "timeline.PNG"
     result = run("report", JOB, "--json", "--out", str(out), storage=job_store)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["picture"] == str(out)
-    chunks = png_chunks(out.read_bytes())
-    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
-    width, height, depth, color, _, _, _ = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (depth, color) == (8, 2) and width == 1200 and height > 100
-    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
-    stride = 1 + 3 * width
-    assert len(raw) == height * stride
-    assert {raw[row * stride] for row in range(height)} == {0}, "filter type 0 on every row"
-    green = bytes((0x43, 0xA0, 0x47))  # productive
-    assert green in raw, "productive time is drawn"
+    image = Image.open(io.BytesIO(out.read_bytes()))
+    assert image.format == "PNG" and image.width == 1200 and image.height > 300
+    colours = {colour[:3] for _, colour in image.getcolors(maxcolors=1 << 24) or []}
+    assert (0x43, 0xA0, 0x47) in colours, "productive time is drawn"
+    assert len(colours) > 50, "with text (anti-aliased glyphs)"
 
 
 def test_svg_out_is_well_formed(job_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "timeline.svg"
     assert run("report", JOB, "--out", str(out), storage=job_store).returncode == 0
-    assert ET.fromstring(out.read_text()).tag == "{http://www.w3.org/2000/svg}svg"
+    root = ET.fromstring(out.read_text())
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    assert "attempt 2 · n0" in " ".join(root.itertext())
 
 
 def test_unknown_job_is_one_clear_error(storage: Path) -> None:
@@ -158,3 +158,26 @@ def test_out_in_a_missing_directory_is_bad_input(job_store: Path, tmp_path: Path
     assert result.returncode == ExitCode.BAD_INPUT
     assert "--out: the directory for the picture does not exist" in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize("name", ["r.jpg", "r.json", "report", "r.html.gz"])
+def test_out_with_a_suffix_trainctl_cannot_write_is_bad_input(
+    job_store: Path, tmp_path: Path, name: str
+) -> None:
+    """`--out r.jpg` wrote an HTML page into the .jpg file; now: one message, exit 2, nothing
+    written (the job is not even read)."""
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    done = run("report", JOB, "--out", str(tmp_path / name), storage=job_store)
+    golden = "report-out-suffix.txt" if name == "r.jpg" else None
+    if golden:
+        check_error(
+            Run(done.returncode, done.stdout, done.stderr),
+            ExitCode.BAD_INPUT,
+            golden,
+            {str(tmp_path): "<tmp>"},
+        )
+    assert done.returncode == ExitCode.BAD_INPUT and done.stdout == ""
+    assert f"--out: trainctl cannot write this kind of file (got '{tmp_path / name}')" in (
+        done.stderr
+    )
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before

@@ -3,8 +3,9 @@
 Reads the job store only (no server needed). The ledger and the GPU utilisation over time (per
 node per time bucket, per attempt per node) go to stderr as tables, or with ``--json`` as one
 object on stdout; the picture is written to ``--out`` or to the job's local
-run directory (``report.html``). A ``.png`` suffix writes a PNG, ``.svg`` a bare SVG, anything
-else a self-contained HTML page.
+run directory (``report.html``). The suffix of ``--out`` says what to write: ``.html``/``.htm``
+a self-contained page, ``.png`` a PNG, ``.svg`` an SVG; any other is bad input (exit 2, nothing
+read or written).
 """
 
 from __future__ import annotations
@@ -28,34 +29,41 @@ from trainctl.cli.common import (
 )
 from trainctl.cli.console import emit_json, plain_table, terminal
 from trainctl.errors import UserError
+from trainctl.report.draw import gpu_svg, timeline_png, timeline_svg
 from trainctl.report.goodput import build_ledger
 from trainctl.report.gpu import gpu_timeline, read_gpu_series
 from trainctl.report.ledger import CATEGORIES, Ledger
-from trainctl.report.render import to_html, to_png, to_svg
-from trainctl.report.timeline import format_duration, format_share, layout
+from trainctl.report.render import to_html
+from trainctl.report.timeline import build_timeline, format_duration, format_share
+
+PICTURE_SUFFIXES = (".html", ".htm", ".png", ".svg")
+"""What `--out` can end with (any case)."""
 
 OUT_OPTION = typer.Option(
     None,
     "--out",
-    help="Where to write the timeline picture (.html, .svg or .png). "
+    help="Where to write the timeline picture: a .html (or .htm), .png or .svg file. "
     "Default: report.html in the job's local run directory.",
 )
 
 
-def render_picture(ledger: Ledger, path: Path, gpu: dict[str, Any] | None = None) -> bytes:
-    """The picture for `path`'s suffix: PNG, bare SVG, or an HTML page (with the GPU
-    utilisation tables when `gpu` is given)."""
-    picture = layout(ledger)
-    suffix = path.suffix.lower()
-    if suffix == ".png":
-        return to_png(picture)
-    if suffix == ".svg":
-        return to_svg(picture).encode()
-    return to_html(ledger, picture, gpu).encode()
+def picture_path(out: str) -> Path:
+    """`--out` as an absolute path; a `UserError` when its suffix is not one trainctl writes
+    or its directory does not exist (checked before any work, so nothing is written)."""
+    path = Path(out).expanduser().absolute()
+    if path.suffix.lower() not in PICTURE_SUFFIXES:
+        accepted = ", ".join(PICTURE_SUFFIXES)
+        raise UserError(
+            "trainctl cannot write this kind of file",
+            where="--out",
+            value=out,
+            fix=f"end the file name with one of {accepted}",
+        )
+    _check_directory(path)
+    return path
 
 
-def write_picture(path: Path, data: bytes) -> None:
-    """Write `data` to `path` whole (a temporary file renamed into place)."""
+def _check_directory(path: Path) -> None:
     directory = path.parent
     if not directory.is_dir():
         raise UserError(
@@ -64,6 +72,25 @@ def write_picture(path: Path, data: bytes) -> None:
             value=str(path),
             fix=f"create {directory} first, or pass --out with an existing directory",
         )
+
+
+def render_picture(ledger: Ledger, path: Path, gpu: dict[str, Any] | None = None) -> bytes:
+    """The picture for `path`'s suffix (one of `PICTURE_SUFFIXES`): PNG, SVG, or an HTML page
+    (with the GPU utilisation tables when `gpu` is given)."""
+    timeline = build_timeline(ledger)
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        return timeline_png(timeline)
+    if suffix == ".svg":
+        return timeline_svg(timeline).encode()
+    heat_map = gpu_svg(gpu, ledger.wall_s) if gpu else None
+    return to_html(ledger, timeline_svg(timeline), gpu, heat_map).encode()
+
+
+def write_picture(path: Path, data: bytes) -> None:
+    """Write `data` to `path` whole (a temporary file renamed into place)."""
+    _check_directory(path)
+    directory = path.parent
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".report-")
         try:
@@ -166,13 +193,14 @@ def report(
     out: str | None = OUT_OPTION,
 ) -> None:
     """Show where a job's time went (goodput) and write its timeline picture."""
+    chosen = picture_path(out) if out else None
     store, job_id = open_job(storage, job_id)
     record = store.read_state(job_id)
     ledger = build_ledger(record, read_events(store, job_id), now=time.time())
     series = read_gpu_series(store, job_id)
     warn_skipped(series.problems)
     gpu = gpu_timeline(series.samples, ledger.start, ledger.end)
-    path = Path(out).expanduser().absolute() if out else store.local_job_dir(job_id) / "report.html"
+    path = chosen or store.local_job_dir(job_id) / "report.html"
     write_picture(path, render_picture(ledger, path, gpu))
     if as_json:
         emit_json(report_json(ledger, path, gpu))

@@ -42,6 +42,7 @@ from trainctl.events import (
     JOB_END_KINDS,
     Event,
     JobResumed,
+    NodeExcluded,
 )
 from trainctl.report.attempts import (
     AttemptEvidence,
@@ -60,6 +61,7 @@ from trainctl.report.ledger import (
     UNKNOWN,
     Category,
     CheckpointMark,
+    Exclusion,
     Failure,
     Ledger,
     Segment,
@@ -323,4 +325,9 @@ def build_ledger(record: JobRecord, events: Sequence[Event], now: float) -> Ledg
         attempts=tuple(a.row() for a in attempts),
         failures=tuple(_failures(attempts)),
         checkpoints=tuple(marks),
+        exclusions=tuple(
+            Exclusion(e.time, e.node, e.attempt, excluded.data.reason)
+            for e in ordered
+            if (excluded := e.of(NodeExcluded)) is not None
+        ),
     )

@@ -126,6 +126,19 @@ class CheckpointMark:
 
 
 @dataclasses.dataclass(frozen=True)
+class Exclusion:
+    """A node taken out of the job (``node_excluded``): when, which, after which attempt, why."""
+
+    time: float
+    node: str | None
+    attempt: int | None
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class Ledger:
     """A job's wall time, cut into categories; `seconds` sums to `wall_s`."""
 
@@ -139,6 +152,7 @@ class Ledger:
     attempts: tuple[AttemptRow, ...]
     failures: tuple[Failure, ...]
     checkpoints: tuple[CheckpointMark, ...]
+    exclusions: tuple[Exclusion, ...] = ()
 
     @property
     def wall_s(self) -> float:
@@ -171,5 +185,6 @@ class Ledger:
             "attempts": [a.to_json() for a in self.attempts],
             "failures": [f.to_json() for f in self.failures],
             "checkpoints": [c.to_json() for c in self.checkpoints],
+            "exclusions": [x.to_json() for x in self.exclusions],
             "segments": [s.to_json() for s in self.segments],
         }

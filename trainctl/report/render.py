@@ -1,5 +1,6 @@
-"""Drawing the timeline's layout (`trainctl.report.timeline.layout`): a bare SVG, a
-self-contained HTML page (the SVG plus the ledger's tables), or a PNG. Pure: no I/O.
+"""The self-contained HTML report: the timeline picture as inline SVG
+(`trainctl.report.draw.timeline_svg`), then the ledger's tables. Pure: no I/O, no scripts, no
+links, nothing fetched when the page opens.
 """
 
 from __future__ import annotations
@@ -8,63 +9,9 @@ import html
 from collections.abc import Sequence
 from typing import Any
 
+from trainctl.report.draw import inline_svg
 from trainctl.report.ledger import CATEGORIES, Ledger
-from trainctl.report.png import Canvas, parse_color
-from trainctl.report.timeline import (
-    BACKGROUND,
-    COLORS,
-    TEXT,
-    Picture,
-    format_duration,
-    format_share,
-)
-
-
-def _attr(value: str) -> str:
-    return html.escape(value, quote=True)
-
-
-def _title(text: str) -> str:
-    return f"<title>{html.escape(text)}</title>" if text else ""
-
-
-def to_svg(picture: Picture) -> str:
-    """The picture as a standalone SVG document (tooltips as <title> elements)."""
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{picture.width}" '
-        f'height="{picture.height}" viewBox="0 0 {picture.width} {picture.height}" '
-        f'font-family="sans-serif" role="img" aria-label="{_attr(picture.title)}">',
-        f'<rect x="0" y="0" width="{picture.width}" height="{picture.height}" '
-        f'fill="{BACKGROUND}"/>',
-    ]
-    for r in picture.rects:
-        parts.append(
-            f'<rect x="{r.x0:.2f}" y="{r.y0:.2f}" width="{max(r.x1 - r.x0, 0):.2f}" '
-            f'height="{max(r.y1 - r.y0, 0):.2f}" fill="{r.color}">{_title(r.title)}</rect>'
-        )
-    for line in picture.lines:
-        parts.append(
-            f'<line x1="{line.x:.2f}" y1="{line.y0:.2f}" x2="{line.x:.2f}" y2="{line.y1:.2f}" '
-            f'stroke="{line.color}" stroke-width="{line.width}">{_title(line.title)}</line>'
-        )
-    for t in picture.texts:
-        parts.append(
-            f'<text x="{t.x:.2f}" y="{t.y:.2f}" font-size="{t.size}" text-anchor="{t.anchor}" '
-            f'fill="{TEXT}">{html.escape(t.text)}</text>'
-        )
-    parts.append("</svg>")
-    return "\n".join(parts)
-
-
-def to_png(picture: Picture) -> bytes:
-    """The picture as PNG bytes: rectangles and lines only (no text)."""
-    canvas = Canvas(picture.width, picture.height, parse_color(BACKGROUND))
-    for r in picture.rects:
-        canvas.fill_rect(r.x0, r.y0, r.x1, r.y1, parse_color(r.color))
-    for line in picture.lines:
-        canvas.vline(line.x, line.y0, line.y1, parse_color(line.color), line.width)
-    return canvas.encode()
-
+from trainctl.report.timeline import COLORS, format_duration, format_share
 
 _STYLE = """
 body { font-family: sans-serif; color: #263238; margin: 24px; }
@@ -72,6 +19,7 @@ table { border-collapse: collapse; margin: 12px 0 20px; }
 th, td { padding: 2px 12px 2px 0; text-align: left; font-size: 13px; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .swatch { display: inline-block; width: 10px; height: 10px; margin-right: 6px; }
+figure { margin: 0; }
 svg { max-width: 100%; height: auto; }
 """
 
@@ -94,8 +42,9 @@ def _opt(value: object) -> str:
     return "" if value is None else html.escape(str(value))
 
 
-def _gpu_section(gpu: dict[str, Any] | None) -> list[str]:
-    """GPU utilisation tables (`trainctl.report.gpu.gpu_timeline`), when any node sent any."""
+def _gpu_section(gpu: dict[str, Any] | None, picture: str | None) -> list[str]:
+    """GPU utilisation (`trainctl.report.gpu.gpu_timeline`) as a `picture` (an SVG document)
+    and tables, when any node sent any."""
     if not gpu or not gpu.get("nodes"):
         return []
     per_attempt = [
@@ -116,14 +65,21 @@ def _gpu_section(gpu: dict[str, Any] | None) -> list[str]:
     ]
     return [
         "<h2>GPU utilisation</h2>",
+        f'<figure class="gpu">{inline_svg(picture)}</figure>' if picture else "",
         _table(("attempt", "node", "mean", "lowest", "readings"), per_attempt, {0, 2, 3, 4}),
         _table(("node", f"mean % per {size} (-: no sample)"), over_time, set()),
     ]
 
 
-def to_html(ledger: Ledger, picture: Picture, gpu: dict[str, Any] | None = None) -> str:
-    """A self-contained page: the SVG timeline, the ledger's tables and, with `gpu`, the GPU
-    utilisation tables (no scripts, no links)."""
+def to_html(
+    ledger: Ledger,
+    svg: str,
+    gpu: dict[str, Any] | None = None,
+    gpu_picture: str | None = None,
+) -> str:
+    """A self-contained page: the timeline picture `svg` (an SVG document, titled itself), the
+    ledger's tables and, with `gpu`, the GPU utilisation picture `gpu_picture` (an SVG
+    document, when given) and tables. No scripts, no links."""
     wall = ledger.wall_s
     totals = ledger.seconds
     categories = [
@@ -160,8 +116,8 @@ def to_html(ledger: Ledger, picture: Picture, gpu: dict[str, Any] | None = None)
         for f in ledger.failures
     ]
     sections = [
-        f"<h1>{html.escape(picture.title)}</h1>",
-        to_svg(picture),
+        f"<h1>trainctl report: {html.escape(ledger.job_id)}</h1>",
+        f'<figure class="timeline">{inline_svg(svg)}</figure>',
         "<h2>Where the time went</h2>",
         _table(("category", "seconds", "share"), categories, {1, 2}),
         "<h2>Attempts</h2>",
@@ -186,7 +142,7 @@ def to_html(ledger: Ledger, picture: Picture, gpu: dict[str, Any] | None = None)
             "<h2>Failures</h2>",
             _table(("time", "attempt", "node", "cause", "fault", "reason"), failures, {1}),
         ]
-    sections += _gpu_section(gpu)
+    sections += _gpu_section(gpu, gpu_picture)
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>trainctl report {html.escape(ledger.job_id)}</title>"

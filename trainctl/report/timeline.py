@@ -1,21 +1,29 @@
-"""The goodput timeline picture: one layout, drawn as SVG (inside a self-contained HTML page)
-or as PNG.
+"""The goodput timeline as data: lanes of coloured bars and marks, in seconds since job start.
 
-`layout(ledger)` places everything once — a lane for the whole job and one per attempt,
-segments coloured by category, failure markers (their reason as a tooltip), checkpoint ticks,
-a time axis and a legend — as plain rectangles, vertical lines and text.
-`trainctl.report.render` (`to_svg`, `to_html`, `to_png`) only draws that layout, so the
-pictures agree; the PNG has no text (the rasteriser fills rectangles and lines). Pure: no
-clock, no I/O, no network, no scripts.
+`build_timeline(ledger)` decides everything the picture shows — a lane for the whole job, one
+lane per (attempt, node) named like ``attempt 2 · node-1``, bars coloured by ledger category,
+and marks for failures (labelled ``node-1: node_fault``), durable checkpoint commits, restores
+and node exclusions, each with a tooltip. `trainctl.report.draw` only draws it (matplotlib), so
+the PNG, the SVG and the HTML page agree. Pure: no clock, no I/O, no plotting library.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import enum
 import math
 from collections.abc import Sequence
 
-from trainctl.report.ledger import CATEGORIES, Category, Ledger, Segment
+from trainctl.report.ledger import (
+    CATEGORIES,
+    AttemptRow,
+    Category,
+    Exclusion,
+    Failure,
+    Ledger,
+    Segment,
+)
 
 COLORS: dict[Category, str] = {
     Category.PRODUCTIVE: "#43a047",
@@ -27,68 +35,71 @@ COLORS: dict[Category, str] = {
     Category.REPLAYED: "#f48fb1",
     Category.WAITING: "#b0bec5",
 }
-"""One colour per category (the legend, the SVG and the PNG share it)."""
+"""One colour per category (the legend, the pictures and the HTML tables share it)."""
 
-BACKGROUND = "#ffffff"
-LANE = "#eef1f4"
-"""Lane background: time not covered by the lane's attempt shows as this pale gap."""
-AXIS = "#78909c"
-TEXT = "#263238"
-FAILURE = "#b71c1c"
-CHECKPOINT = "#263238"
-
-LEFT, RIGHT, TOP = 200, 24, 52
-LANE_HEIGHT, LANE_GAP = 22, 10
-TICK_HEIGHT = 7
-LEGEND_COLUMNS, LEGEND_ROW = 4, 20
+RESOLUTION = 1000
+"""Bars narrower than 1/RESOLUTION of the wall time are grouped (about a pixel when drawn)."""
+MAX_NODE_LANES = 8
+"""An attempt with more nodes shows only the nodes with a mark, the rest as one lane."""
+MAX_LABELS = 3
+"""A grouped bar's tooltip names at most this many of its segments' labels."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Rect:
-    """A filled rectangle from (x0, y0) to (x1, y1); `title` is its tooltip."""
+class MarkKind(str, enum.Enum):
+    """What a mark on the timeline stands for; the value is its legend entry."""
 
-    x0: float
-    y0: float
-    x1: float
-    y1: float
-    color: str
-    title: str = ""
+    FAILURE = "failure (node: cause)"
+    CHECKPOINT = "checkpoint committed (durable)"
+    RESTORE = "checkpoint restored"
+    EXCLUSION = "node excluded"
 
 
 @dataclasses.dataclass(frozen=True)
-class Line:
-    """A vertical line at `x` from `y0` to `y1`."""
+class Bar:
+    """A stretch `[start_s, end_s)` of one lane, coloured by `category` (what dominates it)."""
 
-    x: float
-    y0: float
-    y1: float
-    color: str
-    width: int = 1
-    title: str = ""
+    start_s: float
+    end_s: float
+    category: Category
+    tooltip: str
 
 
 @dataclasses.dataclass(frozen=True)
-class Text:
-    """A line of text (SVG only) with its baseline at `y`."""
+class Lane:
+    """One row of the picture: the whole job (`attempt` None) or one attempt on one node (or
+    on a group of nodes, `node` None)."""
 
-    x: float
-    y: float
-    text: str
-    anchor: str = "start"
-    """SVG text-anchor: start, middle or end."""
-    size: int = 12
+    name: str
+    attempt: int | None
+    node: str | None
+    bars: tuple[Bar, ...]
 
 
 @dataclasses.dataclass(frozen=True)
-class Picture:
-    """Everything to draw, in pixels, drawn in order: rectangles, then lines, then text."""
+class Mark:
+    """A point in time on some lanes (indices into `Timeline.lanes`); `label` is drawn beside
+    it (failures only), `tooltip` says everything."""
 
-    width: int
-    height: int
+    kind: MarkKind
+    time_s: float
+    lanes: tuple[int, ...]
+    label: str
+    tooltip: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeline:
+    """Everything the picture shows; times are seconds since `start` (epoch seconds)."""
+
     title: str
-    rects: tuple[Rect, ...]
-    lines: tuple[Line, ...]
-    texts: tuple[Text, ...]
+    subtitle: str
+    """The wall clock: when the job started and ended (UTC)."""
+    start: float
+    wall_s: float
+    lanes: tuple[Lane, ...]
+    marks: tuple[Mark, ...]
+    legend: tuple[tuple[Category, str], ...]
+    """Each category with its legend text (seconds and share)."""
 
 
 def format_duration(seconds: float) -> str:
@@ -107,48 +118,27 @@ def format_share(seconds: float, wall_s: float) -> str:
     return f"{100 * seconds / wall_s:.1f}%" if wall_s > 0 else "-"
 
 
+def format_clock(epoch_s: float) -> str:
+    """An epoch time as UTC wall clock: 2026-12-04 13:05:09 UTC."""
+    moment = datetime.datetime.fromtimestamp(epoch_s, tz=datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 _TICK_STEPS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200)
 
 
 def tick_step(wall_s: float, most: int = 10) -> float:
-    """The smallest round interval that puts at most `most` ticks on the axis."""
+    """The smallest round interval that puts at most `most` ticks on the time axis."""
     for step in _TICK_STEPS:
         if wall_s / step <= most:
-            return step
-    hours = math.ceil(wall_s / most / 3600)
-    return 3600.0 * hours
+            return float(step)
+    return 3600.0 * math.ceil(wall_s / most / 3600)
 
 
+# -- bars ------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class _Placement:
-    """Shapes being placed, and how time maps to x."""
-
-    start: float
-    wall: float
-    plot: float
-    rects: list[Rect] = dataclasses.field(default_factory=list)
-    lines: list[Line] = dataclasses.field(default_factory=list)
-    texts: list[Text] = dataclasses.field(default_factory=list)
-
-    @property
-    def scale(self) -> float:
-        """Pixels per second."""
-        return self.plot / self.wall if self.wall > 0 else 0.0
-
-    def x(self, time: float) -> float:
-        return LEFT + min(max(time - self.start, 0.0), self.wall) * self.scale
-
-    def at(self, time: float) -> str:
-        return f"T+{format_duration(time - self.start)}"
-
-
-MAX_LABELS = 3
-"""A merged bar's tooltip names at most this many of its segments' labels."""
-
-
-@dataclasses.dataclass
-class _Bar:
-    """What one drawn rectangle stands for: one segment, or a run of sub-pixel ones."""
+class _Group:
+    """What one bar stands for: one segment, or a run of too-thin ones."""
 
     start: float
     end: float
@@ -157,10 +147,9 @@ class _Bar:
 
     @property
     def category(self) -> Category:
-        """The category with the most time in the bar (its colour)."""
         return max(self.seconds, key=lambda c: self.seconds[c])
 
-    def absorb(self, other: _Bar) -> None:
+    def absorb(self, other: _Group) -> None:
         self.end = other.end
         for category, seconds in other.seconds.items():
             self.seconds[category] = self.seconds.get(category, 0.0) + seconds
@@ -170,157 +159,231 @@ class _Bar:
             if label and label not in self.labels:
                 self.labels.append(label)
 
-    def title(self, start: float, attempt: int | None) -> str:
-        where = f"attempt {attempt}" if attempt is not None else "job"
-        span = f"T+{format_duration(self.start - start)} to T+{format_duration(self.end - start)}"
+    def bar(self, job_start: float, where: str) -> Bar:
+        since, until = self.start - job_start, self.end - job_start
+        span = f"T+{format_duration(since)} to T+{format_duration(until)}"
         if len(self.seconds) == 1:
             label = f": {'; '.join(self.labels)}" if self.labels else ""
             duration = format_duration(self.end - self.start)
-            return f"{self.category.value} {duration} ({where}{label}), {span}"
-        mix = ", ".join(
-            f"{category.value} {format_duration(seconds)}"
-            for category, seconds in sorted(self.seconds.items(), key=lambda kv: -kv[1])
-        )
-        return f"mostly {self.category.value} ({where}: {mix}), {span}"
-
-
-def _bars(segments: Sequence[Segment], scale: float) -> list[_Bar]:
-    """The rectangles worth drawing for one lane at `scale` pixels per second.
-
-    Segments at least a pixel wide are drawn as they are; runs of narrower ones (a 0.1 s stall
-    every 2 s of a day-long job) are grouped a pixel at a time and coloured by the category
-    that dominates the group; touching bars of one colour are merged. The ledger keeps every
-    segment; this only keeps the picture small and honest at its resolution.
-    """
-    bars: list[_Bar] = []
-    group: _Bar | None = None
-
-    def place(bar: _Bar) -> None:
-        last = bars[-1] if bars else None
-        if last and last.category is bar.category and (bar.start - last.end) * scale < 1:
-            last.absorb(bar)
+            tip = f"{self.category.value} {duration} ({where}{label}), {span}"
         else:
-            bars.append(bar)
+            mix = ", ".join(
+                f"{category.value} {format_duration(seconds)}"
+                for category, seconds in sorted(self.seconds.items(), key=lambda kv: -kv[1])
+            )
+            tip = f"mostly {self.category.value} ({where}: {mix}), {span}"
+        return Bar(self.start - job_start, self.end - job_start, self.category, tip)
+
+
+def group_segments(segments: Sequence[Segment], min_s: float) -> list[_Group]:
+    """The bars worth drawing for one lane when `min_s` seconds is the smallest visible width.
+
+    Segments at least `min_s` long stay as they are; runs of shorter ones (a 0.1 s stall every
+    2 s of a day-long job) are grouped `min_s` at a time and coloured by the category that
+    dominates the group; touching groups of one colour merge. The ledger keeps every segment;
+    this keeps the picture small and honest at its resolution.
+    """
+    groups: list[_Group] = []
+    pending: _Group | None = None
+
+    def place(group: _Group) -> None:
+        last = groups[-1] if groups else None
+        if last and last.category is group.category and group.start - last.end < min_s:
+            last.absorb(group)
+        else:
+            groups.append(group)
 
     for segment in segments:
         labels = [segment.label] if segment.label else []
-        bar = _Bar(segment.start, segment.end, {segment.category: segment.duration}, labels)
-        if group is not None and (segment.start - group.end) * scale >= 1:
+        group = _Group(segment.start, segment.end, {segment.category: segment.duration}, labels)
+        if pending is not None and segment.start - pending.end >= min_s:
+            place(pending)
+            pending = None
+        if segment.duration >= min_s:
+            if pending is not None:
+                place(pending)
+                pending = None
             place(group)
-            group = None
-        if segment.duration * scale >= 1:
-            if group is not None:
-                place(group)
-                group = None
-            place(bar)
             continue
-        if group is None:
-            group = bar
+        if pending is None:
+            pending = group
         else:
-            group.absorb(bar)
-        if (group.end - group.start) * scale >= 1:
-            place(group)
-            group = None
-    if group is not None:
-        place(group)
-    return bars
+            pending.absorb(group)
+        if pending.end - pending.start >= min_s:
+            place(pending)
+            pending = None
+    if pending is not None:
+        place(pending)
+    return groups
 
 
-def _lanes(placement: _Placement, ledger: Ledger) -> tuple[dict[int | None, float], float]:
-    """The job lane (every segment) and one lane per attempt (its own segments only, so the
-    time between attempts shows as a gap); returns each lane's top and the lanes' bottom."""
-    lanes: list[tuple[str, int | None]] = [("job", None)]
+# -- lanes -----------------------------------------------------------------------------------------
+def lane_name(attempt: int, node: str | None, num_others: int = 0) -> str:
+    """``attempt 2 · node-1``; ``attempt 2 · 62 other nodes`` for a group; ``attempt 2``."""
+    if node is not None:
+        return f"attempt {attempt} · {node}"
+    if num_others:
+        return f"attempt {attempt} · {num_others} other node{'s' if num_others != 1 else ''}"
+    return f"attempt {attempt}"
+
+
+def _marked_nodes(ledger: Ledger, attempt: int) -> set[str]:
+    failed = {f.node for f in ledger.failures if f.attempt == attempt and f.node}
+    excluded = {x.node for x in ledger.exclusions if x.attempt == attempt and x.node}
+    return failed | excluded
+
+
+def _attempt_lanes(row: AttemptRow, ledger: Ledger, min_s: float) -> list[Lane]:
+    segments = [s for s in ledger.segments if s.attempt == row.number]
+    where = f"attempt {row.number}"
+    bars = tuple(g.bar(ledger.start, where) for g in group_segments(segments, min_s))
+    if not row.nodes:
+        return [Lane(lane_name(row.number, None), row.number, None, bars)]
+    if len(row.nodes) <= MAX_NODE_LANES:
+        shown, others = list(row.nodes), 0
+    else:
+        marked = _marked_nodes(ledger, row.number)
+        shown = [n for n in row.nodes if n in marked]
+        others = len(row.nodes) - len(shown)
+    lanes = [Lane(lane_name(row.number, node), row.number, node, bars) for node in shown]
+    if others:
+        lanes.append(Lane(lane_name(row.number, None, others), row.number, None, bars))
+    return lanes
+
+
+def _lanes(ledger: Ledger, min_s: float) -> list[Lane]:
+    """The job lane (every segment, so the time between attempts shows), then each attempt's."""
+    job_bars = tuple(g.bar(ledger.start, "job") for g in group_segments(ledger.segments, min_s))
+    lanes = [Lane("job", None, None, job_bars)]
     for row in ledger.attempts:
-        world = f", world {row.world_size}" if row.world_size else ""
-        lanes.append((f"attempt {row.number}: {len(row.nodes)} node(s){world}", row.number))
-    tops: dict[int | None, float] = {}
-    for index, (name, number) in enumerate(lanes):
-        top = TOP + index * (LANE_HEIGHT + LANE_GAP)
-        tops.setdefault(number, top)
-        placement.rects.append(Rect(LEFT, top, LEFT + placement.plot, top + LANE_HEIGHT, LANE))
-        placement.texts.append(Text(LEFT - 8, top + 15, name, anchor="end"))
-        own = [s for s in ledger.segments if number is None or s.attempt == number]
-        for bar in _bars(own, placement.scale):
-            tip = bar.title(ledger.start, number)
-            color = COLORS[bar.category]
-            left, right = placement.x(bar.start), placement.x(bar.end)
-            placement.rects.append(Rect(left, top, right, top + LANE_HEIGHT, color, tip))
-    return tops, TOP + len(lanes) * (LANE_HEIGHT + LANE_GAP) - LANE_GAP
+        lanes += _attempt_lanes(row, ledger, min_s)
+    return lanes
 
 
-def _markers(
-    placement: _Placement, ledger: Ledger, tops: dict[int | None, float], bottom: float
-) -> None:
-    """Checkpoint ticks at the foot of their attempt's lane (at most one per 2 pixels);
-    failures across every lane."""
-    last_tick: dict[int | None, float] = {}
-    for mark in ledger.checkpoints:
-        x = placement.x(mark.time)
-        if x - last_tick.get(mark.attempt, -math.inf) < 2:
-            continue
-        last_tick[mark.attempt] = x
-        top = tops.get(mark.attempt, TOP) + LANE_HEIGHT
-        tip = f"checkpoint step {mark.step} committed at {placement.at(mark.time)}"
-        if mark.stall_s:
-            tip += f", stalled training {format_duration(mark.stall_s)}"
-        placement.lines.append(Line(x, top - TICK_HEIGHT, top, CHECKPOINT, 1, tip))
+# -- marks -----------------------------------------------------------------------------------------
+def _lanes_of(
+    lanes: Sequence[Lane], attempt: int | None, node: str | None = None
+) -> tuple[int, ...]:
+    """The lanes of `attempt` (of its `node` when that node has a lane); the job lane when the
+    attempt has none."""
+    own = [i for i, lane in enumerate(lanes) if attempt is not None and lane.attempt == attempt]
+    on_node = [i for i in own if node is not None and lanes[i].node == node]
+    return tuple(on_node or own or [0])
+
+
+def failure_label(failure: Failure) -> str:
+    """What is written beside a failure: ``node-1: node_fault``, or the cause alone."""
+    what = failure.cause or failure.outcome
+    return f"{failure.node}: {what}" if failure.node else what
+
+
+def _failure_marks(ledger: Ledger, lanes: Sequence[Lane]) -> list[Mark]:
+    marks = []
     for failure in ledger.failures:
         where = f" on {failure.node}" if failure.node else ""
         cause = f" ({failure.cause})" if failure.cause else ""
-        reason = failure.reason or "no reason given"
+        fault = f", injected {failure.fault}" if failure.fault else ""
         tip = (
-            f"attempt {failure.attempt} {failure.outcome}{where}{cause} "
-            f"at {placement.at(failure.time)}: {reason}"
+            f"attempt {failure.attempt} {failure.outcome}{where}{cause}{fault} at "
+            f"T+{format_duration(failure.time - ledger.start)}: "
+            f"{failure.reason or 'no reason given'}"
         )
-        x = placement.x(failure.time)
-        placement.lines.append(Line(x, TOP - 6, bottom, FAILURE, 2, tip))
-        placement.rects.append(Rect(x - 5, TOP - 14, x + 5, TOP - 4, FAILURE, tip))
+        marks.append(
+            Mark(
+                MarkKind.FAILURE,
+                failure.time - ledger.start,
+                _lanes_of(lanes, failure.attempt, failure.node),
+                failure_label(failure),
+                tip,
+            )
+        )
+    return marks
 
 
-def _axis(placement: _Placement, y: float) -> None:
-    placement.rects.append(Rect(LEFT, y, LEFT + placement.plot, y + 1, AXIS))
-    step = tick_step(placement.wall)
-    count = int(placement.wall / step) if placement.wall > 0 else 0
-    for index in range(count + 1):
-        x = placement.x(placement.start + index * step)
-        placement.lines.append(Line(x, y, y + 5, AXIS))
-        label = f"T+{format_duration(index * step)}"
-        placement.texts.append(Text(x, y + 18, label, anchor="middle"))
+def _checkpoint_marks(ledger: Ledger, lanes: Sequence[Lane], min_s: float) -> list[Mark]:
+    """One mark per committed checkpoint, at most one per `min_s` per attempt (thousands of
+    commits in a long job would be one black smear)."""
+    marks: list[Mark] = []
+    last: dict[int, float] = {}
+    for mark in ledger.checkpoints:
+        if mark.time - last.get(mark.attempt, -math.inf) < min_s:
+            continue
+        last[mark.attempt] = mark.time
+        at = format_duration(mark.time - ledger.start)
+        tip = f"checkpoint step {mark.step} committed (durable) at T+{at}"
+        if mark.stall_s:
+            tip += f", stalled training {format_duration(mark.stall_s)}"
+        lane_ids = _lanes_of(lanes, mark.attempt)
+        marks.append(Mark(MarkKind.CHECKPOINT, mark.time - ledger.start, lane_ids, "", tip))
+    return marks
 
 
-def _legend(placement: _Placement, ledger: Ledger, y: float, width: int) -> float:
-    """A swatch, seconds and share per category; returns the legend's bottom."""
+def _restore_marks(ledger: Ledger, lanes: Sequence[Lane]) -> list[Mark]:
+    """A mark where each restore finished (the end of its ``restore`` segment)."""
+    return [
+        Mark(
+            MarkKind.RESTORE,
+            s.end - ledger.start,
+            _lanes_of(lanes, s.attempt),
+            "",
+            f"{s.label or 'restore'} took {format_duration(s.duration)}, done at "
+            f"T+{format_duration(s.end - ledger.start)}",
+        )
+        for s in ledger.segments
+        if s.category is Category.RESTORE
+    ]
+
+
+def _exclusion_attempt(ledger: Ledger, exclusion: Exclusion) -> int | None:
+    """The exclusion's attempt, else the latest attempt started by then that ran on the node."""
+    if exclusion.attempt is not None:
+        return exclusion.attempt
+    ran = [
+        a.number
+        for a in ledger.attempts
+        if a.started_at <= exclusion.time and (exclusion.node in a.nodes or not a.nodes)
+    ]
+    return ran[-1] if ran else None
+
+
+def _exclusion_marks(ledger: Ledger, lanes: Sequence[Lane]) -> list[Mark]:
+    marks = []
+    for exclusion in ledger.exclusions:
+        attempt = _exclusion_attempt(ledger, exclusion)
+        node = exclusion.node or "a node"
+        at = format_duration(exclusion.time - ledger.start)
+        tip = f"{node} excluded at T+{at}: {exclusion.reason or 'no reason given'}"
+        lane_ids = _lanes_of(lanes, attempt, exclusion.node)
+        marks.append(Mark(MarkKind.EXCLUSION, exclusion.time - ledger.start, lane_ids, "", tip))
+    return marks
+
+
+def build_timeline(ledger: Ledger, resolution: int = RESOLUTION) -> Timeline:
+    """Decide what the timeline picture of `ledger` shows (bars narrower than
+    1/`resolution` of the wall time are grouped)."""
+    wall = max(ledger.wall_s, 0.0)
+    min_s = wall / resolution if wall > 0 else math.inf
+    lanes = _lanes(ledger, min_s)
+    marks = (
+        _restore_marks(ledger, lanes)
+        + _checkpoint_marks(ledger, lanes, min_s)
+        + _exclusion_marks(ledger, lanes)
+        + _failure_marks(ledger, lanes)
+    )
     totals = ledger.seconds
-    column = (width - 24) / LEGEND_COLUMNS
-    for index, category in enumerate(CATEGORIES):
-        left = 12 + (index % LEGEND_COLUMNS) * column
-        top = y + (index // LEGEND_COLUMNS) * LEGEND_ROW
-        seconds = totals[category.value]
-        text = (
-            f"{category.value} {format_duration(seconds)} ({format_share(seconds, placement.wall)})"
-        )
-        placement.rects.append(Rect(left, top, left + 12, top + 12, COLORS[category], text))
-        placement.texts.append(Text(left + 18, top + 11, text))
-    return y + math.ceil(len(CATEGORIES) / LEGEND_COLUMNS) * LEGEND_ROW
-
-
-def layout(ledger: Ledger, width: int = 1200) -> Picture:
-    """Place the timeline of `ledger` on a `width`-pixel-wide picture."""
-    placement = _Placement(ledger.start, ledger.wall_s, float(width - LEFT - RIGHT))
-    running = ", running" if ledger.live else ""
-    title = (
-        f"{ledger.job_id} ({ledger.state}{running}): goodput "
-        f"{format_share(ledger.seconds[Category.PRODUCTIVE.value], ledger.wall_s)} "
-        f"of {format_duration(ledger.wall_s)}"
+    productive = format_share(totals[Category.PRODUCTIVE.value], wall)
+    title = f"{ledger.job_id} ({ledger.state}): goodput {productive} of {format_duration(wall)}"
+    until = format_clock(ledger.end) + (" (not ended yet)" if ledger.live else "")
+    legend = tuple(
+        (c, f"{c.value} {format_duration(totals[c.value])} ({format_share(totals[c.value], wall)})")
+        for c in CATEGORIES
     )
-    placement.texts.append(Text(12, 22, title, size=15))
-    tops, bottom = _lanes(placement, ledger)
-    _markers(placement, ledger, tops, bottom)
-    _axis(placement, bottom + 8)
-    height = int(_legend(placement, ledger, bottom + 42, width) + 8)
-    return Picture(
-        width, height, title, tuple(placement.rects), tuple(placement.lines), tuple(placement.texts)
+    return Timeline(
+        title=title,
+        subtitle=f"{format_clock(ledger.start)} to {until}",
+        start=ledger.start,
+        wall_s=wall,
+        lanes=tuple(lanes),
+        marks=tuple(marks),
+        legend=legend,
     )
-
-
-# -- drawing ---------------------------------------------------------------------------------------
