@@ -287,14 +287,14 @@ def _show_job(root: str, job_id: str, as_json: bool) -> list[Verdict]:
         return statuses
     table = Table(box=None, pad_edge=False, title=f"node health of {escape(job_id)}")
     for column in ("NODE", "STATE", "LAST VERDICT", "CHECKED", "REASON"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column != "REASON")  # REASON wraps, times never
     for node, record in records.items():
         table.add_row(
             node,
             standing.get(node, "?"),
             _status_text(record.verdict.status),
-            f"{wall_and_age(record.checked_at, now)}, {record.phase}",
-            Text(record.verdict.reason),
+            wall_and_age(record.checked_at, now),
+            Text(f"{record.phase}: {record.verdict.reason}"),  # when in the node's life
         )
     for node, error in unreadable.items():
         table.add_row(node, standing.get(node, "?"), "?", "", f"unreadable record: {error}")

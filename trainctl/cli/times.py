@@ -33,8 +33,11 @@ def iso_time(timestamp: float | None) -> str | None:
 
 
 def wall_and_age(timestamp: float, now: float) -> str:
-    """``2026-12-04 12:03:11 UTC (13m ago)``, or ``(in 5m)`` for a time still to come."""
-    wall = datetime.fromtimestamp(timestamp, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    """``2026-12-04 12:03:11 UTC (13m ago)``, or ``(in 5m)`` for a time still to come; the
+    date is left out when it is today's (UTC): ``12:03:11 UTC (13m ago)``."""
+    when = datetime.fromtimestamp(timestamp, tz=UTC)
+    today = datetime.fromtimestamp(now, tz=UTC).date() == when.date()
+    wall = when.strftime("%H:%M:%S UTC" if today else "%Y-%m-%d %H:%M:%S UTC")
     if timestamp > now + 1:
         return f"{wall} (in {format_age(timestamp - now)})"
     return f"{wall} ({format_age(now - timestamp)} ago)"
