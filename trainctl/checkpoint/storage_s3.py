@@ -95,7 +95,12 @@ class S3Storage(Storage):
             try:
                 if body_factory is not None:
                     kwargs["Body"] = body_factory()
-                return await self.fs._call_s3(method, **kwargs)
+                request = self.fs._call_s3(method, **kwargs)
+                if give_up is None:
+                    return await request
+                # botocore's timeouts do not bound all of a request (a PUT to an endpoint that
+                # accepts the connection and never answers took 96 s): the bound does.
+                return await asyncio.wait_for(request, max(0.0, give_up - clock()))
             except Exception as error:
                 delay = self.config.retry_delay(attempt)
                 late = give_up is not None and clock() + delay > give_up
