@@ -9,9 +9,9 @@ import pytest
 
 from trainctl.cli.console import NORMAL, QUIET, terminal
 from trainctl.cli.health import node_standing
-from trainctl.cli.progress import Meter, Reported, plain_line_due, progress_text
+from trainctl.cli.progress import Meter, Reported, StepProgress, plain_line_due, progress_text
 from trainctl.cli.times import iso_timestamps, wall_and_age
-from trainctl.state import JobRecord, NodeRecord, NodeState
+from trainctl.state import AttemptRecord, JobRecord, NodeRecord, NodeState
 
 NOON = datetime(2026, 12, 4, 12, 0, 0, tzinfo=UTC).timestamp()
 
@@ -150,3 +150,27 @@ def test_node_standing(
 
 def test_node_standing_without_a_job_record_knows_only_the_blocklist() -> None:
     assert node_standing(None, {"n3": {"expires_at": 20.0}}, now=10.0) == {"n3": "excluded"}
+
+
+def test_step_progress_of_a_resume_announces_only_the_new_attempt(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`resume` picks up a job whose attempt 0 reached step 20: nothing is said of attempt 0;
+    attempt 1's restore, first step and steps are (plain lines: stderr is no terminal)."""
+    terminal.verbosity = NORMAL
+    record = JobRecord(job_id="j", name="n", created_at=0.0, updated_at=0.0)
+    old = AttemptRecord(number=0, started_at=0.0, first_step_at=5.0)
+    record.attempts.append(old)
+    record.step = 20
+    progress = StepProgress(record, max_steps=40, resuming=True)
+    progress.poll()
+    record.attempts.append(AttemptRecord(number=1, started_at=100.0))
+    progress.poll()  # restoring: a terminal's bar says so; plain output waits for the step
+    assert capsys.readouterr() == ("", "")
+    record.attempts[-1].first_step_at, record.attempts[-1].restored_step = 103.0, 20
+    record.step = 21
+    progress.poll()
+    assert capsys.readouterr().err.splitlines() == [
+        "attempt 1: restored step 20, first step after 3s",
+        "step 21/40 (52%)",
+    ]

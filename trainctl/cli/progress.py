@@ -116,6 +116,11 @@ class Meter:
             self._task = self._bar.add_task(self.label, total=self.total, rate="")
         return self
 
+    @property
+    def began(self) -> bool:
+        """Whether `update` was called (the work has started)."""
+        return self._first is not None
+
     def rate(self, now: float) -> float | None:
         """Units per second since the first update (a resumed job starts mid-way)."""
         first = self._first
@@ -170,7 +175,8 @@ class StepProgress:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="trainctl-progress", daemon=True)
         self._meter = Meter("step", max_steps)
-        self._started: set[int] = set()
+        # attempts of an earlier run (resume): not this run's to announce or to time
+        self._started: set[int] = {attempt.number for attempt in record.attempts}
 
     def __enter__(self) -> StepProgress:
         if self._meter.enabled:
@@ -185,25 +191,26 @@ class StepProgress:
     def poll(self) -> None:
         """Show what changed since the last poll (called by the thread; once more at exit)."""
         attempts = list(self.record.attempts)
-        if attempts:
-            attempt = attempts[-1]
-            if attempt.first_step_at is None:
-                restoring = self.resuming or attempt.number > 0
-                self._meter.describe(
-                    f"attempt {attempt.number}: "
-                    + ("restoring the newest checkpoint" if restoring else "starting")
-                )
-                return
-            if attempt.number not in self._started:
-                self._meter.describe("step")
-                self._started.add(attempt.number)
-                restored = attempt.restored_step
-                took = format_age(attempt.first_step_at - attempt.started_at)
-                terminal.info(
-                    f"attempt {attempt.number}: "
-                    + (f"restored step {restored}, " if restored is not None else "")
-                    + f"first step after {took}"
-                )
+        if not attempts or (attempts[-1].number in self._started and not self._meter.began):
+            return  # this run's first attempt has not started yet
+        attempt = attempts[-1]
+        if attempt.first_step_at is None:
+            restoring = self.resuming or attempt.number > 0
+            self._meter.describe(
+                f"attempt {attempt.number}: "
+                + ("restoring the newest checkpoint" if restoring else "starting")
+            )
+            return
+        if attempt.number not in self._started:
+            self._meter.describe("step")
+            self._started.add(attempt.number)
+            restored = attempt.restored_step
+            took = format_age(attempt.first_step_at - attempt.started_at)
+            terminal.info(
+                f"attempt {attempt.number}: "
+                + (f"restored step {restored}, " if restored is not None else "")
+                + f"first step after {took}"
+            )
         if self.record.step is not None:
             self._meter.update(self.record.step)
 
