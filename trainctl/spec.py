@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from trainctl.errors import UserError
+from trainctl.launch.slurm_request import SlurmValueError
 from trainctl.secrets import (
     REDACTED,
     JobSecrets,
@@ -367,7 +368,10 @@ class JobSpec(_Frozen):
     @model_validator(mode="after")
     def _node_counts(self) -> JobSpec:
         if self.min_nodes is not None and self.min_nodes > self.nodes:
-            raise ValueError(f"min_nodes ({self.min_nodes}) cannot exceed nodes ({self.nodes})")
+            raise SlurmValueError(  # a problem and its fix, reported in trainctl's words
+                f"min_nodes ({self.min_nodes}) cannot exceed nodes ({self.nodes})",
+                fix="lower min_nodes, or raise nodes (--nodes) to at least min_nodes",
+            )
         num_nodes = self.nodes + self.spare_nodes
         for fault in self.faults:
             if fault.node is not None and int(fault.node.split("-", 1)[1]) >= num_nodes:

@@ -269,3 +269,9 @@ def _umask() -> int:
             line = next(line for line in status if line.startswith("Umask:"))
         return int(line.split()[1], 8)
     return 0o022
+
+
+def current_umask() -> int:
+    """This process's umask (cached): files trainctl writes for others to read get
+    ``0o666 & ~current_umask()``, as `open` would give them."""
+    return _umask()

@@ -333,3 +333,34 @@ def test_min_nodes_over_nodes_in_our_words(base_env: dict[str, str], tmp_path: P
     text = run.stderr.replace(str(tmp_path), "<tmp>")
     assert text.startswith("error: <tmp>/job.yaml: min_nodes (3) cannot exceed nodes (2)")
     assert "Value error" not in text and "{" not in text  # no pydantic prefix, no whole dict
+    check_error(run, ExitCode.BAD_INPUT, "recipe-min-nodes.txt", {str(tmp_path): "<tmp>"})
+
+
+def test_ambiguous_job_prefix_names_the_matches(base_env: dict[str, str], tmp_path: Path) -> None:
+    from trainctl.state import JobRecord
+    from trainctl.store import JobStore
+
+    store = JobStore(str(tmp_path))
+    for job in ("train-a", "train-b"):
+        store.create(JobRecord(job_id=job, name="t", created_at=1.0, updated_at=1.0), "name: t\n")
+    run = _trainctl("status", "train-", "--storage", str(tmp_path), env=base_env)
+    text = check_error(run, ExitCode.BAD_INPUT, "ambiguous-prefix.txt", {})
+    assert "2 jobs match: train-a, train-b" in text
+
+
+def test_checkpoint_storage_that_does_not_answer_fails_within_the_storage_timeout(
+    base_env: dict[str, str], tmp_path: Path, silent_endpoint: str
+) -> None:
+    """The job store answers (local), its checkpoints' endpoint does not: `ckpt ls/verify/gc`
+    give up within TRAINCTL_STORAGE_TIMEOUT_S with the store's one message and exit 6, where
+    the checkpoint backend's own retries (5 attempts, 60 s reads) took minutes."""
+    job = tmp_path / "jobs" / "j1"
+    job.mkdir(parents=True)
+    (job / "spec.yaml").write_text(
+        "name: x\nscript: t.py\ncheckpoint:\n  storage: s3://bucket/ck\n  interval_steps: 5\n"
+        f"  storage_options:\n    endpoint_url: {silent_endpoint}\n"
+    )
+    env = {**_with_credentials(base_env, silent_endpoint), "TRAINCTL_STORAGE_TIMEOUT_S": "1"}
+    for command in ("ls", "verify", "gc"):
+        run = _trainctl("ckpt", command, "j1", "--storage", str(tmp_path), env=env)
+        check_error(run, ExitCode.STORAGE_UNREACHABLE, "ckpt-s3-unreachable.txt", {})

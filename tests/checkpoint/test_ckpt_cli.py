@@ -74,8 +74,8 @@ def test_ls_verify_gc(store_root: tuple[str, dict[str, Any]], sealed_env: dict[s
         (40, False, None),
     ]
     human = _trainctl("ckpt", "ls", JOB, env=sealed_env)
-    assert human.returncode == 0 and human.stdout == ""
-    assert "no manifest" in human.stderr and "STEP" in human.stderr
+    assert human.returncode == 0 and human.stderr == ""  # the table is the answer: stdout
+    assert "no manifest" in human.stdout and "STEP" in human.stdout
 
     verified = _trainctl("ckpt", "verify", JOB, env=sealed_env)
     assert verified.returncode == 0, verified.stderr
@@ -89,7 +89,7 @@ def test_ls_verify_gc(store_root: tuple[str, dict[str, Any]], sealed_env: dict[s
         len(json.loads(_trainctl("ckpt", "ls", JOB, "--json", env=sealed_env).stdout)["steps"]) == 4
     )
     done = _trainctl("ckpt", "gc", JOB, env=sealed_env)
-    assert done.returncode == 0 and "deleted" in done.stderr
+    assert done.returncode == 0 and "deleted" in done.stdout
     after = json.loads(_trainctl("ckpt", "ls", JOB, "--json", env=sealed_env).stdout)["steps"]
     assert [s["step"] for s in after] == [20, 30, 40]  # 40 may still be uploading: kept
 

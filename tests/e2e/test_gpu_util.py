@@ -87,7 +87,7 @@ def test_busy_and_idle_nodes_reach_status_health_and_report(storage: Path, tmp_p
     assert "gpu_idle_cleared" not in {e["kind"] for e in events(storage, "gpu")}
 
     text = trainctl("status", "gpu", storage=storage)
-    assert "GPUs idle: node-1: GPUs 2.5% busy" in text.stderr
+    assert "GPUs idle: node-1: GPUs 2.5% busy" in text.stdout
 
     health = trainctl("health", "gpu", "--json", storage=storage)
     assert health.returncode == 0, health.stderr
@@ -96,7 +96,7 @@ def test_busy_and_idle_nodes_reach_status_health_and_report(storage: Path, tmp_p
     assert readings["node-0"]["gpus"][0]["power_w"] == 650.0
     assert readings["node-0"]["gpus"][0]["clock_event_reason_names"] == ["sw_power_cap"]
     assert readings["node-1"]["gpus"][1]["clock_event_reason_names"] == ["gpu_idle"]
-    table = trainctl("health", "gpu", storage=storage).stderr
+    table = trainctl("health", "gpu", storage=storage).stdout
     rows = [line.split() for line in table.splitlines() if line.startswith("node-1 ")]
     assert [
         "node-1",

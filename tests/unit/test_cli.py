@@ -141,6 +141,8 @@ def test_cli_surface_is_deliberate(storage: Path) -> None:
             "--sbatch-arg",
             "--fault",
             "--json",
+            "--quiet",
+            "--verbose",
             "--help",
         ]
     )
@@ -164,8 +166,8 @@ def test_text_from_the_store_is_shown_verbatim_never_as_markup(storage: Path) ->
     for command in ("status", "events", "report"):
         result = trainctl(command, "brackets", storage=storage)
         assert result.returncode == 0, (command, result.stderr)
-        assert "[/__w/gloo/pair.cc:553]" in result.stderr, command
-        assert "[bold]x[/bold]" in result.stderr, command
+        assert "[/__w/gloo/pair.cc:553]" in result.stdout, command
+        assert "[bold]x[/bold]" in result.stdout, command
 
 
 def test_slurm_dry_run_prints_the_sbatch_command_and_script(storage: Path) -> None:

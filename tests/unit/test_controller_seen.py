@@ -53,8 +53,8 @@ def test_a_silent_controller_makes_the_job_running_questioned(storage: Path) -> 
         assert controller_seen(store, "busy").alive
 
         status = trainctl("status", "quiet", storage=storage, NO_COLOR="1", COLUMNS="100")
-        assert "running?" in status.stderr
-        assert "last heard 13m ago: it may be gone" in status.stderr
+        assert "running?" in status.stdout
+        assert "last heard 13m ago: it may be gone" in status.stdout
         shown = trainctl("status", "quiet", "--json", storage=storage).json()
         assert shown["controller"]["alive"] is False and shown["controller"]["last_heard_s"] > 700
         assert trainctl("status", "busy", "--json", storage=storage).json()["controller"]["alive"]

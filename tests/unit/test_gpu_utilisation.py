@@ -393,20 +393,20 @@ def test_status_shows_gpu_use_and_the_idle_node(busy_and_idle: Path) -> None:
     assert n1["idle"]["idle"] is True and n1["idle"]["others_util_pct"] == 91.0
     text = trainctl(busy_and_idle, "status", "gpu-1")
     assert text.returncode == 0, text.stderr
-    assert "91% (min 90%), 120.0/160.0 GiB" in text.stderr
-    assert "GPUs idle: n1: GPUs 1.6% busy" in text.stderr
+    assert "91% (min 90%), 120.0/160.0 GiB" in text.stdout
+    assert "GPUs idle: n1: GPUs 1.6% busy" in text.stdout
 
 
 def test_health_job_shows_each_gpus_latest_readings(busy_and_idle: Path) -> None:
     done = trainctl(busy_and_idle, "health", "gpu-1", "--json")
     assert done.returncode == 0, done.stderr
     gpus = json.loads(done.stdout)["gpus"]
-    assert gpus["n1"]["time"] == 1021
+    assert gpus["n1"]["time"] == "1970-01-01T00:17:01+00:00"  # ISO 8601, like every JSON time
     assert gpus["n1"]["gpus"][0]["clock_event_reason_names"] == ["gpu_idle"]
     assert gpus["n0"]["gpus"][1]["gpu_util_pct"] == 92
     text = trainctl(busy_and_idle, "health", "gpu-1")
     assert text.returncode == 0, text.stderr
-    line = next(line for line in text.stderr.splitlines() if line.startswith("n1"))
+    line = next(line for line in text.stdout.splitlines() if line.startswith("n1"))
     assert line.split() == [
         "n1",
         "0",
@@ -434,7 +434,7 @@ def test_report_shows_gpu_use_over_time(busy_and_idle: Path, storage: Path) -> N
     assert gpu["nodes"]["n1"][0] < 5 and gpu["nodes"]["n0"][0] > 85
     text = trainctl(busy_and_idle, "report", "gpu-1", "--out", str(storage / "r.html"))
     assert text.returncode == 0, text.stderr
-    assert "GPU utilisation per node" in text.stderr and "  n0: 91" in text.stderr
+    assert "GPU utilisation per node" in text.stdout and "  n0: 91" in text.stdout
     page = (storage / "r.html").read_text()
     assert "<h2>GPU utilisation</h2>" in page and "<td>n1</td>" in page
 

@@ -26,6 +26,7 @@ from trainctl.checkpoint.storage import (
     TransferConfig,
     open_storage,
 )
+from trainctl.storage_errors import storage_timeout_s
 
 ProgressCallback = Callable[[int, int], None]
 """Called with (bytes verified so far, total bytes) as verification advances."""
@@ -162,11 +163,13 @@ def gc_in(
     *,
     protected: Iterable[int] = (),
     dry_run: bool = False,
+    on_deleted: Callable[[int, int], None] | None = None,
 ) -> list[GcAction]:
     """Apply the retention policy: delete steps it rejects and abort orphaned uploads.
 
     A committed step loses its manifest first, so a concurrent reader sees an uncommitted step,
     never a manifest whose objects are disappearing. Returns what was (or would be) done.
+    `on_deleted(done, total)` is called after each step deleted (for a progress display).
     """
     infos = scan_steps_in(storage)
     decisions = decide_retention(
@@ -176,14 +179,15 @@ def gc_in(
         protected,
     )
     actions = []
-    for decision in decisions:
-        if not decision.delete:
-            continue
+    doomed = [decision for decision in decisions if decision.delete]
+    for done, decision in enumerate(doomed, start=1):
         actions.append(
             GcAction(storage.url(step_key(decision.step)), decision.reason, decision.step, "step")
         )
         if not dry_run:
             _delete_step(storage, decision)
+            if on_deleted is not None:
+                on_deleted(done, len(doomed))
     newest = max((info.step for info in infos if info.committed), default=None)
     for upload in storage.list_uploads():
         step = parse_step_dir(upload.key.split("/", 1)[0])
@@ -218,7 +222,9 @@ def retention_decisions_in(
 
 
 def _open(ckpt_root: str, storage_options: Mapping[str, Any] | None) -> Storage:
-    return open_storage(ckpt_root, storage_options=storage_options, config=TransferConfig())
+    # A person waits on these: storage that does not answer fails within the storage timeout.
+    config = TransferConfig(give_up_s=storage_timeout_s())
+    return open_storage(ckpt_root, storage_options=storage_options, config=config)
 
 
 def list_steps(ckpt_root: str, storage_options: Mapping[str, Any] | None = None) -> list[StepInfo]:
@@ -250,11 +256,12 @@ def gc(
     keep_every: int | None,
     dry_run: bool,
     storage_options: Mapping[str, Any] | None = None,
+    on_deleted: Callable[[int, int], None] | None = None,
 ) -> list[GcAction]:
     """Apply retention to a checkpoint root (see `gc_in`). Raises ValueError for keep_last < 2."""
     policy = RetentionPolicy(keep_last=keep_last, keep_every=keep_every)
     storage = _open(ckpt_root, storage_options)
     try:
-        return gc_in(storage, policy, dry_run=dry_run)
+        return gc_in(storage, policy, dry_run=dry_run, on_deleted=on_deleted)
     finally:
         storage.close()

@@ -72,7 +72,7 @@ class LocalWriter(ObjectWriter):
         # Same directory, unique name: the rename below is atomic and never crosses devices.
         self._tmp_path = f"{path}{TEMPORARY_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._fd: int | None = os.open(
-            self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+            self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666
         )
         self._buffer: mmap.mmap | None = None
         self._filled = 0

@@ -69,6 +69,10 @@ class TransferConfig:
     direct_io: bool = True
     """Local files: write through ``O_DIRECT`` from reused aligned buffers where the file
     system allows it (see `storage_local`); False: the page cache and an fsync."""
+    give_up_s: float | None = None
+    """S3: the connect and read timeout of one request, and no retry starts later than this
+    after a request's first attempt: an unreachable endpoint fails within about this long
+    (the CLI's $TRAINCTL_STORAGE_TIMEOUT_S). None: botocore's timeouts and `max_attempts`."""
 
     def __post_init__(self) -> None:
         if self.part_size <= 0:
@@ -77,6 +81,8 @@ class TransferConfig:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.give_up_s is not None and not self.give_up_s > 0:
+            raise ValueError(f"give_up_s must be > 0, got {self.give_up_s}")
 
     def retry_delay(self, attempt: int) -> float:
         """Delay before retry number `attempt` (1-based): exponential with full jitter."""

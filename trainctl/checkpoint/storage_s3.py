@@ -63,6 +63,11 @@ class S3Storage(Storage):
         # One retry policy, ours (TransferConfig): botocore and s3fs would otherwise each retry
         # on top of it and turn an outage into minutes of silent waiting.
         config_kwargs = dict(options.pop("config_kwargs", None) or {})
+        if config.give_up_s is not None:
+            # botocore's max_attempts counts retries (1: two attempts); within the bound, one.
+            config_kwargs.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
+            config_kwargs.setdefault("connect_timeout", config.give_up_s)
+            config_kwargs.setdefault("read_timeout", config.give_up_s)
         config_kwargs.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
         # skip_instance_cache: each Storage owns its client, so closing one never breaks another.
         self.fs = s3fs.S3FileSystem(
@@ -84,15 +89,24 @@ class S3Storage(Storage):
         """One S3 request with retries and backoff on transient errors (on the I/O loop)."""
         attempts = attempts or self.config.max_attempts
         body_factory = kwargs.pop("body_factory", None)
+        clock = asyncio.get_running_loop().time
+        give_up = None if self.config.give_up_s is None else clock() + self.config.give_up_s
         for attempt in range(1, attempts + 1):
             try:
                 if body_factory is not None:
                     kwargs["Body"] = body_factory()
-                return await self.fs._call_s3(method, **kwargs)
+                request = self.fs._call_s3(method, **kwargs)
+                if give_up is None:
+                    return await request
+                # botocore's timeouts do not bound all of a request (a PUT to an endpoint that
+                # accepts the connection and never answers took 96 s): the bound does.
+                return await asyncio.wait_for(request, max(0.0, give_up - clock()))
             except Exception as error:
-                if attempt == attempts or not is_retryable(error):
+                delay = self.config.retry_delay(attempt)
+                late = give_up is not None and clock() + delay > give_up
+                if attempt == attempts or late or not is_retryable(error):
                     raise
-                await asyncio.sleep(self.config.retry_delay(attempt))
+                await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
     def call(self, method: str, *, attempts: int | None = None, **kwargs: Any) -> Any:
@@ -105,7 +119,7 @@ class S3Storage(Storage):
                 lambda: self.call_async(method, attempts=attempts, **kwargs)
             ).result()
         except Exception as error:
-            translated = translate(error, self.root)
+            translated = translate(error, self.root, self.config.give_up_s)
             if translated is None or translated is error:
                 raise
             raise translated from error

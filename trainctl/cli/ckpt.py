@@ -13,7 +13,6 @@ from datetime import datetime
 from typing import Any
 
 import typer
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -27,7 +26,9 @@ from rich.table import Table
 from trainctl.checkpoint import inspect
 from trainctl.checkpoint.retention import MIN_KEEP_LAST
 from trainctl.cli.common import JOB_HELP, JSON_OPTION, STORAGE_OPTION, open_store, resolve_job_id
-from trainctl.cli.console import QUIET, emit_json, emit_result, format_age, terminal
+from trainctl.cli.console import QUIET, emit_json, emit_result, emit_table, terminal
+from trainctl.cli.progress import Meter
+from trainctl.cli.times import wall_and_age
 from trainctl.errors import NotFoundError, UserError
 from trainctl.recipe import stored_checkpoint_section
 from trainctl.secrets import without_redacted
@@ -85,14 +86,13 @@ def _size(num_bytes: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _age(created_at: str | None, now: float) -> str:
+def _created(created_at: str | None, now: float) -> str:
     if not created_at:
         return ""
     try:
-        seconds = max(0.0, now - datetime.fromisoformat(created_at).timestamp())
+        return wall_and_age(datetime.fromisoformat(created_at).timestamp(), now)
     except ValueError:
         return "?"
-    return format_age(seconds)
 
 
 @app.command("ls")
@@ -119,7 +119,7 @@ def list_checkpoints(
         terminal.info(f"no checkpoints under {where.root}")
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("STEP", "COMMITTED", "SIZE", "WORLD", "AGE", "NOTE"):
+    for column in ("STEP", "COMMITTED", "SIZE", "WORLD", "CREATED", "NOTE"):
         table.add_column(column, justify="right" if column in ("STEP", "SIZE", "WORLD") else "left")
     now = time.time()
     for info in steps:
@@ -128,10 +128,10 @@ def list_checkpoints(
             "yes" if info.committed else "no",
             _size(info.size_bytes),
             "" if info.world_size is None else str(info.world_size),
-            _age(info.created_at, now),
+            _created(info.created_at, now),
             info.problem or ("" if info.committed else "no manifest"),
         )
-    terminal.console.print(table)
+    emit_table(table)
 
 
 @app.command("verify")
@@ -231,9 +231,15 @@ def collect_garbage(
             value=keep_last,
             fix="the newest checkpoint may be unreadable after a crash: keep one more",
         )
-    actions = inspect.gc(
-        where.root, keep_last, keep_every, dry_run, storage_options=where.storage_options
-    )
+    with Meter("deleting checkpoint steps", None, unit="steps") as meter:
+        actions = inspect.gc(
+            where.root,
+            keep_last,
+            keep_every,
+            dry_run,
+            storage_options=where.storage_options,
+            on_deleted=None if dry_run else meter.update,
+        )
     if as_json:
         emit_json(
             {
@@ -249,5 +255,5 @@ def collect_garbage(
     verb = "would delete" if dry_run else "deleted"
     if not actions:
         terminal.info(f"nothing to delete under {where.root}")
-    for action in actions:
-        terminal.info(escape(f"{verb} {action.path}: {action.reason}"))
+    for action in actions:  # the command's answer: stdout, -q or not
+        emit_result(f"{verb} {action.path}: {action.reason}")

@@ -16,6 +16,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from trainctl.cli.times import format_age, iso_timestamps
+
+__all__ = ["format_age"]  # re-exported: the commands take their time helpers from here too
+
 QUIET, NORMAL, VERBOSE = -1, 0, 1
 
 
@@ -25,7 +29,7 @@ class Terminal:
     def __init__(self) -> None:
         self.console = Console(stderr=True, highlight=False, soft_wrap=True)
         # Results for scripts and pipes (tables, listings): stdout, same width and colour rules.
-        self.out = Console(highlight=False)
+        self.out = Console(highlight=False, soft_wrap=True)
         self.verbosity = NORMAL
 
     def info(self, message: str) -> None:
@@ -49,18 +53,6 @@ class Terminal:
 
 
 terminal = Terminal()
-
-
-def format_age(seconds: float) -> str:
-    """A short human duration: 42s, 17m, 5h, 3d."""
-    seconds = max(0.0, seconds)
-    if seconds < 90:
-        return f"{seconds:.0f}s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.0f}h"
-    return f"{seconds / 86400:.0f}d"
 
 
 class PlainTable(Table):
@@ -93,5 +85,5 @@ def emit_table(table: Table) -> None:
 
 
 def emit_json(obj: Any) -> None:
-    """Write one JSON object to stdout."""
-    emit_result(json.dumps(obj, sort_keys=True, default=str))
+    """Write one JSON object to stdout, every Unix time in it as ISO 8601 with its zone."""
+    emit_result(json.dumps(iso_timestamps(obj), sort_keys=True, default=str))

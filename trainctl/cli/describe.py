@@ -8,7 +8,6 @@ an older release cannot leak a credential through this command either.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import typer
@@ -16,16 +15,10 @@ import yaml
 
 from trainctl.cli.common import JOB_HELP, JSON_OPTION, STORAGE_OPTION, open_job
 from trainctl.cli.console import emit_json, emit_result
+from trainctl.cli.times import iso_time
 from trainctl.errors import CorruptStoreError
 from trainctl.secrets import REDACTED, redact
 from trainctl.state import JobRecord
-
-
-def iso_time(timestamp: float | None) -> str | None:
-    """A Unix time as ISO 8601 with its zone (UTC), the one format JSON and YAML carry."""
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, tz=UTC).isoformat()
 
 
 def hide_secrets(spec: Any) -> Any:

@@ -26,7 +26,8 @@ from trainctl.cli.common import (
     resolve_job_id,
     warn_skipped,
 )
-from trainctl.cli.console import emit_json, format_age, terminal
+from trainctl.cli.console import emit_json, emit_table, format_age, terminal
+from trainctl.cli.times import wall_and_age
 from trainctl.errors import NotFoundError, UserError
 from trainctl.exitcodes import ExitCode
 from trainctl.health.gate import GateConfig, GateResult, preflight
@@ -40,6 +41,7 @@ from trainctl.health.verdict import (
     worst_status,
 )
 from trainctl.report.gpu import gpu_readings_json, read_gpu_series, stored_health
+from trainctl.state import JobRecord
 from trainctl.store import JobStore, resolve_storage_root
 
 _STYLE = {Verdict.OK: "green", Verdict.DEGRADED: "yellow", Verdict.UNHEALTHY: "red"}
@@ -125,10 +127,10 @@ def _gpu_detail(verdict: HealthVerdict) -> str:
 
 
 def _print_probe(result: GateResult) -> None:
-    console = terminal.console
+    console = terminal.out  # the checks and the verdict are the command's answer: stdout
     nvml = result.nvml
     if nvml.status is not NvmlStatus.AVAILABLE:
-        console.print(escape(nvml.message), markup=True)
+        terminal.info(escape(nvml.message))
     table = Table(box=None, pad_edge=False, title=f"health of {escape(result.host.hostname)}")
     for column in ("CHECK", "STATUS", "DETAIL"):
         table.add_column(column)
@@ -229,14 +231,35 @@ def _print_gpus(job_id: str, latest: dict[str, NodeSample]) -> None:
             table.add_row(*(Text(cell) for cell in _gpu_row(node, gpu)))
         if not row.sample.gpus:
             table.add_row(node, "-", Text(row.sample.message or "no GPUs"))
-    terminal.console.print(table)
+    emit_table(table)
     for node, row in latest.items():
         terminal.detail(escape(f"{node}: sampled {format_age(now - row.time)} ago ({row.phase})"))
+
+
+def node_standing(
+    record: JobRecord | None, blocklist: dict[str, dict[str, Any]], now: float
+) -> dict[str, str]:
+    """Each node's standing in the job, shown beside its last verdict: a verdict says how the
+    node was when it was checked, not whether it is still in the job. Its state in
+    ``state.json`` (running, failed: lost or crashed, stopped, spare, ...), or ``excluded``
+    while the job's blocklist holds it."""
+    standing = {} if record is None else {node.name: node.state.value for node in record.nodes}
+    for node, entry in blocklist.items():
+        if float(entry.get("expires_at", 0)) > now:
+            standing[node] = "excluded"
+    return standing
+
+
+def _standing(store: JobStore, job_id: str, now: float) -> dict[str, str]:
+    record = store.read_state(job_id) if store.exists(job_id) else None
+    return node_standing(record, store.read_blocklist(job_id), now)
 
 
 def _show_job(root: str, job_id: str, as_json: bool) -> list[Verdict]:
     raw = read_node_records(root, job_id)
     store = JobStore(root)
+    now = time.time()
+    standing = _standing(store, job_id, now)
     series = read_gpu_series(store, job_id, last_s=stored_health(store, job_id).gpu_idle_window_s)
     warn_skipped(series.problems)
     latest = series.latest()
@@ -251,6 +274,8 @@ def _show_job(root: str, job_id: str, as_json: bool) -> list[Verdict]:
     if as_json:
         nodes: dict[str, Any] = {node: record.to_dict() for node, record in records.items()}
         nodes |= {node: {"node": node, "error": error} for node, error in unreadable.items()}
+        for node, data in nodes.items():
+            data["state"] = standing.get(node)
         gpus = {node: gpu_readings_json(row) for node, row in latest.items()}
         status = worst_status(statuses).value
         emit_json({"job_id": job_id, "status": status, "nodes": nodes, "gpus": gpus})
@@ -261,20 +286,19 @@ def _show_job(root: str, job_id: str, as_json: bool) -> list[Verdict]:
             _print_gpus(job_id, latest)
         return statuses
     table = Table(box=None, pad_edge=False, title=f"node health of {escape(job_id)}")
-    for column in ("NODE", "STATUS", "PHASE", "CHECKED", "REASON"):
-        table.add_column(column)
-    now = time.time()
+    for column in ("NODE", "STATE", "LAST VERDICT", "CHECKED", "REASON"):
+        table.add_column(column, no_wrap=column != "REASON")  # REASON wraps, times never
     for node, record in records.items():
         table.add_row(
             node,
+            standing.get(node, "?"),
             _status_text(record.verdict.status),
-            record.phase,
-            format_age(now - record.checked_at) + " ago",
-            record.verdict.reason,
+            wall_and_age(record.checked_at, now),
+            Text(f"{record.phase}: {record.verdict.reason}"),  # when in the node's life
         )
     for node, error in unreadable.items():
-        table.add_row(node, "?", "", "", f"unreadable record: {error}")
-    terminal.console.print(table)
+        table.add_row(node, standing.get(node, "?"), "?", "", f"unreadable record: {error}")
+    emit_table(table)
     if latest:
         _print_gpus(job_id, latest)
     for node, record in records.items():

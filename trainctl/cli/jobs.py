@@ -27,6 +27,7 @@ from trainctl.cli.common import (
     warn_skipped,
 )
 from trainctl.cli.console import emit_json, emit_table, format_age, plain_table, terminal
+from trainctl.cli.times import wall_and_age
 from trainctl.errors import UserError
 from trainctl.health.utilisation import IdleFinding, NodeUtilisation
 from trainctl.lease import controller_seen
@@ -290,7 +291,8 @@ def status(
         )
         emit_json(data)
         return
-    console = terminal.console
+    console = terminal.out  # the status is the command's answer: stdout
+    now = time.time()
     doubt = "?" if seen is not None and not seen.alive else ""
     console.print(
         f"[bold]{escape(record.job_id)}[/bold]  {escape(record.name)}  "
@@ -304,6 +306,10 @@ def status(
                 "over once its lease has expired"
             )
         )
+    console.print(
+        f"created {wall_and_age(record.created_at, now)}, "
+        f"updated {wall_and_age(record.updated_at, now)}"
+    )
     if slurm is not None:
         console.print(escape(f"slurm job {record.scheduler_job_id}: {slurm['describe']}"))
     if record.step is not None:
@@ -333,7 +339,6 @@ def status(
             console.print(
                 escape(f"{node.name} health: {verdict.get('status')}: {verdict.get('reason')}")
             )
-    now = time.time()
     for name, entry in sorted(blocklist.items()):
         expires = float(entry.get("expires_at", 0))
         until = (
@@ -374,4 +379,4 @@ def events(
     table = plain_table("T+", "KIND", "NODE", "MESSAGE")
     for e in items:
         table.add_row(f"{e.time - start:7.2f}s", e.kind, e.node or "", e.message)
-    terminal.console.print(table)
+    emit_table(table)

@@ -14,6 +14,7 @@ from trainctl import schedulers
 from trainctl.cli import slurm_launch
 from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store
 from trainctl.cli.console import emit_json, emit_result, terminal
+from trainctl.cli.progress import StepProgress
 from trainctl.cli.slurm_launch import SlurmFlags
 from trainctl.errors import UserError
 from trainctl.events import Event, JobCreated
@@ -209,7 +210,8 @@ def launch(
         f"job [bold]{job}[/bold]: {spec.name}, {spec.nodes} node(s) x "
         f"{spec.nproc_per_node} worker(s), store {store.root}"
     )
-    code = run_job(spec, store, record, schedulers.local(), lease, say, warn)
+    with StepProgress(record, spec.max_steps, resuming=False):
+        code = run_job(spec, store, record, schedulers.local(), lease, say, warn)
     finish(record, code, as_json)
 
 

@@ -35,6 +35,7 @@ from trainctl.report.gpu import gpu_timeline, read_gpu_series
 from trainctl.report.ledger import CATEGORIES, Ledger
 from trainctl.report.render import to_html
 from trainctl.report.timeline import build_timeline, format_duration, format_share
+from trainctl.store_files import current_umask
 
 PICTURE_SUFFIXES = (".html", ".htm", ".png", ".svg")
 """What `--out` can end with (any case)."""
@@ -95,6 +96,7 @@ def write_picture(path: Path, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".report-")
         try:
             with os.fdopen(fd, "wb") as handle:
+                os.fchmod(handle.fileno(), 0o666 & ~current_umask())  # not mkstemp's 0600
                 handle.write(data)
             os.replace(tmp, path)
         except BaseException:
@@ -122,7 +124,7 @@ def report_json(ledger: Ledger, picture: Path, gpu: dict[str, Any] | None = None
 def _print_gpu(gpu: dict[str, Any], start: float) -> None:
     if not gpu["nodes"]:
         return
-    console = terminal.console
+    console = terminal.out  # the report is the answer: stdout
     per_attempt = plain_table("ATTEMPT", "NODE", "GPU UTIL MEAN", "MIN", "READINGS")
     for number, nodes in gpu["attempts"].items():
         for node, usage in nodes.items():
@@ -145,7 +147,7 @@ def _print_gpu(gpu: dict[str, Any], start: float) -> None:
 
 
 def _print_ledger(ledger: Ledger, picture: Path) -> None:
-    console = terminal.console
+    console = terminal.out  # the report is the answer: stdout
     wall = ledger.wall_s
     totals = ledger.seconds
     state = ledger.state + (", still running" if ledger.live else "")

@@ -15,6 +15,7 @@ import typer
 from trainctl.cli.common import JOB_HELP, JSON_OPTION, STORAGE_OPTION, open_job
 from trainctl.cli.console import emit_json, terminal
 from trainctl.cli.launch import finish, say, warn
+from trainctl.cli.progress import StepProgress
 from trainctl.recovery.run import prepare_resume, run_job
 
 
@@ -45,5 +46,6 @@ def resume(
                 }
             )
         raise typer.Exit(0)
-    code = run_job(resumed.spec, store, record, resumed.binding, resumed.lease, say, warn)
+    with StepProgress(record, resumed.spec.max_steps, resuming=True):
+        code = run_job(resumed.spec, store, record, resumed.binding, resumed.lease, say, warn)
     finish(record, code, as_json)

@@ -397,9 +397,11 @@ class Controller:
             options = merge_options(
                 checkpoint.storage_options, self.options.secrets.storage_options
             )
-            storage = open_storage(
-                root, storage_options=options or None, config=transfer_config(checkpoint)
+            # bounded like the store: a dead endpoint costs an attempt two storage timeouts
+            config = dataclasses.replace(
+                transfer_config(checkpoint), give_up_s=self.store.files.timeout_s
             )
+            storage = open_storage(root, storage_options=options or None, config=config)
             try:
                 fence.advance(storage, attempt)
             finally:

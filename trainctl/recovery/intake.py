@@ -89,7 +89,6 @@ class Intake:
         """``nproc_per_node: gpu``/``auto``: the nodes' started workers make the world size."""
         self.monitor: AttemptMonitor | None = None
         """The running attempt's monitor (None before the first attempt starts)."""
-        self._announced = 0
         self._workers: dict[int, dict[str, int]] = {}
         """Per attempt (``nproc_per_node: gpu``), the workers each node reported starting."""
 
@@ -299,14 +298,7 @@ class Intake:
         attempt.last_step = max(attempt.last_step or 0, node.step)
         attempt.last_step_at = now
         self.journal.changed()
-        self._announce(self.record.step)
         self.faults.reached(self.record.step)
-
-    def _announce(self, step: int) -> None:
-        every = max(1, (self.max_steps or 100) // 5)
-        if step >= self._announced + every:
-            self._announced = step - step % every
-            self.say(f"step {step}" + (f"/{self.max_steps}" if self.max_steps else ""))
 
     def _worker_event(self, name: str, message: WorkerEvent) -> None:
         fields = {k: v for k, v in message.data.items() if k != "node"}
