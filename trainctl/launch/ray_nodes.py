@@ -61,6 +61,24 @@ def connect(address: str) -> None:
         )
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise RayUnavailable(f"cannot join the Ray cluster at {address}: {error}") from None
+    _keep_stdout_for_answers()
+
+
+def _keep_stdout_for_answers() -> None:
+    """Ray's driver prints the cluster's error notices ("(raylet) Raylet is terminated...") to
+    stdout; trainctl's stdout is what a command answers (a job id, one JSON object), so those
+    notices go to stderr with the rest of the progress chatter."""
+    from ray._private import worker
+
+    original = worker.print_to_stdstream
+    if getattr(original, "_trainctl", False):
+        return
+
+    def to_stderr(data: dict[str, Any], ignore_prefix: bool) -> None:
+        original({**data, "is_err": True}, ignore_prefix)
+
+    to_stderr._trainctl = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = to_stderr
 
 
 def _reachable(address: str) -> None:
