@@ -142,6 +142,8 @@ def test_cli_surface_is_deliberate(storage: Path) -> None:
             "--fault",
             "--json",
             "--help",
+            "--address",
+            "--place-timeout",
         ]
     )
 

@@ -105,7 +105,7 @@ def launch(
         "auto", "--address", help="Ray: the cluster's address (auto: the one this host is in)."
     ),
     placement_timeout: float = typer.Option(
-        60.0, "--placement-timeout", min=0.0, help="Ray: seconds to wait for the placement group."
+        60.0, "--place-timeout", min=0.0, help="Ray: seconds to wait for the placement group."
     ),
     partition: str | None = typer.Option(
         None, "--partition", help="Slurm: partition (overrides slurm.partition)."
