@@ -18,7 +18,7 @@ import signal
 import time
 from typing import Any
 
-from trainctl.errors import TrainctlError
+from trainctl.errors import TrainctlError, UserError
 from trainctl.exitcodes import ExitCode
 from trainctl.launch import proctree
 from trainctl.launch.ray_placement import STRATEGY, RayNodeView, RayRequest
@@ -46,7 +46,14 @@ class PlacementShort(TrainctlError):
 
 def connect(address: str) -> None:
     """Join the cluster at `address` (`auto`: the one this host belongs to) as a driver."""
-    import ray
+    try:
+        import ray
+    except ImportError:
+        raise UserError(
+            "ray is not installed",
+            where="--scheduler ray",
+            fix="pip install 'trainctl[ray]' (on the driver and on every Ray node)",
+        ) from None
 
     if ray.is_initialized():
         return
