@@ -9,6 +9,7 @@ same recipe run on the local scheduler, and leave no process of the job behind.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,27 @@ def test_a_placement_the_cluster_cannot_hold_is_refused_and_nothing_starts(
     assert "--scheduler ray: the Ray cluster cannot hold this job" in result.stderr
     assert "needs 4 Ray node(s)" in result.stderr and "Traceback" not in result.stderr
     assert not (storage / "jobs" / "big").exists()
+
+
+def test_a_cluster_short_of_free_nodes_now_ends_the_job_for_a_later_resume(
+    tmp_path: Path, storage: Path, ray_cluster: RayTestCluster
+) -> None:
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    ray.init(address=ray_cluster.address, logging_level=logging.ERROR, log_to_driver=False)
+    try:
+        busy = placement_group([{"CPU": 1}])  # another user's work holds one of three nodes
+        assert busy.wait(30)
+        recipe = write_recipe(tmp_path, "gpt", spare_nodes=1)
+        result = ray_launch(recipe, "short", storage, ray_cluster.address)
+        remove_placement_group(busy)
+    finally:
+        ray.shutdown()
+    assert result.returncode == 1, result.stderr
+    state = read_state(storage, "short")
+    assert state["state"] == "failed" and state["attempts"] == []
+    assert "1 busy" in state["reason"] and "trainctl resume short" in state["reason"]
 
 
 def test_two_nodes_finish_with_the_local_fingerprint(

@@ -52,7 +52,11 @@ def launch(
 
     ray_nodes.connect(address)
     request = ray_binding.request_for(spec, job_id)
-    ray_binding.check(request, first_run=True)
+    try:
+        ray_binding.check(request, first_run=True)  # never: UserError, nothing stored
+        short: ray_nodes.PlacementShort | None = None
+    except ray_nodes.PlacementShort as error:
+        short = error  # stored, then ended: `resume` picks it up when capacity returns
     now = time.time()
     record = new_record(job_id, spec, now)
     record.scheduler = "ray"
@@ -69,11 +73,13 @@ def launch(
     )
     say(f"job {job_id}: waiting up to {timeout_s:g} s for placement group {request.name}")
     try:
+        if short is not None:
+            raise short
         binding = ray_binding.bind(record, spec, request, timeout_s)
-    except ray_nodes.PlacementShort as short:
+    except ray_nodes.PlacementShort as shortfall:
         code = Journal(store, record).end_job(
             JobState.FAILED,
-            f"{short}; `trainctl resume {job_id}` when capacity returns",
+            f"{shortfall}; `trainctl resume {job_id}` when capacity returns",
             ExitCode.FAILED,
         )
         lease.release()

@@ -60,7 +60,7 @@ def check(request: RayRequest, first_run: bool) -> None:
             "(nproc_per_node, slurm.gpus_per_node), or add Ray nodes",
         )
     if verdict is Fit.SHORT_NOW:
-        raise ray_nodes.PlacementShort(f"{reason}; `trainctl resume` once capacity returns")
+        raise ray_nodes.PlacementShort(reason)
 
 
 def bind(record: JobRecord, spec: JobSpec, request: RayRequest, timeout_s: float) -> Binding:
@@ -114,8 +114,13 @@ def resume_binding(
     """`trainctl resume` of a Ray job: a new placement group without the blocklisted nodes."""
     ray_nodes.connect(address or split_id(record.scheduler_job_id)[1] or DEFAULT_ADDRESS)
     request = request_for(spec, record.job_id, blocked_ids(raw_blocklist, time.time()))
-    check(request, first_run=False)
-    return bind(record, spec, request, PLACEMENT_TIMEOUT_S)
+    try:
+        check(request, first_run=False)
+        return bind(record, spec, request, PLACEMENT_TIMEOUT_S)
+    except ray_nodes.PlacementShort as short:
+        raise ray_nodes.PlacementShort(
+            f"{short}; run `trainctl resume {record.job_id}` again once capacity returns"
+        ) from None
 
 
 def describe(record: JobRecord) -> dict[str, object]:
