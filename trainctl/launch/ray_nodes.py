@@ -77,9 +77,9 @@ def _keep_stdout_for_answers() -> None:
     notices go to stderr with the rest of the progress chatter."""
     from ray._private import worker
 
-    original = worker.print_to_stdstream
-    if getattr(original, "_trainctl", False):
-        return
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "_trainctl", False):
+        return  # another Ray release: its notices may reach stdout
 
     def to_stderr(data: dict[str, Any], ignore_prefix: bool) -> None:
         original({**data, "is_err": True}, ignore_prefix)
