@@ -21,7 +21,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
-	$(BIN)/pip install -q -e '.[dev]' torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e '.[dev,ray]' torch==$(TORCH_VERSION)
 	touch $@
 
 install: $(VENV)/.installed

@@ -59,12 +59,22 @@ def local() -> Binding:
     return Binding(LocalScheduler(sys.executable), node_addr="127.0.0.1")
 
 
-def bind(record: JobRecord, environ: Mapping[str, str] = os.environ) -> Binding:
+def bind(
+    record: JobRecord,
+    environ: Mapping[str, str] = os.environ,
+    spec: JobSpec | None = None,
+    blocklist: Mapping[str, object] | None = None,
+) -> Binding:
     """The binding for a controller of `record` started in this process's environment.
 
     Inside the job's Slurm allocation the allocation's nodes become the job's (an excluded
-    node outside it stays listed, with why).
+    node outside it stays listed, with why). A Ray job gets a new placement group without its
+    blocklisted Ray nodes (`RAY_ADDRESS`, else the cluster it ran on).
     """
+    if record.scheduler == "ray" and spec is not None:
+        from trainctl.launch import ray_binding
+
+        return ray_binding.resume_binding(record, spec, blocklist or {}, environ.get("RAY_ADDRESS"))
     if record.scheduler != "slurm" or not inside_allocation(environ):
         return local()
     client = SlurmClient()
@@ -124,8 +134,12 @@ def cancel(record: JobRecord) -> str | None:
 
 
 def describe(record: JobRecord) -> dict[str, Any] | None:
-    """The job as its scheduler sees it (Slurm: `squeue`, read through one table); None for
-    jobs of the local scheduler."""
+    """The job as its scheduler sees it (Slurm: `squeue`, read through one table; Ray: its
+    placement group); None for jobs of the local scheduler."""
+    if record.scheduler == "ray" and record.scheduler_job_id:
+        from trainctl.launch import ray_binding
+
+        return ray_binding.describe(record)
     if record.scheduler != "slurm" or not record.scheduler_job_id:
         return None
     try:

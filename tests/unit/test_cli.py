@@ -144,6 +144,8 @@ def test_cli_surface_is_deliberate(storage: Path) -> None:
             "--quiet",
             "--verbose",
             "--help",
+            "--address",
+            "--place-timeout",
         ]
     )
 

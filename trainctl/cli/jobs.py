@@ -279,7 +279,7 @@ def status(
     seen = controller_seen(store, job_id) if record.state in LIVE else None
     if as_json:
         data = status_json(record, verdicts, blocklist, gpus)
-        data["slurm"] = slurm
+        data["slurm" if record.scheduler != "ray" else "ray"] = slurm
         data["controller"] = (
             None
             if seen is None
@@ -310,7 +310,9 @@ def status(
         f"created {wall_and_age(record.created_at, now)}, "
         f"updated {wall_and_age(record.updated_at, now)}"
     )
-    if slurm is not None:
+    if slurm is not None and record.scheduler == "ray":
+        console.print(escape(f"ray: {slurm['describe']}"))
+    elif slurm is not None:
         console.print(escape(f"slurm job {record.scheduler_job_id}: {slurm['describe']}"))
     if record.step is not None:
         console.print(f"step {record.step}")

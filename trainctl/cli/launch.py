@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 
 from trainctl import schedulers
-from trainctl.cli import slurm_launch
+from trainctl.cli import ray_launch, slurm_launch
 from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store
 from trainctl.cli.console import emit_json, emit_result, terminal
 from trainctl.cli.progress import StepProgress
@@ -52,7 +52,7 @@ def _new_job_id(name: str) -> str:
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def _dry_run(spec: JobSpec, store: JobStore, job_id: str, as_json: bool) -> None:
+def _dry_run(spec: JobSpec, store: JobStore, job_id: str, as_json: bool, ray: bool = False) -> None:
     root = store.root
     run_dir = f"{store.job_url(job_id)}" if store.local else f"~/.cache/trainctl/{job_id}"
     facts = Facts(
@@ -67,10 +67,11 @@ def _dry_run(spec: JobSpec, store: JobStore, job_id: str, as_json: bool) -> None
     nodes = tuple(f"node-{i}" for i in range(spec.nodes))
     spares = tuple(f"node-{i}" for i in range(spec.nodes, spec.nodes + spec.spare_nodes))
     plan = plan_attempt(spec, facts, job_id, 0, nodes, spares=spares)
+    ray_text, ray_json = ray_launch.dry_run(spec, job_id) if ray else ("", {})
     if as_json:
-        emit_json(plan.to_json())
+        emit_json({**plan.to_json(), **({"ray": ray_json} if ray else {})})
     else:
-        emit_result(render_plan(plan))
+        emit_result(f"{ray_text}\n{render_plan(plan)}" if ray else render_plan(plan))
 
 
 def launch(
@@ -97,7 +98,15 @@ def launch(
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run; start nothing."),
     scheduler: str = typer.Option(
-        "local", "--scheduler", help="local (simulated nodes on this host) or slurm (sbatch)."
+        "local",
+        "--scheduler",
+        help="local (simulated nodes on this host), slurm (sbatch) or ray (a Ray cluster).",
+    ),
+    address: str = typer.Option(
+        "auto", "--address", help="Ray: the cluster's address (auto: the one this host is in)."
+    ),
+    placement_timeout: float = typer.Option(
+        60.0, "--place-timeout", min=0.0, help="Ray: seconds to wait for the placement group."
     ),
     partition: str | None = typer.Option(
         None, "--partition", help="Slurm: partition (overrides slurm.partition)."
@@ -152,9 +161,9 @@ def launch(
     }
     if fault:
         overrides["faults"] = tuple(parse_fault(text).model_dump() for text in fault)
-    if scheduler not in ("local", "slurm"):
+    if scheduler not in ("local", "slurm", "ray"):
         raise UserError(
-            "unknown scheduler", where="--scheduler", value=scheduler, fix="use local or slurm"
+            "unknown scheduler", where="--scheduler", value=scheduler, fix="use local, slurm or ray"
         )
     slurm_flags = SlurmFlags(
         partition=partition,
@@ -169,7 +178,7 @@ def launch(
         cpus_per_task=cpus_per_task,
         sbatch_args=tuple(sbatch_arg or ()),
     )
-    if scheduler == "local" and slurm_flags.given():
+    if scheduler in ("local", "ray") and slurm_flags.given():
         given = slurm_flags.given()
         raise UserError(
             f"{', '.join(given)}: Slurm option(s), for --scheduler slurm",
@@ -189,8 +198,15 @@ def launch(
         slurm_launch.submit(spec, store, job, target, slurm_flags, dry_run, as_json)
         return
     if dry_run:
-        _dry_run(spec, store, job, as_json)
+        _dry_run(spec, store, job, as_json, ray=scheduler == "ray")
         return
+    if scheduler == "ray":
+        if not as_json:
+            emit_result(job)
+        record, code = ray_launch.launch(
+            spec, store, job, target, address, placement_timeout, say, warn
+        )
+        finish(record, code, as_json)
     now = time.time()
     record = new_record(job, spec, now)
     store.create(record, spec_to_yaml(spec))

@@ -130,7 +130,11 @@ def prepare_resume(
             f"secret {name} of the recipe is not available (the recipe {stored.source} is gone "
             "or changed, and the environment does not set it): the job runs without it"
         )
-    binding = bind(record, environ)
+    try:
+        binding = bind(record, environ, spec, store.read_blocklist(job_id))
+    except BaseException:
+        lease.release()  # nothing started: the next resume takes the job at once
+        raise
     clear_leftovers(job_id, warn)
     journal = Journal(store, record)
     if previous is not None:
