@@ -96,11 +96,18 @@ class Fleet:
             lost = self.check([n for n in nodes if n in self.connected], set())
             if lost:
                 return lost
-            for name in nodes:
-                if name in self.connected:
-                    continue
-                if self.scheduler.agent_exit_code(name) is not None or time.monotonic() > deadline:
-                    return [policy.NodeLost(name, time.time())]
+            # Every node that cannot come is reported at once (a rack that went down together
+            # is one failure, not one relaunch per node).
+            gone = [
+                policy.NodeLost(name, time.time())
+                for name in nodes
+                if name not in self.connected
+                and (
+                    self.scheduler.agent_exit_code(name) is not None or time.monotonic() > deadline
+                )
+            ]
+            if gone:
+                return gone
             if stop_requested():
                 break
         return []

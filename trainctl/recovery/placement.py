@@ -171,6 +171,9 @@ def plan_recovery(
         exclude.append(
             Exclusion(decision.blamed, decision.reason, cause, now, now + budgets.exclude_s)
         )
+        why = f"lost with {decision.blamed} ({decision.reason})"
+        for node in decision.lost_with:  # the same incident: one relaunch for all of them
+            exclude.append(Exclusion(node, why, cause, now, now + budgets.exclude_s))
     if decision.deterministic:
         return Recovery(
             RecoveryAction.GIVE_UP,

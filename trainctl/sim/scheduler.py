@@ -48,6 +48,8 @@ class SimScheduler:
         self.where: dict[str, int] = {}
         self._lock = threading.Lock()
         self._fired: list[str] = []
+        self.dead: set[str] = set()
+        """Hosts a ``kill`` fault took down: their agent cannot be started again."""
 
     def _process(self, node: str, env: dict[str, str]) -> int:
         index = self.where.get(node)
@@ -73,7 +75,12 @@ class SimScheduler:
             if fields["op"] == "exited":
                 with self._lock:
                     self.exit_codes[fields["node"]] = int(fields["code"])
-            elif fields["op"] == "fault" and self.options.fault_log:
+            elif fields["op"] == "fault":
+                if fields["kind"] == "kill":
+                    with self._lock:
+                        self.dead.add(fields["node"])
+                if not self.options.fault_log:
+                    continue
                 with open(self.options.fault_log, "a") as log:
                     log.write(line.decode())
 
@@ -89,6 +96,10 @@ class SimScheduler:
     def start_agent(
         self, node: str, env: dict[str, str], log_path: str, control_endpoint: str
     ) -> int:
+        with self._lock:
+            if node in self.dead:  # the host is down: its agent never starts
+                self.exit_codes[node] = 255
+                return 0
         index = self._process(node, env)
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         liveness = json.loads(env.get(Env.LIVENESS, "{}"))
