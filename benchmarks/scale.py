@@ -43,8 +43,11 @@ from benchmarks.scale_store import events_bench, rdzv_bench  # noqa: E402
 
 STEP_S = 1.0
 STEADY_S = 10.0
-KILL_STEP = 25
+KILL_STEP = 18
 TICKS = os.sysconf("SC_CLK_TCK")
+RAW = ("-r", "50", "-f", "raw", "--nonblocking", "-o")
+PROFILE: list[Path] = []
+"""Where to write a py-spy profile of the controller's steady window (``--profile DIR``)."""
 
 
 def cpu_s(pid: int) -> float:
@@ -120,7 +123,26 @@ def one_size(nodes: int, root: Path) -> dict[str, Any]:
         wait(lambda: step_at_least(5), 120, "no steady state")
         cpu0, wall0 = cpu_s(controller.pid), time.monotonic()
         files0 = {p: p.stat().st_mtime for p in (job_dir / "events").glob("*.json")}
-        time.sleep(STEADY_S)
+        if PROFILE:
+            spy = Path(sys.executable).parent / "py-spy"
+            out_file = str(PROFILE[0] / f"controller-{nodes}.txt")
+            subprocess.run(
+                [
+                    str(spy),
+                    "record",
+                    "-p",
+                    str(controller.pid),
+                    "-d",
+                    str(int(STEADY_S)),
+                    *RAW,
+                    out_file,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=False,
+            )
+        else:
+            time.sleep(STEADY_S)
         cpu1, wall1 = cpu_s(controller.pid), time.monotonic()
         out["heartbeat_cpu_pct"] = 100 * (cpu1 - cpu0) / (wall1 - wall0)
         new = [p for p in (job_dir / "events").glob("*.json") if p not in files0]
@@ -188,11 +210,15 @@ def print_row(row: dict[str, Any]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--nodes", type=int, nargs="+", default=[128, 512, 1024])
+    parser.add_argument("--nodes", type=int, nargs="*", default=[128, 512, 1024])
     parser.add_argument("--events", type=int, default=0)
     parser.add_argument("--rendezvous", type=int, nargs="*", default=None)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--profile", type=Path, default=None)
     args = parser.parse_args()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        PROFILE.append(args.profile)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="trainctl-scale-") as tmp:
         for nodes in args.nodes:

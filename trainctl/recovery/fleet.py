@@ -98,7 +98,7 @@ class Fleet:
                 return lost
             # Every node that cannot come is reported at once (a rack that went down together
             # is one failure, not one relaunch per node).
-            gone = [
+            gone: list[policy.Observation] = [
                 policy.NodeLost(name, time.time())
                 for name in nodes
                 if name not in self.connected
