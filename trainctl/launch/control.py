@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import queue
 import socket
@@ -73,6 +74,28 @@ def tune(sock: socket.socket, policy: LivenessPolicy) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
+def _beat_prefix(node: str) -> bytes:
+    """A controller beat's line up to its time (`encode_line`'s field order)."""
+    return b'{"type":"beat","node":%s,"attempt":null,"time":' % json.dumps(node).encode()
+
+
+def _is_beat(line: bytes, token: str, node: str) -> bool:
+    """Whether an authenticated connection's line is a valid beat of its node (its token
+    checked; anything else goes through `decode_line`)."""
+    if b'"type":"beat"' not in line:
+        return False
+    try:
+        fields = json.loads(line)
+    except ValueError:
+        return False
+    return (
+        isinstance(fields, dict)
+        and fields.get("type") == "beat"
+        and fields.get("token") == token
+        and fields.get("node") == node
+    )
+
+
 def _beat_forever(interval_s: float, closed: threading.Event, beat: Callable[[], None]) -> None:
     while not closed.wait(interval_s):
         beat()
@@ -103,6 +126,7 @@ class ControlServer:
         self._liveness: Liveness[str] = Liveness(self.policy)
         self.peers: dict[str, str] = {}
         """Node -> the address its agent connected from."""
+        self._beat_prefix: dict[str, bytes] = {}
         threading.Thread(target=self._accept_loop, name="control-accept", daemon=True).start()
         threading.Thread(
             target=_beat_forever,
@@ -139,6 +163,13 @@ class ControlServer:
         refused = 0
         try:
             for line in conn.makefile("rb"):
+                if node is not None and _is_beat(line, self._token, node):
+                    # Most of what 1,024 agents send: judged without building a message
+                    # (a full decode is 20 us; 4,096 beats a second at the default rate).
+                    with self._lock:
+                        if self._connections.get(node) is conn:
+                            self._liveness.heartbeat(node, time.monotonic())
+                    continue
                 try:
                     envelope = decode_line(line, self._token, AGENT_MESSAGES)
                 except ProtocolError as bad:
@@ -197,9 +228,20 @@ class ControlServer:
 
     def _beat_all(self) -> None:
         with self._lock:
-            nodes = list(self._connections)
-        for node in nodes:
-            self.send(node, Beat())
+            conns = [(n, c, self._send_locks[n]) for n, c in self._connections.items()]
+        now = time.time()
+        for node, conn, lock in conns:
+            # The same line `encode_line` makes, from a per-node prefix: 4,096 a second at
+            # 1,024 nodes, where building each through the dataclass cost 12 us.
+            prefix = self._beat_prefix.get(node)
+            if prefix is None:
+                prefix = self._beat_prefix[node] = _beat_prefix(node)
+            line = b'%s%r,"token":%s}\n' % (prefix, now, json.dumps(self._token).encode())
+            try:
+                with lock:
+                    conn.sendall(line)
+            except OSError:
+                pass
 
     def silent(self) -> list[Silent[str]]:
         """Connected agents whose heartbeats stopped (φ past the threshold); `last_heard` is
