@@ -47,6 +47,8 @@ from trainctl.protocol import (
 REFUSALS_REPORTED = 5
 """Per connection, how many dropped lines are reported (the rest are only counted)."""
 SEND_TIMEOUT_S = 2.0
+LISTEN_BACKLOG = 4096
+"""Connections the kernel queues for the controller to accept (capped by net.core.somaxconn)."""
 """A send that cannot complete within this (the peer stopped reading) fails."""
 
 
@@ -115,7 +117,9 @@ class ControlServer:
         liveness: LivenessPolicy | None = None,
     ) -> None:
         self._token = token
-        self._listener = socket.create_server((host, port))
+        # Every agent of a 4,096-node job connects at once: a backlog of 128 (the default) drops
+        # SYNs past it, and each dropped one costs its agent a 1 s retransmit.
+        self._listener = socket.create_server((host, port), backlog=LISTEN_BACKLOG)
         self.host, self.port = self._listener.getsockname()[:2]
         self.messages: queue.Queue[Envelope] = queue.Queue()
         self._connections: dict[str, socket.socket] = {}
