@@ -213,6 +213,7 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, nargs="*", default=[128, 512, 1024])
     parser.add_argument("--events", type=int, default=0)
     parser.add_argument("--rendezvous", type=int, nargs="*", default=None)
+    parser.add_argument("--rdzv-repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--profile", type=Path, default=None)
     args = parser.parse_args()
@@ -235,7 +236,7 @@ def main() -> int:
         if args.events:
             extra["events"] = events_bench(Path(tmp), args.events)
         if args.rendezvous is not None:
-            extra["rendezvous"] = rdzv_bench(args.rendezvous or [128, 512, 1024])
+            extra["rendezvous"] = rdzv_bench(args.rendezvous or [128, 512, 1024], args.rdzv_repeats)
     if args.json:
         print(json.dumps({"rows": rows, **extra}, indent=1))
     return 0
