@@ -93,6 +93,13 @@ def rdzv_once(nodes: int) -> dict[str, Any]:
     done = threading.Barrier(nodes + 1)
 
     def join(index: int) -> None:
+        try:
+            join_round(index)
+        except BaseException:
+            done.abort()  # the main thread's wait fails instead of hanging
+            raise
+
+    def join_round(index: int) -> None:
         store, name, ops, moved, conflicts = clients[index], f"node-{index}", 0, 0, 0
         while True:
             current = store.get(key)
