@@ -250,10 +250,18 @@ class JobRecord:
             self.reason = reason
 
     def node(self, name: str) -> NodeRecord:
-        for record in self.nodes:
-            if record.name == name:
-                return record
-        raise KeyError(name)
+        """The node's record: a lookup by position, checked, rebuilt when the list changed
+        (the controller asks for every message of every node; a scan of 1,024 records each
+        time did not scale)."""
+        positions: dict[str, int] = self.__dict__.get("_positions") or {}
+        at = positions.get(name)
+        if at is None or at >= len(self.nodes) or self.nodes[at].name != name:
+            positions = {record.name: i for i, record in enumerate(self.nodes)}
+            self.__dict__["_positions"] = positions
+            at = positions.get(name)
+            if at is None:
+                raise KeyError(name)
+        return self.nodes[at]
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -7,6 +7,7 @@ names the numbers it used: that sentence goes into the job's event log.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import statistics
@@ -160,6 +161,31 @@ def node_step_times(
     return result
 
 
+def _kth_without(values: Sequence[float], removed: Sequence[float], k: int) -> float:
+    """The `k`-th smallest (from 0) of the sorted multiset `values` less the sorted `removed`
+    (a sub-multiset of it): the smallest value whose count at or below it reaches k + 1."""
+    low, high = 0, len(values) - 1
+    while low < high:
+        middle = (low + high) // 2
+        value = values[middle]
+        kept = bisect.bisect_right(values, value) - bisect.bisect_right(removed, value)
+        if kept >= k + 1:
+            high = middle
+        else:
+            low = middle + 1
+    return values[low]
+
+
+def median_without(values: Sequence[float], removed: Sequence[float]) -> float:
+    """`statistics.median` of the sorted `values` less the sorted sub-multiset `removed`."""
+    n = len(values) - len(removed)
+    if n <= 0:
+        raise statistics.StatisticsError("no median for empty data")
+    if n % 2:
+        return _kth_without(values, removed, n // 2)
+    return (_kth_without(values, removed, n // 2 - 1) + _kth_without(values, removed, n // 2)) / 2
+
+
 def detect_stragglers(
     step_times_by_member: Mapping[Member, Sequence[float]], policy: StragglerPolicy | None = None
 ) -> dict[Member, HealthVerdict]:
@@ -187,17 +213,21 @@ def detect_stragglers(
         return {member: HealthVerdict(Verdict.OK, reason, {}) for member in members}
 
     window = {m: list(times)[len(times) - length :] for m, times in step_times_by_member.items()}
+    # The others' medians come from each step's sorted times (and all of them sorted) with
+    # the member's own taken out: O(M W log M) for M members, where a median of the others per
+    # member and step was O(M^2 W) (0.6 s of controller CPU a check at 1,024 nodes).
+    by_step = [sorted(window[m][step] for m in members) for step in range(length)]
+    everything = sorted(t for m in members for t in window[m])
     verdicts: dict[Member, HealthVerdict] = {}
     for member in members:
-        others = [other for other in members if other != member]
         slow_steps = sum(
             1
             for step in range(length)
             if window[member][step]
-            > policy.factor * statistics.median(window[o][step] for o in others)
+            > policy.factor * median_without(by_step[step], [window[member][step]])
         )
         own_median = statistics.median(window[member])
-        others_median = statistics.median(t for o in others for t in window[o])
+        others_median = median_without(everything, sorted(window[member]))
         ratio = own_median / others_median if others_median > 0 else math.inf
         evidence: dict[str, Any] = {
             "median_step_s": own_median,

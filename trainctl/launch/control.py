@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import queue
+import selectors
 import socket
 import sys
 import threading
@@ -46,6 +48,8 @@ from trainctl.protocol import (
 REFUSALS_REPORTED = 5
 """Per connection, how many dropped lines are reported (the rest are only counted)."""
 SEND_TIMEOUT_S = 2.0
+LISTEN_BACKLOG = 4096
+"""Connections the kernel queues for the controller to accept (capped by net.core.somaxconn)."""
 """A send that cannot complete within this (the peer stopped reading) fails."""
 
 
@@ -73,6 +77,41 @@ def tune(sock: socket.socket, policy: LivenessPolicy) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
+@dataclasses.dataclass
+class _Peer:
+    """One agent connection as the controller's read loop holds it."""
+
+    conn: socket.socket
+    address: str
+    node: str | None = None
+    """Set by its hello."""
+    refused: int = 0
+    pending: bytes = b""
+    """The start of a line not yet complete."""
+
+
+def _beat_prefix(node: str) -> bytes:
+    """A controller beat's line up to its time (`encode_line`'s field order)."""
+    return b'{"type":"beat","node":%s,"attempt":null,"time":' % json.dumps(node).encode()
+
+
+def _is_beat(line: bytes, token: str, node: str) -> bool:
+    """Whether an authenticated connection's line is a valid beat of its node (its token
+    checked; anything else goes through `decode_line`)."""
+    if b'"type":"beat"' not in line:
+        return False
+    try:
+        fields = json.loads(line)
+    except ValueError:
+        return False
+    return (
+        isinstance(fields, dict)
+        and fields.get("type") == "beat"
+        and fields.get("token") == token
+        and fields.get("node") == node
+    )
+
+
 def _beat_forever(interval_s: float, closed: threading.Event, beat: Callable[[], None]) -> None:
     while not closed.wait(interval_s):
         beat()
@@ -92,7 +131,9 @@ class ControlServer:
         liveness: LivenessPolicy | None = None,
     ) -> None:
         self._token = token
-        self._listener = socket.create_server((host, port))
+        # Every agent of a 4,096-node job connects at once: a backlog of 128 (the default) drops
+        # SYNs past it, and each dropped one costs its agent a 1 s retransmit.
+        self._listener = socket.create_server((host, port), backlog=LISTEN_BACKLOG)
         self.host, self.port = self._listener.getsockname()[:2]
         self.messages: queue.Queue[Envelope] = queue.Queue()
         self._connections: dict[str, socket.socket] = {}
@@ -103,7 +144,10 @@ class ControlServer:
         self._liveness: Liveness[str] = Liveness(self.policy)
         self.peers: dict[str, str] = {}
         """Node -> the address its agent connected from."""
+        self._beat_prefix: dict[str, bytes] = {}
+        self._selector = selectors.DefaultSelector()
         threading.Thread(target=self._accept_loop, name="control-accept", daemon=True).start()
+        threading.Thread(target=self._read_loop, name="control-read", daemon=True).start()
         threading.Thread(
             target=_beat_forever,
             args=(self.policy.interval_s, self._closed, self._beat_all),
@@ -127,60 +171,91 @@ class ControlServer:
             except OSError:
                 return
             tune(conn, self.policy)
-            threading.Thread(
-                target=self._serve, args=(conn, f"{peer[0]}:{peer[1]}"), daemon=True
-            ).start()
+            self._selector.register(conn, selectors.EVENT_READ, _Peer(conn, f"{peer[0]}:{peer[1]}"))
+
+    def _read_loop(self) -> None:
+        """Every agent connection on one selector (a thread per connection woke 1,024 threads
+        for 8,192 lines a second at 1,024 nodes: most of the controller's CPU)."""
+        while not self._closed.is_set():
+            try:
+                ready = self._selector.select(0.2)
+            except (OSError, ValueError):
+                return
+            for key, _ in ready:
+                self._readable(key.data)
+
+    def _readable(self, peer: _Peer) -> None:
+        try:
+            data = peer.conn.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._closed_conn(peer)
+            return
+        *lines, peer.pending = (peer.pending + data).split(b"\n")
+        for line in lines:
+            if not self._line(peer, line + b"\n"):
+                self._closed_conn(peer)
+                return
 
     def _refuse(self, node: str, peer: str, reason: str) -> None:
         self.messages.put(Envelope(Refused(reason, peer), node, time=time.time()))
 
-    def _serve(self, conn: socket.socket, peer: str) -> None:
-        node: str | None = None
-        refused = 0
+    def _line(self, peer: _Peer, line: bytes) -> bool:
+        """Take one line of a connection; False when the connection must close."""
+        node, conn = peer.node, peer.conn
+        if node is not None and _is_beat(line, self._token, node):
+            # Most of what 1,024 agents send: judged without building a message
+            # (a full decode is 20 us; 4,096 beats a second at the default rate).
+            with self._lock:
+                if self._connections.get(node) is conn:
+                    self._liveness.heartbeat(node, time.monotonic())
+            return True
         try:
-            for line in conn.makefile("rb"):
-                try:
-                    envelope = decode_line(line, self._token, AGENT_MESSAGES)
-                except ProtocolError as bad:
-                    refused += 1
-                    if refused <= REFUSALS_REPORTED:
-                        self._refuse(node or "?", peer, str(bad))
-                    if node is None:
-                        return  # never authenticated: nothing more to hear from it
-                    continue
-                if node is None:
-                    if not isinstance(envelope.message, Hello):
-                        self._refuse("?", peer, f"{envelope.message.TYPE} before hello")
-                        return
-                    node = envelope.node
-                    with self._lock:
-                        self._connections[node] = conn
-                        self._send_locks[node] = threading.Lock()
-                        self._liveness.watch(node, time.monotonic())
-                        self.peers[node] = peer
-                elif envelope.node != node:
-                    envelope = Envelope(envelope.message, node, envelope.attempt, envelope.time)
-                if isinstance(envelope.message, Beat):
-                    with self._lock:
-                        if self._connections.get(node) is conn:
-                            self._liveness.heartbeat(node, time.monotonic())
-                    continue
-                self.messages.put(envelope)
-        except OSError:
-            pass
-        finally:
-            if node is not None:
-                with self._lock:
-                    current = self._connections.get(node) is conn
-                    if current:
-                        del self._connections[node]
-                        self._liveness.forget(node)
-                # Only the node's current connection ending says anything: an older one (its
-                # agent replaced since) or one the controller dropped on purpose does not.
+            envelope = decode_line(line, self._token, AGENT_MESSAGES)
+        except ProtocolError as bad:
+            peer.refused += 1
+            if peer.refused <= REFUSALS_REPORTED:
+                self._refuse(node or "?", peer.address, str(bad))
+            return node is not None  # never authenticated: nothing more to hear from it
+        if node is None:
+            if not isinstance(envelope.message, Hello):
+                self._refuse("?", peer.address, f"{envelope.message.TYPE} before hello")
+                return False
+            node = peer.node = envelope.node
+            with self._lock:
+                self._connections[node] = conn
+                self._send_locks[node] = threading.Lock()
+                self._liveness.watch(node, time.monotonic())
+                self.peers[node] = peer.address
+        elif envelope.node != node:
+            envelope = Envelope(envelope.message, node, envelope.attempt, envelope.time)
+        if isinstance(envelope.message, Beat):
+            with self._lock:
+                if self._connections.get(node) is conn:
+                    self._liveness.heartbeat(node, time.monotonic())
+            return True
+        self.messages.put(envelope)
+        return True
+
+    def _closed_conn(self, peer: _Peer) -> None:
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._selector.unregister(peer.conn)
+        node, conn = peer.node, peer.conn
+        if node is not None:
+            with self._lock:
+                current = self._connections.get(node) is conn
                 if current:
-                    self.messages.put(Envelope(Disconnected(), node, time=time.time()))
-            with contextlib.suppress(OSError):
-                conn.close()
+                    del self._connections[node]
+                    self._liveness.forget(node)
+            # Only the node's current connection ending says anything: an older one (its
+            # agent replaced since) or one the controller dropped on purpose does not.
+            if current:
+                self.messages.put(Envelope(Disconnected(), node, time=time.time()))
+        with contextlib.suppress(OSError):
+            conn.close()
 
     def send(self, node: str, message: Message) -> bool:
         """Send to one agent; False if it is not connected (or stopped reading)."""
@@ -197,9 +272,20 @@ class ControlServer:
 
     def _beat_all(self) -> None:
         with self._lock:
-            nodes = list(self._connections)
-        for node in nodes:
-            self.send(node, Beat())
+            conns = [(n, c, self._send_locks[n]) for n, c in self._connections.items()]
+        now = time.time()
+        for node, conn, lock in conns:
+            # The same line `encode_line` makes, from a per-node prefix: 4,096 a second at
+            # 1,024 nodes, where building each through the dataclass cost 12 us.
+            prefix = self._beat_prefix.get(node)
+            if prefix is None:
+                prefix = self._beat_prefix[node] = _beat_prefix(node)
+            line = b'%s%r,"token":%s}\n' % (prefix, now, json.dumps(self._token).encode())
+            try:
+                with lock:
+                    conn.sendall(line)
+            except OSError:
+                pass
 
     def silent(self) -> list[Silent[str]]:
         """Connected agents whose heartbeats stopped (φ past the threshold); `last_heard` is

@@ -95,6 +95,9 @@ class Attempt:
             failed_at = self._failure_time()
             self._stop(decision)
             decision = self._conclude(decision)
+            together = policy.lost_together(decision, self.view)
+            if together:
+                decision = dataclasses.replace(decision, lost_with=together)
             for name in self.nodes:
                 outcome = policy.node_outcome(name, self.view, decision)
                 crew.journal.record.node(name).move(*outcome)

@@ -101,8 +101,9 @@ class Intake:
                 f"control message refused from {message.peer}: {message.reason}",
             )
             return []
-        known = {node.name for node in self.record.nodes}
-        if name not in known:
+        try:
+            self.record.node(name)  # a lookup, not a set of every node per message
+        except KeyError:
             return []
         latest = self.record.attempts[-1] if self.record.attempts else None
         live = latest is not None and latest.state in (AttemptState.STARTING, AttemptState.RUNNING)

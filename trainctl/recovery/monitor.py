@@ -33,6 +33,9 @@ from trainctl.recovery.watch import HangCheck, ProgressWatch
 from trainctl.spec import HealthSpec
 
 STRAGGLER_CHECK_INTERVAL_S = 1.0
+HANG_CHECK_INTERVAL_S = 0.1
+"""Ranks are checked for a hang at most this often (each check walks every rank: 8,192 at 1,024
+nodes x 8, on every turn of the attempt's loop before; hang timeouts are seconds)."""
 """Straggler detection runs at most this often (and only when new step times arrived)."""
 
 
@@ -81,6 +84,7 @@ class AttemptMonitor:
         self._stragglers: dict[str, HealthVerdict] = {}
         self._hang: PendingHang | None = None
         self._last_straggler_check = 0.0
+        self._last_hang_check = 0.0
 
     # -- feeding -------------------------------------------------------------------------------
     def node_started(self, node: str) -> None:
@@ -158,8 +162,12 @@ class AttemptMonitor:
         """Detect a hang once per attempt and ask every running agent for stack dumps."""
         if self._hang is not None:
             return
+        now = time.monotonic()
+        if now - self._last_hang_check < HANG_CHECK_INTERVAL_S:
+            return
+        self._last_hang_check = now
         watch = self.watch
-        check = watch.check_hang(time.monotonic())
+        check = watch.check_hang(now)
         if check is None:
             return
         silent = ", ".join(

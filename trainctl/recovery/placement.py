@@ -148,6 +148,18 @@ def crash_loop_length(history: Sequence[FailureRecord], latest: FailureRecord) -
     return count
 
 
+NAMED_NODES = 8
+"""A reason names at most this many nodes (the event's data lists them all)."""
+
+
+def named(nodes: Sequence[str]) -> str:
+    """Nodes for a reason: every name for a few, a count and the first ones for many (a
+    reason of 1,024 names went into the record, the log and the terminal at every relaunch)."""
+    if len(nodes) <= NAMED_NODES:
+        return ", ".join(nodes)
+    return f"{len(nodes)} nodes ({', '.join(nodes[:3])}, …, {nodes[-1]})"
+
+
 def plan_recovery(
     now: float,
     decision: Decision,
@@ -171,6 +183,9 @@ def plan_recovery(
         exclude.append(
             Exclusion(decision.blamed, decision.reason, cause, now, now + budgets.exclude_s)
         )
+        why = f"lost with {decision.blamed} ({decision.reason})"
+        for node in decision.lost_with:  # the same incident: one relaunch for all of them
+            exclude.append(Exclusion(node, why, cause, now, now + budgets.exclude_s))
     if decision.deterministic:
         return Recovery(
             RecoveryAction.GIVE_UP,
@@ -225,7 +240,7 @@ def plan_recovery(
     what = selection.reason or "same nodes"
     return Recovery(
         RecoveryAction.RELAUNCH,
-        f"relaunching on {', '.join(selection.nodes)} ({what}) after: {decision.reason}",
+        f"relaunching on {named(selection.nodes)} ({what}) after: {decision.reason}",
         selection=selection,
         exclude=tuple(exclude),
     )

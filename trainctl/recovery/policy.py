@@ -153,6 +153,32 @@ class Decision:
     `trainctl.recovery.blame` blames a repeat offender)."""
     deterministic: bool = False
     """A software error that will happen again on any node (`blame.conclude`): not retried."""
+    lost_with: tuple[str, ...] = ()
+    """Other nodes lost in the same incident as `blamed` (a rack, a switch: `lost_together`),
+    excluded with it so that one failure costs one relaunch, not one per node."""
+
+
+CORRELATED_LOSS_S = 1.0
+"""Nodes lost within this of the blamed node's loss fell in the same incident."""
+
+
+def lost_together(decision: Decision, view: AttemptView) -> tuple[str, ...]:
+    """The nodes lost within `CORRELATED_LOSS_S` of the blamed node's loss (a rack losing
+    power, a switch): blamed with it. Their losses may reach the controller after its decision
+    (while it stops the attempt); nodes it kills itself because they did not answer the stop
+    are lost `attempt.KILL_WAIT_S` after the decision, past the window (pure)."""
+    first = next((x for x in view.lost if x.node == decision.blamed), None)
+    if first is None or decision.cause is not Cause.NODE_FAULT:
+        return ()
+    return tuple(
+        sorted(
+            {
+                x.node
+                for x in view.lost
+                if x.node != first.node and abs(x.time - first.time) <= CORRELATED_LOSS_S
+            }
+        )
+    )
 
 
 def observe(view: AttemptView, observations: Sequence[Observation]) -> AttemptView:

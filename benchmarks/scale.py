@@ -1,0 +1,246 @@
+"""Scale: the real controller with 128 to 4,096 simulated node agents (`trainctl.sim`).
+
+For each N: the controller (`python -m trainctl.sim.job`: `run_job`, the same code `trainctl
+launch` runs) with N simulated agents (8 workers each, a step a second, heartbeats at the
+default 0.25 s) multiplexed in a few processes; a steady window; one node killed; the
+controller then stopped with SIGTERM once the relaunched attempt runs. Measured:
+
+- failure -> decision: the node's connection reset (fault log) -> the policy's decision
+  (`attempt_ended.decided_at`); target < 100 ms at 1,024;
+- planning a relaunch: decision -> `recovery` event (exclusion, selection, plan) and
+  decision -> the next attempt started (plan written, state saved); target < 1 s;
+- controller CPU for heartbeats: its process CPU time (/proc/PID/stat) over a fixed wall
+  window while every node runs, as % of one core; target < 10% at 1,024;
+- controller memory: peak RSS (VmHWM);
+- store writes: event files written per event (O(1): one small file each), and the size of
+  the files rewritten in place (state.json grows with N: reported as it is);
+- `trainctl status` / `events` / `report` on the resulting store; target < 1 s for status.
+
+``--events 100000`` adds a job with that many events (written by the real `JobStore`) and
+times `events` and `report` on it (target < 5 s). ``--rendezvous`` measures the c10d
+rendezvous key pattern on a TCPStore hosted as the controller hosts it (`rdzv_bench`).
+
+    python benchmarks/scale.py [--nodes 128 512 1024] [--events 100000] [--rendezvous]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.scale_store import events_bench, rdzv_bench  # noqa: E402
+
+STEP_S = 1.0
+STEADY_S = 10.0
+KILL_STEP = 18
+TICKS = os.sysconf("SC_CLK_TCK")
+RAW = ("-r", "50", "-f", "raw", "--nonblocking", "-o")
+PROFILE: list[Path] = []
+"""Where to write a py-spy profile of the controller's steady window (``--profile DIR``)."""
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def events_of(job_dir: Path) -> list[dict[str, Any]]:
+    found = [read_json(p) for p in (job_dir / "events").glob("*.json")]
+    return sorted((e for e in found if e), key=lambda e: e["time"])
+
+
+def wait(predicate: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(what)
+
+
+def timed_cli(storage: Path, *args: str) -> float:
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "trainctl.cli.main", *args, "--storage", str(storage)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+        timeout=300,
+    )
+    return time.perf_counter() - started
+
+
+def one_size(nodes: int, root: Path) -> dict[str, Any]:
+    storage, job = root / f"n{nodes}", f"scale-{nodes}"
+    fault_log = root / f"faults-{nodes}.jsonl"
+    faults = [{"kind": "kill", "node": "node-7", "step": KILL_STEP}]
+    processes = max(2, nodes // 256)
+    command = [sys.executable, "-m", "trainctl.sim.job", "--storage", str(storage)]
+    command += ["--job-id", job, "--nodes", str(nodes), "--spares", "2", "--nproc", "8"]
+    command += ["--step-s", str(STEP_S), "--max-steps", "100000", "--checkpoint-every", "10"]
+    command += ["--processes", str(processes), "--faults", json.dumps(faults)]
+    command += ["--fault-log", str(fault_log)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRAINCTL_STORAGE": str(storage)}
+    started = time.time()
+    controller = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    job_dir = storage / "jobs" / job
+    out: dict[str, Any] = {"nodes": nodes, "gpus": nodes * 8, "processes": processes}
+    try:
+        state = job_dir / "state.json"
+
+        def step_at_least(step: int) -> bool:
+            return ((read_json(state) or {}).get("step") or 0) >= step
+
+        wait(lambda: step_at_least(1), 300, f"{nodes} nodes never stepped")
+        out["start_s"] = time.time() - started
+        wait(lambda: step_at_least(5), 120, "no steady state")
+        cpu0, wall0 = cpu_s(controller.pid), time.monotonic()
+        files0 = {p: p.stat().st_mtime for p in (job_dir / "events").glob("*.json")}
+        if PROFILE:
+            spy = Path(sys.executable).parent / "py-spy"
+            out_file = str(PROFILE[0] / f"controller-{nodes}.txt")
+            subprocess.run(
+                [
+                    str(spy),
+                    "record",
+                    "-p",
+                    str(controller.pid),
+                    "-d",
+                    str(int(STEADY_S)),
+                    *RAW,
+                    out_file,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=False,
+            )
+        else:
+            time.sleep(STEADY_S)
+        cpu1, wall1 = cpu_s(controller.pid), time.monotonic()
+        out["heartbeat_cpu_pct"] = 100 * (cpu1 - cpu0) / (wall1 - wall0)
+        new = [p for p in (job_dir / "events").glob("*.json") if p not in files0]
+        out["steady_events"] = len(new)
+        out["event_file_bytes"] = max((p.stat().st_size for p in new), default=0)
+        out["state_json_bytes"] = state.stat().st_size
+        out["plan_json_bytes"] = (job_dir / "attempt-0" / "plan.json").stat().st_size
+        wait(lambda: fault_log.exists(), 120, "the fault never fired")
+        killed_at = json.loads(fault_log.read_text().splitlines()[0])["time"]
+
+        def relaunched() -> bool:
+            return any(e["kind"] == "first_step" and e["attempt"] == 1 for e in events_of(job_dir))
+
+        wait(relaunched, 300, "never relaunched")
+        events = events_of(job_dir)
+        ended = next(e for e in events if e["kind"] == "attempt_ended" and e["attempt"] == 0)
+        planned = next(e for e in events if e["kind"] == "recovery")
+        next_start = next(e for e in events if e["kind"] == "attempt_started" and e["attempt"] == 1)
+        decided = ended["data"]["decided_at"]
+        out["decision_ms"] = 1000 * (decided - killed_at)
+        out["plan_ms"] = 1000 * (planned["time"] - ended["time"])
+        out["relaunch_s"] = next_start["time"] - decided
+        out["peak_rss_mb"] = peak_rss_mb(controller.pid)
+        controller.send_signal(signal.SIGTERM)
+        controller.wait(timeout=300)
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+            controller.wait()
+    out["events"] = len(list((job_dir / "events").glob("*.json")))
+    out["status_s"] = timed_cli(storage, "status", job)
+    out["events_s"] = timed_cli(storage, "events", job)
+    out["report_s"] = timed_cli(storage, "report", job)
+    return out
+
+
+TARGETS = {
+    "decision_ms": 100.0,
+    "plan_ms": 1000.0,
+    "heartbeat_cpu_pct": 10.0,
+    "status_s": 1.0,
+}
+
+
+def targets_met(row: dict[str, Any]) -> bool:
+    return all(row[k] < limit for k, limit in TARGETS.items())
+
+
+def print_row(row: dict[str, Any]) -> None:
+    print(
+        f"N={row['nodes']:>5} ({row['gpus']:>6} GPUs, {row['processes']} sim processes): "
+        f"start {row['start_s']:.1f} s; failure->decision {row['decision_ms']:.0f} ms "
+        f"(target < 100); decision->recovery planned {row['plan_ms']:.0f} ms (target < 1000); "
+        f"decision->next attempt started {row['relaunch_s']:.2f} s; "
+        f"heartbeat CPU {row['heartbeat_cpu_pct']:.1f}% of a core (target < 10); "
+        f"peak RSS {row['peak_rss_mb']:.0f} MB; "
+        f"steady-state events {row['steady_events']} in {STEADY_S:g} s "
+        f"(largest {row['event_file_bytes']} B); state.json {row['state_json_bytes']} B, "
+        f"plan.json {row['plan_json_bytes']} B; {row['events']} events: status "
+        f"{row['status_s']:.2f} s (target < 1), events {row['events_s']:.2f} s, report "
+        f"{row['report_s']:.2f} s; targets_met={targets_met(row)}",
+        flush=True,
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--nodes", type=int, nargs="*", default=[128, 512, 1024])
+    parser.add_argument("--events", type=int, default=0)
+    parser.add_argument("--rendezvous", type=int, nargs="*", default=None)
+    parser.add_argument("--rdzv-repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--profile", type=Path, default=None)
+    args = parser.parse_args()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        PROFILE.append(args.profile)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="trainctl-scale-") as tmp:
+        for nodes in args.nodes:
+            try:
+                row = one_size(nodes, Path(tmp))
+            except (TimeoutError, StopIteration, OSError) as broke:
+                row = {"nodes": nodes, "broke": f"{type(broke).__name__}: {broke}"}
+                print(f"N={nodes}: broke: {row['broke']}", flush=True)
+            else:
+                row["targets_met"] = targets_met(row)
+                print_row(row)
+            rows.append(row)
+        extra: dict[str, Any] = {}
+        if args.events:
+            extra["events"] = events_bench(Path(tmp), args.events)
+        if args.rendezvous is not None:
+            extra["rendezvous"] = rdzv_bench(args.rendezvous or [128, 512, 1024], args.rdzv_repeats)
+    if args.json:
+        print(json.dumps({"rows": rows, **extra}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
