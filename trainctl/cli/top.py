@@ -61,39 +61,37 @@ def _percent(value: float | None) -> str:
 
 
 def header(snap: JobSnapshot) -> Text:
-    """The job's line: state, attempt, step, goodput so far, newest checkpoint."""
+    """The job's lines: state, attempt, step; goodput so far and the newest checkpoint."""
     parts = [f"job {snap.job_id} ({snap.name})", snap.state]
     if snap.attempt is not None:
         parts.append(f"attempt {snap.attempt}")
     parts.append(f"step {snap.step if snap.step is not None else '-'}")
-    parts.append(f"goodput {_percent(snap.goodput)} of {format_age(snap.wall_s)}")
-    committed = snap.checkpoints.committed_step
-    if committed is not None:
-        age = snap.checkpoint_age_s
-        parts.append(
-            f"checkpoint step {committed}" + (f" {format_age(age)} ago" if age is not None else "")
-        )
-    else:
-        parts.append("no checkpoint")
     text = Text("  ".join(parts), style="bold")
+    committed, age = snap.checkpoints.committed_step, snap.checkpoint_age_s
+    checkpoint = "no checkpoint yet"
+    if committed is not None:
+        checkpoint = f"checkpoint step {committed}"
+        checkpoint += f", {format_age(age)} ago" if age is not None else ""
+    text.append(f"\ngoodput {_percent(snap.goodput)} of {format_age(snap.wall_s)}; {checkpoint}")
     if not snap.live and snap.reason:
-        text.append(f"\n{snap.reason}", style="")
+        text.append(f"\n{snap.reason}")
     return text
 
 
 def summary(snap: JobSnapshot) -> Text:
-    """Counts of nodes per state and health, and how many are flagged."""
+    """Counts of nodes per state and health, how many are flagged, where the time went."""
     nodes = snap.nodes
     states = ", ".join(f"{n} {s}" for s, n in count_by(nodes, "state").items())
     health = ", ".join(f"{n} {h}" for h, n in count_by(nodes, "health").items())
-    line = Text(f"{len(nodes)} nodes: {states or 'none'}; health: {health or '-'}")
+    line = Text(f"{len(nodes)} nodes: {states or 'none'}")
     silent = sum(node.silent for node in nodes)
     stragglers = sum(node.straggler for node in nodes)
     if silent:
         line.append(f"; {silent} silent", style="bold red")
     if stragglers:
         line.append(f"; {stragglers} straggler(s)", style="yellow")
-    spent = [f"{name} {format_age(s)}" for name, s in snap.ledger_seconds.items() if s >= 0.5]
+    line.append(f"\nhealth: {health or '-'}")
+    spent = [f"{name} {format_age(s)}" for name, s in snap.ledger_seconds.items() if s >= 1]
     if spent:
         line.append("\ntime: " + ", ".join(spent))
     return line

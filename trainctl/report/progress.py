@@ -87,8 +87,15 @@ class StepHistogram:
     their sum and count. Cumulative since the controller started."""
 
     bounds: tuple[float, ...] = STEP_TIME_BUCKETS_S
-    counts: tuple[int, ...] = (0,) * (len(STEP_TIME_BUCKETS_S) + 1)
+    counts: tuple[int, ...] = ()
+    """Per bucket, one more than `bounds` (empty: all zero)."""
     sum_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            object.__setattr__(self, "counts", (0,) * (len(self.bounds) + 1))
+        if len(self.counts) != len(self.bounds) + 1 or list(self.bounds) != sorted(self.bounds):
+            raise ValueError("a histogram needs sorted bounds and one count more than bounds")
 
     @property
     def count(self) -> int:
@@ -122,9 +129,7 @@ class StepHistogram:
         try:
             bounds = tuple(float(b) for b in data["bounds"])
             counts = tuple(int(c) for c in data["counts"])
-            if len(counts) != len(bounds) + 1 or list(bounds) != sorted(bounds):
-                raise ValueError("bounds and counts do not match")
-            return cls(bounds, counts, float(data["sum_s"]))
+            return cls(bounds, counts or (0,), float(data["sum_s"]))
         except (KeyError, TypeError, ValueError) as bad:
             raise ValueError(f"not a step-time histogram row: {bad!r}") from None
 
