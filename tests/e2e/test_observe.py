@@ -1,7 +1,7 @@
-"""End-to-end: one real 2-node job watched three ways: the controller's live ``/metrics`` (`launch --metrics-port 0`)
-scraped while it runs, `trainctl metrics JOB` from the store once it ended, and
-`trainctl top JOB --once`. Both expositions are parsed with `prometheus_client`'s parser and
-checked against the job store.
+"""End-to-end: one real 2-node job watched three ways: the controller's live ``/metrics``
+(`launch --metrics-port 0`) scraped while it runs, `trainctl metrics JOB` from the store once
+it ended, and `trainctl top JOB --once`. Both expositions are parsed with the parser of
+prometheus_client and checked against the job store.
 """
 
 from __future__ import annotations
