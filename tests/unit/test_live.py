@@ -291,6 +291,16 @@ def test_metrics_port_taken_is_refused_before_anything_starts(storage: Path) -> 
     assert not (storage / "jobs" / "m1").exists(), "no job was created"
 
 
+def test_metrics_port_is_refused_with_slurm(storage: Path) -> None:
+    result = trainctl(
+        "launch", "recipes/tiny-gpt.yaml", "--scheduler", "slurm", "--metrics-port", "9100",
+        storage=storage,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--metrics-port" in result.stderr and "trainctl metrics JOB" in result.stderr
+    assert "Traceback" not in result.stderr and not (storage / "jobs").exists()
+
+
 # -- pure parts ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("running", "age", "p50", "silent"),

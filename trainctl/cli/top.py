@@ -199,7 +199,11 @@ def top(
     if once:
         terminal.out.print(_frame(store, job_id, at, nodes)[1])
         return
-    with _keys() as keys, Live(console=terminal.out, auto_refresh=False) as live:
+    with (
+        contextlib.suppress(KeyboardInterrupt),
+        _keys() as keys,
+        Live(console=terminal.out, auto_refresh=False) as live,
+    ):
         while True:
             snap, frame = _frame(store, job_id, at, nodes)
             live.update(frame, refresh=True)
