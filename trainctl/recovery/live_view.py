@@ -103,5 +103,7 @@ class LiveView:
         """The last progress write and the final snapshot; then the endpoint stops."""
         self.progress.flush(now)
         if self.endpoint is not None:
-            self.endpoint.latest = self.snapshot(now)
-            self.endpoint.close()
+            try:
+                self.endpoint.latest = self.snapshot(now)
+            finally:
+                self.endpoint.close()
