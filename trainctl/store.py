@@ -8,6 +8,9 @@ Layout under the storage root (a local path, ``file://`` or ``s3://bucket/prefix
     jobs/<job-id>/nodes/<node>.json  latest health verdict and evidence per node
     jobs/<job-id>/gpu/<t>-<pid>-<n>.jsonl.gz   GPU utilisation samples, one gzip'd JSON line
                                      per node sample, many per object (`write_gpu_chunk`)
+    jobs/<job-id>/progress/<t>-<pid>-<n>.jsonl.gz   live progress: each node's step, step
+                                     times and last heartbeat, the whole job per object
+                                     (`write_progress_chunk`; readers take the newest)
     jobs/<job-id>/blocklist.json     excluded nodes, why and until when
     jobs/<job-id>/lease.json         which controller runs the job (`trainctl.lease`)
     jobs/<job-id>/logs/<node>.log    node logs (local roots; copied up for remote roots)
@@ -279,6 +282,41 @@ class JobStore:
                 else:
                     problems.append(Problem(url, f"line {number} is not a JSON object"))
         return rows, problems
+
+    # -- live progress (`trainctl top`, `trainctl metrics`) ------------------------------------
+    def write_progress_chunk(self, job_id: str, rows: list[dict[str, Any]], now: float) -> None:
+        """Store the controller's whole live progress view (one row per node, one for the job)
+        as one new object named by `now`: written once, never rewritten, so a write costs the
+        same at any job age, and readers need only the newest object."""
+        with self._lock:
+            seq = next(self._seq)
+        name = f"{int(now * 1e6):017d}-{os.getpid()}-{seq:06d}.jsonl.gz"
+        lines = b"".join(json.dumps(row, sort_keys=True).encode() + b"\n" for row in rows)
+        payload = gzip.compress(lines, compresslevel=6, mtime=0)
+        self.files.write_once(join(self.job_url(job_id), "progress", name), payload)
+
+    def read_progress_rows(self, job_id: str) -> tuple[list[dict[str, Any]], list[Problem]]:
+        """The rows of the newest readable progress object ([] when there is none); objects
+        that do not read as gzip'd JSON lines are listed as problems and the next older one
+        is tried."""
+        directory = join(self.job_url(job_id), "progress")
+        names = sorted(
+            (n for n in self.files.list(directory) if n.endswith(".jsonl.gz") and n[:1].isdigit()),
+            key=lambda n: (int(n.split("-", 1)[0]), n),
+        )
+        problems: list[Problem] = []
+        for name in reversed(names):
+            url = join(directory, name)
+            raw = self.files.read(url)
+            if raw is None:
+                continue
+            try:
+                rows = [json.loads(line) for line in gzip.decompress(raw).splitlines()]
+            except (OSError, EOFError, ValueError) as bad:
+                problems.append(Problem(url, f"not gzip'd JSON lines ({bad})"))
+                continue
+            return [row for row in rows if isinstance(row, dict)], problems
+        return [], problems
 
     # -- nodes -------------------------------------------------------------------------------
     def write_blocklist(self, job_id: str, entries: dict[str, dict[str, Any]]) -> None:

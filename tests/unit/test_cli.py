@@ -112,6 +112,8 @@ def test_cli_surface_is_deliberate(storage: Path) -> None:
         "health",
         "report",
         "ckpt",
+        "top",
+        "metrics",
     ):
         assert re.search(rf"│ {command}\s", top), command
     launch_help = trainctl("launch", "--help", storage=storage).stdout
@@ -140,6 +142,8 @@ def test_cli_surface_is_deliberate(storage: Path) -> None:
             "--cpus-per-task",
             "--sbatch-arg",
             "--fault",
+            "--metrics-port",
+            "--metrics-host",
             "--json",
             "--quiet",
             "--verbose",

@@ -14,6 +14,7 @@ from trainctl import schedulers
 from trainctl.cli import ray_launch, slurm_launch
 from trainctl.cli.common import JSON_OPTION, STORAGE_OPTION, open_store
 from trainctl.cli.console import emit_json, emit_result, terminal
+from trainctl.cli.metrics import METRICS_HOST_OPTION, METRICS_PORT_OPTION, start_metrics
 from trainctl.cli.progress import StepProgress
 from trainctl.cli.slurm_launch import SlurmFlags
 from trainctl.errors import UserError
@@ -150,6 +151,8 @@ def launch(
         help=f"Testing: inject KIND[:NODE]@step=N[,for=S] ({', '.join(FAULT_KINDS)}); "
         "repeatable; local scheduler only.",
     ),
+    metrics_port: int | None = METRICS_PORT_OPTION,
+    metrics_host: str = METRICS_HOST_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Launch a job: run it to the end here (local scheduler) or submit it to Slurm."""
@@ -186,6 +189,15 @@ def launch(
             fix="add --scheduler slurm, or drop them (a recipe's slurm: section is fine: "
             "the local scheduler ignores it)",
         )
+    if scheduler == "slurm" and metrics_port is not None:
+        raise UserError(
+            "--metrics-port serves from a controller running here; with Slurm it runs in "
+            "the allocation",
+            where="--metrics-port",
+            value=str(metrics_port),
+            fix="drop --metrics-port; read the job with `trainctl metrics JOB` (for "
+            "node_exporter's textfile collector) or `trainctl top JOB`",
+        )
     spec = _load_spec(target, list(script_args or []), overrides)
     if rdzv_port is not None:
         spec = spec.model_copy(
@@ -200,13 +212,15 @@ def launch(
     if dry_run:
         _dry_run(spec, store, job, as_json, ray=scheduler == "ray")
         return
+    endpoint = start_metrics(metrics_host, metrics_port)
     if scheduler == "ray":
         if not as_json:
             emit_result(job)
         record, code = ray_launch.launch(
-            spec, store, job, target, address, placement_timeout, say, warn
+            spec, store, job, target, address, placement_timeout, say, warn, endpoint
         )
         finish(record, code, as_json)
+        return
     now = time.time()
     record = new_record(job, spec, now)
     store.create(record, spec_to_yaml(spec))
@@ -227,7 +241,7 @@ def launch(
         f"{spec.nproc_per_node} worker(s), store {store.root}"
     )
     with StepProgress(record, spec.max_steps, resuming=False):
-        code = run_job(spec, store, record, schedulers.local(), lease, say, warn)
+        code = run_job(spec, store, record, schedulers.local(), lease, say, warn, endpoint)
     finish(record, code, as_json)
 
 

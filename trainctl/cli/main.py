@@ -12,6 +12,8 @@ import typer.main
 
 from trainctl.cli import cancel, ckpt, describe, health, jobs, launch, logs, report, resume
 from trainctl.cli.console import QUIET, VERBOSE, terminal
+from trainctl.cli.metrics import metrics
+from trainctl.cli.top import top
 from trainctl.errors import TrainctlError
 from trainctl.exitcodes import ExitCode
 from trainctl.storage_errors import translate
@@ -89,6 +91,8 @@ app.command("describe")(describe.describe)
 app.command("logs")(logs.logs)
 app.command("health")(health.health)
 app.command("report")(report.report)
+app.command("top")(top)
+app.command("metrics")(metrics)
 app.add_typer(ckpt.app, name="ckpt")
 
 _VERBOSITY_OPTIONS = ("quiet", "verbose")

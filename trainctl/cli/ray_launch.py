@@ -19,6 +19,7 @@ from trainctl.launch.ray_placement import actor_spec, render_request
 from trainctl.lease import Lease
 from trainctl.recipe import spec_to_yaml
 from trainctl.recovery.journal import Journal, new_record
+from trainctl.recovery.live_view import MetricsEndpoint
 from trainctl.recovery.run import run_job
 from trainctl.spec import JobSpec
 from trainctl.state import JobRecord, JobState
@@ -46,8 +47,10 @@ def launch(
     timeout_s: float,
     say: Say,
     warn: Say,
+    metrics: MetricsEndpoint | None = None,
 ) -> tuple[JobRecord, ExitCode]:
-    """Run the job on the Ray cluster at `address` to its end; (its record, its exit code)."""
+    """Run the job on the Ray cluster at `address` to its end; (its record, its exit code).
+    `metrics`: the `/metrics` server the controller feeds while it runs."""
     from trainctl.launch import ray_binding, ray_nodes
 
     ray_nodes.connect(address)
@@ -89,4 +92,4 @@ def launch(
         f"job {job_id}: placement group {record.scheduler_job_id}: "
         + ", ".join(f"{n.name[:12]}@{n.host}" for n in record.nodes)
     )
-    return record, run_job(spec, store, record, binding, lease, say, warn)
+    return record, run_job(spec, store, record, binding, lease, say, warn, metrics)

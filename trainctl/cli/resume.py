@@ -15,6 +15,7 @@ import typer
 from trainctl.cli.common import JOB_HELP, JSON_OPTION, STORAGE_OPTION, open_job
 from trainctl.cli.console import emit_json, terminal
 from trainctl.cli.launch import finish, say, warn
+from trainctl.cli.metrics import METRICS_HOST_OPTION, METRICS_PORT_OPTION, start_metrics
 from trainctl.cli.progress import StepProgress
 from trainctl.recovery.run import prepare_resume, run_job
 
@@ -25,6 +26,8 @@ def resume(
     force: bool = typer.Option(
         False, "--force", help="Resume a job someone cancelled (`trainctl cancel`)."
     ),
+    metrics_port: int | None = METRICS_PORT_OPTION,
+    metrics_host: str = METRICS_HOST_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Resume a job from its newest committed checkpoint (idempotent; scheduler hook)."""
@@ -46,6 +49,13 @@ def resume(
                 }
             )
         raise typer.Exit(0)
+    try:
+        endpoint = start_metrics(metrics_host, metrics_port)
+    except BaseException:
+        resumed.lease.release()
+        raise
     with StepProgress(record, resumed.spec.max_steps, resuming=True):
-        code = run_job(resumed.spec, store, record, resumed.binding, resumed.lease, say, warn)
+        code = run_job(
+            resumed.spec, store, record, resumed.binding, resumed.lease, say, warn, endpoint
+        )
     finish(record, code, as_json)

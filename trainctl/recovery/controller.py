@@ -45,6 +45,7 @@ from trainctl.recovery.fleet import Fleet
 from trainctl.recovery.gpu_recorder import GpuRecorder
 from trainctl.recovery.intake import Intake
 from trainctl.recovery.journal import Journal
+from trainctl.recovery.live_view import LiveView, MetricsEndpoint
 from trainctl.secrets import JobSecrets, merge_options
 from trainctl.spec import JobSpec
 from trainctl.state import JobState, NodeState
@@ -81,6 +82,8 @@ class ControllerOptions:
     """Where human progress lines go (the CLI passes its console)."""
     abandoned: Callable[[], bool] = lambda: False
     """True once another controller took the job over (its lease lost)."""
+    metrics: MetricsEndpoint | None = None
+    """The ``/metrics`` server `launch --metrics-port` opened (closed when the job ends)."""
 
 
 class Controller:
@@ -136,6 +139,8 @@ class Controller:
             GpuRecorder(journal, spec.health.gpu_idle_util_pct, spec.health.gpu_idle_window_s),
             per_gpu=spec.per_gpu,
         )
+        self.live = LiveView(journal, self.intake.gpu, options.metrics)
+        self.intake.progress = self.live.progress
 
     def _stop_requested(self) -> str | None:
         """A stop signal's name, or ``cancel`` once someone asked (`trainctl cancel`)."""
@@ -181,6 +186,7 @@ class Controller:
         finally:
             self.fleet.shutdown()
             self.intake.gpu.flush()  # after the agents are gone: their last samples are in
+            self.live.close(time.time())
             self.server.close()
             self.faults.close()
             JobSecrets.remove(self.secrets_path)
@@ -351,6 +357,7 @@ class Controller:
                 observations += self.intake.take(self.server.messages.get_nowait())
         except queue.Empty:
             pass
+        self.live.tick(time.time())
 
     def _start_attempt(self, selection: placement.NodeSelection) -> LaunchPlan:
         number = len(self.record.attempts)

@@ -22,6 +22,7 @@ from trainctl.health.utilisation import (
     RUNNING,
     IdleFinding,
     NodeSample,
+    NodeUtilisation,
     judge_idle,
     summarise,
 )
@@ -103,6 +104,11 @@ class GpuRecorder:
                     f"GPUs no longer idle: {finding.reason}",
                     node=node,
                 )
+
+    def summaries(self) -> dict[str, NodeUtilisation]:
+        """Per node, its GPU use over the recent window of samples taken while training ran."""
+        samples = [row for recent in self._recent.values() for row in recent]
+        return summarise(samples, self.window_s, phases=frozenset({RUNNING}))
 
     def flush(self, now: float | None = None) -> None:
         """Write the buffered samples as one object (nothing when none are buffered).

@@ -53,6 +53,7 @@ from trainctl.recovery.fleet import Fleet
 from trainctl.recovery.gpu_recorder import GpuRecorder
 from trainctl.recovery.journal import Journal
 from trainctl.recovery.monitor import AttemptMonitor
+from trainctl.recovery.progress_recorder import ProgressRecorder
 from trainctl.state import AttemptState, NodeState
 
 Exclude = Callable[[tuple[placement.Exclusion, ...]], None]
@@ -87,6 +88,8 @@ class Intake:
         """Where GPU utilisation samples go (the job's GPU time series, idle flags)."""
         self.per_gpu = per_gpu
         """``nproc_per_node: gpu``/``auto``: the nodes' started workers make the world size."""
+        self.progress: ProgressRecorder | None = None
+        """Where progress reports also go (the live view; None: nowhere)."""
         self.monitor: AttemptMonitor | None = None
         """The running attempt's monitor (None before the first attempt starts)."""
         self._workers: dict[int, dict[str, int]] = {}
@@ -136,6 +139,8 @@ class Intake:
             self._started(name, message)
         elif isinstance(message, Progress):
             self._progress(name, message)
+            if self.progress is not None:
+                self.progress.add(name, envelope.attempt, message.ranks, now)
         elif isinstance(message, Result):
             self.record.final_step, self.record.fingerprint = (
                 message.final_step,

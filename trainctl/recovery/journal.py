@@ -73,6 +73,10 @@ class Journal:
         self.blocklist: dict[str, Exclusion] = {}
         self._dirty = False
         self._last_state_write = 0.0
+        self.node_documents: dict[str, dict[str, Any]] = {}
+        """Each node's latest ``nodes/<node>.json`` document written here (the live view)."""
+        self.on_event: Callable[[Event], None] | None = None
+        """Called with every event stored (the controller's live view, when it keeps one)."""
 
     @property
     def job_id(self) -> str:
@@ -92,6 +96,8 @@ class Journal:
             message = self.redactor.text(message)
         event = Event(time.time(), message, data, node, attempt, kind or data.KIND)
         self.store.append_event(self.job_id, event)
+        if self.on_event is not None:
+            self.on_event(event)
 
     def changed(self) -> None:
         """The record changed in a way worth writing soon (progress), not at once."""
@@ -109,11 +115,17 @@ class Journal:
     def write_node(self, node: str, document: dict[str, Any]) -> None:
         if self.writable():
             self.store.write_node(self.job_id, node, document)
+            self.node_documents[node] = document
 
     def write_gpu_chunk(self, rows: list[dict[str, Any]], now: float) -> None:
         """Store a batch of GPU utilisation samples (`JobStore.write_gpu_chunk`)."""
         if self.writable():
             self.store.write_gpu_chunk(self.job_id, rows, now)
+
+    def write_progress_chunk(self, rows: list[dict[str, Any]], now: float) -> None:
+        """Store the live progress view (`JobStore.write_progress_chunk`)."""
+        if self.writable():
+            self.store.write_progress_chunk(self.job_id, rows, now)
 
     def write_job_file(self, relative: str, data: bytes) -> None:
         if self.writable():

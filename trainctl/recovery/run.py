@@ -24,6 +24,7 @@ from trainctl.lease import Lease
 from trainctl.recipe import restore_secrets, spec_from_yaml
 from trainctl.recovery.controller import Controller, ControllerOptions
 from trainctl.recovery.journal import Journal
+from trainctl.recovery.live_view import MetricsEndpoint
 from trainctl.schedulers import Binding, bind, clear_leftovers
 from trainctl.secrets import Redactor
 from trainctl.spec import JobSpec
@@ -52,9 +53,11 @@ def run_job(
     lease: Lease,
     say: Say,
     warn: Say,
+    metrics: MetricsEndpoint | None = None,
 ) -> ExitCode:
     """Run the job's controller here to the end (the caller holds `lease`); returns the exit
-    code, after the binding did what the scheduler must (requeue, drain)."""
+    code, after the binding did what the scheduler must (requeue, drain). `metrics`: the
+    ``/metrics`` server to feed while it runs (closed when it ends)."""
     secrets = spec.job_secrets()
     journal = Journal(
         store, record, Redactor(secrets.values()), writable=lambda: not lease.lost.is_set()
@@ -71,6 +74,7 @@ def run_job(
             secrets=secrets,
             on_message=say,
             abandoned=lease.lost.is_set,
+            metrics=metrics,
         ),
         scheduler=binding.scheduler,
     )
