@@ -82,6 +82,8 @@ def commands(storage: Path) -> list[tuple[list[str], str]]:
         (["logs", JOB, *root], ""),
         (["health", JOB, *root], "node-0"),
         (["report", JOB, "--out", out, *root], "goodput"),
+        (["top", JOB, "--once", *root], "node-0"),
+        (["metrics", JOB, *root], "trainctl_goodput_ratio"),
         (["ckpt", "ls", JOB, *root], ""),
         (["ckpt", "gc", JOB, *root], ""),
         (["cancel", JOB, *root], "succeeded"),
@@ -145,7 +147,8 @@ def test_every_time_in_json_output_is_iso_8601_with_a_zone(
 ) -> None:
     seen = 0
     for args, _ in commands(job):
-        if args[0] in ("logs", "launch"):  # logs: raw lines; launch --dry-run: a plan, no time
+        # logs: raw lines; launch --dry-run: a plan, no time; top, metrics: no JSON form
+        if args[0] in ("logs", "launch", "top", "metrics"):
             continue
         code, out, err = run(*args, "--json", **_io(capsys, monkeypatch))
         assert code == 0, (args, err)
