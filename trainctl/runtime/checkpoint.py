@@ -93,12 +93,13 @@ class TrainingCheckpoint:
 
     def maybe_save(self, step: int) -> bool:
         """Save into memory and to storage when `step` is on their intervals; returns whether
-        a durable save started."""
-        if self.memory is not None and self.memory.should_save(step):
+        either save started."""
+        in_memory = self.memory is not None and self.memory.should_save(step)
+        if self.memory is not None and in_memory:
             self.trainer.step = step
             self.memory.save(step, self.state)
         if not self.checkpointer.should_save(step):
-            return False
+            return in_memory
         self.save(step)
         return True
 
