@@ -60,6 +60,8 @@ CONFIG = {
 """Steps are compute (forward, backward, optimizer on 2 cores), not sleep: per-step overhead
 shows in the goodput."""
 CHECKPOINT = {"interval_steps": 10, "keep_last": 2}
+TRAINCTL_CHECKPOINT: dict[str, Any] = {}
+"""trainctl's additions to the checkpoint section (`--memory`); torchrun peers get none."""
 TUNED_RDZV = (
     "join_timeout=20,last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3,"
     "close_timeout=5"
@@ -129,7 +131,7 @@ def trainctl_recipe(
         "spare_nodes": spares,
         "seed": 0,
         "config": CONFIG,
-        "checkpoint": CHECKPOINT,
+        "checkpoint": {**CHECKPOINT, **TRAINCTL_CHECKPOINT},
         "env": {"TRAINCTL_STEP_LOG": str(log)},
         **extra,
     }
@@ -528,9 +530,17 @@ def main() -> int:
     parser.add_argument(
         "--work", type=Path, help="keep stores and logs here (default: a deleted temp dir)"
     )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="trainctl: also checkpoint into host memory every step (checkpoint.memory; the "
+        "simulated nodes share this host's tmpfs, so the tier survives a node kill here)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     CHECKPOINT["interval_steps"] = args.checkpoint_interval
+    if args.memory:
+        TRAINCTL_CHECKPOINT["memory"] = {"enabled": True}
 
     figures: dict[str, Any] = {"targets": TARGETS, "settings": vars(args)}
     with contextlib.ExitStack() as stack:

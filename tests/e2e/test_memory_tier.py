@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.harness import events, final_loss, read_state, run
+from tests.e2e.harness import events, final_loss, read_state, run, trainctl
 from trainctl.checkpoint.memory import MEMORY_TIER, memory_root
 
 pytestmark = pytest.mark.e2e
@@ -40,6 +40,15 @@ def test_worker_kill_restores_from_memory(
     assert restored[0]["step"] >= 11, restored
     assert state["attempts"][1]["restored_step"] == restored[0]["step"]
     assert not os.path.exists(memory_root("memkill"))
+    # The report says which tier the restore used and how long it took.
+    report = trainctl(
+        "report", "memkill", "--json", "--out", str(tmp_path / "r.html"), storage=storage
+    )
+    assert report.returncode == 0, report.stderr
+    second = report.json()["attempts"][1]
+    assert second["restore_tier"] == MEMORY_TIER and second["restore_s"] > 0
+    labels = [s["label"] for s in report.json()["segments"] if s["category"] == "restore"]
+    assert any(label.endswith("from memory") for label in labels), labels
 
 
 def test_shrink_reshards_from_memory(
