@@ -34,11 +34,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from trainctl.checkpoint.checkpointer import Checkpointer
+from trainctl.checkpoint.layout import MEMORY_BASE, memory_root
 from trainctl.checkpoint.restore import RestoreError
 from trainctl.events import RestoreSkipped
 
-MEMORY_BASE = "/dev/shm"
-"""Where memory tiers live: the host's shared-memory tmpfs."""
 STEPS_HELD = 3
 """Steps of the state a memory tier holds at most: two committed and one being written."""
 MEMORY_TIER = "memory"
@@ -46,11 +45,6 @@ DURABLE_TIER = "durable"
 
 QUIET_EVENTS = frozenset({"checkpoint_committed", "gc_deleted"})
 """Memory-tier events not sent to the job store: one per step would flood it."""
-
-
-def memory_root(job_id: str, base: str = MEMORY_BASE) -> str:
-    """The job's memory-tier directory on this host."""
-    return os.path.join(base, f"trainctl-{job_id}")
 
 
 def release_memory(job_id: str, base: str = MEMORY_BASE) -> bool:
