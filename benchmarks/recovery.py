@@ -131,7 +131,7 @@ def trainctl_recipe(
         "spare_nodes": spares,
         "seed": 0,
         "config": CONFIG,
-        "checkpoint": {**CHECKPOINT, **TRAINCTL_CHECKPOINT},
+        "checkpoint": CHECKPOINT,
         "env": {"TRAINCTL_STEP_LOG": str(log)},
         **extra,
     }
@@ -406,6 +406,7 @@ def trainctl_goodput(
         max_steps=None,
         recovery={"exclude_s": every_s / 2},
         launch={"max_restarts": 1000},
+        checkpoint={**CHECKPOINT, **TRAINCTL_CHECKPOINT},
     )
     storage = work / "store"
     started = time.time()
@@ -533,7 +534,8 @@ def main() -> int:
     parser.add_argument(
         "--memory",
         action="store_true",
-        help="trainctl: also checkpoint into host memory every step (checkpoint.memory; the "
+        help="trainctl's goodput run: also checkpoint into host memory every step "
+        "(checkpoint.memory; the reference runs stay without it, so its cost counts; the "
         "simulated nodes share this host's tmpfs, so the tier survives a node kill here)",
     )
     parser.add_argument("--json", action="store_true")
