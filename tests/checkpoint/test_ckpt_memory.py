@@ -161,6 +161,9 @@ def test_no_memory_tier_restores_durable_and_says_so(shm_base: str, tmp_path: Pa
     durable.save(10, _state(10))
     durable.wait()
     state = _blank()
+    assert restore_tiers(None, durable, state, events) == 10  # no tier: durable, nothing said
+    assert not events.of("restore_skipped")
+    state = _blank()
     assert restore_tiers(memory.checkpointer, durable, state, events) == 10
     assert any("no committed step in memory" in e["reason"] for e in events.of("restore_skipped"))
     memory.close()

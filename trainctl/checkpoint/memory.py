@@ -99,12 +99,14 @@ def restore_tiers(
     nothing anywhere). A memory tier that fails every step falls back to durable storage
     (which overwrites all of `state`); raises RestoreError when that finds nothing either
     after a failed load wrote into `state`. Call on every rank."""
-    memory_newest = memory.newest_listed_step() if memory is not None else None
+    if memory is None:  # no tier: exactly the durable restore (no extra listing)
+        return durable.restore_latest(state)
+    memory_newest = memory.newest_listed_step()
     order = tier_order(memory_newest, durable.newest_listed_step())
-    if memory is not None and memory_newest is None:
+    if memory_newest is None:
         emit(RestoreSkipped.KIND, {"reason": f"{MEMORY_TIER} tier: no committed step in memory"})
     touched = False
-    if memory is not None and order[0] == MEMORY_TIER:
+    if order[0] == MEMORY_TIER:
         try:
             step = memory.restore_latest(state)
         except RestoreError as error:
