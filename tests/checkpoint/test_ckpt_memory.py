@@ -17,6 +17,7 @@ from trainctl.checkpoint.memory import (
     DURABLE_TIER,
     MEMORY_TIER,
     STEPS_HELD,
+    host_scope,
     memory_budget,
     memory_root,
     release_memory,
@@ -94,6 +95,22 @@ def test_memory_budget(shard: int, ranks: int, free: int, fits: bool) -> None:
     assert budget.fits is fits
     if not fits:
         assert "memory tier off" in budget.reason and "checkpoint.memory" in budget.reason
+
+
+@pytest.mark.parametrize(
+    ("hosts", "fits"),
+    [
+        (["a"], True),
+        (["a", "a", "a"], True),
+        (["a", "b"], False),
+        ([f"h{i}" for i in range(9)], False),
+    ],
+)
+def test_host_scope(hosts: list[str], fits: bool) -> None:
+    scope = host_scope(hosts)
+    assert scope.fits is fits
+    if not fits:
+        assert "memory tier off" in scope.reason and "durable storage" in scope.reason
 
 
 def test_memory_spec_defaults_and_bounds() -> None:

@@ -363,6 +363,10 @@ class Checkpointer:
 
     # ---------------------------------------------------------------------------- restoring
 
+    def all_gather(self, value: Any) -> list[Any]:
+        """Every rank's `value` in rank order (a collective on this group)."""
+        return self._collectives.all_gather(value)
+
     def agree_max(self, values: list[int]) -> list[int]:
         """Element-wise maximum of `values` over every rank (a collective on this group)."""
         return self._collectives.max_ints(values)

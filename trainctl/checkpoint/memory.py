@@ -20,9 +20,10 @@ Memory cost per host: at most three steps of the state in tmpfs (two committed, 
 written) plus one staging copy per rank in the worker; `memory_budget` refuses the tier, with
 a message, when the tmpfs has no room for that.
 
-Scope: one host. On several hosts each rank's shard stays on its own host's tmpfs; the memory
-tier then never verifies (rank 0 sees only its host's objects) and restore falls back to durable
-storage with the event. Replication to peer hosts is not built yet.
+Scope: one host (simulated nodes included). On several hosts each rank's shard would stay on its
+own host's tmpfs, where rank 0 cannot verify it: the tier turns itself off at its first save
+(`host_scope`, with an event) and restores come from durable storage. Replication to peer hosts
+is not built yet.
 """
 
 from __future__ import annotations
@@ -77,6 +78,20 @@ def memory_budget(state_bytes: int, ranks_on_host: int, free_bytes: int) -> Budg
             False, f"memory tier off: {text}; enlarge {MEMORY_BASE} or disable checkpoint.memory"
         )
     return Budget(True, text)
+
+
+def host_scope(hostnames: list[str]) -> Budget:
+    """Whether the ranks (their hosts in rank order) share one host, as the tier needs until
+    replication to peers exists (pure)."""
+    hosts = sorted(set(hostnames))
+    if len(hosts) > 1:
+        return Budget(
+            False,
+            f"memory tier off: the ranks run on {len(hosts)} hosts ({', '.join(hosts[:4])}"
+            f"{', ...' if len(hosts) > 4 else ''}) and it keeps shards on their own host only "
+            "(replication to peers is not built): restores come from durable storage",
+        )
+    return Budget(True, f"all ranks on {hosts[0] if hosts else 'this host'}")
 
 
 def tier_order(memory_newest: int | None, durable_newest: int | None) -> list[str]:

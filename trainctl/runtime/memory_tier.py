@@ -2,15 +2,17 @@
 
 `MemoryTier.open` builds a second `Checkpointer` (its own gloo group and upload thread, so a
 memory save never waits for, nor delays, a durable one) over the job's tmpfs directory. The
-first `save` checks, with every rank agreeing, that the tmpfs holds the tier
-(`memory_budget`); when it does not, the tier turns itself off with one ``checkpoint_failed``
-event saying why and what to do, and training goes on with durable checkpoints alone.
+first `save` checks, with every rank agreeing, that every rank is on this host (`host_scope`)
+and that the tmpfs holds the tier (`memory_budget`); when not, the tier turns itself off with
+one ``checkpoint_failed`` event saying why and what to do, and training goes on with durable
+checkpoints alone.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,7 +20,7 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
 from trainctl.checkpoint.checkpointer import Checkpointer
-from trainctl.checkpoint.memory import MEMORY_TIER, QUIET_EVENTS, memory_budget
+from trainctl.checkpoint.memory import MEMORY_TIER, QUIET_EVENTS, host_scope, memory_budget
 from trainctl.checkpoint.storage import open_storage
 from trainctl.events import CheckpointFailed
 
@@ -94,9 +96,11 @@ class MemoryTier:
         self.checkpointer.save(step, state, extra={"step": step, "tier": MEMORY_TIER})
 
     def _fits(self, state: Mapping[str, Any]) -> bool:
-        free = shutil.disk_usage(os.path.dirname(self.root.rstrip("/")) or "/").free
-        shard, neg_free = self.checkpointer.agree_max([state_bytes(state), -free])
-        budget = memory_budget(shard, self.checkpointer.world_size, -neg_free)
+        budget = host_scope(self.checkpointer.all_gather(socket.gethostname()))
+        if budget.fits:
+            free = shutil.disk_usage(os.path.dirname(self.root.rstrip("/")) or "/").free
+            shard, neg_free = self.checkpointer.agree_max([state_bytes(state), -free])
+            budget = memory_budget(shard, self.checkpointer.world_size, -neg_free)
         if not budget.fits and self.checkpointer.rank == 0:
             self._on_event(CheckpointFailed.KIND, {"error": budget.reason, "tier": MEMORY_TIER})
         return budget.fits
