@@ -10,9 +10,10 @@ and replayed steps after a worker kill with the tier on and off.
    dir on disk: the page cache may hold it, so this is file's best case) and from S3 (a moto
    server on loopback, port 0); the peer: plain `dcp.load` (no verification) from tmpfs.
    Target: memory >= 5x faster than S3.
-3. **Replayed steps** (``--e2e``): real 2-node `trainctl launch` jobs of tiny-gpt with a
-   worker SIGKILLed at step 15 (durable checkpoints every 10 steps), memory tier on and off:
-   steps replayed = kill step - restored step, and the job's wall time.
+3. **Replayed steps** (``--e2e``): real 2-node `trainctl launch` jobs of tiny-gpt (80 steps of
+   compute, no sleep) with a worker SIGKILLed at step 15 (durable checkpoints every 10 steps),
+   memory tier on and off: steps replayed = kill step - restored step, the median step time
+   (the tier's per-step cost: its save every step) and the job's wall time.
 
     python benchmarks/memory_tier.py [--sizes-mb 100 1000] [--repeats 5] [--e2e] [--json]
 """
@@ -20,6 +21,7 @@ and replayed steps after a worker kill with the tier on and off.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -45,6 +47,8 @@ MIB = 2**20
 TARGET_STALL_RATIO = 1.5
 TARGET_STALL_SLACK_S = 0.005
 TARGET_RESTORE_SPEEDUP = 5.0
+E2E_STEPS = 80
+"""Long enough for a step-time median on either side of the kill (at step 15)."""
 
 
 def _state(size_mb: int, seed: int) -> dict[str, Any]:
@@ -159,6 +163,26 @@ def measure_memcpy(state: dict[str, Any]) -> float:
     return _median(times)
 
 
+def median_step(log: Path) -> float | None:
+    """The median interval between consecutive steps of one process in a step log (rank 0
+    appends "time pid step world_size" per step)."""
+    rows = (
+        sorted(
+            (float(parts[0]), int(parts[1]), int(parts[2]))
+            for parts in (line.split() for line in log.read_text().splitlines())
+            if len(parts) >= 3
+        )
+        if log.exists()
+        else []
+    )
+    deltas = [
+        later[0] - earlier[0]
+        for earlier, later in itertools.pairwise(rows)
+        if later[1] == earlier[1] and later[2] == earlier[2] + 1
+    ]
+    return statistics.median(deltas) if deltas else None
+
+
 def e2e_run(work: Path, memory: bool, run: int) -> dict[str, Any]:
     """One 2-node tiny-gpt job, a worker SIGKILLed at step 15; what it replayed."""
     job = f"mem-{'on' if memory else 'off'}-{run}"
@@ -170,7 +194,7 @@ def e2e_run(work: Path, memory: bool, run: int) -> dict[str, Any]:
         "script": str(REPO / "recipes" / "tiny_gpt.py"),
         "nodes": 2,
         "seed": 0,
-        "max_steps": 30,
+        "max_steps": E2E_STEPS,
         "config": {
             "vocab": 256,
             "dim": 128,
@@ -179,10 +203,10 @@ def e2e_run(work: Path, memory: bool, run: int) -> dict[str, Any]:
             "seq_len": 32,
             "batch_size": 8,
             "lr": 0.003,
-            "steps": 30,
-            "step_sleep_s": 0.05,
+            "steps": E2E_STEPS,
         },
         "checkpoint": checkpoint,
+        "env": {"TRAINCTL_STEP_LOG": str(work / f"{job}.steps")},
     }
     path = work / f"{job}.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -200,6 +224,7 @@ def e2e_run(work: Path, memory: bool, run: int) -> dict[str, Any]:
     step = restored[0] if restored and restored[0] is not None else 0
     return {
         "memory": memory,
+        "median_step_s": median_step(work / f"{job}.steps"),
         "exit": done.returncode,
         "restored_step": step,
         "replayed_steps": 15 - step,
@@ -284,7 +309,9 @@ def _print(results: dict[str, Any]) -> None:
         for row in results["e2e"]:
             print(
                 f"  memory={row['memory']!s:5}  exit {row['exit']}  restored {row['restored_step']}"
-                f"  replayed {row['replayed_steps']}  wall {row['wall_s']:.1f} s",
+                f"  replayed {row['replayed_steps']}  median step "
+                f"{(row['median_step_s'] or float('nan')) * 1e3:.1f} ms  "
+                f"wall {row['wall_s']:.1f} s",
                 file=err,
             )
 
