@@ -60,6 +60,8 @@ CONFIG = {
 """Steps are compute (forward, backward, optimizer on 2 cores), not sleep: per-step overhead
 shows in the goodput."""
 CHECKPOINT = {"interval_steps": 10, "keep_last": 2}
+TRAINCTL_CHECKPOINT: dict[str, Any] = {}
+"""trainctl's additions to the checkpoint section (`--memory`); torchrun peers get none."""
 TUNED_RDZV = (
     "join_timeout=20,last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3,"
     "close_timeout=5"
@@ -404,6 +406,7 @@ def trainctl_goodput(
         max_steps=None,
         recovery={"exclude_s": every_s / 2},
         launch={"max_restarts": 1000},
+        checkpoint={**CHECKPOINT, **TRAINCTL_CHECKPOINT},
     )
     storage = work / "store"
     started = time.time()
@@ -528,9 +531,18 @@ def main() -> int:
     parser.add_argument(
         "--work", type=Path, help="keep stores and logs here (default: a deleted temp dir)"
     )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="trainctl's goodput run: also checkpoint into host memory every step "
+        "(checkpoint.memory; the reference runs stay without it, so its cost counts; the "
+        "simulated nodes share this host's tmpfs, so the tier survives a node kill here)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     CHECKPOINT["interval_steps"] = args.checkpoint_interval
+    if args.memory:
+        TRAINCTL_CHECKPOINT["memory"] = {"enabled": True}
 
     figures: dict[str, Any] = {"targets": TARGETS, "settings": vars(args)}
     with contextlib.ExitStack() as stack:

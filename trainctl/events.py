@@ -340,12 +340,14 @@ class CheckpointCommitted(WorkerEventData):
 class CheckpointFailed(WorkerEventData):
     step: int | None = None
     error: str = ""
+    tier: str | None = None
 
 
 @kind("checkpoint_skipped")
 class CheckpointSkipped(WorkerEventData):
     step: int | None = None
     reason: str = ""
+    tier: str | None = None
 
 
 @kind("checkpoint_restored")
@@ -355,12 +357,15 @@ class CheckpointRestored(WorkerEventData):
     saved_world_size: int | None = None
     world_size: int | None = None
     restore_s: float | None = None
+    tier: str | None = None
+    """Where the step was read from: ``memory`` (host shared memory) or ``durable`` (storage)."""
 
 
 @kind("restore_skipped")
 class RestoreSkipped(WorkerEventData):
     step: int | None = None
     reason: str = ""
+    tier: str | None = None
 
 
 @kind("gc_deleted")

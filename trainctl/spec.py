@@ -50,6 +50,17 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
 
 
+class MemoryTierSpec(_Frozen):
+    """The ``checkpoint.memory:`` section: a checkpoint tier in host shared memory (tmpfs),
+    outside the worker processes, restored before durable storage (`trainctl.checkpoint.memory`)."""
+
+    enabled: bool = False
+    """Keep in-memory checkpoints. Off by default: every memory save costs each rank one copy
+    of its state per interval and (2 + 1) x its state in host memory (README: checkpoint tiers)."""
+    interval_steps: int = Field(default=1, ge=1, le=MAX_STEPS)
+    """Save into memory every N steps (1: every step, nothing replayed after a worker crash)."""
+
+
 class CheckpointSpec(_Frozen):
     """The recipe's ``checkpoint:`` section."""
 
@@ -70,6 +81,8 @@ class CheckpointSpec(_Frozen):
     direct_io: bool = True
     """Local checkpoint files: write through O_DIRECT where the file system takes it (false:
     through the page cache, then fsync)."""
+    memory: MemoryTierSpec = Field(default_factory=MemoryTierSpec)
+    """The in-memory tier beside the durable one (``checkpoint.memory``)."""
 
     @field_validator("storage")
     @classmethod

@@ -660,3 +660,21 @@ def test_categories_always_sum_to_wall_time(seed: int) -> None:
     ledger = build_ledger(*_random_job(random.Random(seed)))
     check_tiles(ledger)
     ledger.to_json()
+
+
+def test_restore_tier_is_named_in_the_attempt_and_its_segment() -> None:
+    """A restore from the memory tier shows as such (`checkpoint_restored`'s ``tier``)."""
+    record, events, now = controller_killed_then_resumed()
+    events = [
+        ev(306, "checkpoint_restored", 2, "n0", step=40, restore_s=2.0, tier="memory")
+        if e.kind == "checkpoint_restored"
+        else e
+        for e in events
+    ]
+    ledger = build_ledger(record, events, now)
+    check_tiles(ledger)
+    assert [a.restore_tier for a in ledger.attempts] == [None, "memory"]
+    restores = [s.label for s in ledger.segments if s.category.value == "restore"]
+    assert restores == ["restore step 40 from memory"]
+    plain = build_ledger(*controller_killed_then_resumed())
+    assert [s.label for s in plain.segments if s.category.value == "restore"] == ["restore step 40"]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from trainctl.checkpoint.layout import MEMORY_BASE
 from trainctl.launch.plan import Facts, GatePlan, LaunchPlan, plan_attempt, render_plan
-from trainctl.spec import HealthSpec, JobSpec
+from trainctl.spec import CheckpointSpec, HealthSpec, JobSpec, MemoryTierSpec
 
 SPEC = JobSpec(
     name="t",
@@ -89,3 +90,11 @@ def test_gate_settings_come_from_the_health_section_and_print() -> None:
         "rendezvous reachable; NVML required; no re-probes while running"
     )
     assert plan.nodes[0].env_dict()["TRAINCTL_STOP_GRACE_S"] == "5"
+
+
+def test_memory_tier_puts_the_hosts_tmpfs_under_the_gate() -> None:
+    memory = CheckpointSpec(interval_steps=10, memory=MemoryTierSpec(enabled=True))
+    plan = plan_attempt(SPEC.model_copy(update={"checkpoint": memory}), FACTS, "j", 0, ("n",))
+    assert plan.gate.paths[-1] == MEMORY_BASE
+    plain = plan_attempt(SPEC, FACTS, "j", 0, ("n",))
+    assert MEMORY_BASE not in plain.gate.paths

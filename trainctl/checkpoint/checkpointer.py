@@ -55,6 +55,7 @@ from trainctl.checkpoint.dcp_io import (
 )
 from trainctl.checkpoint.inspect import (
     gc_in,
+    step_numbers_in,
 )
 from trainctl.checkpoint.layout import step_key
 from trainctl.checkpoint.manifest import Manifest, ObjectRecord
@@ -131,6 +132,7 @@ class Checkpointer:
         collective_timeout_s: how long a checkpoint collective waits for a missing rank.
         thread_count: DCP writer threads (= shard files) per rank.
         pin_memory: pin the staging buffers (default: when CUDA is available).
+        tier: named in restore events: ``durable`` or ``memory`` (`trainctl.checkpoint.memory`).
     """
 
     def __init__(
@@ -151,6 +153,7 @@ class Checkpointer:
         collective_timeout_s: float = 600.0,
         thread_count: int = 1,
         pin_memory: bool | None = None,
+        tier: str = "durable",
     ) -> None:
         if interval_steps < 0:
             raise ValueError(f"interval_steps must be >= 0, got {interval_steps}")
@@ -168,6 +171,7 @@ class Checkpointer:
             ),
         )
         self.thread_count = thread_count
+        self.tier = tier
         self._on_event = on_event
         self._distributed = dist.is_available() and dist.is_initialized()
         if self._distributed and process_group is None:
@@ -359,6 +363,22 @@ class Checkpointer:
 
     # ---------------------------------------------------------------------------- restoring
 
+    def all_gather(self, value: Any) -> list[Any]:
+        """Every rank's `value` in rank order (a collective on this group)."""
+        return self._collectives.all_gather(value)
+
+    def agree_max(self, values: list[int]) -> list[int]:
+        """Element-wise maximum of `values` over every rank (a collective on this group)."""
+        return self._collectives.max_ints(values)
+
+    def newest_listed_step(self) -> int | None:
+        """The newest step with a directory (committed or not: unchecked), as rank 0 lists
+        it, on every rank (a collective). None when there is none."""
+        listed = self._collectives.broadcast(
+            step_numbers_in(self.storage) if self.rank == 0 else None
+        )
+        return max(listed) if listed else None
+
     def restore_latest(self, state: Mapping[str, Any]) -> int | None:
         """Load the newest committed, verified step into `state` (in place); returns the step.
 
@@ -378,6 +398,7 @@ class Checkpointer:
                 self.world_size,
                 self._emit,
                 self._restoring,
+                self.tier,
             ),
             state,
         )
@@ -386,6 +407,10 @@ class Checkpointer:
         return step
 
     # ------------------------------------------------------------------------------ plumbing
+
+    def emit(self, name: str, fields: dict[str, Any]) -> None:
+        """Report an event through `on_event` (rank 0 only; a failing sink is logged)."""
+        self._emit(name, fields)
 
     def _emit(self, name: str, fields: dict[str, Any]) -> None:
         if self.rank != 0 or self._on_event is None:

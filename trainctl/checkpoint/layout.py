@@ -22,6 +22,14 @@ DCP_METADATA_NAME = ".metadata"
 
 _STEP_DIR_PATTERN = re.compile(r"^step-(\d{9,})$")
 
+MEMORY_BASE = "/dev/shm"
+"""Where memory tiers live (`trainctl.checkpoint.memory`): the host's shared-memory tmpfs."""
+
+
+def memory_root(job_id: str, base: str = MEMORY_BASE) -> str:
+    """The job's memory-tier directory on this host (step directories as in durable storage)."""
+    return f"{base.rstrip('/')}/trainctl-{job_id}"
+
 
 def step_dir_name(step: int) -> str:
     """The directory name of `step`, e.g. ``step_dir_name(100) == "step-000000100"``.

@@ -45,6 +45,8 @@ class Restore:
     emit: EventCallback
     restoring: set[int]
     """The step being loaded, while it is: retention never deletes it."""
+    tier: str = "durable"
+    """Named in the events: ``durable`` storage or the ``memory`` tier."""
 
 
 def restore_newest(restore: Restore, state: Mapping[str, Any]) -> int | None:
@@ -59,7 +61,9 @@ def restore_newest(restore: Restore, state: Mapping[str, Any]) -> int | None:
     for step in sorted(candidates, reverse=True):
         checked = broadcast(check_step(restore.storage, step) if rank0 else None)
         if isinstance(checked, str):
-            restore.emit(RestoreSkipped.KIND, {"step": step, "reason": checked})
+            restore.emit(
+                RestoreSkipped.KIND, {"step": step, "reason": checked, "tier": restore.tier}
+            )
             continue
         started = time.perf_counter()
         restore.restoring.add(step)
@@ -76,7 +80,9 @@ def restore_newest(restore: Restore, state: Mapping[str, Any]) -> int | None:
             )
         except (Exception, CheckpointException) as error:
             reason = f"failed verification or load: {type(error).__name__}: {error}"
-            restore.emit(RestoreSkipped.KIND, {"step": step, "reason": reason})
+            restore.emit(
+                RestoreSkipped.KIND, {"step": step, "reason": reason, "tier": restore.tier}
+            )
             continue
         finally:
             restore.restoring.discard(step)
@@ -88,6 +94,7 @@ def restore_newest(restore: Restore, state: Mapping[str, Any]) -> int | None:
                 "saved_world_size": checked.world_size,
                 "world_size": restore.world_size,
                 "restore_s": time.perf_counter() - started,
+                "tier": restore.tier,
             },
         )
         return step

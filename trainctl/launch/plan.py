@@ -13,6 +13,7 @@ import shlex
 
 from pydantic import TypeAdapter, ValidationError
 
+from trainctl.checkpoint.layout import MEMORY_BASE
 from trainctl.errors import first_problem
 from trainctl.protocol import Env, GatePlan
 from trainctl.secrets import REDACTED, split_options
@@ -215,6 +216,8 @@ def gate_plan(spec: JobSpec, facts: Facts) -> GatePlan:
     paths = [facts.run_dir, facts.storage_root]
     if facts.checkpoint_root:
         paths.append(facts.checkpoint_root)
+    if spec.checkpoint.memory.enabled:
+        paths.append(MEMORY_BASE)  # the memory tier's tmpfs: present, and with room
     return GatePlan(
         paths=tuple(dict.fromkeys(paths)),
         min_free_disk_gb=spec.health.min_free_disk_gb,

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from trainctl.cancel import pending_requests
+from trainctl.checkpoint.memory import release_memory
 from trainctl.errors import UserError
 from trainctl.events import LeaseTaken
 from trainctl.exitcodes import ExitCode
@@ -83,6 +84,10 @@ def run_job(
     try:
         code = controller.run()
     finally:
+        # The memory tier lives as long as the job's controller (a resume restores from
+        # durable storage), unless another controller took the job over.
+        if not lease.lost.is_set():
+            release_memory(record.job_id)
         lease.release()
     if lease.lost.is_set():
         warn(f"job {record.job_id}: another controller took the job over; this one stopped")
@@ -140,6 +145,11 @@ def prepare_resume(
         lease.release()  # nothing started: the next resume takes the job at once
         raise
     clear_leftovers(job_id, warn)
+    if release_memory(job_id):
+        warn(
+            f"job {job_id}: dropped the memory checkpoints the previous controller left on this "
+            "host; the job restores from durable storage"
+        )
     journal = Journal(store, record)
     if previous is not None:
         journal.event(

@@ -101,6 +101,11 @@ class AttemptEvidence:
         return step or None  # 0 means "none" in `first_step`
 
     @property
+    def restore_tier(self) -> str | None:
+        """Where the restored step was read from (``memory`` or ``durable``); None: unknown."""
+        return first_known(*(e.data.tier for e in reversed(self.restored)))
+
+    @property
     def cause(self) -> str | None:
         return first_known(
             (self.end.cause or None) if self.end else None,
@@ -159,6 +164,7 @@ class AttemptEvidence:
             blamed=self.blamed,
             restore_s=self.restore_s,
             mean_step_s=self.mean_step_s,
+            restore_tier=self.restore_tier,
         )
 
 

@@ -200,9 +200,10 @@ def _cut_attempt(tl: _Timeline, attempt: AttemptEvidence, before_first: Category
         restore_start = max(restore_end - attempt.restore_s, attempt.started_at)
         tl.advance(restore_start, before_first, number, pre_label)
         step = attempt.restored_step
-        tl.advance(
-            restore_end, Category.RESTORE, number, f"restore step {step}" if step else "restore"
-        )
+        label = f"restore step {step}" if step else "restore"
+        if attempt.restore_tier:
+            label += f" from {attempt.restore_tier}"
+        tl.advance(restore_end, Category.RESTORE, number, label)
     tl.advance(pre_end, before_first, number, pre_label)
     if attempt.first_step_at is not None:
         tl.advance(attempt.last_step_at, Category.PRODUCTIVE, number, "training")

@@ -88,6 +88,8 @@ class AttemptRow:
     blamed: str | None
     restore_s: float | None
     mean_step_s: float | None
+    restore_tier: str | None = None
+    """Where the restore read the step: ``memory`` (host memory) or ``durable`` (storage)."""
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -96,7 +96,7 @@ def to_html(
             html.escape(", ".join(a.nodes)),
             _opt(a.world_size),
             f"T+{format_duration(a.started_at - ledger.start)}",
-            _opt(a.restored_step),
+            _opt(a.restored_step) + (f" ({a.restore_tier})" if a.restore_tier else ""),
             _opt(a.last_step),
             html.escape(a.outcome),
             _opt(a.cause),

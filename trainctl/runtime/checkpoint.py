@@ -22,8 +22,10 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from trainctl.checkpoint.checkpointer import Checkpointer, transfer_config
 from trainctl.checkpoint.fence import FencedStorage
+from trainctl.checkpoint.memory import memory_root, restore_tiers
 from trainctl.checkpoint.outage import OUTAGE_FILE, InjectedOutage
 from trainctl.checkpoint.storage import open_storage
+from trainctl.runtime.memory_tier import MemoryTier
 from trainctl.runtime.reporter import Reporter
 from trainctl.secrets import JobSecrets, merge_options
 
@@ -74,21 +76,30 @@ class TrainingCheckpoint:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         reporter: Reporter | None = None,
+        memory: MemoryTier | None = None,
     ) -> None:
         self.checkpointer = checkpointer
+        self.memory = memory
         self.reporter = reporter or Reporter(None, 0)
         self.trainer = TrainerState()
         self.state = {"app": ModelAndOptimizer(model, optimizer), "trainer": self.trainer}
 
     def restore(self) -> int:
-        """Load the newest committed, verified step; returns the step to continue from (0: none)."""
-        step = self.checkpointer.restore_latest(self.state)
+        """Load the newest committed, verified step of the fastest tier (memory, then durable
+        storage); returns the step to continue from (0: none)."""
+        memory = self.memory.checkpointer if self.memory is not None else None
+        step = restore_tiers(memory, self.checkpointer, self.state, self.checkpointer.emit)
         return 0 if step is None else self.trainer.step
 
     def maybe_save(self, step: int) -> bool:
-        """Save when `step` is on the interval; returns whether a save started."""
+        """Save into memory and to storage when `step` is on their intervals; returns whether
+        either save started."""
+        in_memory = self.memory is not None and self.memory.should_save(step)
+        if self.memory is not None and in_memory:
+            self.trainer.step = step
+            self.memory.save(step, self.state)
         if not self.checkpointer.should_save(step):
-            return False
+            return in_memory
         self.save(step)
         return True
 
@@ -103,6 +114,8 @@ class TrainingCheckpoint:
         """Wait for the last upload and release the checkpoint process group's resources."""
         self.checkpointer.wait()
         self.checkpointer.close()
+        if self.memory is not None:
+            self.memory.checkpointer.close()
 
 
 def checkpointing(
@@ -117,7 +130,7 @@ def checkpointing(
     """
     settings = ctx.settings
     spec, root = settings.checkpoint, settings.checkpoint_root
-    if spec is None or not root or not spec.interval_steps:
+    if spec is None or not root or not (spec.interval_steps or spec.memory.enabled):
         return None
 
     def on_event(name: str, fields: dict[str, Any]) -> None:
@@ -133,7 +146,12 @@ def checkpointing(
     # A superseded attempt (an orphan on a partitioned node) writes nothing that matters.
     storage = FencedStorage(storage, settings.attempt)
     checkpointer = Checkpointer.from_spec(root, spec, storage=storage, on_event=on_event)
-    return TrainingCheckpoint(checkpointer, model, optimizer, ctx.reporter)
+    memory = None
+    if spec.memory.enabled:
+        memory = MemoryTier.open(
+            memory_root(settings.job_id), spec.memory.interval_steps, on_event=on_event
+        )
+    return TrainingCheckpoint(checkpointer, model, optimizer, ctx.reporter, memory)
 
 
 def _describe(name: str, fields: dict[str, Any]) -> str:

@@ -1,0 +1,94 @@
+"""End-to-end memory tier: real 2-node tiny-gpt jobs with ``checkpoint.memory`` on.
+
+A SIGKILLed worker restores from the host's memory tier (a newer step than durable storage
+holds: at most the step in flight is replayed) and ends with the uninterrupted run's
+fingerprint; a shrink from 2 nodes to 1 reshards from memory bit for bit. After each: no
+process of the job and no tmpfs directory of the job is left.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.harness import events, final_loss, read_state, run, trainctl
+from trainctl.checkpoint.layout import MEMORY_BASE, memory_root
+from trainctl.checkpoint.memory import MEMORY_TIER
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not os.path.isdir(MEMORY_BASE), reason="no /dev/shm on this host"),
+]
+HEALTH = {"min_free_disk_gb": 0.05}
+"""The gate checks /dev/shm's free space too; a container's default 64 MiB holds this model."""
+
+MEMORY = {"interval_steps": 10, "keep_last": 2, "memory": {"enabled": True}}
+"""Durable every 10 steps, memory every step: a fault at step 12 tells the tiers apart."""
+
+
+def _restores(storage: Path, job: str) -> list[dict[str, Any]]:
+    return [e["data"] for e in events(storage, job) if e["kind"] == "checkpoint_restored"]
+
+
+def test_worker_kill_restores_from_memory(
+    tmp_path: Path, storage: Path, baseline: dict[str, Any]
+) -> None:
+    out = run(
+        tmp_path, storage, "memkill", "kill-worker:node-1@step=12", checkpoint=MEMORY, health=HEALTH
+    )
+    assert out["fingerprint"] == baseline["fingerprint"]
+    state = read_state(storage, "memkill")
+    assert [a["cause"] for a in state["attempts"]] == ["worker_crash", None]
+    restored = _restores(storage, "memkill")
+    assert len(restored) == 1 and restored[0]["tier"] == MEMORY_TIER, restored
+    # Durable storage holds step 10; memory holds the last step committed before the kill.
+    assert restored[0]["step"] >= 11, restored
+    assert state["attempts"][1]["restored_step"] == restored[0]["step"]
+    assert not os.path.exists(memory_root("memkill"))
+    # The report says which tier the restore used and how long it took.
+    report = trainctl(
+        "report", "memkill", "--json", "--out", str(tmp_path / "r.html"), storage=storage
+    )
+    assert report.returncode == 0, report.stderr
+    second = report.json()["attempts"][1]
+    assert second["restore_tier"] == MEMORY_TIER and second["restore_s"] > 0
+    labels = [s["label"] for s in report.json()["segments"] if s["category"] == "restore"]
+    assert any(label.endswith("from memory") for label in labels), labels
+
+
+def test_shrink_reshards_from_memory(
+    tmp_path: Path, storage: Path, baseline: dict[str, Any]
+) -> None:
+    run(
+        tmp_path,
+        storage,
+        "memshrink",
+        "kill-node:node-1@step=12",
+        min_nodes=1,
+        checkpoint=MEMORY,
+        health=HEALTH,
+    )
+    state = read_state(storage, "memshrink")
+    assert [a["world_size"] for a in state["attempts"]] == [2, 1]
+    assert state["state"] == "succeeded" and state["final_step"] == 30
+    restored = _restores(storage, "memshrink")
+    assert len(restored) == 1 and restored[0]["tier"] == MEMORY_TIER, restored
+    assert (restored[0]["saved_world_size"], restored[0]["world_size"]) == (2, 1)
+    items = events(storage, "memshrink")
+    fingerprint = [e for e in items if e["kind"] == "restored_fingerprint"]
+    step = fingerprint[0]["data"]["step"]
+    assert step == restored[0]["step"] >= 11
+    saved = [
+        e
+        for e in items
+        if e["kind"] == "saved_fingerprint" and e["data"]["step"] == step and e["attempt"] == 0
+    ]
+    assert saved, f"no fingerprint saved at step {step}"
+    # 2 ranks saved into memory, 1 rank restored: bit for bit the saved weights
+    assert fingerprint[0]["data"]["fingerprint"] == saved[0]["data"]["fingerprint"]
+    loss = final_loss(storage, "memshrink")
+    assert abs(loss - baseline["loss"]) <= 1e-3 * abs(baseline["loss"])
+    assert not os.path.exists(memory_root("memshrink"))
