@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,8 @@ def events(storage: Path, job_id: str) -> list[dict[str, Any]]:
     result = trainctl("events", job_id, "--json", storage=storage)
     assert result.returncode == 0, result.stderr
     items: list[dict[str, Any]] = result.json()
+    for item in items:  # --json times are ISO 8601 with a zone; compare as Unix times here
+        item["time"] = datetime.fromisoformat(item["time"]).timestamp()
     return items
 
 
