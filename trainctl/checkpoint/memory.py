@@ -32,12 +32,13 @@ import dataclasses
 import os
 import shutil
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from trainctl.checkpoint.checkpointer import Checkpointer
 from trainctl.checkpoint.layout import MEMORY_BASE, memory_root
-from trainctl.checkpoint.restore import RestoreError
 from trainctl.events import RestoreSkipped
+
+if TYPE_CHECKING:  # torch: the controller and the CLI import this module, workers run it
+    from trainctl.checkpoint.checkpointer import Checkpointer
 
 STEPS_HELD = 3
 """Steps of the state a memory tier holds at most: two committed and one being written."""
@@ -114,6 +115,8 @@ def restore_tiers(
     nothing anywhere). A memory tier that fails every step falls back to durable storage
     (which overwrites all of `state`); raises RestoreError when that finds nothing either
     after a failed load wrote into `state`. Call on every rank."""
+    from trainctl.checkpoint.restore import RestoreError  # torch: workers only
+
     if memory is None:  # no tier: exactly the durable restore (no extra listing)
         return durable.restore_latest(state)
     memory_newest = memory.newest_listed_step()
