@@ -294,7 +294,7 @@ class Controller:
             history,
             self.record.committed_step,
             nodes,
-            self.fleet.waiting(),
+            self.fleet.usable_spares(),
             self.journal.blocklist,
         )
         latest = placement.FailureRecord.of(decision, self.record.committed_step, time.time())

@@ -76,6 +76,16 @@ class Fleet:
         """Spares on standby whose agent is connected."""
         return [n for n in self.standby() if n in self.connected]
 
+    def usable_spares(self) -> list[str]:
+        """Spares a recovery may use: connected, or started and still coming up (a failure in
+        the first seconds must not end the job because a spare's agent has not said hello
+        yet; the relaunch waits for it like any node it starts)."""
+        return [
+            n
+            for n in self.standby()
+            if n in self.connected or (n in self.started and self.scheduler.agent_running(n))
+        ]
+
     # -- starting ----------------------------------------------------------------------------
     def start(self, nodes: Sequence[str]) -> None:
         """Start the agents of `nodes` that are not running yet."""
