@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, sealed_env
 from tests.e2e.harness import (
     JOB_TIMEOUT_S,
     SLOW,
@@ -26,6 +23,7 @@ from tests.e2e.harness import (
     events,
     launch,
     read_state,
+    start_launch,
     trainctl,
     wait_for_step,
     write_recipe,
@@ -50,30 +48,15 @@ def ray_launch(recipe: Path, job_id: str, storage: Path, address: str, *args: st
 
 
 def start_ray_launch(recipe: Path, job_id: str, storage: Path, address: str) -> Any:
-    return subprocess.Popen(
-        [
-            "timeout",
-            "-s",
-            "KILL",
-            str(JOB_TIMEOUT_S),
-            sys.executable,
-            "-m",
-            "trainctl.cli.main",
-            "launch",
-            "--job-id",
-            job_id,
-            str(recipe),
-            "--scheduler",
-            "ray",
-            "--address",
-            address,
-            "--json",
-        ],
-        cwd=REPO,
-        env=sealed_env(storage),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    return start_launch(
+        str(recipe),
+        "--scheduler",
+        "ray",
+        "--address",
+        address,
+        "--json",
+        job_id=job_id,
+        storage=storage,
     )
 
 
