@@ -9,7 +9,7 @@ import pytest
 from trainctl.health.progress import StragglerPolicy, detect_stragglers, node_step_times
 from trainctl.health.verdict import Verdict
 from trainctl.protocol import Heartbeat
-from trainctl.recovery.monitor import straggler_check_interval
+from trainctl.recovery.monitor import hang_check_interval, straggler_check_interval
 from trainctl.recovery.watch import ProgressWatch
 from trainctl.spec import HealthSpec
 
@@ -112,6 +112,11 @@ def test_a_rank_saving_a_checkpoint_gets_the_checkpoint_allowance() -> None:
 )
 def test_straggler_check_interval_grows_with_the_node_count(nodes: int, interval_s: float) -> None:
     assert straggler_check_interval(nodes) == interval_s
+
+
+@pytest.mark.parametrize(("nodes", "interval_s"), [(1, 0.1), (64, 0.1), (512, 0.5), (1024, 1.0)])
+def test_hang_check_interval_grows_with_the_node_count(nodes: int, interval_s: float) -> None:
+    assert hang_check_interval(nodes) == interval_s
 
 
 def reference_verdicts(
