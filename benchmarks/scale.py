@@ -26,6 +26,7 @@ rendezvous key pattern on a TCPStore hosted as the controller hosts it (`rdzv_be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -216,12 +217,18 @@ def main() -> int:
     parser.add_argument("--rdzv-repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--profile", type=Path, default=None)
+    parser.add_argument("--keep", type=Path, default=None, help="keep the stores in this folder")
     args = parser.parse_args()
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
         PROFILE.append(args.profile)
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="trainctl-scale-") as tmp:
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        scratch: Any = contextlib.nullcontext(tempfile.mkdtemp(prefix="scale-", dir=args.keep))
+    else:
+        scratch = tempfile.TemporaryDirectory(prefix="trainctl-scale-")
+    with scratch as tmp:
         for nodes in args.nodes:
             try:
                 row = one_size(nodes, Path(tmp))

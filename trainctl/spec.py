@@ -234,7 +234,8 @@ class HealthSpec(_Frozen):
     stack_dump_timeout_s: float = Field(default=15.0, gt=0)
     """After a hang, how long the controller waits for every node's stack dumps."""
     heartbeat_interval_s: float = Field(default=0.25, gt=0, le=10)
-    """How often controller and node agents send each other a heartbeat."""
+    """How often controller and node agents send each other a heartbeat (lengthened to
+    nodes / 1,024 s for large jobs; an agent's other messages count as beats)."""
     phi_threshold: float = Field(default=8.0, gt=0)
     """A peer whose heartbeats stop is suspected once the φ-accrual detector reaches this
     (`trainctl.health.liveness`; 8: about one wrong suspicion in 10^8 judgements)."""

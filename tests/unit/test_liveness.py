@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainctl.health.liveness import Liveness, LivenessPolicy, PhiAccrual, phi
+from trainctl.health.liveness import Liveness, LivenessPolicy, PhiAccrual, phi, scaled_interval
 
 POLICY = LivenessPolicy(interval_s=0.25, threshold=8.0, acceptable_pause_s=1.0, min_std_s=0.1)
 
@@ -104,3 +104,13 @@ def test_a_higher_threshold_waits_longer(threshold: float) -> None:
         detector.heartbeat(i * 0.25)
     suspicion = next(t / 100 for t in range(1000) if detector.phi(10.0 + t / 100) >= threshold)
     assert 1.25 < suspicion < 1.25 + 0.1 * 7
+
+
+@pytest.mark.parametrize(
+    ("interval_s", "nodes", "scaled_s"),
+    [(0.25, 1, 0.25), (0.25, 256, 0.25), (0.25, 512, 0.5), (0.25, 1024, 1.0), (2.0, 1024, 2.0)],
+)
+def test_the_heartbeat_interval_grows_with_the_node_count(
+    interval_s: float, nodes: int, scaled_s: float
+) -> None:
+    assert scaled_interval(interval_s, nodes) == scaled_s

@@ -277,3 +277,47 @@ def test_only_a_node_s_current_connection_ending_says_it_is_gone() -> None:
     finally:
         new.close()
         server.close()
+
+
+def test_any_message_counts_as_a_beat_both_for_the_judge_and_the_sender() -> None:
+    # The controller's side: an agent that sends progress and no beats is alive...
+    server = ControlServer(TOKEN, liveness=FAST)
+    sock = _raw_connection(server)
+    try:
+        sock.sendall(encode_line(Envelope(Hello(1), "node-0"), TOKEN))
+        assert isinstance(_take(server).message, Hello)
+        progress = Progress({"0": Heartbeat(step=1)})
+        for _ in range(30):  # 0.6 s: far past the 0.3 s pause, without a single beat
+            sock.sendall(encode_line(Envelope(progress, "node-0", time=time.time()), TOKEN))
+            time.sleep(0.02)
+            assert server.silent() == []
+        # ... and once it falls silent, it is suspected (no FIN: the socket stays open).
+        deadline = time.monotonic() + 5
+        while not server.silent() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [s.peer for s in server.silent()] == ["node-0"]
+    finally:
+        sock.close()
+        server.close()
+    # The agent's side: no beat goes out while messages do, beats resume once they stop.
+    listener = socket.create_server(("127.0.0.1", 0))
+    policy = dataclasses.replace(FAST, interval_s=0.2)
+    client = ControlClient(
+        f"127.0.0.1:{listener.getsockname()[1]}", "node-0", TOKEN, liveness=policy
+    )
+    conn, _ = listener.accept()
+    try:
+        for _ in range(30):
+            client.send(Hello(1), None)
+            time.sleep(0.02)
+        time.sleep(0.5)
+        conn.settimeout(1)
+        received = b""
+        while received.count(b"\n") < 30 + 2:
+            received += conn.recv(1 << 16)
+        types = [json.loads(line)["type"] for line in received.splitlines()]
+        assert types[:30] == ["hello"] * 30 and set(types[30:]) == {"beat"}
+    finally:
+        client.close()
+        conn.close()
+        listener.close()

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
+
+from trainctl.health.progress import StragglerPolicy, detect_stragglers, node_step_times
 from trainctl.health.verdict import Verdict
 from trainctl.protocol import Heartbeat
+from trainctl.recovery.monitor import hang_check_interval, straggler_check_interval
 from trainctl.recovery.watch import ProgressWatch
 from trainctl.spec import HealthSpec
 
@@ -99,3 +105,65 @@ def test_a_rank_saving_a_checkpoint_gets_the_checkpoint_allowance() -> None:
     assert "checkpoint allowance 20 s" in check.timeout.explanation
     watch.record("node-0", {"1": Heartbeat(step=4, step_time=1.0)}, 26.6)
     assert not watch.ranks[1].saving  # the next step ends the save window
+
+
+@pytest.mark.parametrize(
+    ("nodes", "interval_s"), [(1, 1.0), (2, 1.0), (128, 1.0), (256, 1.0), (512, 2.0), (1024, 4.0)]
+)
+def test_straggler_check_interval_grows_with_the_node_count(nodes: int, interval_s: float) -> None:
+    assert straggler_check_interval(nodes) == interval_s
+
+
+@pytest.mark.parametrize(("nodes", "interval_s"), [(1, 0.1), (64, 0.1), (512, 0.5), (1024, 1.0)])
+def test_hang_check_interval_grows_with_the_node_count(nodes: int, interval_s: float) -> None:
+    assert hang_check_interval(nodes) == interval_s
+
+
+def reference_verdicts(
+    samples: dict[int, dict[int, float]], node_of: dict[int, str], health: HealthSpec
+) -> dict[str, object]:
+    """The check rebuilt from every rank's samples (what the watch did before it kept
+    per-node series incrementally)."""
+    common = sorted(set.intersection(*(set(s) for s in samples.values())))
+    steps = common[-health.straggler_window :]
+    by_rank = {rank: [s[step] for step in steps] for rank, s in samples.items()}
+    policy = StragglerPolicy(factor=health.straggler_factor, window=health.straggler_window)
+    verdicts = detect_stragglers(node_step_times(by_rank, node_of), policy)
+    return {node: (v.status, v.evidence) for node, v in verdicts.items()}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_incremental_node_series_match_the_check_rebuilt_from_every_rank(seed: int) -> None:
+    rng = random.Random(seed)
+    health = HealthSpec(straggler_factor=1.2, straggler_window=rng.choice([5, 8, 20]))
+    nodes = tuple(f"node-{i}" for i in range(rng.randint(2, 7)))
+    per_node = rng.randint(1, 4)
+    node_of = {r: nodes[r // per_node] for r in range(len(nodes) * per_node)}
+    watch = ProgressWatch(health, nodes, world_size=len(node_of), max_steps=None)
+    slow = rng.choice(nodes)
+    samples: dict[int, dict[int, float]] = {rank: {} for rank in node_of}
+    lag = {rank: rng.randint(0, 3) for rank in node_of}  # ranks report up to 3 steps behind
+    last = rng.randint(health.straggler_window + 4, 5 * health.straggler_window)
+    for step in range(1, last + 1):
+        for rank, node in node_of.items():
+            if step + lag[rank] > last:
+                continue
+            value = rng.uniform(0.9, 1.1) * (1.6 if node == slow else 1.0)
+            samples[rank][step] = value
+            batch = {str(rank): beat(step, value)}
+            watch.record(node, batch, float(step))
+        if step % 3 == 0:
+            got = {n: (v.status, v.evidence) for n, v in watch.check_stragglers().items()}
+            # The watch keeps the newest 2 x window samples a rank: so does the reference.
+            kept = {
+                r: dict(sorted(s.items())[-4 * health.straggler_window :])
+                for r, s in samples.items()
+            }
+            want = reference_verdicts(kept, node_of, health)
+            assert {n: s for n, (s, _) in got.items()} == {n: s for n, (s, _) in want.items()}
+            for node, (_, evidence) in got.items():
+                assert {k: v for k, v in evidence.items() if k not in ("measure", "steps")} == (
+                    want[node][1]  # type: ignore[index]
+                )
+    flagged = {n for n, v in watch.check_stragglers().items() if v.status is Verdict.DEGRADED}
+    assert flagged == {slow}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
@@ -87,3 +88,43 @@ def emit_table(table: Table) -> None:
 def emit_json(obj: Any) -> None:
     """Write one JSON object to stdout, every Unix time in it as ISO 8601 with its zone."""
     emit_result(json.dumps(iso_timestamps(obj), sort_keys=True, default=str))
+
+
+TABLE_ROWS = 256
+"""Up to this many rows print as a rich table; more are written as aligned lines."""
+LISTED_NAMES = 16
+"""Up to this many node names are listed in a table cell; more are counted."""
+
+
+def aligned_lines(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A table as plain lines, each column as wide as its widest cell (the last one unpadded).
+    What a long listing prints instead of a rich table, which renders and measures every
+    cell before printing the first row (2.2 s of `status` for 1,024 nodes)."""
+    widths = [
+        max([len(header)] + [len(row[i]) for row in rows]) for i, header in enumerate(headers)
+    ]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+        for cells in (headers, *rows)
+    ]
+
+
+def emit_rows(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A result table on stdout: a rich table up to `TABLE_ROWS` rows, aligned lines past it."""
+    if len(rows) <= TABLE_ROWS:
+        table = plain_table(*headers)
+        for row in rows:
+            table.add_row(*row)
+        emit_table(table)
+        return
+    out = terminal.out.file
+    out.write("".join(line + "\n" for line in aligned_lines(headers, rows)))
+    out.flush()
+
+
+def names_cell(names: Sequence[str]) -> str:
+    """Node names for a table cell: all of them up to `LISTED_NAMES`, else a count and the
+    first and last (`--json` has them all)."""
+    if len(names) <= LISTED_NAMES:
+        return ",".join(names)
+    return f"{len(names)} nodes: {names[0]} … {names[-1]}"

@@ -27,7 +27,15 @@ from trainctl.cli.common import (
     read_node_verdicts,
     warn_skipped,
 )
-from trainctl.cli.console import emit_json, emit_table, format_age, plain_table, terminal
+from trainctl.cli.console import (
+    emit_json,
+    emit_rows,
+    emit_table,
+    format_age,
+    names_cell,
+    plain_table,
+    terminal,
+)
 from trainctl.cli.times import wall_and_age
 from trainctl.errors import UserError
 from trainctl.health.utilisation import IdleFinding, NodeUtilisation
@@ -319,19 +327,19 @@ def status(
         console.print(f"step {record.step}")
     if record.fingerprint:
         console.print(f"final step {record.final_step}, fingerprint {record.fingerprint}")
-    table = plain_table("NODE", "STATE", "PID", "STEP", "HEALTH", "GPU UTIL, MEMORY", "REASON")
-    for node in record.nodes:
-        verdict = verdicts.get(node.name, {})
-        table.add_row(
+    rows = [
+        (
             node.name,
             node.state.value,
             "" if node.pid is None else str(node.pid),
             "" if node.step is None else str(node.step),
-            str(verdict.get("status", "")),
+            str(verdicts.get(node.name, {}).get("status", "")),
             _gpu_text(gpus.nodes.get(node.name)),
             node.reason,
         )
-    console.print(table)
+        for node in record.nodes
+    ]
+    emit_rows(("NODE", "STATE", "PID", "STEP", "HEALTH", "GPU UTIL, MEMORY", "REASON"), rows)
     if gpus.nodes:
         console.print(f"GPU use over the last {format_age(gpus.window_s)} of samples")
     for finding in gpus.idle.values():
@@ -354,7 +362,7 @@ def status(
         attempts.add_row(
             str(a.number),
             a.state.value,
-            ",".join(a.nodes),
+            names_cell(a.nodes),
             str(a.world_size),
             f"{end - a.started_at:.1f}s",
             a.cause or "",

@@ -51,6 +51,17 @@ class LivenessPolicy:
         )
 
 
+BEATS_PER_S = 1024
+"""What the controller's own beats to its agents may cost: at most this many a second."""
+
+
+def scaled_interval(interval_s: float, nodes: int) -> float:
+    """The heartbeat interval for a job of `nodes` nodes: `interval_s`, lengthened to
+    `nodes / BEATS_PER_S` (1 s at 1,024 nodes, where 0.25 s was 4,096 beats a second each way
+    on the controller's one loop). The detectors learn the interval they observe."""
+    return max(interval_s, nodes / BEATS_PER_S)
+
+
 def phi(elapsed_s: float, mean_s: float, std_s: float) -> float:
     """-log10 of the probability that a heartbeat comes more than `elapsed_s` after the last
     one, for normally distributed inter-arrival times (the logistic approximation of the normal

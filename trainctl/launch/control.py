@@ -232,10 +232,12 @@ class ControlServer:
                 self.peers[node] = peer.address
         elif envelope.node != node:
             envelope = Envelope(envelope.message, node, envelope.attempt, envelope.time)
+        # Any message proves the agent alive: it sends a `Beat` only when it sent nothing
+        # else for an interval (progress flows every step, so few beats while training runs).
+        with self._lock:
+            if self._connections.get(node) is conn:
+                self._liveness.heartbeat(node, time.monotonic())
         if isinstance(envelope.message, Beat):
-            with self._lock:
-                if self._connections.get(node) is conn:
-                    self._liveness.heartbeat(node, time.monotonic())
             return True
         self.messages.put(envelope)
         return True
@@ -350,12 +352,20 @@ class ControlClient:
         self._liveness.watch("controller", time.monotonic())
         self._closed = threading.Event()
         threading.Thread(target=self._read_loop, name="control-read", daemon=True).start()
-        threading.Thread(
-            target=_beat_forever,
-            args=(self.policy.interval_s, self._closed, lambda: self.send(Beat(), None)),
-            name="control-beat",
-            daemon=True,
-        ).start()
+        self._last_sent = time.monotonic()
+        threading.Thread(target=self._beat_loop, name="control-beat", daemon=True).start()
+
+    def _beat_loop(self) -> None:
+        """A `Beat` once an interval passed with nothing sent: any message counts as one."""
+        interval = self.policy.interval_s
+        while True:
+            wait = interval - (time.monotonic() - self._last_sent)
+            if wait > 0:
+                if self._closed.wait(wait):
+                    return
+                continue
+            if not self.send(Beat(), None) and self._closed.wait(interval):
+                return
 
     def _read_loop(self) -> None:
         try:
@@ -385,6 +395,7 @@ class ControlClient:
         try:
             with self._send_lock:
                 self._sock.sendall(encode_line(envelope, self._token))
+                self._last_sent = time.monotonic()
             return True
         except OSError:
             return False

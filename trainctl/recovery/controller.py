@@ -32,7 +32,7 @@ from trainctl.cancel import CANCEL, CancelWatch
 from trainctl.checkpoint import fence
 from trainctl.events import FenceFailed, JobFailed, RecoveryPlanned
 from trainctl.exitcodes import ExitCode
-from trainctl.health.liveness import LivenessPolicy
+from trainctl.health.liveness import LivenessPolicy, scaled_interval
 from trainctl.launch.control import ControlServer
 from trainctl.launch.local import LocalScheduler
 from trainctl.launch.plan import Facts, LaunchPlan, agent_env, gate_plan, plan_attempt
@@ -110,7 +110,9 @@ class Controller:
             options.rdzv_host,
             0,
             liveness=LivenessPolicy(
-                interval_s=health.heartbeat_interval_s,
+                interval_s=scaled_interval(
+                    health.heartbeat_interval_s, spec.nodes + spec.spare_nodes
+                ),
                 threshold=health.phi_threshold,
                 acceptable_pause_s=health.heartbeat_pause_s,
             ),
@@ -318,7 +320,9 @@ class Controller:
         health = self.spec.health
         env[Env.LIVENESS] = json.dumps(
             {
-                "interval_s": health.heartbeat_interval_s,
+                "interval_s": scaled_interval(
+                    health.heartbeat_interval_s, self.spec.nodes + self.spec.spare_nodes
+                ),
                 "threshold": health.phi_threshold,
                 "acceptable_pause_s": health.controller_pause_s,
             }

@@ -148,7 +148,11 @@ class Fleet:
         """An agent of `nodes` (not in `done`) whose process ended without reporting, or whose
         heartbeats stopped, is lost. Silent agents elsewhere (spares) wait in `silent_spares`."""
         now = time.monotonic()
-        if now - self._last_silence_check >= SILENCE_CHECK_S:
+        # Judged at most four times a beat interval (that interval grows with N): more often
+        # only recomputes every node's φ between two beats (5% of the controller at 1,024).
+        if now - self._last_silence_check >= max(
+            SILENCE_CHECK_S, self.server.policy.interval_s / 4
+        ):
             self._last_silence_check = now
             self._silent.update({s.peer: s for s in self.server.silent()})
         lost: list[policy.Observation] = []

@@ -33,10 +33,25 @@ from trainctl.recovery.watch import HangCheck, ProgressWatch
 from trainctl.spec import HealthSpec
 
 STRAGGLER_CHECK_INTERVAL_S = 1.0
+"""Straggler detection runs at most this often (and only when new step times arrived)..."""
+STRAGGLER_CHECK_NODES_PER_S = 256
 HANG_CHECK_INTERVAL_S = 0.1
 """Ranks are checked for a hang at most this often (each check walks every rank: 8,192 at 1,024
 nodes x 8, on every turn of the attempt's loop before; hang timeouts are seconds)."""
-"""Straggler detection runs at most this often (and only when new step times arrived)."""
+
+
+def straggler_check_interval(nodes: int) -> float:
+    """...and at most once per `nodes / STRAGGLER_CHECK_NODES_PER_S` seconds: a check costs
+    O(N W log N), and a straggler is a trend over `straggler_window` steps (20), so a check
+    every few seconds at 1,024 nodes (4 s) still flags one within a few steps of the window."""
+    return max(STRAGGLER_CHECK_INTERVAL_S, nodes / STRAGGLER_CHECK_NODES_PER_S)
+
+
+def hang_check_interval(nodes: int) -> float:
+    """`HANG_CHECK_INTERVAL_S`, lengthened to nodes / 1,024 s (1 s at 1,024 nodes, where the
+    check walking 8,192 ranks ten times a second was 10% of the controller's CPU): a hang
+    timeout is a minute by default, so a second more before a hang is declared is noise."""
+    return max(HANG_CHECK_INTERVAL_S, nodes / 1024)
 
 
 @dataclasses.dataclass
@@ -140,7 +155,7 @@ class AttemptMonitor:
         now = time.monotonic()
         if not watch.has_new_samples():
             return
-        if now - self._last_straggler_check < STRAGGLER_CHECK_INTERVAL_S:
+        if now - self._last_straggler_check < straggler_check_interval(len(watch.nodes)):
             return
         self._last_straggler_check = now
         for node, verdict in watch.check_stragglers().items():
@@ -163,7 +178,7 @@ class AttemptMonitor:
         if self._hang is not None:
             return
         now = time.monotonic()
-        if now - self._last_hang_check < HANG_CHECK_INTERVAL_S:
+        if now - self._last_hang_check < hang_check_interval(len(self.watch.nodes)):
             return
         self._last_hang_check = now
         watch = self.watch

@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Mapping
 
 from trainctl.cancel import pending_requests
-from trainctl.checkpoint.memory import release_memory
 from trainctl.errors import UserError
 from trainctl.events import LeaseTaken
 from trainctl.exitcodes import ExitCode
@@ -44,6 +43,15 @@ class Resumed:
     record: JobRecord
     binding: Binding | None
     lease: Lease
+
+
+def _release_memory(job_id: str) -> bool:
+    """`trainctl.checkpoint.memory.release_memory`, imported when called: that module imports
+    torch (2-4 s), and every CLI command imports this one (`status` took 4.5 s at 1,024 nodes,
+    most of it importing torch)."""
+    from trainctl.checkpoint.memory import release_memory
+
+    return release_memory(job_id)
 
 
 def run_job(
@@ -87,7 +95,7 @@ def run_job(
         # The memory tier lives as long as the job's controller (a resume restores from
         # durable storage), unless another controller took the job over.
         if not lease.lost.is_set():
-            release_memory(record.job_id)
+            _release_memory(record.job_id)
         lease.release()
     if lease.lost.is_set():
         warn(f"job {record.job_id}: another controller took the job over; this one stopped")
@@ -145,7 +153,7 @@ def prepare_resume(
         lease.release()  # nothing started: the next resume takes the job at once
         raise
     clear_leftovers(job_id, warn)
-    if release_memory(job_id):
+    if _release_memory(job_id):
         warn(
             f"job {job_id}: dropped the memory checkpoints the previous controller left on this "
             "host; the job restores from durable storage"

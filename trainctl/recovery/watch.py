@@ -7,7 +7,9 @@ monotonic clock, so worker clock skew across hosts cannot fake or hide a hang).
 
 Per-step sample: the rank's *busy* time when the script marks it (`ctx.busy()`), else its
 wall-clock step time. Straggler detection compares nodes (the slowest rank of each node per
-step) over the most recent steps that every rank has reported.
+step) over the most recent steps that every rank has reported. The per-node series are kept as
+samples arrive (O(1) a sample: per node and step, the slowest rank so far and how many ranks
+reported it), so a check reads N nodes' windows instead of rebuilding them from 8 N ranks.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from trainctl.health.progress import (
     derive_hang_timeout,
     detect_hang,
     detect_stragglers,
-    node_step_times,
 )
 from trainctl.health.verdict import HealthVerdict
 from trainctl.protocol import Heartbeat
@@ -63,6 +64,10 @@ class ProgressWatch:
         self.exited: set[str] = set()
         self.step_times: collections.deque[float] = collections.deque(maxlen=health.hang_window)
         self._new_samples = False
+        self._node_steps: dict[str, dict[int, list[float]]] = {}
+        """node -> step -> [slowest sample of its ranks so far, how many ranks reported it]."""
+        self._node_ranks: dict[str, int] = {}
+        """node -> how many of its ranks have reported a sample."""
 
     # -- feeding ---------------------------------------------------------------------------
     def node_started(self, node: str, now: float) -> None:
@@ -86,12 +91,31 @@ class ProgressWatch:
                     self.step_times.append(float(step_time))
                 value = busy_time if busy_time is not None else step_time
                 if value is not None:
-                    progress.samples[int(sample_step)] = float(value)
+                    self._sample(progress, int(sample_step), float(value))
                     progress.reports_busy = progress.reports_busy or busy_time is not None
                     self._new_samples = True
-            keep = 2 * self.health.straggler_window
+
+    def _sample(self, progress: RankProgress, step: int, value: float) -> None:
+        """Keep one rank's sample and fold it into its node's series for that step."""
+        node, keep = progress.node, 2 * self.health.straggler_window
+        if not progress.samples:
+            self._node_ranks[node] = self._node_ranks.get(node, 0) + 1
+        steps = self._node_steps.setdefault(node, {})
+        entry = steps.get(step)
+        if entry is None:
+            entry = steps[step] = [value, 0.0]
+        elif value > entry[0]:
+            entry[0] = value
+        if step not in progress.samples:
+            entry[1] += 1
+        progress.samples[step] = value
+        # Pruned in batches (sorting 2 x window steps once per window, not on every sample).
+        if len(progress.samples) > 2 * keep:
             for old in sorted(progress.samples)[:-keep]:
                 del progress.samples[old]
+        if len(steps) > 2 * keep:
+            for old in sorted(steps)[:-keep]:
+                del steps[old]
 
     # -- hangs -----------------------------------------------------------------------------
     def steady_timeout(self) -> HangTimeout:
@@ -177,17 +201,20 @@ class ProgressWatch:
     def check_stragglers(self) -> dict[str, HealthVerdict]:
         """A verdict per node over the most recent steps every rank has reported."""
         self._new_samples = False
-        ranks = {rank: p for rank, p in self.ranks.items() if p.samples}
-        if len({p.node for p in ranks.values()}) < 2:
+        nodes = {node: n for node, n in self._node_ranks.items() if n}
+        if len(nodes) < 2:
             return {}
-        common = set.intersection(*(set(p.samples) for p in ranks.values()))
-        steps = sorted(common)[-self.health.straggler_window :]
-        by_rank = {rank: [p.samples[step] for step in steps] for rank, p in ranks.items()}
-        by_node = node_step_times(by_rank, {rank: p.node for rank, p in ranks.items()})
+        complete = (
+            {step for step, (_, count) in self._node_steps[node].items() if count >= ranks}
+            for node, ranks in nodes.items()
+        )
+        steps = sorted(set.intersection(*complete))[-self.health.straggler_window :]
+        by_node = {node: [self._node_steps[node][step][0] for step in steps] for node in nodes}
         policy = StragglerPolicy(
             factor=self.health.straggler_factor, window=self.health.straggler_window
         )
-        measure = "busy" if all(p.reports_busy for p in ranks.values()) else "wall-clock step"
+        busy = all(p.reports_busy for p in self.ranks.values() if p.samples)
+        measure = "busy" if busy else "wall-clock step"
         extra = {"measure": measure, "steps": [steps[0], steps[-1]] if steps else []}
         return {
             node: dataclasses.replace(verdict, evidence=verdict.evidence | extra)

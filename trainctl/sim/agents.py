@@ -119,6 +119,7 @@ class SimAgent:
             return
         envelope = Envelope(message, self.node, self.attempt, time.time())
         self.outbuf += encode_line(envelope, self.token)
+        self.next_beat = time.monotonic() + self.beat_s  # as the real agent: it counts as one
         self.flush()
 
     def flush(self) -> None:
