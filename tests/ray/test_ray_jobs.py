@@ -182,6 +182,41 @@ def test_a_ray_node_removed_mid_run_is_blamed_excluded_and_its_spare_used(
     assert victim not in state["attempts"][-1]["nodes"] and len(state["attempts"][-1]["nodes"]) == 2
 
 
+def test_a_ray_node_removed_without_a_spare_shrinks_the_job_and_reshards(
+    tmp_path: Path, storage: Path, ray_cluster: RayTestCluster
+) -> None:
+    recipe = write_recipe(tmp_path, "gpt", config={**SLOW}, min_nodes=1)
+    proc = start_ray_launch(recipe, "shrink", storage, ray_cluster.address)
+    try:
+        wait_for_step(storage, "shrink", 8)
+        victim = read_state(storage, "shrink")["attempts"][0]["nodes"][1]
+        ray_cluster.remove_worker(victim)
+        _, err = proc.communicate(timeout=JOB_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        assert_no_leftovers("shrink")
+        ray_cluster.add_worker(tmp_path)
+    assert proc.returncode == 0, err
+    assert list(blocklist(storage, "shrink")) == [victim]
+    state = read_state(storage, "shrink")
+    assert [a["world_size"] for a in state["attempts"]] == [2, 1]
+    assert state["state"] == "succeeded" and state["final_step"] == 30
+    assert victim not in state["attempts"][-1]["nodes"]
+    items = events(storage, "shrink")
+    restored = [e for e in items if e["kind"] == "restored_fingerprint"]
+    assert len(restored) == 1
+    step = restored[0]["data"]["step"]
+    saved = [
+        e["data"]["fingerprint"]
+        for e in items
+        if e["kind"] == "saved_fingerprint" and e["data"]["step"] == step and e["attempt"] == 0
+    ]
+    # 2 ranks saved, 1 rank restored on the Ray node left: bit for bit the saved weights
+    assert saved, f"no fingerprint saved at step {step}"
+    assert saved[0] == restored[0]["data"]["fingerprint"]
+
+
 def test_no_placement_left_ends_the_job_for_a_requeue_and_resume_picks_it_up(
     tmp_path: Path, storage: Path, ray_cluster: RayTestCluster, local_fingerprint: str
 ) -> None:
