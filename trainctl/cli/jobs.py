@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
-import sys
 import time
 from datetime import datetime
 from typing import Any
@@ -23,7 +22,6 @@ from trainctl.cli.common import (
     STORAGE_OPTION,
     open_job,
     open_store,
-    read_events,
     read_node_verdicts,
     warn_skipped,
 )
@@ -131,10 +129,10 @@ def status_json(
 SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def parse_since(text: str, now: float) -> float:
-    """`--since`: an age (``90s``, ``30m``, ``2h``, ``3d``, ``1w``) or an ISO 8601 date or time
-    (``2026-12-01``, ``2026-12-01T08:00``; local time unless it carries a zone), as a Unix time.
-    Raises `UserError` otherwise."""
+def parse_since(text: str, now: float, where: str = "--since") -> float:
+    """`--since` (or `where`: `--until`): an age (``90s``, ``30m``, ``2h``, ``3d``, ``1w``)
+    or an ISO 8601 date or time (``2026-12-01``, ``2026-12-01T08:00``; local time unless it
+    carries a zone), as a Unix time. Raises `UserError` otherwise."""
     age = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
     if age:
         return now - float(age.group(1)) * SINCE_UNITS[age.group(2)]
@@ -143,7 +141,7 @@ def parse_since(text: str, now: float) -> float:
     except ValueError:
         raise UserError(
             "not an age or a date",
-            where="--since",
+            where=where,
             value=text,
             fix="give an age such as 30m, 2h, 3d or 1w, or an ISO date such as 2026-12-01 "
             "or 2026-12-01T08:00",
@@ -372,38 +370,3 @@ def status(
     if record.restarts:
         spent = ", ".join(f"{cause} {count}" for cause, count in sorted(record.restarts.items()))
         console.print(f"restarts: {spent}")
-
-
-TABLE_EVENTS = 2000
-"""Up to this many events print as a table; a longer log is streamed as aligned lines."""
-
-
-def events(
-    job_id: str = typer.Argument(..., help=JOB_HELP),
-    storage: str | None = STORAGE_OPTION,
-    as_json: bool = JSON_OPTION,
-) -> None:
-    """Show a job's events in time order."""
-    store, job_id = open_job(storage, job_id)
-    record = store.read_state(job_id)
-    items = read_events(store, job_id)
-    if as_json:
-        emit_json([e.to_json() for e in items])
-        return
-    start = record.created_at
-    if len(items) > TABLE_EVENTS:
-        # A long log is streamed line by line: a table measures every row before printing
-        # the first (35 s for 100,000 events).
-        kind_w = max(len(e.kind) for e in items)
-        node_w = max(len(e.node or "") for e in items)
-        write = sys.stderr.write  # where the table goes: the console for humans
-        write(f"{'T+':>8}  {'KIND':<{kind_w}}  {'NODE':<{node_w}}  MESSAGE\n")
-        for e in items:
-            when = f"{e.time - start:7.2f}s"
-            write(f"{when:>8}  {e.kind:<{kind_w}}  {e.node or '':<{node_w}}  {e.message}\n")
-        sys.stderr.flush()
-        return
-    table = plain_table("T+", "KIND", "NODE", "MESSAGE")
-    for e in items:
-        table.add_row(f"{e.time - start:7.2f}s", e.kind, e.node or "", e.message)
-    emit_table(table)

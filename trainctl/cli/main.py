@@ -12,6 +12,7 @@ import typer.main
 
 from trainctl.cli import cancel, ckpt, describe, health, jobs, launch, logs, report, resume
 from trainctl.cli.console import QUIET, VERBOSE, terminal
+from trainctl.cli.event_log import events
 from trainctl.cli.metrics import metrics
 from trainctl.cli.top import top
 from trainctl.errors import TrainctlError
@@ -86,7 +87,7 @@ app.command("resume")(resume.resume)
 app.command("cancel")(cancel.cancel)
 app.command("list")(jobs.list_jobs)
 app.command("status")(jobs.status)
-app.command("events")(jobs.events)
+app.command("events")(events)
 app.command("describe")(describe.describe)
 app.command("logs")(logs.logs)
 app.command("health")(health.health)

@@ -28,6 +28,8 @@ from rich.text import Text
 
 from trainctl.cli.common import JOB_HELP, STORAGE_OPTION, open_job, warn_skipped
 from trainctl.cli.console import format_age, plain_table, terminal
+from trainctl.event_reader import EventFollower
+from trainctl.report.goodput import LEDGER_KINDS
 from trainctl.report.live import JobSnapshot, NodeView, count_by, read_snapshot, worst_nodes
 from trainctl.store import JobStore
 
@@ -175,9 +177,9 @@ def _wait_for_quit(seconds: float, keys: bool) -> bool:
 
 
 def _frame(
-    store: JobStore, job_id: str, now: float | None, most: int
+    store: JobStore, job_id: str, now: float | None, most: int, follower: EventFollower
 ) -> tuple[JobSnapshot, RenderableType]:
-    snap, problems = read_snapshot(store, job_id, time.time() if now is None else now)
+    snap, problems = read_snapshot(store, job_id, time.time() if now is None else now, follower)
     warn_skipped(problems)
     return snap, render_frame(snap, most)
 
@@ -196,8 +198,9 @@ def top(
 ) -> None:
     """Watch a job live: nodes, step times, GPUs, heartbeats, events, goodput (q quits)."""
     store, job_id = open_job(storage, job_id)
+    follower = EventFollower(store, job_id, LEDGER_KINDS)  # each refresh reads new events only
     if once:
-        terminal.out.print(_frame(store, job_id, at, nodes)[1])
+        terminal.out.print(_frame(store, job_id, at, nodes, follower)[1])
         return
     with (
         contextlib.suppress(KeyboardInterrupt),
@@ -205,7 +208,7 @@ def top(
         Live(console=terminal.out, auto_refresh=False) as live,
     ):
         while True:
-            snap, frame = _frame(store, job_id, at, nodes)
+            snap, frame = _frame(store, job_id, at, nodes, follower)
             live.update(frame, refresh=True)
             if not snap.live or _wait_for_quit(interval, keys):
                 return

@@ -40,7 +40,14 @@ from collections.abc import Iterable, Sequence
 
 from trainctl.events import (
     JOB_END_KINDS,
+    AttemptEnded,
+    AttemptStarted,
+    CheckpointCommitted,
+    CheckpointRestored,
     Event,
+    FaultInjected,
+    FirstStep,
+    JobCreated,
     JobResumed,
     NodeExcluded,
 )
@@ -67,6 +74,24 @@ from trainctl.report.ledger import (
     Segment,
 )
 from trainctl.state import JobRecord, JobState
+
+LEDGER_KINDS: frozenset[str] = JOB_END_KINDS | {
+    kind.KIND
+    for kind in (
+        AttemptEnded,
+        AttemptStarted,
+        CheckpointCommitted,
+        CheckpointRestored,
+        FaultInjected,
+        FirstStep,
+        JobCreated,
+        JobResumed,
+        NodeExcluded,
+    )
+}
+"""The event kinds whose data the ledger reads; of every other event it needs only the
+envelope (time, kind, attempt: an attempt's last sign of life), so a reader may skip
+validating their data (`trainctl.event_reader.read_all`)."""
 
 
 # -- cutting the wall time -------------------------------------------------------------------------

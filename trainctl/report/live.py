@@ -13,9 +13,10 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from trainctl.event_reader import EventFollower
 from trainctl.events import CheckpointCommitted, CheckpointRestored, Event
 from trainctl.health.utilisation import NodeUtilisation
-from trainctl.report.goodput import build_ledger
+from trainctl.report.goodput import LEDGER_KINDS, build_ledger
 from trainctl.report.gpu import read_gpu_series, stored_health
 from trainctl.report.progress import ProgressView, StepHistogram
 from trainctl.state import JobRecord, JobState, NodeState
@@ -244,10 +245,16 @@ def count_by(nodes: Sequence[NodeView], field: str) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
-def read_snapshot(store: JobStore, job_id: str, now: float) -> tuple[JobSnapshot, list[Problem]]:
-    """The job's snapshot from the store alone; the stored files that were skipped."""
+def read_snapshot(
+    store: JobStore, job_id: str, now: float, follower: EventFollower | None = None
+) -> tuple[JobSnapshot, list[Problem]]:
+    """The job's snapshot from the store alone; the stored files that were skipped.
+
+    `follower`: the events as read so far by the caller's earlier snapshots (`top` refreshes:
+    only new event files are read); without one every event file is read, once. Only the
+    kinds the snapshot interprets (`LEDGER_KINDS`) are validated against their schema."""
     record = store.read_state(job_id)
-    log = store.read_events(job_id)
+    log = (follower or EventFollower(store, job_id, LEDGER_KINDS)).read()
     verdicts, verdict_problems = store.read_node_verdicts(job_id)
     health = stored_health(store, job_id)
     series = read_gpu_series(store, job_id, last_s=health.gpu_idle_window_s)
