@@ -31,7 +31,7 @@ JOB = "pages-20261204-0001"
 T0 = 1764547200.0
 
 
-# -- names (pure) ---------------------------------------------------------------------------------
+# -- names (pure) ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("name", "parsed"),
     [
@@ -131,7 +131,7 @@ def test_newest_keeps_the_last_in_time_order() -> None:
     assert newest(events, 0) == []
 
 
-# -- readers on a real store ------------------------------------------------------------------------
+# -- readers on a real store ---------------------------------------------------------------
 def write_events(storage: Path, count: int) -> JobStore:
     store = JobStore(str(storage))
     for i in range(count):
