@@ -495,6 +495,7 @@ def envelope_from_json(raw: Any) -> Event[EventData]:
     if not plain:  # say what is wrong exactly as `from_json` does
         Event.from_json(raw)  # raises on the envelope before it looks at the data's fields
         raise AssertionError("from_json accepted an envelope envelope_from_json refused")
+    assert isinstance(when, int | float)
     return Event(
         time=float(when),
         message=str(raw.get("message", "")),
