@@ -28,9 +28,11 @@ from typing import IO
 import typer
 from rich.markup import escape
 
-from trainctl.cli.common import JOB_HELP, STORAGE_OPTION, open_job, read_events
+from trainctl.cli.common import JOB_HELP, STORAGE_OPTION, open_job, warn_skipped
 from trainctl.cli.console import terminal
 from trainctl.errors import UserError
+from trainctl.event_pages import EventQuery
+from trainctl.event_reader import read_page
 from trainctl.events import StacksSaved
 from trainctl.store import JobStore, join
 
@@ -117,7 +119,10 @@ class RankMap:
                 self._per_node[attempt.number] = per_node
                 for index, node in enumerate(attempt.nodes):
                     self._assumed[(node, attempt.number)] = index * per_node
-        for event in read_events(self.store, self.job_id):
+        # Only the stack dumps' files are opened (event names carry their kind).
+        page = read_page(self.store, self.job_id, EventQuery(kinds=frozenset({StacksSaved.KIND})))
+        warn_skipped(page.problems)
+        for event in page.events:
             if isinstance(event.data, StacksSaved) and event.node and event.attempt is not None:
                 for dump in event.data.dumps:
                     rank, local = dump.get("rank"), dump.get("local_rank")
