@@ -1,7 +1,9 @@
 """Two measurements of benchmarks/scale.py that need no simulated nodes.
 
 - `events_bench`: a job with 100,000 events written by the real `JobStore`, then `trainctl
-  status`, `events` and `report` on it (targets: status < 1 s, events and report < 5 s).
+  status`, `events` (the newest page, a kind, `--all`), `report` and `top --once` on it
+  (targets: status < 1 s, events and report < 5 s), beside the floor: listing the directory
+  and reading every file's bytes.
 - `rdzv_bench`: torchrun's c10d rendezvous on a TCPStore hosted as the controller hosts it
   (`controller.start_rendezvous_store`), under N clients (each its own TCPStore connection, as
   each node's agent has one) multiplexed on threads of a few spawned processes, doing the
@@ -49,6 +51,21 @@ def _cli(storage: Path, *args: str) -> float:
     return time.perf_counter() - started
 
 
+def read_floor_s(directory: Path) -> float:
+    """The physical floor for a command that reads every event: list the directory and read
+    every file's bytes with plain ``os.read``, nothing parsed."""
+    import os
+
+    started = time.perf_counter()
+    for name in os.listdir(directory):
+        fd = os.open(directory / name, os.O_RDONLY)
+        try:
+            os.read(fd, 1 << 16)
+        finally:
+            os.close(fd)
+    return time.perf_counter() - started
+
+
 def events_bench(root: Path, count: int) -> dict[str, Any]:
     storage, job = root / "events-store", "many-events"
     store = JobStore(str(storage))
@@ -64,15 +81,22 @@ def events_bench(root: Path, count: int) -> dict[str, Any]:
     row = {
         "events": count,
         "write_s": written,
+        "read_floor_s": read_floor_s(storage / "jobs" / job / "events"),
         "status_s": _cli(storage, "status", job),
         "events_s": _cli(storage, "events", job),
+        "events_kind_s": _cli(storage, "events", job, "--kind", "first_step", "-n", "50"),
+        "events_all_s": _cli(storage, "events", job, "--all"),
         "report_s": _cli(storage, "report", job),
+        "top_s": _cli(storage, "top", job, "--once"),
     }
     row["targets_met"] = row["status_s"] < 1 and row["events_s"] < 5 and row["report_s"] < 5
     print(
-        f"{count} events (written in {written:.1f} s): status {row['status_s']:.2f} s "
-        f"(target < 1), events {row['events_s']:.2f} s (target < 5), report "
-        f"{row['report_s']:.2f} s (target < 5); targets_met={row['targets_met']}",
+        f"{count} events (written in {written:.1f} s; listing + reading every file's bytes, "
+        f"the floor for reading them all: {row['read_floor_s']:.2f} s): status "
+        f"{row['status_s']:.2f} s (target < 1), events (newest page) {row['events_s']:.2f} s "
+        f"(target < 5), events --kind first_step -n 50 {row['events_kind_s']:.2f} s, events "
+        f"--all (streamed) {row['events_all_s']:.2f} s, report {row['report_s']:.2f} s "
+        f"(target < 5), top --once {row['top_s']:.2f} s; targets_met={row['targets_met']}",
         flush=True,
     )
     return row
