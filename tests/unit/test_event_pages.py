@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import S3Endpoint
 from tests.unit.test_goodput import SCENARIOS, _random_job
 from trainctl.event_pages import (
     EventName,
@@ -243,3 +244,23 @@ def test_follower_reads_each_file_once(storage: Path) -> None:
     log = follower.read()
     assert [e.message for e in log.events[-2:]] == ["event 9", "new"]
     assert log.problems == []
+
+
+def test_readers_on_s3(s3: S3Endpoint) -> None:
+    """The same pages and the one pass on an object store (a batch fetched concurrently)."""
+    store = JobStore(s3.root("store"), s3.storage_options)
+    for i in range(12):
+        data = NodeExited(code=i) if i % 3 else FirstStep(step=i)
+        store.append_event(JOB, Event(T0 + i * 0.5, f"event {i}", data))
+    client = s3.client()
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket)["Contents"])
+    client.put_object(Bucket=s3.bucket, Key=keys[-1], Body=b"{")  # a damaged newest event
+    page = read_page(store, JOB, EventQuery(limit=3))
+    assert [e.message for e in page.events] == ["event 8", "event 9", "event 10"]
+    assert [p.url.rsplit("/", 1)[-1] for p in page.problems] == [keys[-1].rsplit("/", 1)[-1]]
+    log = read_all(store, JOB, LEDGER_KINDS)
+    assert [e.message for e in log.events] == [f"event {i}" for i in range(11)]
+    streamed = [
+        e.message for events, _ in stream(store, JOB, EventQuery(), batch=5) for e in events
+    ]
+    assert streamed == [f"event {i}" for i in range(11)]
