@@ -27,6 +27,7 @@ from trainctl.errors import UserError
 from trainctl.event_pages import EventQuery
 from trainctl.event_reader import read_page, stream
 from trainctl.events import Event
+from trainctl.store import Problem
 
 DEFAULT_LIMIT = 200
 """How many of the newest events `trainctl events` shows without `--limit` or `--all`."""
@@ -107,7 +108,9 @@ def _print_page(events: Sequence[Event], start: float) -> None:
     _write_lines(aligned_event_lines(iter([HEADERS, *rows]), widths))
 
 
-def _stream_all(batches: Iterator[tuple[list[Event], list]], start: float, as_json: bool) -> int:
+def _stream_all(
+    batches: Iterator[tuple[list[Event], list[Problem]]], start: float, as_json: bool
+) -> int:
     """Write every event of `batches` as it comes; returns how many."""
     out = terminal.out.file
     count = 0
