@@ -183,6 +183,7 @@ FAULT_KINDS = (
     "hang",
     "nvml-xid",
     "storage-outage",
+    "corrupt-memory",
 )
 """Faults `trainctl launch --fault` can inject (local scheduler, a testing feature)."""
 

@@ -110,6 +110,30 @@ def test_node_loss_without_replicas_restores_durable_and_says_so(
     )
 
 
+def test_a_corrupted_memory_copy_falls_back_to_the_peers_replica(
+    tmp_path: Path, storage: Path, baseline: dict[str, Any]
+) -> None:
+    out = run(
+        tmp_path,
+        storage,
+        "memcorrupt",
+        "corrupt-memory:node-0@step=12",
+        "kill-worker:node-1@step=12",
+        checkpoint=MEMORY,
+        health=HEALTH,
+    )
+    assert out["fingerprint"] == baseline["fingerprint"]
+    restored = _restores(storage, "memcorrupt")
+    # node-0's own copies fail their checksums: its shards come from node-1's replica.
+    assert len(restored) == 1 and restored[0]["tier"] == PEER_TIER, restored
+    assert restored[0]["step"] >= 11, restored
+    skipped = [e["data"] for e in events(storage, "memcorrupt") if e["kind"] == "restore_skipped"]
+    assert any(
+        s.get("tier") == MEMORY_TIER and "node-0" in s["reason"] and "checksum" in s["reason"]
+        for s in skipped
+    ), skipped
+
+
 def test_shrink_reshards_from_the_peers_replica(
     tmp_path: Path, storage: Path, baseline: dict[str, Any]
 ) -> None:
