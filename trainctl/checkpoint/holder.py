@@ -396,6 +396,8 @@ class Holder:
                 if stale > step:
                     shutil.rmtree(self.path(folder, step_dir_name(stale)), ignore_errors=True)
         self._replicated = {s for s in self._replicated if s <= step}
+        # Manifests received from the last attempt's rank 0: this node may be rank 0's now.
+        self._received.clear()
 
     def close(self) -> None:
         self._stop.set()
