@@ -134,6 +134,8 @@ class Hello(Message):
 
     TYPE: ClassVar[str] = "hello"
     pid: int
+    holder: str = ""
+    """host:port of the node's memory-tier holder (`trainctl.checkpoint.holder`); "" if none."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +242,10 @@ class Launch(Message):
 
     TYPE: ClassVar[str] = "launch"
     plan: str
+    holders: dict[str, str] = dataclasses.field(default_factory=dict)
+    """The attempt's memory-tier holders (node -> host:port, plan order); empty: tier off."""
+    replicas: int = 0
+    """``checkpoint.memory.replicas``: peers that hold a copy of each node's memory steps."""
 
 
 @dataclasses.dataclass(frozen=True)

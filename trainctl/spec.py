@@ -56,9 +56,14 @@ class MemoryTierSpec(_Frozen):
 
     enabled: bool = False
     """Keep in-memory checkpoints. Off by default: every memory save costs each rank one copy
-    of its state per interval and (2 + 1) x its state in host memory (README: checkpoint tiers)."""
+    of its state per interval and 4 x (1 + replicas) x its state in host memory (README:
+    checkpoint tiers)."""
     interval_steps: int = Field(default=1, ge=1, le=MAX_STEPS)
     """Save into memory every N steps (1: every step, nothing replayed after a worker crash)."""
+    replicas: int = Field(default=1, ge=0, le=8)
+    """Peer nodes that hold a copy of each node's memory steps (over TCP, on other hosts when
+    there are), so a lost node's step is restored from a peer's RAM. 0: a node loss restores
+    from durable storage. Each replica adds one copy of the node's state to every node's RAM."""
 
 
 class CheckpointSpec(_Frozen):
@@ -178,6 +183,7 @@ FAULT_KINDS = (
     "hang",
     "nvml-xid",
     "storage-outage",
+    "corrupt-memory",
 )
 """Faults `trainctl launch --fault` can inject (local scheduler, a testing feature)."""
 

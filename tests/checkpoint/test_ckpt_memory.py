@@ -82,35 +82,39 @@ def test_tier_order(memory: int | None, durable: int | None, order: list[str]) -
 
 
 @pytest.mark.parametrize(
-    ("shard", "ranks", "free", "fits"),
+    ("shard", "ranks", "replicas", "free", "fits"),
     [
-        (100, 2, STEPS_HELD * 100 * 2, True),
-        (100, 2, STEPS_HELD * 100 * 2 - 1, False),
-        (0, 8, 0, True),
-        (2**30, 8, 2**34, False),
+        (100, 2, 0, STEPS_HELD * 100 * 2, True),
+        (100, 2, 0, STEPS_HELD * 100 * 2 - 1, False),
+        (100, 2, 1, STEPS_HELD * 2 * 100 * 2, True),
+        (100, 2, 1, STEPS_HELD * 2 * 100 * 2 - 1, False),
+        (100, 1, 2, STEPS_HELD * 3 * 100, True),
+        (0, 8, 1, 0, True),
+        (2**30, 8, 0, 2**34, False),
     ],
 )
-def test_memory_budget(shard: int, ranks: int, free: int, fits: bool) -> None:
-    budget = memory_budget(shard, ranks, free)
+def test_memory_budget(shard: int, ranks: int, replicas: int, free: int, fits: bool) -> None:
+    """Own copies plus one per replica, STEPS_HELD steps each, per rank on the host."""
+    budget = memory_budget(shard, ranks, free, replicas)
     assert budget.fits is fits
     if not fits:
         assert "memory tier off" in budget.reason and "checkpoint.memory" in budget.reason
 
 
 @pytest.mark.parametrize(
-    ("hosts", "fits"),
+    ("hosts", "replicas", "says"),
     [
-        (["a"], True),
-        (["a", "a", "a"], True),
-        (["a", "b"], False),
-        ([f"h{i}" for i in range(9)], False),
+        (["a"], 1, "a, 1 replica"),
+        (["a", "a", "a"], 0, "a, 0 replica"),
+        (["a", "b"], 1, "2 hosts, 1 replica"),
+        ([f"h{i}" for i in range(9)], 0, "durable storage restores"),
     ],
 )
-def test_host_scope(hosts: list[str], fits: bool) -> None:
-    scope = host_scope(hosts)
-    assert scope.fits is fits
-    if not fits:
-        assert "memory tier off" in scope.reason and "durable storage" in scope.reason
+def test_host_scope_keeps_the_tier_on_several_hosts(
+    hosts: list[str], replicas: int, says: str
+) -> None:
+    scope = host_scope(hosts, replicas)
+    assert scope.fits and says in scope.reason, scope.reason
 
 
 def test_memory_spec_defaults_and_bounds() -> None:
@@ -120,6 +124,9 @@ def test_memory_spec_defaults_and_bounds() -> None:
         CheckpointSpec.model_validate({"memory": {"enabled": True, "interval_steps": 0}})
     with pytest.raises(ValueError, match="replica"):
         CheckpointSpec.model_validate({"memory": {"replica": 1}})
+    assert spec.memory.replicas == 1
+    with pytest.raises(ValueError, match="replicas"):
+        CheckpointSpec.model_validate({"memory": {"replicas": -1}})
 
 
 def _tiers(shm_base: str, tmp_path: Path, events: Recorder) -> tuple[MemoryTier, Checkpointer]:
@@ -143,7 +150,8 @@ def test_restore_prefers_memory_and_falls_back_on_a_corrupted_copy(
     durable.wait()
     # Two committed memory steps kept (the newest is never overwritten by the next).
     root = memory_root("job", shm_base)
-    assert sorted(os.listdir(root)) == [step_dir_name(11), step_dir_name(12)]
+    own = os.path.join(root, "own")  # no holder: the node's own steps, two kept by retention
+    assert sorted(os.listdir(own)) == [step_dir_name(11), step_dir_name(12)]
     assert not [e for e in events.of("checkpoint_committed") if e.get("tier") == MEMORY_TIER]
 
     state = _blank()
@@ -154,7 +162,7 @@ def test_restore_prefers_memory_and_falls_back_on_a_corrupted_copy(
     # Corrupt both memory copies: every block is verified, so each is skipped with an event
     # naming the memory tier, and durable storage's step 10 is loaded.
     for step in (11, 12):
-        directory = os.path.join(root, step_dir_name(step))
+        directory = os.path.join(own, step_dir_name(step))
         for name in os.listdir(directory):
             if name.endswith(".distcp"):
                 with open(os.path.join(directory, name), "r+b") as handle:
@@ -199,7 +207,7 @@ def test_a_tier_that_does_not_fit_turns_itself_off(shm_base: str, tmp_path: Path
     assert not memory.enabled and not memory.should_save(2)
     failed = events.of("checkpoint_failed")
     assert failed and "memory tier off" in failed[0]["error"] and failed[0]["tier"] == MEMORY_TIER
-    assert not os.path.exists(os.path.join(memory_root("job", shm_base), step_dir_name(1)))
+    assert not os.path.exists(os.path.join(memory_root("job", shm_base), "own", step_dir_name(1)))
     memory.close()
     durable.close()
 
@@ -229,7 +237,7 @@ def test_memory_held_flat_over_200_steps(shm_base: str, tmp_path: Path) -> None:
         assert memory.checkpointer.staging_bytes <= one_step * 1.01 + 4096
     memory.checkpointer.wait()
     assert peak <= STEPS_HELD * one_step * 1.1 + 64 * 1024, (peak, one_step)
-    assert len(os.listdir(root)) <= STEPS_HELD
+    assert len(os.listdir(os.path.join(root, "own"))) <= STEPS_HELD
     assert not events.of("checkpoint_failed")
     memory.close()
     durable.close()

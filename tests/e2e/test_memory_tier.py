@@ -1,9 +1,12 @@
 """End-to-end memory tier: real 2-node tiny-gpt jobs with ``checkpoint.memory`` on.
 
-A SIGKILLed worker restores from the host's memory tier (a newer step than durable storage
+A SIGKILLed worker restores from the nodes' own memory (a newer step than durable storage
 holds: at most the step in flight is replayed) and ends with the uninterrupted run's
-fingerprint; a shrink from 2 nodes to 1 reshards from memory bit for bit. After each: no
-process of the job and no tmpfs directory of the job is left.
+fingerprint. A lost node's RAM is gone (the local scheduler removes its directory): with a
+spare, the relaunch restores from the replica its peer held (tier ``peer``), with the
+uninterrupted fingerprint; with a shrink from 2 nodes to 1 it reshards from that replica bit
+for bit; without replicas it restores from durable storage and says why memory was skipped.
+After each (`harness.launch`): no process of the job and no tmpfs directory of the job is left.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import pytest
 
 from tests.e2e.harness import events, final_loss, read_state, run, trainctl
 from trainctl.checkpoint.layout import MEMORY_BASE, memory_root
-from trainctl.checkpoint.memory import MEMORY_TIER
+from trainctl.checkpoint.memory import DURABLE_TIER, MEMORY_TIER, PEER_TIER
 
 pytestmark = [
     pytest.mark.e2e,
@@ -59,7 +62,79 @@ def test_worker_kill_restores_from_memory(
     assert any(label.endswith("from memory") for label in labels), labels
 
 
-def test_shrink_reshards_from_memory(
+def test_node_loss_with_a_spare_restores_from_the_peers_replica(
+    tmp_path: Path, storage: Path, baseline: dict[str, Any]
+) -> None:
+    out = run(
+        tmp_path,
+        storage,
+        "memspare",
+        "kill-node:node-1@step=12",
+        spare_nodes=1,
+        checkpoint=MEMORY,
+        health=HEALTH,
+    )
+    assert out["fingerprint"] == baseline["fingerprint"]
+    state = read_state(storage, "memspare")
+    assert [a["world_size"] for a in state["attempts"]] == [2, 2]
+    restored = _restores(storage, "memspare")
+    # node-1's shards came from the replica node-0 held; durable storage holds step 10 only,
+    # so at most the step in flight at the kill (12) is replayed.
+    assert len(restored) == 1 and restored[0]["tier"] == PEER_TIER, restored
+    assert 11 <= restored[0]["step"] <= 12, restored
+    assert state["attempts"][1]["restored_step"] == restored[0]["step"]
+    assert not os.path.exists(memory_root("memspare"))
+
+
+def test_node_loss_without_replicas_restores_durable_and_says_so(
+    tmp_path: Path, storage: Path
+) -> None:
+    memory = {**MEMORY, "memory": {"enabled": True, "replicas": 0}}
+    run(
+        tmp_path,
+        storage,
+        "memnorep",
+        "kill-node:node-1@step=12",
+        min_nodes=1,
+        checkpoint=memory,
+        health=HEALTH,
+    )
+    state = read_state(storage, "memnorep")
+    assert state["state"] == "succeeded" and [a["world_size"] for a in state["attempts"]] == [2, 1]
+    restored = _restores(storage, "memnorep")
+    assert len(restored) == 1 and restored[0]["tier"] == DURABLE_TIER, restored
+    assert restored[0]["step"] == 10
+    skipped = [e["data"] for e in events(storage, "memnorep") if e["kind"] == "restore_skipped"]
+    assert any(s.get("tier") == MEMORY_TIER and "no valid copy" in s["reason"] for s in skipped), (
+        skipped
+    )
+
+
+def test_a_corrupted_memory_copy_falls_back_to_the_peers_replica(
+    tmp_path: Path, storage: Path, baseline: dict[str, Any]
+) -> None:
+    out = run(
+        tmp_path,
+        storage,
+        "memcorrupt",
+        "corrupt-memory:node-0@step=12",
+        "kill-worker:node-1@step=12",
+        checkpoint=MEMORY,
+        health=HEALTH,
+    )
+    assert out["fingerprint"] == baseline["fingerprint"]
+    restored = _restores(storage, "memcorrupt")
+    # node-0's own copies fail their checksums: its shards come from node-1's replica.
+    assert len(restored) == 1 and restored[0]["tier"] == PEER_TIER, restored
+    assert restored[0]["step"] >= 11, restored
+    skipped = [e["data"] for e in events(storage, "memcorrupt") if e["kind"] == "restore_skipped"]
+    assert any(
+        s.get("tier") == MEMORY_TIER and "node-0" in s["reason"] and "checksum" in s["reason"]
+        for s in skipped
+    ), skipped
+
+
+def test_shrink_reshards_from_the_peers_replica(
     tmp_path: Path, storage: Path, baseline: dict[str, Any]
 ) -> None:
     run(
@@ -75,7 +150,8 @@ def test_shrink_reshards_from_memory(
     assert [a["world_size"] for a in state["attempts"]] == [2, 1]
     assert state["state"] == "succeeded" and state["final_step"] == 30
     restored = _restores(storage, "memshrink")
-    assert len(restored) == 1 and restored[0]["tier"] == MEMORY_TIER, restored
+    # node-1's RAM is gone: its shards come from the replica node-0 held, resharded 2 -> 1.
+    assert len(restored) == 1 and restored[0]["tier"] == PEER_TIER, restored
     assert (restored[0]["saved_world_size"], restored[0]["world_size"]) == (2, 1)
     items = events(storage, "memshrink")
     fingerprint = [e for e in items if e["kind"] == "restored_fingerprint"]

@@ -31,6 +31,11 @@ def memory_root(job_id: str, base: str = MEMORY_BASE) -> str:
     return f"{base.rstrip('/')}/trainctl-{job_id}"
 
 
+def node_memory_root(job_id: str, node: str, base: str = MEMORY_BASE) -> str:
+    """One node's memory-tier directory (`trainctl.checkpoint.memory`: own, held, restore)."""
+    return f"{memory_root(job_id, base)}/{node}"
+
+
 def step_dir_name(step: int) -> str:
     """The directory name of `step`, e.g. ``step_dir_name(100) == "step-000000100"``.
 

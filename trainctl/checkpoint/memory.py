@@ -1,29 +1,48 @@
-"""The memory tier: checkpoints in host shared memory, restored before durable storage.
+"""The memory tier: checkpoints in host shared memory, replicated to peer nodes, restored
+before durable storage.
 
-Every ``checkpoint.memory.interval_steps`` each rank's shard goes, through the same
-`Checkpointer` as the durable tier (stage into reused buffers, then a background thread on its
-own gloo group), into a tmpfs directory, ``/dev/shm/trainctl-<job id>``. The kernel holds those
-pages, not the worker: a worker that crashes or is SIGKILLed loses nothing there, and its
-relaunched successor reads them back. The controller owns the directory's life: it removes it
-when the job ends, and before a resume (a dead controller's memory tier is not trusted; the
-resume restores from durable storage and says so).
+**Where the bytes live.** Each node owns a directory, ``/dev/shm/trainctl-<job>/<node>/``
+(`node_memory_root`), so simulated nodes on one machine behave like separate hosts:
 
-A memory step counts only when committed the way a durable one is: every rank's shard written
-with its checksum, then one manifest written last (two-phase commit). Two committed steps are
-kept, so the newest complete step is never overwritten while the next is written. Restore picks
-the newest tier: memory first when its newest step is at least the durable one, every block
-verified as it is read; a step that fails falls back (with a ``restore_skipped`` event naming
-the tier) to the memory tier's older step, then to durable storage. DCP reads it, so a restore
-onto a different world size reshards as from storage.
+* ``own/step-N/`` — what this node's ranks wrote (a second `Checkpointer` over tmpfs, every
+  ``checkpoint.memory.interval_steps``); rank 0's node also holds ``.metadata`` and the
+  manifest. The kernel holds these pages, not the worker: a SIGKILLed worker loses nothing.
+* ``held/<peer>/step-N/`` — replicas of ``<peer>``'s files, received over TCP.
+* ``acks/step-N/<node>`` and ``commit/step-N`` — the replication's two-phase commit.
+* ``restore/step-N/`` — the whole step assembled for the next attempt's restore.
 
-Memory cost per host: at most three steps of the state in tmpfs (two committed, one being
-written) plus one staging copy per rank in the worker; `memory_budget` refuses the tier, with
-a message, when the tmpfs has no room for that.
+The node's **holder** (`trainctl.checkpoint.holder`, a thread of the node agent: it outlives
+worker crashes and dies with the node) serves that directory to the other holders
+(`trainctl.checkpoint.peer_wire`: token-authenticated, paced to a bandwidth, in the background:
+a durable save never waits for it). When the local scheduler loses a simulated node it removes
+that node's directory, as the host's death would (on Slurm and Ray the RAM really is gone).
 
-Scope: one host (simulated nodes included). On several hosts each rank's shard would stay on its
-own host's tmpfs, where rank 0 cannot verify it: the tier turns itself off at its first save
-(`host_scope`, with an event) and restores come from durable storage. Replication to peer hosts
-is not built yet.
+**Counts only when whole.** A memory step is committed when (1) rank 0 wrote its manifest —
+every rank's shard written with its checksum, as for a durable step — (2) every node's holder
+sent its files to its `replicas` ring successors (`ring_peers`), each copy checked against the
+checksum as received, and said so to every holder (``acks/step-N/<node>``), and (3) a holder
+saw every node's ack (`acks_complete`) and wrote ``commit/step-N``. A step short of that is
+never restored.
+
+**Restore from the fastest valid tier.** Before a relaunch's workers start, each node's holder
+assembles the newest committed step (`choose_restore_step`, asking the reachable peers too) into
+``restore/``: for every object of the manifest it takes a node's own copy (local first, then a
+surviving peer's), else a replica (``held/``), each verified against the manifest's checksum; a
+bad or missing copy is skipped with a reason. The restore's tier is ``memory`` when only own
+copies were used and ``peer`` when a replica was (`restore_tier_of`). The workers then restore
+from ``restore/`` through DCP, so a shrink or a spare reshards from memory as from storage, every
+block verified again while read. When no step can be assembled, or DCP's load fails, the
+restore falls back to durable storage with a ``restore_skipped`` event naming the tier.
+Resume after the controller died: the memory tier is dropped and durable storage restores (the
+resume says so).
+
+**Memory cost per node** (`memory_budget`): own copies of at most `STEPS_HELD` steps of the
+node's ranks' state, plus `replicas` times that for the peers it holds, plus — transiently,
+during and after a restore until the next step commits — one whole step of the job in
+``restore/`` and one staging copy per rank in the worker. The holder keeps the two newest
+committed steps and the one being written; it is not (1 + replicas) x state: it is
+``STEPS_HELD x (1 + replicas) x`` the node's state. A node without that room turns the tier off
+at the first save with a message (the gate checks ``/dev/shm`` too).
 """
 
 from __future__ import annotations
@@ -31,22 +50,37 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from trainctl.checkpoint.layout import MEMORY_BASE, memory_root
+from trainctl.checkpoint.layout import MEMORY_BASE, memory_root, node_memory_root
 from trainctl.events import RestoreSkipped
 
 if TYPE_CHECKING:  # torch: the controller and the CLI import this module, workers run it
     from trainctl.checkpoint.checkpointer import Checkpointer
 
-STEPS_HELD = 3
-"""Steps of the state a memory tier holds at most: two committed and one being written."""
+STEPS_HELD = 4
+"""Steps of the state a node holds at most, per copy: two committed, one being replicated and
+one being written (`steps_to_drop`)."""
 MEMORY_TIER = "memory"
+"""A restore from the nodes' own copies (the nodes survived, workers died)."""
+PEER_TIER = "peer"
+"""A restore that used a peer's replica of a lost node's files."""
 DURABLE_TIER = "durable"
+OWN_SOURCE = "own"
+REPLICA_SOURCE = "replica"
 
 QUIET_EVENTS = frozenset({"checkpoint_committed", "gc_deleted"})
 """Memory-tier events not sent to the job store: one per step would flood it."""
+
+
+def release_node_memory(job_id: str, node: str, base: str = MEMORY_BASE) -> bool:
+    """Remove one node's memory tier (its host died, as far as the job is concerned)."""
+    root = node_memory_root(job_id, node, base)
+    if not os.path.isdir(root):
+        return False
+    shutil.rmtree(root, ignore_errors=True)
+    return True
 
 
 def release_memory(job_id: str, base: str = MEMORY_BASE) -> bool:
@@ -66,33 +100,82 @@ class Budget:
     reason: str
 
 
-def memory_budget(state_bytes: int, ranks_on_host: int, free_bytes: int) -> Budget:
+def memory_budget(
+    state_bytes: int, ranks_on_host: int, free_bytes: int, replicas: int = 0
+) -> Budget:
     """Whether `free_bytes` of tmpfs hold `STEPS_HELD` steps of `ranks_on_host` shards of
-    `state_bytes` each (pure: the caller measures)."""
-    needed = STEPS_HELD * state_bytes * ranks_on_host
+    `state_bytes` each, own copies and `replicas` peers' copies (pure: the caller measures)."""
+    copies = 1 + replicas
+    needed = STEPS_HELD * copies * state_bytes * ranks_on_host
     text = (
-        f"{STEPS_HELD} steps x {ranks_on_host} rank(s) x {state_bytes / 2**20:.1f} MiB = "
-        f"{needed / 2**20:.1f} MiB needed, {free_bytes / 2**20:.1f} MiB free in {MEMORY_BASE}"
+        f"{STEPS_HELD} steps x {copies} cop{'y' if copies == 1 else 'ies'} x {ranks_on_host} "
+        f"rank(s) x {state_bytes / 2**20:.1f} MiB = {needed / 2**20:.1f} MiB needed, "
+        f"{free_bytes / 2**20:.1f} MiB free in {MEMORY_BASE}"
     )
     if needed > free_bytes:
         return Budget(
-            False, f"memory tier off: {text}; enlarge {MEMORY_BASE} or disable checkpoint.memory"
+            False,
+            f"memory tier off: {text}; enlarge {MEMORY_BASE}, lower checkpoint.memory.replicas "
+            "or disable checkpoint.memory",
         )
     return Budget(True, text)
 
 
-def host_scope(hostnames: list[str]) -> Budget:
-    """Whether the ranks (their hosts in rank order) share one host, as the tier needs until
-    replication to peers exists (pure)."""
+def host_scope(hostnames: list[str], replicas: int = 1) -> Budget:
+    """Whether the tier covers the ranks' hosts (their hostnames in rank order); pure.
+
+    It does on any number of hosts: each node's holder serves its shards to the others, so a
+    restore assembles the whole step on every host. Without replicas a lost host's shards are
+    gone, and such a restore comes from durable storage; the reason says so."""
     hosts = sorted(set(hostnames))
-    if len(hosts) > 1:
+    where = f"{len(hosts)} hosts" if len(hosts) != 1 else hosts[0]
+    if len(hosts) > 1 and replicas == 0:
         return Budget(
-            False,
-            f"memory tier off: the ranks run on {len(hosts)} hosts ({', '.join(hosts[:4])}"
-            f"{', ...' if len(hosts) > 4 else ''}) and it keeps shards on their own host only "
-            "(replication to peers is not built): restores come from durable storage",
+            True, f"ranks on {where} without replicas: after a host loss, durable storage restores"
         )
-    return Budget(True, f"all ranks on {hosts[0] if hosts else 'this host'}")
+    return Budget(True, f"ranks on {where}, {replicas} replica(s) per node")
+
+
+def ring_peers(
+    nodes: Sequence[str], node: str, replicas: int, hosts: Mapping[str, str]
+) -> list[str]:
+    """The `replicas` nodes that hold copies of `node`'s files: its successors on the ring of
+    `nodes` (the attempt's, in plan order), those on another host (`hosts`: node -> host)
+    first, then same-host ones when there are not enough other hosts; fewer when the ring is
+    smaller (pure)."""
+    if node not in nodes or replicas <= 0:
+        return []
+    start = list(nodes).index(node)
+    ring = [nodes[(start + offset) % len(nodes)] for offset in range(1, len(nodes))]
+    mine = hosts.get(node)
+    other = [peer for peer in ring if mine is None or hosts.get(peer) != mine]
+    same = [peer for peer in ring if peer not in other]
+    return (other + same)[:replicas]
+
+
+def acks_complete(acked: Iterable[str], nodes: Iterable[str]) -> tuple[bool, str]:
+    """Whether every node of the attempt said its files are replicated, and who is missing."""
+    missing = sorted(set(nodes) - set(acked))
+    if missing:
+        return False, f"waiting for {', '.join(missing)}"
+    return True, "every node's files are replicated"
+
+
+def restore_tier_of(sources: Iterable[str]) -> str:
+    """The tier a restore used, from where each object came (``own`` or ``replica``): ``peer``
+    when any object came from a peer's replica, else ``memory`` (pure)."""
+    return PEER_TIER if REPLICA_SOURCE in set(sources) else MEMORY_TIER
+
+
+def steps_to_drop(
+    committed: Iterable[int], present: Iterable[int], keep: int = 2, pending: int = 2
+) -> list[int]:
+    """Steps a holder deletes (pure): all but the `keep` newest committed ones and the
+    `pending` newest newer ones (one being replicated, one being written)."""
+    newest = sorted(set(committed), reverse=True)[:keep]
+    newer = sorted((s for s in set(present) if not newest or s > newest[0]), reverse=True)
+    kept = set(newest) | set(newer[:pending])
+    return sorted(set(present) - kept)
 
 
 def tier_order(memory_newest: int | None, durable_newest: int | None) -> list[str]:
@@ -122,14 +205,19 @@ def restore_tiers(
     memory_newest = memory.newest_listed_step()
     order = tier_order(memory_newest, durable.newest_listed_step())
     if memory_newest is None:
-        emit(RestoreSkipped.KIND, {"reason": f"{MEMORY_TIER} tier: no committed step in memory"})
+        emit(
+            RestoreSkipped.KIND,
+            {"reason": f"{MEMORY_TIER} tier: no committed step in memory", "tier": MEMORY_TIER},
+        )
     touched = False
     if order[0] == MEMORY_TIER:
         try:
             step = memory.restore_latest(state)
         except RestoreError as error:
             touched = True
-            emit(RestoreSkipped.KIND, {"reason": f"{MEMORY_TIER} tier: {error}"})
+            emit(
+                RestoreSkipped.KIND, {"reason": f"{memory.tier} tier: {error}", "tier": memory.tier}
+            )
         else:
             if step is not None:
                 return step

@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
+from trainctl.checkpoint.holder import Holder, PeerSet
 from trainctl.health.gate import GateResult, NodeProber
 from trainctl.health.liveness import LivenessPolicy
 from trainctl.health.verdict import Verdict
@@ -79,6 +80,11 @@ class Agent:
         self.name = node
         self.python = sys.executable
         self.control = ControlClient(control_endpoint, node, token, liveness=liveness)
+        # The node's memory tier: served to the peers' holders with the job's token.
+        self.holder = Holder(
+            os.environ.get(Env.JOB_ID, "job"), node, token, self.control.local_host
+        )
+        self._assemble = False
         self.worker_token = new_token()
         self.attempt: Attempt | None = None
         self._pending_launch: Launch | None = None
@@ -214,6 +220,9 @@ class Agent:
             self.send(Exit(1, errors=(error,)))
             return
         self.start_zygote(node.log_path)
+        self._assemble = bool(message.holders)
+        if message.holders:
+            self.holder.configure(PeerSet(plan.attempt, message.holders, message.replicas))
         self.attempt = Attempt(plan, node, self.worker_token)
 
     def _handle_control(self) -> None:
@@ -266,7 +275,7 @@ class Agent:
 
     def run(self) -> int:
         """Serve the controller until it says shutdown or goes away."""
-        self.send(Hello(os.getpid()))
+        self.send(Hello(os.getpid(), holder=self.holder.endpoint))
         log_path = os.environ.get(Env.AGENT_LOG)
         if log_path:
             self.start_zygote(log_path)
@@ -302,6 +311,8 @@ class Agent:
         except WorkerCountError as bad:
             self.send(Exit(1, errors=(ErrorFile("nproc_per_node", str(bad)),)))
             return
+        if self._assemble:  # the step the workers restore, from this node's RAM and the peers'
+            self.holder.assemble()
         self.start_torchrun(attempt, count)
         self.start_probing(attempt)
         try:
@@ -373,6 +384,7 @@ class Agent:
 
     def close(self) -> None:
         self.stop_probing()
+        self.holder.close()
         if self.prober is not None:
             self.prober.close()
         self.gpu_usage.close()

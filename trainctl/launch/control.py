@@ -341,6 +341,8 @@ class ControlClient:
                     raise
                 time.sleep(0.1)
         self._sock.settimeout(None)
+        self.local_host: str = self._sock.getsockname()[0]
+        """This end's address: the interface the controller (and so the peers) reach."""
         self.policy = liveness or LivenessPolicy()
         tune(self._sock, self.policy)
         self.node = node

@@ -77,6 +77,11 @@ class LocalScheduler:
         else:
             proctree.signal_all(pids, signal.SIGKILL)
         self._reap()
+        # A simulated node's RAM dies with it, as a real host's would: its memory tier (own
+        # steps and the replicas it held for peers) is gone.
+        from trainctl.checkpoint.memory import release_node_memory
+
+        release_node_memory(job_id, node)
 
     def stop_all(self, job_id: str, grace_s: float) -> list[int]:
         """Last resort after agents were asked to stop: kill whatever of the job is left."""

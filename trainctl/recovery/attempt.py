@@ -81,9 +81,16 @@ class Attempt:
         crew = self.crew
         crew.intake.monitor = self.monitor
         crew.faults.attempt_started()
+        memory = crew.spec.checkpoint.memory
+        holders = {n: crew.fleet.holders[n] for n in self.nodes if n in crew.fleet.holders}
+        launch = Launch(
+            str(self.plan_path),
+            holders=holders if memory.enabled else {},
+            replicas=memory.replicas,
+        )
         for name in self.nodes:
             if name in crew.fleet.connected:
-                crew.fleet.send(name, Launch(str(self.plan_path)))
+                crew.fleet.send(name, launch)
         while True:
             observations = self._observe()
             self.view = policy.observe(self.view, observations)

@@ -14,8 +14,9 @@ worker, ``partition-node`` drops the node agent's control traffic with nftables 
 keep running; from then on the controller cannot kill them either, as with a host it cannot
 reach — the node must tear itself down), ``nvml-xid`` adds an XID 79 (GPU fallen off the bus)
 to the node's fake NVML file (tests/fakenvml; the node needs
-``node_env.<node>.FAKE_NVML_FILE``), and ``storage-outage`` makes every checkpoint storage
-request fail for ``for`` seconds.
+``node_env.<node>.FAKE_NVML_FILE``), ``storage-outage`` makes every checkpoint storage
+request fail for ``for`` seconds, and ``corrupt-memory`` flips bytes in every shard file of the
+node's own memory-tier steps (`trainctl.checkpoint.memory`), as a bad DIMM would.
 """
 
 from __future__ import annotations
@@ -190,6 +191,8 @@ class FaultInjector(NoFaults):
             return self._partition(node)
         if fault.kind == "partition-node":
             return self._partition(node)
+        if fault.kind == "corrupt-memory":
+            return _corrupt_memory(job_id, node)
         if fault.kind == "nvml-xid":
             path = Path(self.spec.node_env[node]["FAKE_NVML_FILE"])
             with path.open("a") as handle:
@@ -252,3 +255,19 @@ def plan_faults(
     if spec.faults and isinstance(scheduler, LocalScheduler):
         return FaultInjector(spec, scheduler, journal, faults_dir, say, peer_of)
     return NoFaults()
+
+
+def _corrupt_memory(job_id: str, node: str) -> str:
+    """Flip 64 bytes in every shard file of `node`'s own memory-tier steps."""
+    from trainctl.checkpoint.layout import node_memory_root
+
+    count = 0
+    for shard in sorted(Path(node_memory_root(job_id, node), "own").glob("step-*/*.distcp")):
+        with contextlib.suppress(OSError), shard.open("r+b") as handle:
+            offset = max(0, min(100, shard.stat().st_size - 64))
+            handle.seek(offset)
+            flipped = bytes(b ^ 0xFF for b in handle.read(64))
+            handle.seek(offset)
+            handle.write(flipped)
+            count += 1
+    return f"flipped bytes in {count} memory shard file(s) of {node}"

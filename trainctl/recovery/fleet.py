@@ -49,6 +49,8 @@ class Fleet:
         self.connected: set[str] = set()
         """Nodes whose agent said hello and has not gone away."""
         self.hello_at: dict[str, float] = {}
+        self.holders: dict[str, str] = {}
+        """Each connected agent's memory-tier holder endpoint (host:port)."""
         """When each node's current agent said hello (unix time, the agent's clock)."""
         self.started: dict[str, float] = {}
         """Node -> monotonic time its agent was started."""

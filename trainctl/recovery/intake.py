@@ -123,6 +123,8 @@ class Intake:
             # When the agent said it (its clock): a loss noticed before it is an earlier
             # agent's, however late this controller reads the hello.
             self.fleet.hello_at[name] = envelope.time or now
+            if message.holder:
+                self.fleet.holders[name] = message.holder
             self.journal.event(AgentConnected(pid=message.pid), f"{name}: agent up", node=name)
             if not in_attempt:
                 self.fleet.send(name, self.standby_probe())

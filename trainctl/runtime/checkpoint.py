@@ -22,7 +22,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from trainctl.checkpoint.checkpointer import Checkpointer, transfer_config
 from trainctl.checkpoint.fence import FencedStorage
-from trainctl.checkpoint.memory import memory_root, restore_tiers
+from trainctl.checkpoint.layout import node_memory_root
+from trainctl.checkpoint.memory import restore_tiers
 from trainctl.checkpoint.outage import OUTAGE_FILE, InjectedOutage
 from trainctl.checkpoint.storage import open_storage
 from trainctl.runtime.memory_tier import MemoryTier
@@ -87,7 +88,9 @@ class TrainingCheckpoint:
     def restore(self) -> int:
         """Load the newest committed, verified step of the fastest tier (memory, then durable
         storage); returns the step to continue from (0: none)."""
-        memory = self.memory.checkpointer if self.memory is not None else None
+        memory = self.memory.restorer if self.memory is not None else None
+        if self.memory is not None:
+            self.memory.report_assembly()
         step = restore_tiers(memory, self.checkpointer, self.state, self.checkpointer.emit)
         return 0 if step is None else self.trainer.step
 
@@ -115,7 +118,7 @@ class TrainingCheckpoint:
         self.checkpointer.wait()
         self.checkpointer.close()
         if self.memory is not None:
-            self.memory.checkpointer.close()
+            self.memory.close()
 
 
 def checkpointing(
@@ -149,7 +152,10 @@ def checkpointing(
     memory = None
     if spec.memory.enabled:
         memory = MemoryTier.open(
-            memory_root(settings.job_id), spec.memory.interval_steps, on_event=on_event
+            node_memory_root(settings.job_id, settings.node),
+            spec.memory.interval_steps,
+            on_event=on_event,
+            replicas=spec.memory.replicas,
         )
     return TrainingCheckpoint(checkpointer, model, optimizer, ctx.reporter, memory)
 
