@@ -123,8 +123,9 @@ class Holder:
         self._replicated: set[int] = set()
         self._stop = threading.Event()
         self.server = PeerServer(self.root, token, host, on_put=self._received.add).start()
+        # Started by the first `configure`: a job without the memory tier never configures,
+        # and its agents keep no thread polling every TICK_S.
         self._thread = threading.Thread(target=self._loop, name="trainctl-holder", daemon=True)
-        self._thread.start()
 
     @property
     def endpoint(self) -> str:
@@ -137,6 +138,8 @@ class Holder:
         """Serve the attempt `peers` (this node among them) from now on."""
         with self._lock:
             self.peers = peers
+            if not self._thread.is_alive() and not self._stop.is_set():
+                self._thread.start()
 
     # ------------------------------------------------------------------ replication (thread)
 
@@ -401,5 +404,6 @@ class Holder:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
         self.server.close()
