@@ -13,6 +13,7 @@ global RNG state, so a resumed run is bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -83,7 +84,10 @@ class TrainingCheckpoint:
         self.memory = memory
         self.reporter = reporter or Reporter(None, 0)
         self.trainer = TrainerState()
-        self.state = {"app": ModelAndOptimizer(model, optimizer), "trainer": self.trainer}
+        self.state: dict[str, Stateful] = {
+            "app": ModelAndOptimizer(model, optimizer),
+            "trainer": self.trainer,
+        }
 
     def restore(self) -> int:
         """Load the newest committed, verified step of the fastest tier (memory, then durable
@@ -98,20 +102,29 @@ class TrainingCheckpoint:
         """Save into memory and to storage when `step` is on their intervals; returns whether
         either save started."""
         in_memory = self.memory is not None and self.memory.should_save(step)
+        durable = self.checkpointer.should_save(step)
+        self.trainer.step = step
+        # A step on both intervals builds the model's and optimizer's state dict once for both
+        # tiers (``get_state_dict`` walks every parameter: ~2.5 ms for tiny-gpt, as long as
+        # the copy of its state many times over); each tier stages its own copy of it.
+        state = self._state_dict() if in_memory and durable else self.state
         if self.memory is not None and in_memory:
-            self.trainer.step = step
-            self.memory.save(step, self.state)
-        if not self.checkpointer.should_save(step):
+            self.memory.save(step, state)
+        if not durable:
             return in_memory
-        self.save(step)
+        self.save(step, state)
         return True
 
-    def save(self, step: int) -> None:
-        """Stage now, upload in the background (after the previous upload finished)."""
+    def save(self, step: int, state: Mapping[str, Any] | None = None) -> None:
+        """Stage now, upload in the background (after the previous upload finished).
+        `state`: this step's state dict when the caller built it already."""
         self.reporter.saving(step)
         self.trainer.step = step
-        self.checkpointer.save(step, self.state, extra={"step": step})
+        self.checkpointer.save(step, state or self.state, extra={"step": step})
         self.reporter.staged(step)
+
+    def _state_dict(self) -> dict[str, Any]:
+        return {name: value.state_dict() for name, value in self.state.items()}
 
     def finish(self) -> None:
         """Wait for the last upload and release the checkpoint process group's resources."""

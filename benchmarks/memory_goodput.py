@@ -1,0 +1,243 @@
+"""Goodput with the memory checkpoint tier on and off, a failure every 2 minutes (issue 17).
+
+One invocation, benchmarks/recovery.py's workload (recipes/tiny_gpt.py, small config, compute
+steps, 2 simulated nodes of one worker), durable checkpoints every 10 steps to local disk in
+both modes; "on" adds ``checkpoint.memory {enabled: true, interval_steps: 1}``:
+
+1. **Reference**: an uninterrupted run without the tier; its median step is the yardstick.
+2. **Goodput** per mode over `--minutes` with a failure every `--failure-every` seconds:
+   goodput = steps reached x the reference's median step / wall (issue 17's definition, as
+   benchmarks/recovery.py computes it), with the wall split into startup, step excess (the
+   per-step cost of checkpointing shows here), restart gaps and replayed steps.
+3. **Per failure**: kill -> first step completed by a worker started after the kill, steps
+   replayed (completed before the kill and computed again), and the step restored from
+   (state.json): medians per mode. With the tier on, a restore from memory lands on the last
+   step whose memory save committed; from durable storage on a multiple of 10.
+
+Failures (`--failure`): ``worker`` (SIGKILL of node-1's worker; the node survives, so its
+memory tier does) or ``node`` (SIGKILL of every process of a node, one spare node joins). On
+this one host the simulated nodes share one tmpfs, so a node loss still finds the lost node's
+memory tier here; on real hosts it takes the replication to peers (issue 17, another branch).
+
+    python benchmarks/memory_goodput.py [--minutes 10] [--failure-every 120]
+                                        [--failure worker|node] [--modes on off] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import recovery
+
+from trainctl.launch import proctree
+
+DURABLE_EVERY = 10
+REFERENCE_STEPS = 1000
+TARGET_GOODPUT = 0.98
+
+
+def checkpoint_section(memory: bool) -> dict[str, Any]:
+    """The recipe's ``checkpoint:`` section for a mode (memory stated either way, so a change
+    of the default does not change what "off" measures)."""
+    return {
+        "interval_steps": DURABLE_EVERY,
+        "keep_last": 2,
+        "memory": {"enabled": memory, "interval_steps": 1},
+    }
+
+
+def replayed_after(rows: list[tuple[float, int, int]], killed: float) -> int | None:
+    """Steps completed before the kill and completed again after it (None: no step after)."""
+    before = [step for t, _, step in rows if t <= killed]
+    after = [step for t, _, step in rows if t > killed]
+    if not after:
+        return None
+    high_water = max(before, default=0)
+    return max(0, high_water - (min(after) - 1))
+
+
+def inject(failure: str, job: str, storage: Path) -> float | None:
+    """SIGKILL node-1's worker, or every process of the newest attempt's last node; returns
+    when (None: no worker found)."""
+    state = json.loads((storage / "jobs" / job / "state.json").read_text())
+    victim = state["attempts"][-1]["nodes"][-1]
+    if failure == "worker":
+        worker = recovery.trainctl_worker(job, victim)
+        if worker is None:
+            return None
+        killed = time.time()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
+        return killed
+    pids = recovery.tagged_node(job, victim)
+    killed = time.time()
+    proctree.signal_all(pids, signal.SIGKILL)
+    return killed
+
+
+def restored_steps(storage: Path, job: str) -> list[int | None]:
+    state = json.loads((storage / "jobs" / job / "state.json").read_text())
+    return [attempt.get("restored_step") for attempt in state["attempts"][1:]]
+
+
+def goodput_run(
+    work: Path, memory: bool, minutes: float, every_s: float, failure: str, reference_s: float
+) -> dict[str, Any]:
+    job = f"mem-goodput-{'on' if memory else 'off'}"
+    log = work / f"{job}.steps"
+    recipe = recovery.trainctl_recipe(
+        work,
+        job,
+        log,
+        spares=1 if failure == "node" else 0,
+        max_steps=None,
+        # Failures are injected on purpose: a worker killed twice on one node must not get
+        # the node blamed and excluded (a real fleet would), or the job ends at 1 node.
+        recovery={
+            "exclude_s": every_s / 2,
+            "repeat_offender_crashes": 1000,
+            "restarts_per_cause": {"worker_crash": 1000, "node_fault": 1000},
+        },
+        launch={"max_restarts": 1000},
+        checkpoint=checkpoint_section(memory),
+    )
+    storage = work / "store"
+    started = time.time()
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "trainctl.cli.main", "launch", str(recipe)),
+            *("--job-id", job, "--storage", str(storage)),
+        ],
+        cwd=recovery.REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    kills: list[float] = []
+    try:
+        end = started + minutes * 60
+        next_failure = started + every_s
+        while time.time() < end:
+            time.sleep(0.2)
+            # Every failure well inside the window: its recovery is measured too.
+            if time.time() >= next_failure and next_failure <= end - every_s / 4:
+                killed = inject(failure, job, storage)
+                if killed is not None:
+                    kills.append(killed)
+                next_failure += every_s
+        ended = time.time()
+        restored = restored_steps(storage, job)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        proctree.signal_all(proctree.tagged("TRAINCTL_JOB_ID", job), signal.SIGKILL)
+    rows = recovery.read_steps(log)
+    per_failure = [
+        {
+            "kill_to_first_step_s": recovery.first_step_after(log, killed),
+            "replayed_steps": replayed_after(rows, killed),
+            "step_at_kill": max((s for t, _, s in rows if t <= killed), default=0),
+        }
+        for killed in kills
+    ]
+    for row, step in zip(per_failure, restored, strict=False):
+        row["restored_step"] = step
+    latencies = [r["kill_to_first_step_s"] for r in per_failure if r["kill_to_first_step_s"]]
+    replayed = [r["replayed_steps"] for r in per_failure if r["replayed_steps"] is not None]
+    return {
+        "memory": memory,
+        **recovery.goodput_figure(log, started, ended, reference_s),
+        "failures": len(kills),
+        "per_failure": per_failure,
+        "median_kill_to_first_step_s": statistics.median(latencies) if latencies else None,
+        "median_replayed_steps": statistics.median(replayed) if replayed else None,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="per mode")
+    parser.add_argument("--failure-every", type=float, default=120.0, help="seconds")
+    parser.add_argument("--failure", choices=("worker", "node"), default="worker")
+    parser.add_argument("--modes", nargs="+", choices=("on", "off"), default=["on", "off"])
+    parser.add_argument("--reference-steps", type=int, default=REFERENCE_STEPS)
+    parser.add_argument("--work", type=Path, help="keep stores and step logs here")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    results: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(args).items()}}
+    with contextlib.ExitStack() as stack:
+        if args.work is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="trainctl-mg-")))
+        else:
+            work = args.work.resolve()
+            work.mkdir(parents=True, exist_ok=True)
+        (work / "store").mkdir(exist_ok=True)
+        print(f"reference: {args.reference_steps} uninterrupted steps ...", file=sys.stderr)
+        recovery.CHECKPOINT.update(checkpoint_section(False))
+        recovery.trainctl_reference(work, "reference-steady", args.reference_steps)
+        reference_s = recovery.step_median(work / "reference-steady.steps")
+        results["reference_step_s"] = reference_s
+        for mode in args.modes:
+            print(f"goodput, memory tier {mode}, {args.minutes:g} min ...", file=sys.stderr)
+            results[mode] = goodput_run(
+                work, mode == "on", args.minutes, args.failure_every, args.failure, reference_s
+            )
+    _print(results, args.modes, args.failure)
+    if args.json:
+        print(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1e3:.1f} ms"
+
+
+def _print(results: dict[str, Any], modes: list[str], failure: str) -> None:
+    err = sys.stderr
+    print(f"\nreference median step {_ms(results['reference_step_s'])}", file=err)
+    print(f"failure: {failure} SIGKILL; goodput target >= {TARGET_GOODPUT:.0%}", file=err)
+    for mode in modes:
+        row = results[mode]
+        print(
+            f"  tier {mode:3}  goodput {row['goodput'] * 100:5.1f}%  steps {row['steps']}  "
+            f"median step {_ms(row.get('median_step_s'))}  failures {row['failures']}",
+            file=err,
+        )
+        if row.get("median_step_s") is not None:
+            print(
+                f"      wall {row['wall_s']:.1f} s: startup {row['startup_s']:.1f} s, step excess "
+                f"{row['step_excess_s']:.1f} s, restart gaps {sum(row['restart_gaps_s']):.1f} s, "
+                f"{row['replayed_steps']} steps replayed",
+                file=err,
+            )
+        for one in row["per_failure"]:
+            latency = one["kill_to_first_step_s"]
+            print(
+                f"      kill at step {one['step_at_kill']}: restored {one.get('restored_step')}, "
+                f"replayed {one['replayed_steps']}, kill -> first step "
+                f"{'-' if latency is None else f'{latency:.2f} s'}",
+                file=err,
+            )
+        latency = row["median_kill_to_first_step_s"]
+        print(
+            f"      median kill -> first step {'-' if latency is None else f'{latency:.2f} s'}, "
+            f"median replayed {row['median_replayed_steps']}",
+            file=err,
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
