@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 
 from trainctl.health.liveness import Liveness, LivenessPolicy, Silent
+from trainctl.launch.inbox import Inbox
 from trainctl.protocol import (
     AGENT_MESSAGES,
     CONTROLLER_MESSAGES,
@@ -135,7 +136,7 @@ class ControlServer:
         # SYNs past it, and each dropped one costs its agent a 1 s retransmit.
         self._listener = socket.create_server((host, port), backlog=LISTEN_BACKLOG)
         self.host, self.port = self._listener.getsockname()[:2]
-        self.messages: queue.Queue[Envelope] = queue.Queue()
+        self.messages: queue.Queue[Envelope] = Inbox()
         self._connections: dict[str, socket.socket] = {}
         self._send_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -275,14 +276,14 @@ class ControlServer:
     def _beat_all(self) -> None:
         with self._lock:
             conns = [(n, c, self._send_locks[n]) for n, c in self._connections.items()]
-        now = time.time()
+        # The same line `encode_line` makes, from a per-node prefix and one tail a round:
+        # 1,024 a second at 1,024 nodes, where building each through the dataclass cost 12 us.
+        tail = b'%r,"token":%s}\n' % (time.time(), json.dumps(self._token).encode())
         for node, conn, lock in conns:
-            # The same line `encode_line` makes, from a per-node prefix: 4,096 a second at
-            # 1,024 nodes, where building each through the dataclass cost 12 us.
             prefix = self._beat_prefix.get(node)
             if prefix is None:
                 prefix = self._beat_prefix[node] = _beat_prefix(node)
-            line = b'%s%r,"token":%s}\n' % (prefix, now, json.dumps(self._token).encode())
+            line = prefix + tail
             try:
                 with lock:
                     conn.sendall(line)
