@@ -32,7 +32,12 @@ from trainctl.cancel import CANCEL, CancelWatch
 from trainctl.checkpoint import fence
 from trainctl.events import FenceFailed, JobFailed, RecoveryPlanned
 from trainctl.exitcodes import ExitCode
-from trainctl.health.liveness import LivenessPolicy, scaled_interval
+from trainctl.health.liveness import (
+    PROGRESS_INTERVAL_S,
+    LivenessPolicy,
+    progress_interval,
+    scaled_interval,
+)
 from trainctl.launch.control import ControlServer
 from trainctl.launch.local import LocalScheduler
 from trainctl.launch.plan import Facts, LaunchPlan, agent_env, gate_plan, plan_attempt
@@ -186,6 +191,7 @@ class Controller:
                 self.journal.event(JobFailed(exit_code=int(ExitCode.FAILED)), reason)
             raise
         finally:
+            self.journal.flush_folds(every=True)
             self.fleet.shutdown()
             self.intake.gpu.flush()  # after the agents are gone: their last samples are in
             self.live.close(time.time())
@@ -327,6 +333,10 @@ class Controller:
                 "acceptable_pause_s": health.controller_pause_s,
             }
         )
+        every = progress_interval(self.spec.nodes + self.spec.spare_nodes)
+        if health.hang_timeout_s:  # a pinned hang timeout sees a few progress lines first
+            every = min(every, max(PROGRESS_INTERVAL_S, health.hang_timeout_s / 4))
+        env[Env.PROGRESS_INTERVAL] = repr(every)
         env.update(self.faults.agent_env())
         return env, log_path
 
@@ -361,6 +371,7 @@ class Controller:
                 observations += self.intake.take(self.server.messages.get_nowait())
         except queue.Empty:
             pass
+        self.journal.flush_folds()
         self.live.tick(time.time())
 
     def _start_attempt(self, selection: placement.NodeSelection) -> LaunchPlan:

@@ -123,7 +123,7 @@ class Intake:
             # When the agent said it (its clock): a loss noticed before it is an earlier
             # agent's, however late this controller reads the hello.
             self.fleet.hello_at[name] = envelope.time or now
-            self.journal.event(AgentConnected(pid=message.pid), f"{name}: agent up", node=name)
+            self.journal.node_event(AgentConnected(pid=message.pid), f"{name}: agent up", name)
             if not in_attempt:
                 self.fleet.send(name, self.standby_probe())
         elif isinstance(message, Disconnected):
@@ -222,14 +222,14 @@ class Intake:
         self.journal.changed()
         attempt = self.record.attempts[-1]
         count = f" with {message.workers} worker(s)" if message.workers else ""
-        self.journal.event(
+        self.journal.node_event(
             NodeStarted(
                 agent_pid=message.pid,
                 torchrun_pid=message.torchrun_pid,
                 workers=message.workers or None,
             ),
             f"{name}: torchrun started{count}",
-            node=name,
+            name,
         )
         if message.workers and self.per_gpu:
             # ``nproc_per_node: gpu``: the world is the sum of what each node found.
