@@ -96,6 +96,24 @@ def timed_cli(storage: Path, *args: str) -> float:
     return time.perf_counter() - started
 
 
+def where_it_stands(job_dir: Path, controller: subprocess.Popen[bytes]) -> str:
+    """What the store and the controller show when a size breaks: the job's state and step,
+    its attempts, its events by kind, and the controller's CPU so far."""
+    state = read_json(job_dir / "state.json") or {}
+    kinds: dict[str, int] = {}
+    for path in (job_dir / "events").glob("*.json"):
+        kind = path.stem.split("-", 3)[-1]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    top = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])[:6])
+    alive = controller.poll() is None
+    cpu = f"{cpu_s(controller.pid):.0f} s CPU" if alive else f"exited {controller.returncode}"
+    return (
+        f"state {state.get('state')}, step {state.get('step')}, "
+        f"{len(state.get('attempts') or [])} attempt(s); {sum(kinds.values())} events ({top}); "
+        f"controller {cpu}"
+    )
+
+
 def one_size(nodes: int, root: Path) -> dict[str, Any]:
     storage, job = root / f"n{nodes}", f"scale-{nodes}"
     fault_log = root / f"faults-{nodes}.jsonl"
@@ -169,6 +187,8 @@ def one_size(nodes: int, root: Path) -> dict[str, Any]:
         out["peak_rss_mb"] = peak_rss_mb(controller.pid)
         controller.send_signal(signal.SIGTERM)
         controller.wait(timeout=300)
+    except (TimeoutError, StopIteration) as broke:
+        raise TimeoutError(f"{broke}; {where_it_stands(job_dir, controller)}") from None
     finally:
         if controller.poll() is None:
             controller.kill()
@@ -192,6 +212,11 @@ def targets_met(row: dict[str, Any]) -> bool:
     return all(row[k] < limit for k, limit in TARGETS.items())
 
 
+def missed(row: dict[str, Any]) -> str:
+    """Where a size misses its targets (figure >= target), or an empty string."""
+    return ", ".join(f"{k} {row[k]:.3g} >= {t:g}" for k, t in TARGETS.items() if row[k] >= t)
+
+
 def print_row(row: dict[str, Any]) -> None:
     print(
         f"N={row['nodes']:>5} ({row['gpus']:>6} GPUs, {row['processes']} sim processes): "
@@ -204,7 +229,8 @@ def print_row(row: dict[str, Any]) -> None:
         f"(largest {row['event_file_bytes']} B); state.json {row['state_json_bytes']} B, "
         f"plan.json {row['plan_json_bytes']} B; {row['events']} events: status "
         f"{row['status_s']:.2f} s (target < 1), events {row['events_s']:.2f} s, report "
-        f"{row['report_s']:.2f} s; targets_met={targets_met(row)}",
+        f"{row['report_s']:.2f} s; targets_met={targets_met(row)}"
+        + (f" (missed: {missed(row)})" if missed(row) else ""),
         flush=True,
     )
 

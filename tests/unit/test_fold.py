@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from trainctl.events import AgentConnected, NodeEvents, NodeStarted
-from trainctl.health.liveness import progress_interval
+from trainctl.health.liveness import controller_beat_interval, progress_interval
 from trainctl.launch.inbox import Inbox
 from trainctl.protocol import Disconnected, Envelope, Exit, Hello, Progress
 from trainctl.recovery import fold
@@ -153,4 +153,5 @@ def test_what_is_rewritten_or_sent_per_node_slows_with_the_node_count(
 ) -> None:
     assert state_write_interval(nodes) == state_s
     assert progress_interval(nodes) == progress_s
+    assert controller_beat_interval(0.25, nodes) == progress_s  # the same rate
     assert flush_interval(nodes) == view_s

@@ -130,7 +130,10 @@ class ControlServer:
         host: str = "127.0.0.1",
         port: int = 0,
         liveness: LivenessPolicy | None = None,
+        beat_interval_s: float | None = None,
     ) -> None:
+        """`beat_interval_s`: how often the controller beats to its agents (default: the
+        policy's interval; longer for big jobs, `controller_beat_interval`)."""
         self._token = token
         # Every agent of a 4,096-node job connects at once: a backlog of 128 (the default) drops
         # SYNs past it, and each dropped one costs its agent a 1 s retransmit.
@@ -151,7 +154,7 @@ class ControlServer:
         threading.Thread(target=self._read_loop, name="control-read", daemon=True).start()
         threading.Thread(
             target=_beat_forever,
-            args=(self.policy.interval_s, self._closed, self._beat_all),
+            args=(beat_interval_s or self.policy.interval_s, self._closed, self._beat_all),
             name="control-beat",
             daemon=True,
         ).start()

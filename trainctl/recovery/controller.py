@@ -35,6 +35,7 @@ from trainctl.exitcodes import ExitCode
 from trainctl.health.liveness import (
     PROGRESS_INTERVAL_S,
     LivenessPolicy,
+    controller_beat_interval,
     progress_interval,
     scaled_interval,
 )
@@ -120,6 +121,9 @@ class Controller:
                 ),
                 threshold=health.phi_threshold,
                 acceptable_pause_s=health.heartbeat_pause_s,
+            ),
+            beat_interval_s=controller_beat_interval(
+                health.heartbeat_interval_s, spec.nodes + spec.spare_nodes
             ),
         )
         self.rdzv_port = 0
