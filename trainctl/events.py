@@ -246,7 +246,8 @@ class NodeEvents(EventData):
     4,096 nodes starts with three such events a node, each one file written and synced."""
 
     of_kind: str
-    """The kind folded (``agent_connected``, ``node_started``, an OK ``node_verdict``)."""
+    """The kind folded (``agent_connected``, ``node_started``, an OK ``node_verdict``, a
+    stopped or finished ``node_exited``)."""
     nodes: list[str]
     data: dict[str, dict[str, Any]] = {}
     """Each node's event data, as its own event would have carried it."""

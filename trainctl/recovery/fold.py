@@ -2,14 +2,15 @@
 written together as one `NodeEvents`.
 
 An attempt's start makes three events a node (its agent up, its OK verdict, its torchrun
-started). Each event is one object in the store, written and synced on its own: at 4,096
-nodes that was ~12,000 synced files at every attempt start (and ~12,000 PUTs on S3), and the
-controller's one loop spent minutes on them. A job of a few nodes sees every event as before
-(the first `KEEP_EACH` of a kind in a window are written at once); past that, what arrives in
-the rest of the window is written as one event listing the nodes and each one's data.
+started), and its end one more (its torchrun stopped or finished). Each event is one object
+in the store, written and synced on its own: at 4,096 nodes that was ~12,000 synced files at
+every attempt start (and ~12,000 PUTs on S3), and the controller's one loop spent minutes on
+them. A job of a few nodes sees every event as before (the first `KEEP_EACH` of a kind in a
+window are written at once); past that, what arrives in the rest of the window is written as
+one event listing the nodes and each one's data.
 
 `Folder` decides and holds; the journal writes. Only routine per-node events are folded: a
-verdict that is not OK, an exit, an exclusion are always their own event.
+verdict that is not OK, a failed exit, an exclusion are always their own event.
 """
 
 from __future__ import annotations

@@ -257,16 +257,18 @@ class Intake:
         how = "was stopped" if message.stopped else f"exited with {message.code}"
         if message.crashes and not message.stopped:
             how += f" ({'; '.join(message.crashes)})"
-        self.journal.event(
-            NodeExited(
-                code=message.code,
-                errors=list(errors),
-                stopped=message.stopped,
-                crashes=list(message.crashes),
-            ),
-            f"{name}: torchrun {how}",
-            node=name,
+        data = NodeExited(
+            code=message.code,
+            errors=list(errors),
+            stopped=message.stopped,
+            crashes=list(message.crashes),
         )
+        if (message.stopped or message.code == 0) and not errors and not message.crashes:
+            # Routine (the controller stopped it, or it finished): every node at once at a
+            # relaunch or the job's end, folded past a few (4,096 synced files a relaunch).
+            self.journal.node_event(data, f"{name}: torchrun {how}", name)
+        else:
+            self.journal.event(data, f"{name}: torchrun {how}", node=name)
         return policy.NodeExit(
             name,
             message.code,

@@ -52,7 +52,11 @@ STATE_WRITE_INTERVAL_S = 1.0
 STATE_NODES_PER_S = 256
 """state.json holds every node's record: progress rewrites it at most every N / this s."""
 
-FOLDED_LABEL = {"agent_connected": "agent up", "node_started": "torchrun started"}
+FOLDED_LABEL = {
+    "agent_connected": "agent up",
+    "node_started": "torchrun started",
+    "node_exited": "torchrun ended (stopped or finished)",
+}
 """What a fold of each kind says its nodes did (a verdict fold says its status)."""
 
 
