@@ -12,7 +12,7 @@ from trainctl.events import AgentConnected, NodeEvents, NodeStarted
 from trainctl.health.liveness import controller_beat_interval, progress_interval
 from trainctl.launch.inbox import Inbox
 from trainctl.protocol import Disconnected, Envelope, Exit, Hello, Progress
-from trainctl.recovery import fold
+from trainctl.recovery import fold, policy
 from trainctl.recovery.journal import Journal, state_write_interval
 from trainctl.recovery.progress_recorder import flush_interval
 from trainctl.state import AttemptRecord, JobRecord, NodeRecord
@@ -155,3 +155,20 @@ def test_what_is_rewritten_or_sent_per_node_slows_with_the_node_count(
     assert progress_interval(nodes) == progress_s
     assert controller_beat_interval(0.25, nodes) == progress_s  # the same rate
     assert flush_interval(nodes) == view_s
+
+
+@pytest.mark.parametrize(
+    ("seen", "expected"),
+    [
+        (policy.NodeLost("n", 0.0), True),
+        (policy.NodeUnhealthy("n", 0.0, "running", "XID 79"), True),
+        (policy.NodeExit("n", 1, 0.0), True),
+        (policy.NodeExit("n", 0, 0.0), False),
+        (policy.NodeExit("n", 143, 0.0, stopped=True), False),
+        (policy.StopRequested("SIGTERM", 0.0), False),
+    ],
+)
+def test_what_stops_the_controller_reading_a_burst(
+    seen: policy.Observation, expected: bool
+) -> None:
+    assert policy.failed(seen) is expected

@@ -367,12 +367,21 @@ class Controller:
                 node.move(NodeState.SPARE, "on standby")
 
     # -- one attempt -------------------------------------------------------------------------
-    def _pump(self, timeout_s: float, observations: list[policy.Observation]) -> None:
-        """Take every message that arrives within `timeout_s` (at least one wait)."""
+    def _pump(
+        self, timeout_s: float, observations: list[policy.Observation], first: bool = False
+    ) -> None:
+        """Take the messages that arrive within `timeout_s` (at least one wait): all of them,
+        or (`first`) those up to the first that says a node failed — a running attempt's
+        policy sees a failure before the rest of a burst of progress (a thousand lines at
+        1,024 nodes) is read. A node's loss comes first in the inbox (`trainctl.launch.inbox`);
+        the losses that come with it are read while the attempt stops (`policy.lost_together`
+        looks at them there)."""
         try:
-            observations += self.intake.take(self.server.messages.get(timeout=timeout_s))
-            while True:
-                observations += self.intake.take(self.server.messages.get_nowait())
+            seen = self.intake.take(self.server.messages.get(timeout=timeout_s))
+            observations += seen
+            while not (first and any(map(policy.failed, seen))):
+                seen = self.intake.take(self.server.messages.get_nowait())
+                observations += seen
         except queue.Empty:
             pass
         self.journal.flush_folds()
