@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -114,9 +115,10 @@ def where_it_stands(job_dir: Path, controller: subprocess.Popen[bytes]) -> str:
     )
 
 
-def one_size(nodes: int, root: Path) -> dict[str, Any]:
-    storage, job = root / f"n{nodes}", f"scale-{nodes}"
-    fault_log = root / f"faults-{nodes}.jsonl"
+def one_size(nodes: int, root: Path, run: int = 0) -> dict[str, Any]:
+    tag = f"{nodes}" if not run else f"{nodes}-{run}"  # a store of its own per run
+    storage, job = root / f"n{tag}", f"scale-{nodes}"
+    fault_log = root / f"faults-{tag}.jsonl"
     # After the steady window: state.json's step (what the window waits for) is written every
     # N/256 s at this size, so the window starts later for a bigger job.
     faults = [{"kind": "kill", "node": "node-7", "step": KILL_STEP + nodes // 128}]
@@ -146,7 +148,7 @@ def one_size(nodes: int, root: Path) -> dict[str, Any]:
         files0 = {p: p.stat().st_mtime for p in (job_dir / "events").glob("*.json")}
         if PROFILE:
             spy = Path(sys.executable).parent / "py-spy"
-            out_file = str(PROFILE[0] / f"controller-{nodes}.txt")
+            out_file = str(PROFILE[0] / f"controller-{tag}.txt")
             subprocess.run(
                 [
                     str(spy),
@@ -240,12 +242,28 @@ def print_row(row: dict[str, Any]) -> None:
     )
 
 
+MEDIANS = ("decision_ms", "plan_ms", "relaunch_s", "heartbeat_cpu_pct", "peak_rss_mb", "status_s")
+
+
+def print_medians(rows: list[dict[str, Any]]) -> None:
+    """Per size run more than once: the median of each figure beside its target."""
+    for nodes in sorted({r["nodes"] for r in rows}):
+        done = [r for r in rows if r["nodes"] == nodes and "broke" not in r]
+        if len(done) < 2:
+            continue
+        median = {k: statistics.median(r[k] for r in done) for k in MEDIANS}
+        figures = ", ".join(f"{k} {median[k]:.3g}" for k in MEDIANS)
+        met = all(median[k] < limit for k, limit in TARGETS.items())
+        print(f"N={nodes:>5} median of {len(done)}: {figures}; targets_met={met}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--nodes", type=int, nargs="*", default=[128, 512, 1024])
     parser.add_argument("--events", type=int, default=0)
     parser.add_argument("--rendezvous", type=int, nargs="*", default=None)
     parser.add_argument("--rdzv-repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per size (medians)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--profile", type=Path, default=None)
     parser.add_argument("--keep", type=Path, default=None, help="keep the stores in this folder")
@@ -260,9 +278,9 @@ def main() -> int:
     else:
         scratch = tempfile.TemporaryDirectory(prefix="trainctl-scale-")
     with scratch as tmp:
-        for nodes in args.nodes:
+        for run, nodes in ((r, n) for r in range(args.repeats) for n in args.nodes):
             try:
-                row = one_size(nodes, Path(tmp))
+                row = one_size(nodes, Path(tmp), run)
             except (TimeoutError, StopIteration, OSError) as broke:
                 row = {"nodes": nodes, "broke": f"{type(broke).__name__}: {broke}"}
                 print(f"N={nodes}: broke: {row['broke']}", flush=True)
@@ -270,6 +288,7 @@ def main() -> int:
                 row["targets_met"] = targets_met(row)
                 print_row(row)
             rows.append(row)
+        print_medians(rows)
         extra: dict[str, Any] = {}
         if args.events:
             extra["events"] = events_bench(Path(tmp), args.events)
