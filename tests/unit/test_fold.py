@@ -35,6 +35,22 @@ def test_admit(
     assert fold.admit(opened_at, written, now) == expected
 
 
+@pytest.mark.parametrize(
+    ("code", "stopped", "errors", "crashes", "expected"),
+    [
+        (0, False, 0, 0, True),  # finished
+        (143, True, 0, 0, True),  # stopped by the controller at a relaunch
+        (1, False, 0, 0, False),  # failed
+        (0, False, 1, 0, False),  # an error file: evidence, never folded
+        (-9, True, 0, 1, False),  # stopped, but a worker was OOM-killed first
+    ],
+)
+def test_which_exits_are_routine(
+    code: int, stopped: bool, errors: int, crashes: int, expected: bool
+) -> None:
+    assert fold.routine_exit(code, stopped, errors, crashes) is expected
+
+
 def test_the_folder_holds_what_is_past_the_window_s_share_and_releases_it_once() -> None:
     folder = fold.Folder()
     admitted = [folder.admit("agent_connected", 0.01 * i) for i in range(20)]

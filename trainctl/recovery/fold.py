@@ -50,6 +50,12 @@ def admit(opened_at: float | None, written: int, now: float) -> tuple[bool, bool
     return written < KEEP_EACH, False
 
 
+def routine_exit(code: int, stopped: bool, errors: int, crashes: int) -> bool:
+    """Whether a node's exit may be folded: stopped (by the controller, or on its own) or
+    finished (0), with no error file and no crash evidence. A failure is its own event."""
+    return (stopped or code == 0) and not errors and not crashes
+
+
 class Folder:
     """Per kind, the current window and the events held for its fold."""
 

@@ -50,6 +50,7 @@ from trainctl.protocol import (
 from trainctl.recovery import placement, policy
 from trainctl.recovery.faults import NoFaults
 from trainctl.recovery.fleet import Fleet
+from trainctl.recovery.fold import routine_exit
 from trainctl.recovery.gpu_recorder import GpuRecorder
 from trainctl.recovery.journal import Journal
 from trainctl.recovery.monitor import AttemptMonitor
@@ -263,7 +264,7 @@ class Intake:
             stopped=message.stopped,
             crashes=list(message.crashes),
         )
-        if (message.stopped or message.code == 0) and not errors and not message.crashes:
+        if routine_exit(message.code, message.stopped, len(errors), len(message.crashes)):
             # Routine (the controller stopped it, or it finished): every node at once at a
             # relaunch or the job's end, folded past a few (4,096 synced files a relaunch).
             self.journal.node_event(data, f"{name}: torchrun {how}", name)
