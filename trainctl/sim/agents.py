@@ -199,7 +199,7 @@ class SimAgent:
             self.worker_event("checkpoint_restored", {"step": self.start_step})
         self.started_at = time.monotonic()
         self.sent_step = self.start_step
-        self.next_progress = self.started_at + self.progress_s
+        self.next_progress = self.started_at
 
     def end_attempt(self, exit_message: Exit) -> None:
         if self.plan is None:
@@ -229,9 +229,11 @@ class SimAgent:
             self.next_beat = now + self.beat_s
         if self.plan is None or now < self.next_progress:
             return
-        self.next_progress = now + self.progress_s
         step = self.step()
         if step > self.sent_step:
+            # As the real agent: the interval runs from the last line sent, so an attempt's
+            # first step is reported when it happens, not an interval after the start.
+            self.next_progress = now + self.progress_s
             self.progress(step)
         if self.plan is not None and self.max_steps and step >= self.max_steps:
             if self.rank0:
