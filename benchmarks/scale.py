@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,10 +97,31 @@ def timed_cli(storage: Path, *args: str) -> float:
     return time.perf_counter() - started
 
 
-def one_size(nodes: int, root: Path) -> dict[str, Any]:
-    storage, job = root / f"n{nodes}", f"scale-{nodes}"
-    fault_log = root / f"faults-{nodes}.jsonl"
-    faults = [{"kind": "kill", "node": "node-7", "step": KILL_STEP}]
+def where_it_stands(job_dir: Path, controller: subprocess.Popen[bytes]) -> str:
+    """What the store and the controller show when a size breaks: the job's state and step,
+    its attempts, its events by kind, and the controller's CPU so far."""
+    state = read_json(job_dir / "state.json") or {}
+    kinds: dict[str, int] = {}
+    for path in (job_dir / "events").glob("*.json"):
+        kind = path.stem.split("-", 3)[-1]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    top = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])[:6])
+    alive = controller.poll() is None
+    cpu = f"{cpu_s(controller.pid):.0f} s CPU" if alive else f"exited {controller.returncode}"
+    return (
+        f"state {state.get('state')}, step {state.get('step')}, "
+        f"{len(state.get('attempts') or [])} attempt(s); {sum(kinds.values())} events ({top}); "
+        f"controller {cpu}"
+    )
+
+
+def one_size(nodes: int, root: Path, run: int = 0) -> dict[str, Any]:
+    tag = f"{nodes}" if not run else f"{nodes}-{run}"  # a store of its own per run
+    storage, job = root / f"n{tag}", f"scale-{nodes}"
+    fault_log = root / f"faults-{tag}.jsonl"
+    # After the steady window: state.json's step (what the window waits for) is written every
+    # N/256 s at this size, so the window starts later for a bigger job.
+    faults = [{"kind": "kill", "node": "node-7", "step": KILL_STEP + nodes // 128}]
     processes = max(2, nodes // 256)
     command = [sys.executable, "-m", "trainctl.sim.job", "--storage", str(storage)]
     command += ["--job-id", job, "--nodes", str(nodes), "--spares", "2", "--nproc", "8"]
@@ -126,7 +148,7 @@ def one_size(nodes: int, root: Path) -> dict[str, Any]:
         files0 = {p: p.stat().st_mtime for p in (job_dir / "events").glob("*.json")}
         if PROFILE:
             spy = Path(sys.executable).parent / "py-spy"
-            out_file = str(PROFILE[0] / f"controller-{nodes}.txt")
+            out_file = str(PROFILE[0] / f"controller-{tag}.txt")
             subprocess.run(
                 [
                     str(spy),
@@ -151,8 +173,10 @@ def one_size(nodes: int, root: Path) -> dict[str, Any]:
         out["event_file_bytes"] = max((p.stat().st_size for p in new), default=0)
         out["state_json_bytes"] = state.stat().st_size
         out["plan_json_bytes"] = (job_dir / "attempt-0" / "plan.json").stat().st_size
+        window_end = time.time()
         wait(lambda: fault_log.exists(), 120, "the fault never fired")
         killed_at = json.loads(fault_log.read_text().splitlines()[0])["time"]
+        out["window_clean"] = killed_at > window_end
 
         def relaunched() -> bool:
             return any(e["kind"] == "first_step" and e["attempt"] == 1 for e in events_of(job_dir))
@@ -169,6 +193,8 @@ def one_size(nodes: int, root: Path) -> dict[str, Any]:
         out["peak_rss_mb"] = peak_rss_mb(controller.pid)
         controller.send_signal(signal.SIGTERM)
         controller.wait(timeout=300)
+    except (TimeoutError, StopIteration) as broke:
+        raise TimeoutError(f"{broke}; {where_it_stands(job_dir, controller)}") from None
     finally:
         if controller.poll() is None:
             controller.kill()
@@ -192,6 +218,11 @@ def targets_met(row: dict[str, Any]) -> bool:
     return all(row[k] < limit for k, limit in TARGETS.items())
 
 
+def missed(row: dict[str, Any]) -> str:
+    """Where a size misses its targets (figure >= target), or an empty string."""
+    return ", ".join(f"{k} {row[k]:.3g} >= {t:g}" for k, t in TARGETS.items() if row[k] >= t)
+
+
 def print_row(row: dict[str, Any]) -> None:
     print(
         f"N={row['nodes']:>5} ({row['gpus']:>6} GPUs, {row['processes']} sim processes): "
@@ -204,9 +235,26 @@ def print_row(row: dict[str, Any]) -> None:
         f"(largest {row['event_file_bytes']} B); state.json {row['state_json_bytes']} B, "
         f"plan.json {row['plan_json_bytes']} B; {row['events']} events: status "
         f"{row['status_s']:.2f} s (target < 1), events {row['events_s']:.2f} s, report "
-        f"{row['report_s']:.2f} s; targets_met={targets_met(row)}",
+        f"{row['report_s']:.2f} s; targets_met={targets_met(row)}"
+        + (f" (missed: {missed(row)})" if missed(row) else "")
+        + ("" if row["window_clean"] else " [the failure fell inside the CPU window]"),
         flush=True,
     )
+
+
+MEDIANS = ("decision_ms", "plan_ms", "relaunch_s", "heartbeat_cpu_pct", "peak_rss_mb", "status_s")
+
+
+def print_medians(rows: list[dict[str, Any]]) -> None:
+    """Per size run more than once: the median of each figure beside its target."""
+    for nodes in sorted({r["nodes"] for r in rows}):
+        done = [r for r in rows if r["nodes"] == nodes and "broke" not in r]
+        if len(done) < 2:
+            continue
+        median = {k: statistics.median(r[k] for r in done) for k in MEDIANS}
+        figures = ", ".join(f"{k} {median[k]:.3g}" for k in MEDIANS)
+        met = all(median[k] < limit for k, limit in TARGETS.items())
+        print(f"N={nodes:>5} median of {len(done)}: {figures}; targets_met={met}", flush=True)
 
 
 def main() -> int:
@@ -215,6 +263,7 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=0)
     parser.add_argument("--rendezvous", type=int, nargs="*", default=None)
     parser.add_argument("--rdzv-repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per size (medians)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--profile", type=Path, default=None)
     parser.add_argument("--keep", type=Path, default=None, help="keep the stores in this folder")
@@ -229,9 +278,9 @@ def main() -> int:
     else:
         scratch = tempfile.TemporaryDirectory(prefix="trainctl-scale-")
     with scratch as tmp:
-        for nodes in args.nodes:
+        for run, nodes in ((r, n) for r in range(args.repeats) for n in args.nodes):
             try:
-                row = one_size(nodes, Path(tmp))
+                row = one_size(nodes, Path(tmp), run)
             except (TimeoutError, StopIteration, OSError) as broke:
                 row = {"nodes": nodes, "broke": f"{type(broke).__name__}: {broke}"}
                 print(f"N={nodes}: broke: {row['broke']}", flush=True)
@@ -239,6 +288,7 @@ def main() -> int:
                 row["targets_met"] = targets_met(row)
                 print_row(row)
             rows.append(row)
+        print_medians(rows)
         extra: dict[str, Any] = {}
         if args.events:
             extra["events"] = events_bench(Path(tmp), args.events)

@@ -26,6 +26,8 @@ class Env:
     LIVENESS = "TRAINCTL_LIVENESS"
     """How the agent judges its controller's heartbeats (`LivenessPolicy` fields as JSON)."""
     AGENT_LOG = "TRAINCTL_AGENT_LOG"
+    PROGRESS_INTERVAL = "TRAINCTL_PROGRESS_INTERVAL_S"
+    """How often, in seconds, the agent forwards its workers' progress (`progress_interval`)."""
     WARM_WORKERS = "TRAINCTL_WARM_WORKERS"
     RDZV_POLL_S = "TRAINCTL_RDZV_POLL_S"
     """The warm torchrun's rendezvous poll interval (`trainctl.launch.warmrun`)."""

@@ -240,6 +240,21 @@ class VerdictUnreadable(EventData):
     pass
 
 
+@kind("node_events")
+class NodeEvents(EventData):
+    """Per-node events of one kind folded into one (`trainctl.recovery.fold`): an attempt of
+    4,096 nodes starts with three such events a node, each one file written and synced."""
+
+    of_kind: str
+    """The kind folded (``agent_connected``, ``node_started``, an OK ``node_verdict``, a
+    stopped or finished ``node_exited``)."""
+    nodes: list[str]
+    data: dict[str, dict[str, Any]] = {}
+    """Each node's event data, as its own event would have carried it."""
+    until: float | None = None
+    """When the last of them happened (the event's own time is the first's)."""
+
+
 @kind("node_excluded")
 class NodeExcluded(EventData):
     reason: str = ""

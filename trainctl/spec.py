@@ -261,6 +261,11 @@ class HealthSpec(_Frozen):
     judgement and `trainctl status` look at."""
 
 
+MAX_NODES = 4096
+"""The most nodes a job may have: what the control plane was shown to run with a failure decided
+and a relaunch (`benchmarks/scale.py`, BENCHMARKS.md "Scale", run 4)."""
+
+
 class JobSpec(_Frozen):
     """A validated job: recipe file plus command-line overrides."""
 
@@ -270,7 +275,7 @@ class JobSpec(_Frozen):
     """Training script (absolute path once loaded)."""
     args: tuple[str, ...] = ()
     """Arguments passed to the script."""
-    nodes: int = Field(default=1, ge=1, le=1024)
+    nodes: int = Field(default=1, ge=1, le=MAX_NODES)
     """Number of nodes (simulated nodes with the local scheduler)."""
     nproc_per_node: int | Literal["gpu", "auto"] = 1
     """Worker processes per node: a number, ``gpu`` (one per GPU the node's agent sees:

@@ -46,7 +46,7 @@ def test_overrides_apply_and_defaults_fill(tmp_path: Path) -> None:
 BAD_RECIPES = [
     ("script: train.py\nnodez: 2\n", "job.yaml: nodez", "unknown field", "did you mean `nodes`?"),
     ("script: train.py\nnodes: two\n", "job.yaml: nodes", "not a whole number", "right type"),
-    ("script: train.py\nnodes: 0\n", "job.yaml: nodes", "out of range (got 0)", "from 1 to 1024"),
+    ("script: train.py\nnodes: 0\n", "job.yaml: nodes", "out of range (got 0)", "from 1 to 4096"),
     (
         "script: train.py\ncheckpoint:\n  keep_last: 1\n",
         "job.yaml: checkpoint.keep_last",

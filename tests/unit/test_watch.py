@@ -108,7 +108,8 @@ def test_a_rank_saving_a_checkpoint_gets_the_checkpoint_allowance() -> None:
 
 
 @pytest.mark.parametrize(
-    ("nodes", "interval_s"), [(1, 1.0), (2, 1.0), (128, 1.0), (256, 1.0), (512, 2.0), (1024, 4.0)]
+    ("nodes", "interval_s"),
+    [(1, 1.0), (2, 1.0), (128, 1.0), (256, 2.0), (512, 4.0), (1024, 8.0), (4096, 32.0)],
 )
 def test_straggler_check_interval_grows_with_the_node_count(nodes: int, interval_s: float) -> None:
     assert straggler_check_interval(nodes) == interval_s

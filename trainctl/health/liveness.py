@@ -62,6 +62,33 @@ def scaled_interval(interval_s: float, nodes: int) -> float:
     return max(interval_s, nodes / BEATS_PER_S)
 
 
+CONTROLLER_BEATS_PER_S = 512
+"""The controller's own beats to its agents, a second, in all."""
+
+
+def controller_beat_interval(interval_s: float, nodes: int) -> float:
+    """How often the controller beats to each agent of a `nodes`-node job: `interval_s`, or
+    `nodes / CONTROLLER_BEATS_PER_S` (2 s at 1,024 nodes: a thousand sends a second were 8% of
+    its CPU). Agents accept a 5 s pause of their controller (`controller_pause_s`) and learn the
+    interval they observe, so this slows only how soon an agent notices a dead controller."""
+    return max(interval_s, nodes / CONTROLLER_BEATS_PER_S)
+
+
+PROGRESS_LINES_PER_S = 512
+"""Progress lines a second the controller takes from all agents together, at most."""
+PROGRESS_INTERVAL_S = 0.25
+"""How often an agent forwards its workers' progress in a job of up to 128 nodes."""
+
+
+def progress_interval(nodes: int, interval_s: float = PROGRESS_INTERVAL_S) -> float:
+    """How often an agent of a `nodes`-node job forwards its workers' progress: every
+    `interval_s`, lengthened to `nodes / PROGRESS_LINES_PER_S` (2 s at 1,024 nodes,
+    8 s at 4,096). Reading and decoding progress lines was the largest share of the
+    controller's CPU at 1,024 nodes; each line still carries every step's sample since the
+    last one, so stragglers and hangs are judged on the same data, later by at most this."""
+    return max(interval_s, nodes / PROGRESS_LINES_PER_S)
+
+
 def phi(elapsed_s: float, mean_s: float, std_s: float) -> float:
     """-log10 of the probability that a heartbeat comes more than `elapsed_s` after the last
     one, for normally distributed inter-arrival times (the logistic approximation of the normal

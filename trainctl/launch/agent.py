@@ -97,6 +97,8 @@ class Agent:
         self._warm: WarmTorchrun | None = None
         self._log: IO[bytes] | None = None
         self.zygote: subprocess.Popen[bytes] | None = None
+        self.progress_s = PROGRESS_BATCH_S
+        """How often progress is forwarded (`Env.PROGRESS_INTERVAL`: longer for big jobs)."""
         self.zygote_address = (
             f"@trainctl/zygote/{os.environ.get(Env.JOB_ID, 'job')}/{node}/{os.getpid()}"
         )
@@ -334,7 +336,7 @@ class Agent:
             select.select([attempt.workers], [], [], 0.1)
             self._forward_progress(attempt, pending)
             now = time.monotonic()
-            if pending and now - last_flush >= PROGRESS_BATCH_S:
+            if pending and now - last_flush >= self.progress_s:
                 self.send(Progress(pending))
                 pending = {}
                 last_flush = now
@@ -405,6 +407,7 @@ def main(argv: list[str]) -> int:
     # they get a token of their own (the worker token), not the job's.
     token = os.environ.pop(Env.CONTROL_TOKEN, "")
     agent = Agent(node_name, control_endpoint, token, liveness_policy(os.environ))
+    agent.progress_s = float(os.environ.get(Env.PROGRESS_INTERVAL) or PROGRESS_BATCH_S)
 
     def on_signal(signum: int, _frame: object) -> None:
         agent.quit_reason = agent.quit_reason or f"agent received {signal.Signals(signum).name}"

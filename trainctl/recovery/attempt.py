@@ -14,6 +14,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from trainctl.events import Cleanup
 from trainctl.exitcodes import ExitCode
@@ -33,8 +34,13 @@ KILL_WAIT_S = 5.0
 STOP_MARGIN_S = 3.0
 """After a graceful stop, how long past the recipe's grace the agents get to report."""
 
-Pump = Callable[[float, list[policy.Observation]], None]
-"""Take the agents' messages for up to the given seconds, adding observations to the list."""
+
+class Pump(Protocol):
+    def __call__(
+        self, timeout_s: float, observations: list[policy.Observation], first: bool = False
+    ) -> None:
+        """Take the agents' messages for up to `timeout_s`, adding observations to the list
+        (`first`: stop at the first message that makes one)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +137,7 @@ class Attempt:
         """One turn's observations: messages, vanished agents, the monitor, signals, lease."""
         crew, monitor = self.crew, self.monitor
         observations: list[policy.Observation] = []
-        crew.pump(0.1, observations)
+        crew.pump(0.1, observations, first=True)
         observations += crew.fleet.check(self.nodes, finished(self.view))
         for silent in crew.fleet.silent_spares():
             crew.intake.spare_silent(silent)

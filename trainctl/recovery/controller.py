@@ -32,7 +32,13 @@ from trainctl.cancel import CANCEL, CancelWatch
 from trainctl.checkpoint import fence
 from trainctl.events import FenceFailed, JobFailed, RecoveryPlanned
 from trainctl.exitcodes import ExitCode
-from trainctl.health.liveness import LivenessPolicy, scaled_interval
+from trainctl.health.liveness import (
+    PROGRESS_INTERVAL_S,
+    LivenessPolicy,
+    controller_beat_interval,
+    progress_interval,
+    scaled_interval,
+)
 from trainctl.launch.control import ControlServer
 from trainctl.launch.local import LocalScheduler
 from trainctl.launch.plan import Facts, LaunchPlan, agent_env, gate_plan, plan_attempt
@@ -116,6 +122,9 @@ class Controller:
                 threshold=health.phi_threshold,
                 acceptable_pause_s=health.heartbeat_pause_s,
             ),
+            beat_interval_s=controller_beat_interval(
+                health.heartbeat_interval_s, spec.nodes + spec.spare_nodes
+            ),
         )
         self.rdzv_port = 0
         self.faults = plan_faults(
@@ -186,6 +195,7 @@ class Controller:
                 self.journal.event(JobFailed(exit_code=int(ExitCode.FAILED)), reason)
             raise
         finally:
+            self.journal.flush_folds(every=True)
             self.fleet.shutdown()
             self.intake.gpu.flush()  # after the agents are gone: their last samples are in
             self.live.close(time.time())
@@ -327,6 +337,10 @@ class Controller:
                 "acceptable_pause_s": health.controller_pause_s,
             }
         )
+        every = progress_interval(self.spec.nodes + self.spec.spare_nodes)
+        if health.hang_timeout_s:  # a pinned hang timeout sees a few progress lines first
+            every = min(every, max(PROGRESS_INTERVAL_S, health.hang_timeout_s / 4))
+        env[Env.PROGRESS_INTERVAL] = repr(every)
         env.update(self.faults.agent_env())
         return env, log_path
 
@@ -353,14 +367,24 @@ class Controller:
                 node.move(NodeState.SPARE, "on standby")
 
     # -- one attempt -------------------------------------------------------------------------
-    def _pump(self, timeout_s: float, observations: list[policy.Observation]) -> None:
-        """Take every message that arrives within `timeout_s` (at least one wait)."""
+    def _pump(
+        self, timeout_s: float, observations: list[policy.Observation], first: bool = False
+    ) -> None:
+        """Take the messages that arrive within `timeout_s` (at least one wait): all of them,
+        or (`first`) those up to the first that says a node failed — a running attempt's
+        policy sees a failure before the rest of a burst of progress (a thousand lines at
+        1,024 nodes) is read. A node's loss comes first in the inbox (`trainctl.launch.inbox`);
+        the losses that come with it are read while the attempt stops (`policy.lost_together`
+        looks at them there)."""
         try:
-            observations += self.intake.take(self.server.messages.get(timeout=timeout_s))
-            while True:
-                observations += self.intake.take(self.server.messages.get_nowait())
+            seen = self.intake.take(self.server.messages.get(timeout=timeout_s))
+            observations += seen
+            while not (first and any(map(policy.failed, seen))):
+                seen = self.intake.take(self.server.messages.get_nowait())
+                observations += seen
         except queue.Empty:
             pass
+        self.journal.flush_folds()
         self.live.tick(time.time())
 
     def _start_attempt(self, selection: placement.NodeSelection) -> LaunchPlan:

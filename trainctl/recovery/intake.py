@@ -50,6 +50,7 @@ from trainctl.protocol import (
 from trainctl.recovery import placement, policy
 from trainctl.recovery.faults import NoFaults
 from trainctl.recovery.fleet import Fleet
+from trainctl.recovery.fold import routine_exit
 from trainctl.recovery.gpu_recorder import GpuRecorder
 from trainctl.recovery.journal import Journal
 from trainctl.recovery.monitor import AttemptMonitor
@@ -125,7 +126,7 @@ class Intake:
             self.fleet.hello_at[name] = envelope.time or now
             if message.holder:
                 self.fleet.holders[name] = message.holder
-            self.journal.event(AgentConnected(pid=message.pid), f"{name}: agent up", node=name)
+            self.journal.node_event(AgentConnected(pid=message.pid), f"{name}: agent up", name)
             if not in_attempt:
                 self.fleet.send(name, self.standby_probe())
         elif isinstance(message, Disconnected):
@@ -224,14 +225,14 @@ class Intake:
         self.journal.changed()
         attempt = self.record.attempts[-1]
         count = f" with {message.workers} worker(s)" if message.workers else ""
-        self.journal.event(
+        self.journal.node_event(
             NodeStarted(
                 agent_pid=message.pid,
                 torchrun_pid=message.torchrun_pid,
                 workers=message.workers or None,
             ),
             f"{name}: torchrun started{count}",
-            node=name,
+            name,
         )
         if message.workers and self.per_gpu:
             # ``nproc_per_node: gpu``: the world is the sum of what each node found.
@@ -259,16 +260,18 @@ class Intake:
         how = "was stopped" if message.stopped else f"exited with {message.code}"
         if message.crashes and not message.stopped:
             how += f" ({'; '.join(message.crashes)})"
-        self.journal.event(
-            NodeExited(
-                code=message.code,
-                errors=list(errors),
-                stopped=message.stopped,
-                crashes=list(message.crashes),
-            ),
-            f"{name}: torchrun {how}",
-            node=name,
+        data = NodeExited(
+            code=message.code,
+            errors=list(errors),
+            stopped=message.stopped,
+            crashes=list(message.crashes),
         )
+        if routine_exit(message.code, message.stopped, len(errors), len(message.crashes)):
+            # Routine (the controller stopped it, or it finished): every node at once at a
+            # relaunch or the job's end, folded past a few (4,096 synced files a relaunch).
+            self.journal.node_event(data, f"{name}: torchrun {how}", name)
+        else:
+            self.journal.event(data, f"{name}: torchrun {how}", node=name)
         return policy.NodeExit(
             name,
             message.code,

@@ -106,6 +106,13 @@ class Abandoned:
 Observation = NodeExit | NodeLost | StopRequested | NodeUnhealthy | Hang | Abandoned
 
 
+def failed(seen: Observation) -> bool:
+    """Whether an observation says a node failed (lost, unhealthy, its torchrun failed)."""
+    if isinstance(seen, NodeExit):
+        return seen.code != 0 and not seen.stopped
+    return isinstance(seen, NodeLost | NodeUnhealthy)
+
+
 @dataclasses.dataclass(frozen=True)
 class AttemptView:
     """What the controller knows about the current attempt."""

@@ -59,7 +59,8 @@ from trainctl.protocol import (
 )
 
 PROGRESS_BATCH_S = 0.25
-"""As the real agent: heartbeats forwarded at most this often."""
+"""As the real agent: heartbeats forwarded at most this often (unless the controller says
+`progress_s`, from `Env.PROGRESS_INTERVAL`)."""
 TICK_S = 0.01
 
 
@@ -91,6 +92,7 @@ class SimAgent:
         self.step_s = float(options.get("step_s", 0.1))
         self.checkpoint_every = int(options.get("checkpoint_every", 0))
         self.beat_s = float(options.get("beat_s", 0.25))
+        self.progress_s = float(options.get("progress_s", PROGRESS_BATCH_S))
         self.faults: list[dict[str, Any]] = list(options.get("faults", ()))
         host, port = endpoint.rsplit(":", 1)
         self.sock = socket.create_connection((host, int(port)), timeout=30)
@@ -197,7 +199,7 @@ class SimAgent:
             self.worker_event("checkpoint_restored", {"step": self.start_step})
         self.started_at = time.monotonic()
         self.sent_step = self.start_step
-        self.next_progress = self.started_at + PROGRESS_BATCH_S
+        self.next_progress = self.started_at
 
     def end_attempt(self, exit_message: Exit) -> None:
         if self.plan is None:
@@ -227,9 +229,11 @@ class SimAgent:
             self.next_beat = now + self.beat_s
         if self.plan is None or now < self.next_progress:
             return
-        self.next_progress = now + PROGRESS_BATCH_S
         step = self.step()
         if step > self.sent_step:
+            # As the real agent: the interval runs from the last line sent, so an attempt's
+            # first step is reported when it happens, not an interval after the start.
+            self.next_progress = now + self.progress_s
             self.progress(step)
         if self.plan is not None and self.max_steps and step >= self.max_steps:
             if self.rank0:
