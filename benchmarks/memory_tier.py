@@ -9,7 +9,11 @@ and replayed steps after a worker kill with the tier on and off.
    (every block verified) from the memory tier (tmpfs), from durable file storage (a temp
    dir on disk: the page cache may hold it, so this is file's best case) and from S3 (a moto
    server on loopback, port 0); the peer: plain `dcp.load` (no verification) from tmpfs.
-   Target: memory >= 5x faster than S3.
+   **From a peer's replica**: node-0's holder replicates its step to node-1's over TCP
+   (loopback), node-0's RAM is dropped (its host died), and a fresh spare node-2 assembles the
+   step from node-1 (fetch over TCP + verify every object) and restores it through DCP: the
+   time is assemble + restore, what a relaunch onto a spare waits for.
+   Target: restore from peer memory >= 5x faster than from S3.
 3. **Replayed steps** (``--e2e``): real 2-node `trainctl launch` jobs of tiny-gpt (80 steps of
    compute, no sleep) with a worker SIGKILLed at step 15 (durable checkpoints every 10 steps),
    memory tier on and off: steps replayed = kill step - restored step, the median step time
@@ -39,7 +43,16 @@ import torch.distributed.checkpoint as dcp
 import yaml
 
 from trainctl.checkpoint.checkpointer import Checkpointer
-from trainctl.checkpoint.memory import MEMORY_BASE, memory_root, release_memory
+from trainctl.checkpoint.holder import Holder, PeerSet
+from trainctl.checkpoint.layout import node_memory_root
+from trainctl.checkpoint.memory import (
+    MEMORY_BASE,
+    PEER_TIER,
+    memory_root,
+    release_memory,
+    release_node_memory,
+    restore_tiers,
+)
 from trainctl.runtime.memory_tier import MemoryTier
 
 REPO = Path(__file__).resolve().parent.parent
@@ -145,12 +158,78 @@ def measure_restore(
     finally:
         shutil.rmtree(plain, ignore_errors=True)
     release_memory(job)
+    out.update(measure_peer_restore(state, size_mb, repeats, f"{job}-peer", work))
+    release_memory(f"{job}-peer")
     out["memcpy_s"] = measure_memcpy(state)
     if "s3_s" in out:
         out["speedup_vs_s3"] = out["s3_s"] / out["memory_s"]
-        out["met"] = out["speedup_vs_s3"] >= TARGET_RESTORE_SPEEDUP
+        out["peer_speedup_vs_s3"] = out["s3_s"] / out["peer_s"]
+        out["met"] = out["peer_speedup_vs_s3"] >= TARGET_RESTORE_SPEEDUP
     out["speedup_vs_file"] = out["file_s"] / out["memory_s"]
     return out
+
+
+def _wait_for(predicate: Any, what: str, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def measure_peer_restore(
+    state: dict[str, Any], size_mb: int, repeats: int, job: str, work: Path
+) -> dict[str, Any]:
+    """Median assemble-from-a-peer + DCP restore onto a fresh spare; the assemble part alone."""
+    token = "bench-token"
+    holders = {n: Holder(job, n, token, "127.0.0.1") for n in ("node-0", "node-1")}
+    try:
+        everyone = PeerSet(0, {n: h.endpoint for n, h in holders.items()}, 1)
+        for holder in holders.values():
+            holder.configure(everyone)
+        saver = Checkpointer(
+            os.path.join(node_memory_root(job, "node-0"), "own"),
+            interval_steps=1,
+            keep_last=1_000_000,  # the holders drop old steps
+            direct_io=False,
+            pin_memory=False,
+            tier="memory",
+        )
+        saver.save(1, state)
+        saver.wait()
+        saver.close()
+        survivor = holders["node-1"]
+        _wait_for(lambda: 1 in survivor.committed_steps(), "step 1 replicated and committed")
+        holders.pop("node-0").close()
+        release_node_memory(job, "node-0")  # node-0's host died: its RAM with it
+        totals, assembles = [], []
+        durable = Checkpointer(f"file://{work}/peer-durable-{size_mb}", interval_steps=1)
+        for repeat in range(repeats):
+            name = f"spare-{repeat}"
+            spare = Holder(job, name, token, "127.0.0.1")
+            try:
+                spare.configure(PeerSet(1, {"node-1": survivor.endpoint, name: spare.endpoint}, 1))
+                blank = _state(size_mb, 0)
+                started = time.perf_counter()
+                assembly = spare.assemble()
+                assembled = time.perf_counter()
+                memory = MemoryTier.open(spare.root, 1, on_event=lambda *_: None, pin_memory=False)
+                try:
+                    step = restore_tiers(memory.restorer, durable, blank, lambda *_: None)
+                finally:
+                    memory.close()
+                totals.append(time.perf_counter() - started)
+                assembles.append(assembled - started)
+                assert (step, assembly.tier) == (1, PEER_TIER), (step, assembly)
+                assert torch.equal(blank["w"], state["w"]), "the peer restore differs"
+            finally:
+                spare.close()
+                release_node_memory(job, name)
+        durable.close()
+        return {"peer_s": _median(totals), "peer_assemble_s": _median(assembles)}
+    finally:
+        for holder in holders.values():
+            holder.close()
 
 
 def measure_memcpy(state: dict[str, Any]) -> float:
@@ -298,10 +377,21 @@ def _print(results: dict[str, Any]) -> None:
     print("\nrestore (median, every block verified) vs plain DCP from tmpfs", file=err)
     for row in results["restore"]:
         s3 = f"s3 {row['s3_s']:.3f} s  x{row['speedup_vs_s3']:.1f}  " if "s3_s" in row else ""
+        peer_vs_s3 = (
+            f" (S3/peer x{row['peer_speedup_vs_s3']:.1f}, target >= {TARGET_RESTORE_SPEEDUP:.0f}"
+            f", met={row['met']})"
+            if "s3_s" in row
+            else ""
+        )
         print(
             f"  {row['size_mb']:>5} MB  memory {row['memory_s']:.3f} s  file {row['file_s']:.3f} s"
             f"  {s3}plain-dcp-tmpfs {row['plain_dcp_tmpfs_s']:.3f} s  memcpy "
             f"{row['memcpy_s']:.3f} s",
+            file=err,
+        )
+        print(
+            f"  {'':>5}     from a peer's replica {row['peer_s']:.3f} s (assemble over TCP "
+            f"{row['peer_assemble_s']:.3f} s){peer_vs_s3}",
             file=err,
         )
     if results["e2e"]:
