@@ -91,7 +91,7 @@ class AssemblyFailed(Exception):
     """A step could not be assembled (no valid copy of one of its objects)."""
 
 
-def _crc(data: bytes) -> str:
+def _crc(data: bytes | bytearray) -> str:
     return format_checksum(zlib.crc32(data))
 
 
@@ -336,7 +336,7 @@ class Holder:
                     if path == wanted or (wanted is None and replica):
                         yield kind, node, path
 
-    def _read(self, node: str | None, path: str, peers: PeerSet) -> bytes:
+    def _read(self, node: str | None, path: str, peers: PeerSet) -> bytes | bytearray:
         if node is None:
             with open(self.path(path), "rb") as file:
                 return file.read()
@@ -352,11 +352,11 @@ class Holder:
     ) -> tuple[list[str], int]:
         name = step_dir_name(step)
         everywhere = [(None, self._local_names()), *listings.items()]
-        manifest_bytes = b""
+        manifest_bytes: bytes | bytearray = b""
         for _kind, node, path in self._copies(name, MANIFEST_NAME, everywhere):
             try:
                 manifest_bytes = self._read(node, path, peers)
-                manifest = Manifest.from_json(manifest_bytes)
+                manifest = Manifest.from_json(bytes(manifest_bytes))
                 break
             except (OSError, ValueError) as bad:
                 skipped.append(f"{node or self.node}:{path}: {bad}")
@@ -385,7 +385,7 @@ class Holder:
         return sources, fetched
 
     @staticmethod
-    def _store(building: str, name: str, relative: str, data: bytes) -> None:
+    def _store(building: str, name: str, relative: str, data: bytes | bytearray) -> None:
         path = os.path.join(building, name, relative)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as file:
