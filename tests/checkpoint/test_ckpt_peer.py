@@ -29,7 +29,7 @@ from trainctl.checkpoint.memory import (
     ring_peers,
     steps_to_drop,
 )
-from trainctl.checkpoint.peer_wire import PeerError, PeerServer, fetch_file, put_bytes
+from trainctl.checkpoint.peer_wire import PeerError, PeerServer, fetch_file, fetch_range, put_bytes
 from trainctl.runtime.memory_tier import MemoryTier
 
 SHM = "/dev/shm"
@@ -110,6 +110,21 @@ def test_peer_wire_refuses_a_bad_token_an_escaping_path_and_a_bad_checksum(
         with pytest.raises(PeerError, match="bad path"):
             fetch_file(server.endpoint, TOKEN, "/etc/passwd")
         assert not (tmp_path.parent / "evil").exists()
+    finally:
+        server.close()
+
+
+def test_peer_wire_serves_a_range_and_refuses_one_past_the_end(tmp_path: Path) -> None:
+    server = PeerServer(str(tmp_path), TOKEN, "127.0.0.1").start()
+    try:
+        data = bytes(range(256)) * 40
+        put_bytes(server.endpoint, TOKEN, "s/rank-00000.slot-0", data, bandwidth=1e9)
+        assert (
+            fetch_range(server.endpoint, TOKEN, "s/rank-00000.slot-0", 300, 1000) == data[300:1300]
+        )
+        assert fetch_range(server.endpoint, TOKEN, "s/rank-00000.slot-0", len(data), 0) == b""
+        with pytest.raises(PeerError, match="outside"):
+            fetch_range(server.endpoint, TOKEN, "s/rank-00000.slot-0", len(data) - 10, 11)
     finally:
         server.close()
 

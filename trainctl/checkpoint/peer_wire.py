@@ -77,7 +77,8 @@ class _Handler(socketserver.StreamRequestHandler):
             if not hmac.compare_digest(str(request.get("token", "")), self.server.token):
                 raise PeerError("missing or wrong token")
             if request.get("op") == "get":  # the file straight from the page cache
-                self._send_file(safe_join(self.server.root, str(request.get("path", ""))))
+                path = safe_join(self.server.root, str(request.get("path", "")))
+                self._send_file(path, request.get("offset"), request.get("length"))
                 return
             answer, body = self._serve(request)
         except (OSError, ValueError) as error:
@@ -85,14 +86,19 @@ class _Handler(socketserver.StreamRequestHandler):
         _write_line(self.wfile, {**answer, "size": len(body)})
         self.wfile.write(body)
 
-    def _send_file(self, path: str) -> None:
-        """Answer a get with `socket.sendfile`: the kernel copies the tmpfs pages to the socket,
-        no Python buffer holds the object."""
+    def _send_file(self, path: str, offset: Any = None, length: Any = None) -> None:
+        """Answer a get (of the whole file, or of `length` bytes from `offset`) with
+        `socket.sendfile`: the kernel copies the tmpfs pages to the socket, no Python buffer
+        holds the object."""
         with open(path, "rb") as file:
             size = os.fstat(file.fileno()).st_size
-            _write_line(self.wfile, {"ok": True, "size": size})
+            start = int(offset or 0)
+            count = size - start if length is None else int(length)
+            if start < 0 or count < 0 or start + count > size:
+                raise PeerError(f"range {start}+{count} outside {size} bytes")
+            _write_line(self.wfile, {"ok": True, "size": count})
             self.wfile.flush()
-            self.connection.sendfile(file)
+            self.connection.sendfile(file, start, count)
 
     def _serve(self, request: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         op, relative = request.get("op"), str(request.get("path", ""))
@@ -203,6 +209,13 @@ def put_bytes(endpoint: str, token: str, path: str, data: bytes, bandwidth: floa
 def fetch_file(endpoint: str, token: str, path: str) -> bytearray:
     """The bytes of `path` on the peer at `endpoint` (unverified: the caller checks them)."""
     return _request(endpoint, {"op": "get", "path": path}, token)
+
+
+def fetch_range(endpoint: str, token: str, path: str, offset: int, length: int) -> bytearray:
+    """`length` bytes of `path` from `offset` on the peer at `endpoint` (unverified)."""
+    return _request(
+        endpoint, {"op": "get", "path": path, "offset": offset, "length": length}, token
+    )
 
 
 def list_files(endpoint: str, token: str, path: str) -> list[str]:
