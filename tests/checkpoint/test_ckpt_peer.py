@@ -30,8 +30,8 @@ from trainctl.checkpoint.memory import (
     REPLICA_SOURCE,
     SlotCopy,
     held_nodes_to_drop,
-    memory_budget,
     newest_replicable,
+    release_memory,
     release_node_memory,
     replication_target,
     restore_candidates,
@@ -63,6 +63,7 @@ from trainctl.checkpoint.slot_layout import (
     slot_name,
     write_json_atomic,
 )
+from trainctl.recovery.faults import _corrupt_memory
 
 SHM = "/dev/shm"
 TOKEN = "t0ken"
@@ -173,24 +174,6 @@ def test_newest_replicable_stale_ranks_and_held_nodes_to_drop() -> None:
     assert stale_ranks({0: 1, 2: 0}, newest_ready=False) == []
     assert held_nodes_to_drop(["a", "b"], ["b"], ready=True) == ["a"]
     assert held_nodes_to_drop(["a", "b"], ["b"], ready=False) == []
-
-
-@pytest.mark.parametrize(
-    ("shard", "ranks", "replicas", "free", "fits"),
-    [
-        (100, 2, 0, 2 * 100 * 2, True),
-        (100, 2, 0, 2 * 100 * 2 - 1, False),
-        (100, 2, 1, 2 * 2 * 100 * 2, True),
-        (100, 1, 2, 2 * 3 * 100 - 1, False),
-    ],
-)
-def test_memory_budget_is_two_slots_per_copy(
-    shard: int, ranks: int, replicas: int, free: int, fits: bool
-) -> None:
-    budget = memory_budget(shard, ranks, free, replicas)
-    assert budget.fits is fits
-    assert "2 slots" in budget.reason
-    assert ("memory tier off" in budget.reason) is not fits
 
 
 # ------------------------------------------------------------------ peer wire
@@ -560,6 +543,49 @@ def test_a_corrupted_copy_falls_back_to_the_replica_then_to_no_index(cluster: Cl
         s.startswith("peer tier: node-1:held/node-0") and "checksum" in s for s in status["skipped"]
     )
     assert any("no valid copy of rank(s) 0" in s for s in status["skipped"])
+
+
+def test_a_node_and_its_replicas_holder_both_lost_leave_no_memory_step(base: str) -> None:
+    cluster = Cluster(base, ["node-0", "node-1", "node-2"])  # ring: 0 -> 1 -> 2 -> 0
+    try:
+        for step in (1, 2):
+            cluster.save(step)
+        for node in ("node-0", "node-1", "node-2"):
+            holder = cluster.holders[node]
+            _wait(lambda h=holder: h.replicated == (0, 2), f"{node}'s step 2 replicated")
+        cluster.lose("node-1")
+        cluster.lose("node-2")  # it held node-1's replicas
+        survivor = cluster.holders["node-0"]
+        cluster.configure(["node-0"], attempt=1)
+        assembly = survivor.assemble()
+        assert assembly.step is None and _read_index(survivor) is None, assembly
+        assert any(
+            "memory step 2 (attempt 0): no valid copy of rank(s) 2, 3 on any reachable node" in s
+            for s in assembly.skipped
+        ), assembly.skipped
+    finally:
+        cluster.close()
+
+
+def test_the_corrupt_memory_fault_makes_a_nodes_own_copies_fail_their_checksums() -> None:
+    job = f"test-corrupt-{uuid.uuid4().hex[:8]}"
+    holder = Holder(job, "node-0", TOKEN, "127.0.0.1")  # the fault's base: /dev/shm
+    try:
+        ranks = [SimRank(holder.root, rank, 2) for rank in range(2)]
+        holder.configure(PeerSet(0, {"node-0": holder.endpoint}, 0))
+        for step in (1, 2):
+            for rank in ranks:
+                rank.save(step)
+        folder = holder.path(SLOTS_DIR)
+        summed = [os.path.join(folder, checksums_name(r, s)) for r in range(2) for s in range(2)]
+        _wait(lambda: all(os.path.exists(p) for p in summed), "every slot summed")
+        assert "4 memory slot file(s)" in _corrupt_memory(job, "node-0")
+        assembly = holder.assemble()
+        assert assembly.step is None, assembly
+        assert sum("fails its checksum" in s for s in assembly.skipped) == 4, assembly.skipped
+    finally:
+        holder.close()
+        release_memory(job)
 
 
 def _bytes_under(path: str) -> int:

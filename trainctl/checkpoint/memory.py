@@ -68,8 +68,9 @@ from trainctl.events import RestoreSkipped
 if TYPE_CHECKING:  # torch: the controller and the CLI import this module, workers run it
     from trainctl.checkpoint.checkpointer import Checkpointer
 
-STEPS_HELD = SLOT_COUNT
-"""Copies of the state a node holds per rank and per copy (own, each replica): the slots."""
+STEPS_HELD = 4
+"""Steps of the state a node holds at most, per copy: two committed, one being replicated and
+one being written (`steps_to_drop`)."""
 MEMORY_TIER = "memory"
 """A restore from the nodes' own copies (the nodes survived, workers died)."""
 PEER_TIER = "peer"
@@ -111,12 +112,12 @@ class Budget:
 def memory_budget(
     state_bytes: int, ranks_on_host: int, free_bytes: int, replicas: int = 0
 ) -> Budget:
-    """Whether `free_bytes` of tmpfs hold `STEPS_HELD` slots of `ranks_on_host` shards of
+    """Whether `free_bytes` of tmpfs hold `STEPS_HELD` steps of `ranks_on_host` shards of
     `state_bytes` each, own copies and `replicas` peers' copies (pure: the caller measures)."""
     copies = 1 + replicas
     needed = STEPS_HELD * copies * state_bytes * ranks_on_host
     text = (
-        f"{STEPS_HELD} slots x {copies} cop{'y' if copies == 1 else 'ies'} x {ranks_on_host} "
+        f"{STEPS_HELD} steps x {copies} cop{'y' if copies == 1 else 'ies'} x {ranks_on_host} "
         f"rank(s) x {state_bytes / 2**20:.1f} MiB = {needed / 2**20:.1f} MiB needed, "
         f"{free_bytes / 2**20:.1f} MiB free in {MEMORY_BASE}"
     )
@@ -222,7 +223,7 @@ def restore_candidates(copies: Iterable[SlotCopy]) -> tuple[list[RestoreCandidat
             missing = [rank for rank, held in enumerate(ranks) if not held]
             if missing:
                 passed.append(
-                    f"memory step {step} (attempt {attempt}): no copy of rank(s) "
+                    f"memory step {step} (attempt {attempt}): no valid copy of rank(s) "
                     f"{', '.join(map(str, missing[:8]))}{' ...' if len(missing) > 8 else ''} "
                     "on any reachable node"
                 )
