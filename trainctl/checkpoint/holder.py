@@ -45,6 +45,7 @@ from trainctl.checkpoint.slot_layout import (
     HELD_DIR,
     SLOT_COUNT,
     SLOTS_DIR,
+    SlotChecksums,
     SlotRecord,
     checksums_name,
     layout_name,
@@ -87,6 +88,12 @@ class PeerSet:
     def sources(self, node: str) -> list[str]:
         """The nodes whose replicas `node` holds."""
         return [peer for peer in self.nodes if node in self.targets(peer)]
+
+
+def _sums_of(value: object, record: SlotRecord) -> bool:
+    """Whether the checksums document `value` is that of the slot holding `record`."""
+    sums = SlotChecksums.from_json(value)
+    return sums is not None and (sums.step, sums.layout) == (record.step, record.layout)
 
 
 def _newest_attempt(ranks: Mapping[int, RankSlots]) -> dict[int, RankSlots]:
@@ -212,9 +219,10 @@ class Holder:
                 )
                 if again != record:  # the worker rewrote the slot while it was summed
                     continue
-                write_json_atomic(
-                    self.path(SLOTS_DIR, checksums_name(rank, index)), checksums_json(record, crcs)
-                )
+                target = self.path(SLOTS_DIR, checksums_name(rank, index))
+                if _sums_of(read_json(target), record):
+                    continue  # summed meanwhile (the assemble, a fault): the first sum stands
+                write_json_atomic(target, checksums_json(record, crcs))
                 wrote = True
         return wrote
 

@@ -259,24 +259,41 @@ def plan_faults(
 
 def _corrupt_memory(job_id: str, node: str) -> str:
     """Flip up to 64 bytes of the first entry of every recorded slot of `node`'s own memory
-    tier (its ranks' slots, `trainctl.checkpoint.slot_layout`): the holder's CRCs no longer
-    match, so a restore skips those copies."""
+    tier (its ranks' slots, `trainctl.checkpoint.slot_layout`), as a bad DIMM would after the
+    holder summed them: a slot the holder has not summed yet is summed first, so the flip is
+    always detectable and a restore skips those copies."""
     from trainctl.checkpoint.layout import node_memory_root
-    from trainctl.checkpoint.slot_catalog import parse_slots, read_json_tree, spans
-    from trainctl.checkpoint.slot_layout import SLOTS_DIR, slot_name
+    from trainctl.checkpoint.slot_catalog import (
+        checksums_json,
+        parse_slots,
+        read_json_tree,
+        slot_crcs,
+        spans,
+    )
+    from trainctl.checkpoint.slot_layout import (
+        SLOTS_DIR,
+        checksums_name,
+        slot_name,
+        write_json_atomic,
+    )
 
     folder = Path(node_memory_root(job_id, node), SLOTS_DIR)
     count = 0
     for rank, slots in sorted(parse_slots(read_json_tree(str(folder))).items()):
-        start = next(((o, n) for o, n in spans(slots.layout) if n > 0), None)
+        entries = spans(slots.layout)
+        start = next(((o, n) for o, n in entries if n > 0), None)
         if start is None:
             continue
-        for index in sorted(slots.records):
+        for index, record in sorted(slots.records.items()):
             path = folder / slot_name(rank, index)
-            with contextlib.suppress(OSError), path.open("r+b") as handle:
-                handle.seek(start[0])
-                flipped = bytes(b ^ 0xFF for b in handle.read(min(64, start[1])))
-                handle.seek(start[0])
-                handle.write(flipped)
+            with contextlib.suppress(OSError):
+                if index not in slots.checksums:
+                    sums = checksums_json(record, slot_crcs(str(path), entries))
+                    write_json_atomic(str(folder / checksums_name(rank, index)), sums)
+                with path.open("r+b") as handle:
+                    handle.seek(start[0])
+                    flipped = bytes(b ^ 0xFF for b in handle.read(min(64, start[1])))
+                    handle.seek(start[0])
+                    handle.write(flipped)
                 count += 1
     return f"flipped bytes in {count} memory slot file(s) of {node}"
