@@ -190,19 +190,27 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def _receive_into(self, file: Any, size: int, spans: list[tuple[int, int]]) -> list[str]:
         """Read `size` bytes from the connection straight into the file's pages; the CRC of
-        every span as received."""
+        every span, each summed as soon as its last byte arrived (while the rest streams in)."""
+        crcs = [crc_text(0)] * len(spans)
         if size == 0:
-            return [crc_text(0) for _ in spans]
+            return crcs
+        # Spans by their end: a span is summed in place (incrementally, chunk by chunk) once
+        # `done` passes its end.
+        order = sorted(range(len(spans)), key=lambda i: spans[i][0] + spans[i][1])
         with mmap.mmap(file.fileno(), size) as mapped:
             view = memoryview(mapped)
             try:
-                done = 0
+                done, ready = 0, 0
                 while done < size:
                     got = self.rfile.readinto(view[done : min(size, done + CHUNK)])
                     if not got:
                         raise PeerError(f"connection closed with {size - done} bytes to come")
                     done += got
-                return [crc_text(zlib.crc32(view[o : o + n])) for o, n in spans]
+                    while ready < len(order) and sum(spans[order[ready]]) <= done:
+                        offset, nbytes = spans[order[ready]]
+                        crcs[order[ready]] = crc_text(zlib.crc32(view[offset : offset + nbytes]))
+                        ready += 1
+                return crcs
             finally:
                 view.release()
 
