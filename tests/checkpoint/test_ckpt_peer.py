@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from trainctl.checkpoint.holder import STATUS_NAME, Holder, PeerSet
+from trainctl.checkpoint.holder import STATUS_NAME, TICK_S, Holder, PeerSet, pause_after
 from trainctl.checkpoint.layout import node_memory_root
 from trainctl.checkpoint.memory import (
     MEMORY_TIER,
@@ -174,6 +174,24 @@ def test_newest_replicable_stale_ranks_and_held_nodes_to_drop() -> None:
     assert stale_ranks({0: 1, 2: 0}, newest_ready=False) == []
     assert held_nodes_to_drop(["a", "b"], ["b"], ready=True) == ["a"]
     assert held_nodes_to_drop(["a", "b"], ["b"], ready=False) == []
+
+
+@pytest.mark.parametrize(
+    ("work_s", "duty", "done", "pause"),
+    [
+        (0.01, 0.1, True, 0.09),  # 10 ms of work -> 90 ms of rest: 10% of a core
+        (0.01, 0.5, True, 0.01),
+        (0.0, 0.1, True, 0.0),  # nothing to rest for
+        (0.0, 0.1, False, TICK_S),  # a failed round waits a tick at least
+        (0.5, 0.1, False, 4.5),
+        (0.01, 1.0, True, 0.0),  # no bound
+        (-1.0, 0.1, True, 0.0),  # a clock step backwards
+    ],
+)
+def test_pause_after_keeps_the_rounds_under_their_duty_cycle(
+    work_s: float, duty: float, done: bool, pause: float
+) -> None:
+    assert pause_after(work_s, duty, done) == pytest.approx(pause)
 
 
 # ------------------------------------------------------------------ peer wire
@@ -401,9 +419,11 @@ def test_checksums_are_discarded_when_the_worker_rewrites_the_slot_while_summed(
             file.truncate(big)
         record = os.path.join(rank.folder, record_name(0, 0))
         write_json_atomic(record, {"step": 1, "attempt": 0, "layout": layout.digest})
-        # Not `configure`: its thread would tick too; here the test drives every tick.
+        # Not `configure`: its threads would run too; here the test drives every sum (the
+        # replication thread's, before it sends a step).
         holder.peers = PeerSet(0, {"node-0": holder.endpoint}, 0)
-        summing = threading.Thread(target=holder.tick)
+        result: list[object] = []
+        summing = threading.Thread(target=lambda: result.append(holder.checksum((0, 1))))
         summing.start()
         deadline = time.monotonic() + 5
         while not _has_open(slot):  # no sleep: the sum lasts tens of milliseconds
@@ -415,8 +435,10 @@ def test_checksums_are_discarded_when_the_worker_rewrites_the_slot_while_summed(
         summing.join(timeout=30)
         crc_path = os.path.join(rank.folder, checksums_name(0, 0))
         assert read_json(crc_path) is None, "a sum of a slot rewritten mid-way was kept"
-        holder.tick()  # the next pass sums the new record
+        assert result == [None], "step 1 is no longer held: nothing to send"
+        summed = holder.checksum((0, 3))  # the next round sums the new record
         sums = read_json(crc_path)
+        assert summed == {0: (0, tuple(sums["crcs"]))}
         assert sums is not None and sums["step"] == 3
         with open(slot, "rb") as file:
             assert sums["crcs"] == [f"{zlib.crc32(file.read()):08x}"]
@@ -563,6 +585,31 @@ def test_a_node_and_its_replicas_holder_both_lost_leave_no_memory_step(base: str
             "memory step 2 (attempt 0): no valid copy of rank(s) 2, 3 on any reachable node" in s
             for s in assembly.skipped
         ), assembly.skipped
+    finally:
+        cluster.close()
+
+
+def test_a_holder_sums_only_what_it_sends_and_the_restore_sums_the_chosen_copy(
+    base: str,
+) -> None:
+    cluster = Cluster(base, ["node-0", "node-1"], replicas=0)  # nothing to send
+    try:
+        for step in (1, 2, 3):
+            cluster.save(step)
+        holder = cluster.holders["node-0"]
+        _wait(lambda: holder._looked is not None, "a tick that read the folders")
+        folder = os.path.join(cluster.root("node-0"), SLOTS_DIR)
+        assert not [n for n in os.listdir(folder) if n.endswith(".crc.json")]
+        cluster.configure(["node-0", "node-1"], attempt=1)
+        assembly = holder.assemble()
+        assert (assembly.step, assembly.tier) == (3, MEMORY_TIER), assembly
+        index = _read_index(holder)
+        assert index is not None
+        _check_restorable(index, 3)  # the CRCs taken at the restore guard every read
+        # Summed once there, the chosen own copies only (step 3's slots, not step 2's).
+        assert sorted(n for n in os.listdir(folder) if n.endswith(".crc.json")) == [
+            f"{slot_name(rank, 0)}.crc.json" for rank in (0, 1)
+        ]
     finally:
         cluster.close()
 

@@ -2,12 +2,15 @@
 its ring peers and chooses the step a relaunch restores (`trainctl.checkpoint.memory` has the
 design, `trainctl.checkpoint.slot_layout` the files).
 
-It runs inside the node agent (a server thread, a checksum thread and a replication thread),
-so it outlives the workers and dies with the node. `configure` gives it the attempt's holders;
-`tick` (every `TICK_S`) sums every new slot record of the node's ranks (discarding the sums
-when the record changed meanwhile: the worker rewrote the slot), hands the newest step every
-local rank has summed to the replication thread, and drops what an older attempt or a node no
-longer in the attempt left; `assemble` (the agent, before torchrun starts) writes
+It runs inside the node agent (a server thread, a tick thread and a replication thread), so
+it outlives the workers and dies with the node. `configure` gives it the attempt's holders;
+`tick` (every `TICK_S`, nearly free when no folder changed) hands the newest step every local
+rank has recorded to the replication thread and drops what an older attempt or a node no longer
+in the attempt left. The replication thread sums (CRC) only the step it is about to send
+(discarding the sums when the record changed meanwhile: the worker rewrote the slot), sends it,
+and then rests so that its work stays under `DUTY` of one core: steps that came meanwhile are
+skipped, only the newest is sent next. A step never summed here (the newest own one, at a worker
+kill) is summed by `assemble` (the agent, before torchrun starts), which writes
 ``restore/index.json`` (`trainctl.checkpoint.slot_assemble`).
 """
 
@@ -19,6 +22,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Mapping
 
 from trainctl.checkpoint.layout import MEMORY_BASE, node_memory_root
@@ -60,7 +64,22 @@ __all__ = ["STATUS_NAME", "Assembly", "Holder", "PeerSet"]
 log = logging.getLogger(__name__)
 
 TICK_S = 0.02
-"""How often the holder looks for new slot records."""
+"""How often the holder looks for new slot records (a look costs a few `stat` calls when no
+folder changed since the last one)."""
+FULL_LOOK_S = 1.0
+"""A tick reads every folder at least this often, changed or not."""
+FRESH_S = 0.05
+"""A folder modified less than this long ago is read again at the next tick: file times come
+from a coarse clock (a jiffy), so a rename in the same clock tick as the last look would leave
+the folder's mtime unchanged."""
+DUTY = 0.1
+"""The fraction of one core the holder's background work (summing and sending a step) may use:
+after a round that took T seconds the next starts T x (1 - DUTY) / DUTY seconds later. The
+cores belong to the training (on a 2-core host two holders summing and sending every 50 ms step
+took ~30 ms of each step); at 10% a holder costs the training a few percent at most, and the
+replication lag stays about T / DUTY (a 10 ms round: a replica at most ~0.1 s behind), which is
+within one memory interval at tiny-gpt's pace. The receiving holder's work (writing and
+summing what lands) follows the sender's pace."""
 BANDWIDTH = 1e9
 """Bytes/s one holder sends to its peers at most (replication must leave the network to the
 durable tier's uploads and the training's collectives)."""
@@ -90,10 +109,20 @@ class PeerSet:
         return [peer for peer in self.nodes if node in self.targets(peer)]
 
 
-def _sums_of(value: object, record: SlotRecord) -> bool:
-    """Whether the checksums document `value` is that of the slot holding `record`."""
+def _sums_of(value: object, record: SlotRecord) -> SlotChecksums | None:
+    """The checksums document `value` when it is that of the slot holding `record`."""
     sums = SlotChecksums.from_json(value)
-    return sums is not None and (sums.step, sums.layout) == (record.step, record.layout)
+    if sums is None or (sums.step, sums.layout) != (record.step, record.layout):
+        return None
+    return sums
+
+
+def pause_after(work_s: float, duty: float, done: bool) -> float:
+    """Seconds to rest after a replication round that worked `work_s` seconds, so the rounds
+    use at most `duty` of one core; a failed round (`done` False) rests at least a tick before
+    it tries again (pure)."""
+    rest = max(work_s, 0.0) * (1.0 - duty) / duty if 0.0 < duty < 1.0 else 0.0
+    return rest if done else max(rest, TICK_S)
 
 
 def _newest_attempt(ranks: Mapping[int, RankSlots]) -> dict[int, RankSlots]:
@@ -105,10 +134,10 @@ def _newest_attempt(ranks: Mapping[int, RankSlots]) -> dict[int, RankSlots]:
 
 
 def _ready(ranks: Mapping[int, RankSlots]) -> bool:
-    """Whether every rank of the newest attempt has a summed slot of that attempt."""
+    """Whether every rank of the newest attempt has a recorded slot of that attempt."""
     newest = _newest_attempt(ranks)
     return bool(newest) and all(
-        any(r.attempt == slots.layout.attempt for r in slots.checksummed().values())
+        any(r.attempt == slots.layout.attempt for r in slots.records.values())
         for slots in newest.values()
     )
 
@@ -124,16 +153,22 @@ class Holder:
         host: str,
         base: str = MEMORY_BASE,
         bandwidth: float = BANDWIDTH,
+        duty: float = DUTY,
     ) -> None:
         self.node = node
         self.root = node_memory_root(job_id, node, base)
         self.token = token
         self.bandwidth = bandwidth
+        self.duty = duty
         self.peers: PeerSet | None = None
         self.replicated: tuple[int, int] | None = None
         """The (attempt, step) last replicated to every ring peer."""
         self._lock = threading.Lock()
         self._cache = JsonCache()
+        self._sender_cache = JsonCache()  # the replication thread's: a JsonCache is not shared
+        self._looked: tuple[object, ...] | None = None
+        """What the last full tick saw (`_folders_key`), None: look again."""
+        self._looked_at = 0.0
         self._wanted: tuple[int, int] | None = None
         self._floor = -1
         """The newest attempt whose layouts were here when the attempt was configured: ranks of
@@ -165,7 +200,7 @@ class Holder:
                     if not thread.is_alive():
                         thread.start()
 
-    # ------------------------------------------------------------------ checksums (thread)
+    # ------------------------------------------------------------------ ticks (thread)
 
     def _loop(self) -> None:
         while not self._stop.wait(TICK_S):
@@ -175,19 +210,22 @@ class Holder:
                 log.exception("memory holder %s", self.node)
 
     def tick(self) -> None:
-        """One pass: sum new slot records, hand the newest whole step to replication, drop
-        what is no longer needed."""
+        """One pass: hand the newest step every local rank recorded to replication, drop what
+        is no longer needed; nothing but a few `stat` calls when no folder changed."""
         with self._lock:
             peers = self.peers
             if peers is None or self.node not in peers.endpoints:
                 return
+            now = time.monotonic()
+            looked = self._folders_key(peers)
+            recent = now - self._looked_at < FULL_LOOK_S
+            if recent and looked is not None and looked == self._looked:
+                return
             ranks = self._own_slots()
-            if self._checksum(ranks):
-                ranks = self._own_slots()
             local = _newest_attempt(ranks)
             wanted = newest_replicable(
                 {
-                    rank: [(r.attempt, r.step) for r in slots.checksummed().values()]
+                    rank: [(r.attempt, r.step) for r in slots.records.values()]
                     for rank, slots in local.items()
                 }
             )
@@ -196,35 +234,74 @@ class Holder:
                     self._wanted = wanted
                     self._wake.notify()
             self._collect_garbage(ranks, peers)
+            self._looked, self._looked_at = looked, now
 
-    def _own_slots(self) -> dict[int, RankSlots]:
-        return parse_slots(read_json_tree(self.path(SLOTS_DIR), self._cache))
+    def _folders_key(self, peers: PeerSet) -> tuple[object, ...] | None:
+        """What a tick reads, as (inode, mtime) of its folders (every file in them is written by
+        a rename, so a change shows in its folder's mtime); None when a folder changed too
+        recently for its mtime to be trusted (`FRESH_S`)."""
+        held = self.path(HELD_DIR)
+        try:
+            sources = sorted(os.listdir(held))
+        except OSError:
+            sources = []
+        folders = [self.path(SLOTS_DIR), held]
+        folders += [os.path.join(held, source, SLOTS_DIR) for source in sources]
+        key: list[object] = [id(peers)]
+        fresh = time.time_ns() - int(FRESH_S * 1e9)
+        for folder in folders:
+            try:
+                stat = os.stat(folder)
+            except OSError:
+                key.append(None)
+                continue
+            if stat.st_mtime_ns > fresh:
+                return None
+            key.append((stat.st_ino, stat.st_mtime_ns))
+        return tuple(key)
 
-    def _checksum(self, ranks: Mapping[int, RankSlots]) -> bool:
-        """Sum every slot whose record has no checksums yet; whether any were written."""
-        wrote = False
-        for rank, slots in sorted(ranks.items()):
-            for index, record in sorted(slots.records.items()):
-                if index in slots.checksums:
-                    continue
-                try:
-                    crcs = slot_crcs(
-                        self.path(SLOTS_DIR, slot_name(rank, index)), spans(slots.layout)
-                    )
-                except OSError as error:
-                    log.debug("memory holder %s: %s", self.node, error)
-                    continue
-                again = SlotRecord.from_json(
-                    read_json(self.path(SLOTS_DIR, record_name(rank, index)))
-                )
-                if again != record:  # the worker rewrote the slot while it was summed
-                    continue
-                target = self.path(SLOTS_DIR, checksums_name(rank, index))
-                if _sums_of(read_json(target), record):
-                    continue  # summed meanwhile (the assemble, a fault): the first sum stands
-                write_json_atomic(target, checksums_json(record, crcs))
-                wrote = True
-        return wrote
+    def _own_slots(self, cache: JsonCache | None = None) -> dict[int, RankSlots]:
+        return parse_slots(read_json_tree(self.path(SLOTS_DIR), cache or self._cache))
+
+    def checksum(self, wanted: tuple[int, int]) -> dict[int, tuple[int, tuple[str, ...]]] | None:
+        """Every local rank's slot holding `wanted` (attempt, step) and its CRCs (rank -> (slot
+        index, CRCs)): the ones recorded, else summed now and written next to the record;
+        None when a rank no longer holds that step (a newer one came, or the worker rewrote the
+        slot while it was summed)."""
+        found: dict[int, tuple[int, tuple[str, ...]]] = {}
+        for rank, slots in sorted(self._own_slots(self._sender_cache).items()):
+            if slots.layout.attempt != wanted[0]:
+                continue
+            index = next(
+                (i for i, r in slots.records.items() if (r.attempt, r.step) == wanted), None
+            )
+            if index is None:
+                return None
+            sums = slots.checksums.get(index)
+            crcs = sums.crcs if sums is not None else self._sum(rank, index, slots)
+            if crcs is None:
+                return None
+            found[rank] = (index, tuple(crcs))
+        return found
+
+    def _sum(self, rank: int, index: int, slots: RankSlots) -> tuple[str, ...] | None:
+        """Sum slot `index` of `rank` and write its checksums; None when its record changed
+        meanwhile (the worker rewrote the slot) or the slot is unreadable."""
+        record = slots.records[index]
+        try:
+            crcs = slot_crcs(self.path(SLOTS_DIR, slot_name(rank, index)), spans(slots.layout))
+        except OSError as error:
+            log.debug("memory holder %s: %s", self.node, error)
+            return None
+        again = SlotRecord.from_json(read_json(self.path(SLOTS_DIR, record_name(rank, index))))
+        if again != record:  # the worker rewrote the slot while it was summed
+            return None
+        target = self.path(SLOTS_DIR, checksums_name(rank, index))
+        first = _sums_of(read_json(target), record)
+        if first is not None:  # summed meanwhile (the assemble, a fault): the first sum stands
+            return first.crcs
+        write_json_atomic(target, checksums_json(record, crcs))
+        return tuple(crcs)
 
     # ------------------------------------------------------------------ replication (thread)
 
@@ -238,52 +315,58 @@ class Holder:
                 wanted = self._wanted
             if self._stop.is_set() or wanted is None or wanted == self.replicated:
                 continue
+            started = time.perf_counter()
+            done = False
             try:
-                if self.replicate(wanted):
-                    self.replicated = wanted
-                else:
-                    self._stop.wait(TICK_S)
+                done = self.replicate(wanted)
             except Exception:
                 log.exception("memory holder %s: replication", self.node)
-                self._stop.wait(TICK_S)
+            if done:
+                self.replicated = wanted
+            # One round at a time, then rest: the work stays under `duty` of a core.
+            self._stop.wait(pause_after(time.perf_counter() - started, self.duty, done))
 
     def replicate(self, wanted: tuple[int, int]) -> bool:
-        """Send every local rank's slot holding `wanted` (attempt, step) to the ring peers;
-        whether every peer now holds it."""
+        """Sum and send every local rank's slot holding `wanted` (attempt, step) to the ring
+        peers; whether every peer now holds it."""
         peers = self.peers
         if peers is None:
             return False
+        sums = self.checksum(wanted)
+        if not sums:
+            return False
         local = {
             rank: slots
-            for rank, slots in parse_slots(read_json_tree(self.path(SLOTS_DIR))).items()
-            if slots.layout.attempt == wanted[0]
+            for rank, slots in self._own_slots(self._sender_cache).items()
+            if rank in sums
         }
         done = True
         for target in peers.targets(self.node):
             try:
-                self._replicate_to(peers.endpoints[target], local, wanted)
+                self._replicate_to(peers.endpoints[target], local, sums)
             except PeerError as error:
                 log.info("memory holder %s: step %s to %s: %s", self.node, wanted, target, error)
                 done = False
         return done
 
     def _replicate_to(
-        self, endpoint: str, local: Mapping[int, RankSlots], wanted: tuple[int, int]
+        self,
+        endpoint: str,
+        local: Mapping[int, RankSlots],
+        sums: Mapping[int, tuple[int, tuple[str, ...]]],
     ) -> None:
         folder = f"{HELD_DIR}/{self.node}/{SLOTS_DIR}"
         held = parse_slots(
             {k.rsplit("/", 1)[-1]: v for k, v in catalog(endpoint, self.token, folder).items()}
         )
         for rank, slots in sorted(local.items()):
-            source = next(
-                (i for i, r in slots.checksummed().items() if (r.attempt, r.step) == wanted), None
-            )
-            if source is None:
-                raise PeerError(f"rank {rank} no longer holds step {wanted[1]}: a newer one came")
-            record, layout = slots.records[source], slots.layout
+            source, crcs = sums[rank]
+            record, layout = slots.records.get(source), slots.layout
+            if record is None:
+                raise PeerError(f"rank {rank}: slot {source} was rewritten: a newer step came")
             there = held.get(rank)
             records: dict[int, SlotRecord | None] = {}
-            if there is None or there.layout.digest != layout.digest:
+            if there is None or there.digest != slots.digest:
                 text = json.dumps(layout.to_json(), separators=(",", ":")).encode()
                 put_bytes(
                     endpoint, self.token, f"{folder}/{layout_name(rank)}", text, self.bandwidth
@@ -300,7 +383,7 @@ class Holder:
                 self.path(SLOTS_DIR, slot_name(rank, source)),
                 record_json(record),
                 spans(layout),
-                list(slots.checksums[source].crcs),
+                list(crcs),
                 self.bandwidth,
             )
 
@@ -343,7 +426,8 @@ class Holder:
         Call with no worker of this node running (before torchrun starts)."""
         with self._lock:
             peers = self.peers or PeerSet(0, {}, 0)
-            self._checksum(self._own_slots())  # what the last workers wrote just before dying
+            # An own slot never summed (its step was not replicated) is summed there, once,
+            # and its CRCs guard the workers' reads.
             return assemble(self.root, self.node, peers.endpoints, self.token)
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ import json
 import mmap
 import os
 import re
+import threading
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,6 +33,8 @@ class RankSlots:
     layout: Layout
     records: dict[int, SlotRecord]
     checksums: dict[int, SlotChecksums]
+    digest: str = ""
+    """`layout.digest`, computed once per layout document (it costs milliseconds)."""
 
     def checksummed(self) -> dict[int, SlotRecord]:
         """The slots whose record has its checksums (slot index -> record)."""
@@ -44,16 +47,16 @@ def parse_slots(docs: Mapping[str, Any]) -> dict[int, RankSlots]:
     layouts: dict[int, Layout] = {}
     records: dict[int, dict[int, SlotRecord]] = {}
     sums: dict[int, dict[int, SlotChecksums]] = {}
+    digests: dict[int, str] = {}
     for name, value in docs.items():
         match = _NAME.match(os.path.basename(name))
         if match is None:
             continue
         rank = int(match.group(1))
         if match.group(2) == "layout":
-            try:
-                layouts[rank] = Layout.from_json(value)
-            except (TypeError, KeyError, ValueError):
-                continue
+            parsed = _parse_layout(value)
+            if parsed is not None:
+                layouts[rank], digests[rank] = parsed
         elif match.group(3) is not None:
             record = SlotRecord.from_json(value)
             if record is not None:
@@ -64,7 +67,7 @@ def parse_slots(docs: Mapping[str, Any]) -> dict[int, RankSlots]:
                 sums.setdefault(rank, {})[int(match.group(4))] = checksums
     ranks = {}
     for rank, layout in layouts.items():
-        digest = layout.digest
+        digest = digests[rank]
         mine = {i: r for i, r in records.get(rank, {}).items() if r.layout == digest}
         good = {
             i: c
@@ -74,8 +77,35 @@ def parse_slots(docs: Mapping[str, Any]) -> dict[int, RankSlots]:
             and c.layout == digest
             and len(c.crcs) == len(layout.entries)
         }
-        ranks[rank] = RankSlots(layout, mine, good)
+        ranks[rank] = RankSlots(layout, mine, good, digest)
     return ranks
+
+
+_LAYOUTS: dict[int, tuple[Any, Layout, str]] = {}
+"""Parsed layout documents by identity (`JsonCache` hands back the same object while the file
+is unchanged), each with its digest: a holder polling every tick would otherwise spend ~3 ms
+a rank on `Layout.digest` (a deep copy and a sha256 of the whole layout) per tick."""
+_LAYOUTS_KEPT = 256
+
+
+_LAYOUTS_LOCK = threading.Lock()
+
+
+def _parse_layout(value: Any) -> tuple[Layout, str] | None:
+    with _LAYOUTS_LOCK:
+        known = _LAYOUTS.get(id(value))
+    if known is not None and known[0] is value:
+        return known[1], known[2]
+    try:
+        layout = Layout.from_json(value)
+    except (TypeError, KeyError, ValueError):
+        return None
+    digest = layout.digest
+    with _LAYOUTS_LOCK:
+        if len(_LAYOUTS) >= _LAYOUTS_KEPT:
+            _LAYOUTS.pop(next(iter(_LAYOUTS)))
+        _LAYOUTS[id(value)] = (value, layout, digest)  # the value is kept: its id stays unique
+    return layout, digest
 
 
 def checksums_json(record: SlotRecord, crcs: Sequence[str]) -> dict[str, Any]:
