@@ -72,14 +72,16 @@ FRESH_S = 0.05
 """A folder modified less than this long ago is read again at the next tick: file times come
 from a coarse clock (a jiffy), so a rename in the same clock tick as the last look would leave
 the folder's mtime unchanged."""
-DUTY = 0.1
+DUTY = 0.25
 """The fraction of one core the holder's background work (summing and sending a step) may use:
-after a round that took T seconds the next starts T x (1 - DUTY) / DUTY seconds later. The
-cores belong to the training (on a 2-core host two holders summing and sending every 50 ms step
-took ~30 ms of each step); at 10% a holder costs the training a few percent at most, and the
-replication lag stays about T / DUTY (a 10 ms round: a replica at most ~0.1 s behind), which is
-within one memory interval at tiny-gpt's pace. The receiving holder's work (writing and
-summing what lands) follows the sender's pace."""
+after a round that took T seconds the next starts T x (1 - DUTY) / DUTY seconds later, one round
+at a time. The cores belong to the training: unpaced, two holders summing and sending every
+step took ~30 ms of each 50 ms step on a 2-core host. The bound is not lower because a replica
+restores a lost node only while it is at most one step behind (the surviving ranks keep their
+two newest steps): the period T / DUTY must stay within a step. At tiny-gpt's default (6 MB a
+rank, ~40 ms steps, a round of ~8 ms on two busy cores) 0.25 keeps it there; 0.1 did not (the
+node-loss restores went to durable storage). The receiving holder's work (writing and summing
+what lands) follows the sender's pace."""
 BANDWIDTH = 1e9
 """Bytes/s one holder sends to its peers at most (replication must leave the network to the
 durable tier's uploads and the training's collectives)."""

@@ -9,8 +9,9 @@ names and records are `trainctl.checkpoint.slot_layout`'s:
   slot files the rank copies its state into, alternately, each with a record written after the
   copy and removed before the next. The kernel holds these pages, not the worker: a SIGKILLed
   worker loses nothing, and the newest complete copy is never the one being written.
-* ``slots/rank-R.slot-K.crc.json`` — per-entry CRC32s the node's holder computes in the
-  background for every new record (and discards when the record changed while it summed).
+* ``slots/rank-R.slot-K.crc.json`` — per-entry CRC32s the node's holder computes for the step
+  it is about to replicate (discarded when the record changed while it summed), or at a
+  restore for a step never replicated.
 * ``held/<peer>/slots/`` — replicas of ``<peer>``'s slots, double-buffered the same way.
 * ``restore/index.json`` — where every rank of the step to restore has its verified copy.
 
@@ -20,15 +21,17 @@ worker crashes and dies with the node) serves that directory to the other holder
 simulated node it removes that node's directory, as the host's death would (on Slurm and Ray
 the RAM really is gone).
 
-**Replication.** In the background, paced to a bandwidth, each holder sends the newest step
-every local rank has checksummed (`newest_replicable`: intermediate steps are skipped, so
-replication never has to keep up with every step) to its `replicas` ring successors
+**Replication.** In the background, paced to a bandwidth and to a duty cycle (`holder.DUTY`
+of one core: after a round of T seconds it rests T x (1 - DUTY) / DUTY), each holder sums and
+sends the newest step every local rank has recorded (`newest_replicable`: intermediate steps
+are skipped, so the holder's CPU stays bounded) to its `replicas` ring successors
 (`ring_peers`), into the held slot that does not hold their newest copy
 (`replication_target`); the receiver checks every entry's CRC before it writes the record, so
 the older held copy stays valid until the newer one is whole.
 
 **Counts only when whole.** A step is restorable when every rank of the attempt that wrote it
-has a copy of it (record, layout and checksums agreeing) somewhere among the surviving nodes.
+has a copy of it (record and layout agreeing, checksums too for a replica) somewhere among the
+surviving nodes.
 Ranks advance in lockstep, so after a crash every rank still holds the oldest of the ranks'
 newest steps in one of its two slots. There is no commit record to lose: the choice is made
 from the copies themselves (`restore_candidates`).
@@ -47,7 +50,7 @@ durable storage restores (the resume says so).
 **Memory cost per node** (`memory_budget`): `SLOT_COUNT` (2) copies of each local rank's state
 and two of each rank whose node it replicates — ``2 x (1 + replicas) x`` the node's state,
 flat over time, nothing transient (replicas are received in place into the held slot). Copies
-of an older attempt's ranks are dropped once the new attempt's local ranks have a checksummed
+of an older attempt's ranks are dropped once the new attempt's local ranks have a recorded
 step (`stale_ranks`), held copies of nodes no longer in the attempt likewise
 (`held_nodes_to_drop`). A node without that room turns the tier off at the first save with a
 message (the gate checks ``/dev/shm`` too).
