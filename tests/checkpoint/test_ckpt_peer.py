@@ -48,6 +48,7 @@ from trainctl.checkpoint.peer_wire import (
     put_slot,
     remote_crcs,
 )
+from trainctl.checkpoint.slot_catalog import folders_stamp
 from trainctl.checkpoint.slot_layout import (
     HELD_DIR,
     INDEX_NAME,
@@ -192,6 +193,22 @@ def test_pause_after_keeps_the_rounds_under_their_duty_cycle(
     work_s: float, duty: float, done: bool, pause: float
 ) -> None:
     assert pause_after(work_s, duty, done) == pytest.approx(pause)
+
+
+def test_folders_stamp_changes_with_every_rename_and_distrusts_fresh_folders(
+    tmp_path: Path,
+) -> None:
+    folder, missing = tmp_path / "slots", tmp_path / "held"
+    folder.mkdir()
+    old = time.time_ns() - 10**9
+    os.utime(folder, ns=(old, old))
+    stamp = folders_stamp([str(folder), str(missing)], 0.05)
+    assert stamp is not None and stamp[1] is None
+    assert folders_stamp([str(folder), str(missing)], 0.05) == stamp  # nothing changed
+    write_json_atomic(str(folder / record_name(0, 0)), {"step": 1})
+    assert folders_stamp([str(folder)], 0.05) is None  # just changed: its mtime may be coarse
+    os.utime(folder, ns=(old + 1, old + 1))
+    assert folders_stamp([str(folder), str(missing)], 0.05) not in (None, stamp)
 
 
 # ------------------------------------------------------------------ peer wire

@@ -39,6 +39,7 @@ from trainctl.checkpoint.slot_catalog import (
     JsonCache,
     RankSlots,
     checksums_json,
+    folders_stamp,
     parse_slots,
     read_json_tree,
     record_json,
@@ -69,9 +70,7 @@ folder changed since the last one)."""
 FULL_LOOK_S = 1.0
 """A tick reads every folder at least this often, changed or not."""
 FRESH_S = 0.05
-"""A folder modified less than this long ago is read again at the next tick: file times come
-from a coarse clock (a jiffy), so a rename in the same clock tick as the last look would leave
-the folder's mtime unchanged."""
+"""A folder modified less than this long ago is read again at the next tick (`folders_stamp`)."""
 DUTY = 0.25
 """The fraction of one core the holder's background work (summing and sending a step) may use:
 after a round that took T seconds the next starts T x (1 - DUTY) / DUTY seconds later, one round
@@ -239,9 +238,7 @@ class Holder:
             self._looked, self._looked_at = looked, now
 
     def _folders_key(self, peers: PeerSet) -> tuple[object, ...] | None:
-        """What a tick reads, as (inode, mtime) of its folders (every file in them is written by
-        a rename, so a change shows in its folder's mtime); None when a folder changed too
-        recently for its mtime to be trusted (`FRESH_S`)."""
+        """What a tick reads (`folders_stamp` of its folders) for the attempt `peers`."""
         held = self.path(HELD_DIR)
         try:
             sources = sorted(os.listdir(held))
@@ -249,18 +246,8 @@ class Holder:
             sources = []
         folders = [self.path(SLOTS_DIR), held]
         folders += [os.path.join(held, source, SLOTS_DIR) for source in sources]
-        key: list[object] = [id(peers)]
-        fresh = time.time_ns() - int(FRESH_S * 1e9)
-        for folder in folders:
-            try:
-                stat = os.stat(folder)
-            except OSError:
-                key.append(None)
-                continue
-            if stat.st_mtime_ns > fresh:
-                return None
-            key.append((stat.st_ino, stat.st_mtime_ns))
-        return tuple(key)
+        stamp = folders_stamp(folders, FRESH_S)
+        return None if stamp is None else (id(peers), *stamp)
 
     def _own_slots(self, cache: JsonCache | None = None) -> dict[int, RankSlots]:
         return parse_slots(read_json_tree(self.path(SLOTS_DIR), cache or self._cache))

@@ -16,6 +16,7 @@ import mmap
 import os
 import re
 import threading
+import time
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -162,6 +163,25 @@ def read_json_tree(folder: str, cache: JsonCache | None = None) -> dict[str, Any
             if value is not None:
                 docs[os.path.relpath(path, folder)] = value
     return docs
+
+
+def folders_stamp(folders: Sequence[str], fresh_s: float) -> tuple[object, ...] | None:
+    """(inode, mtime) of every folder (None: missing), which changes whenever a file in one is
+    renamed in or removed (every write here is a rename); None when a folder changed less than
+    `fresh_s` ago: file times come from a coarse clock (a jiffy), so a rename in the same clock
+    tick as the look would leave the stamp unchanged."""
+    stamps: list[object] = []
+    fresh = time.time_ns() - int(fresh_s * 1e9)
+    for folder in folders:
+        try:
+            stat = os.stat(folder)
+        except OSError:
+            stamps.append(None)
+            continue
+        if stat.st_mtime_ns > fresh:
+            return None
+        stamps.append((stat.st_ino, stat.st_mtime_ns))
+    return tuple(stamps)
 
 
 class JsonCache:
