@@ -42,6 +42,7 @@ from trainctl.protocol import (
     Refused,
     decode_datagram,
     decode_line,
+    decode_progress,
     encode_line,
     unix_address,
 )
@@ -230,8 +231,10 @@ class ControlServer:
                 if self._connections.get(node) is conn:
                     self._liveness.heartbeat(node, time.monotonic())
             return True
+        # Progress, the rest of what agents send while training, in one pass when it can be.
+        fast = decode_progress(line, self._token) if b'"type":"progress"' in line else None
         try:
-            envelope = decode_line(line, self._token, AGENT_MESSAGES)
+            envelope = fast or decode_line(line, self._token, AGENT_MESSAGES)
         except ProtocolError as bad:
             peer.refused += 1
             if peer.refused <= REFUSALS_REPORTED:
