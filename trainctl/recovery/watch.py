@@ -207,17 +207,35 @@ class ProgressWatch:
     def has_new_samples(self) -> bool:
         return self._new_samples
 
+    def _complete_steps(self, nodes: dict[str, int], window: int) -> list[int]:
+        """The newest `window` steps that every rank of every node in `nodes` (node -> its
+        ranks) reported, oldest first: the first node's complete steps, newest first, each
+        kept while every node has it complete (a node's series is no longer turned into a set
+        of every step it holds, 1,024 sets a check)."""
+        node_steps = self._node_steps
+        first, first_ranks = next(iter(nodes.items()))
+        candidates = sorted(
+            (step for step, (_, count) in node_steps[first].items() if count >= first_ranks),
+            reverse=True,
+        )
+        steps: list[int] = []
+        for step in candidates:
+            if all(
+                (entry := node_steps[node].get(step)) is not None and entry[1] >= ranks
+                for node, ranks in nodes.items()
+            ):
+                steps.append(step)
+                if len(steps) == window:
+                    break
+        return steps[::-1]
+
     def check_stragglers(self) -> dict[str, HealthVerdict]:
         """A verdict per node over the most recent steps every rank has reported."""
         self._new_samples = False
         nodes = {node: n for node, n in self._node_ranks.items() if n}
         if len(nodes) < 2:
             return {}
-        complete = (
-            {step for step, (_, count) in self._node_steps[node].items() if count >= ranks}
-            for node, ranks in nodes.items()
-        )
-        steps = sorted(set.intersection(*complete))[-self.health.straggler_window :]
+        steps = self._complete_steps(nodes, self.health.straggler_window)
         by_node = {node: [self._node_steps[node][step][0] for step in steps] for node in nodes}
         policy = StragglerPolicy(
             factor=self.health.straggler_factor, window=self.health.straggler_window
