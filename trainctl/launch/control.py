@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 
 from trainctl.health.liveness import Liveness, LivenessPolicy, Silent
-from trainctl.launch.inbox import Inbox
+from trainctl.launch.inbox import Inbox, urgent
 from trainctl.protocol import (
     AGENT_MESSAGES,
     CONTROLLER_MESSAGES,
@@ -196,11 +196,22 @@ class ControlServer:
                 return
             for key, _ in ready:
                 self._readable(key.data)
-            self.messages.put_many(self._round)
-            self._round = []
+            self._hand_over()
             rest = READ_ROUND_S - (time.monotonic() - started)
             if ready and rest > 0:
                 time.sleep(rest)
+
+    def _take(self, envelope: Envelope) -> None:
+        """Add a message to the round; one that says a node failed is handed over at once,
+        with what the round holds before it (a loss must not wait for a burst of progress
+        being read behind it, and a node's messages keep their order)."""
+        self._round.append(envelope)
+        if urgent(envelope):
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        self.messages.put_many(self._round)
+        self._round = []
 
     def _readable(self, peer: _Peer) -> None:
         try:
@@ -219,7 +230,7 @@ class ControlServer:
                 return
 
     def _refuse(self, node: str, peer: str, reason: str) -> None:
-        self._round.append(Envelope(Refused(reason, peer), node, time=time.time()))
+        self._take(Envelope(Refused(reason, peer), node, time=time.time()))
 
     def _line(self, peer: _Peer, line: bytes) -> bool:
         """Take one line of a connection; False when the connection must close."""
@@ -259,7 +270,7 @@ class ControlServer:
                 self._liveness.heartbeat(node, time.monotonic())
         if isinstance(envelope.message, Beat):
             return True
-        self._round.append(envelope)
+        self._take(envelope)
         return True
 
     def _closed_conn(self, peer: _Peer) -> None:
@@ -275,7 +286,7 @@ class ControlServer:
             # Only the node's current connection ending says anything: an older one (its
             # agent replaced since) or one the controller dropped on purpose does not.
             if current:
-                self._round.append(Envelope(Disconnected(), node, time=time.time()))
+                self._take(Envelope(Disconnected(), node, time=time.time()))
         with contextlib.suppress(OSError):
             conn.close()
 
