@@ -179,7 +179,8 @@ def one_size(nodes: int, root: Path, run: int = 0) -> dict[str, Any]:
         out["state_json_bytes"] = state.stat().st_size
         out["plan_json_bytes"] = (job_dir / "attempt-0" / "plan.json").stat().st_size
         window_end = time.time()
-        wait(lambda: fault_log.exists(), 120, "the fault never fired")
+        # The simulator creates the log before it writes the line: wait for the line.
+        wait(lambda: fault_log.exists() and fault_log.read_text().strip(), 120, "no fault fired")
         killed_at = json.loads(fault_log.read_text().splitlines()[0])["time"]
         out["window_clean"] = killed_at > window_end
 
