@@ -90,9 +90,7 @@ def read_raw(store: JobStore, urls: Sequence[str]) -> list[tuple[str, bytes]]:
         if isinstance(value, FileNotFoundError) or value is None:
             continue
         if isinstance(value, BaseException):
-            store.files.fail(
-                value if isinstance(value, Exception) else OSError(value), url, "read"
-            )
+            store.files.fail(value if isinstance(value, Exception) else OSError(value), url, "read")
         out.append((url, bytes(value)))
     return out
 
