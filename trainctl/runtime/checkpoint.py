@@ -100,7 +100,7 @@ class TrainingCheckpoint:
 
     def maybe_save(self, step: int) -> bool:
         """Save into memory and to storage when `step` is on their intervals; returns whether
-        either save started."""
+        either save started. The memory save is done (its slot record written) on return."""
         in_memory = self.memory is not None and self.memory.should_save(step)
         durable = self.checkpointer.should_save(step)
         self.trainer.step = step
@@ -169,6 +169,7 @@ def checkpointing(
             spec.memory.interval_steps,
             on_event=on_event,
             replicas=spec.memory.replicas,
+            attempt=settings.attempt,
         )
     return TrainingCheckpoint(checkpointer, model, optimizer, ctx.reporter, memory)
 
