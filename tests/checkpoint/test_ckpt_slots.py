@@ -322,3 +322,31 @@ def test_a_slot_without_its_record_is_never_used(saved: dict[str, Any], shm_dir:
     assert step == STEPS - 1
     _assert_same(saved["prints"][STEPS - 1], got)
     assert events.of("checkpoint_restored")[-1]["tier"] == "memory"
+
+
+def test_the_live_state_dict_follows_the_training_and_rebuilds_when_tensors_move() -> None:
+    """The memory tier's cached state dict: the live tensors, the current learning rate; a
+    new one once one of the optimizer's tensors is replaced."""
+    model = workers.build_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    workers.train_step(model, optimizer, 1)
+    app = ModelAndOptimizer(model, optimizer)
+    first = app.live_state_dict()
+    optimizer.param_groups[0]["lr"] = 0.05
+    workers.train_step(model, optimizer, 2)
+    second = app.live_state_dict()
+    assert second is first  # no get_state_dict: the same tensors, updated in place
+    fresh = flatten({"app": app.state_dict()})
+    live = flatten({"app": second})
+    assert sorted(fresh) == sorted(live)
+    for fqn, value in fresh.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, live[fqn]), fqn
+        else:
+            assert value == live[fqn], fqn
+    assert live["app.optim.param_groups.0.lr"] == 0.05
+    param = next(iter(optimizer.state))
+    optimizer.state[param]["exp_avg"] = torch.full_like(optimizer.state[param]["exp_avg"], 7.0)
+    rebuilt = app.live_state_dict()  # a state tensor replaced: built again
+    assert rebuilt is not first
+    assert torch.equal(rebuilt["optim"]["state"]["0.weight"]["exp_avg"], torch.full((96, 96), 7.0))

@@ -69,10 +69,17 @@ def align(offset: int) -> int:
     return (offset + ALIGN - 1) // ALIGN * ALIGN
 
 
+def _state_dict_of(value: Any) -> Any:
+    """A Stateful's state dict: its `live_state_dict` when it has one (a cached dict over the
+    live tensors, `trainctl.runtime.checkpoint.ModelAndOptimizer`), else `state_dict`."""
+    live = getattr(value, "live_state_dict", None)
+    return live() if callable(live) else value.state_dict()
+
+
 def flatten(state: Mapping[str, Any]) -> dict[str, Any]:
     """`state` (Statefuls expanded) flattened to DCP's fqns, as DCP's planners flatten it."""
     state_dict = {
-        key: value.state_dict() if isinstance(value, Stateful) else value
+        key: _state_dict_of(value) if isinstance(value, Stateful) else value
         for key, value in state.items()
     }
     flat, _ = flatten_state_dict(state_dict)
