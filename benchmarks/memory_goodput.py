@@ -15,9 +15,13 @@ both modes; "on" adds ``checkpoint.memory {enabled: true, interval_steps: 1}``:
    step whose memory save committed; from durable storage on a multiple of 10.
 
 Failures (`--failure`): ``worker`` (SIGKILL of node-1's worker; the node survives, so its
-memory tier does) or ``node`` (SIGKILL of every process of a node, one spare node joins). On
-this one host the simulated nodes share one tmpfs, so a node loss still finds the lost node's
-memory tier here; on real hosts it takes the replication to peers (issue 17, another branch).
+memory tier does) or ``node`` (SIGKILL of every process of a node, one spare node joins; the
+local scheduler removes the lost node's tmpfs directory, so its shards come from the replica a
+peer's holder kept).
+
+The memory tier's save is a copy into the rank's tmpfs slot and its record, before the step's
+progress is reported (recipes/_trainer.py): a worker killed after reporting step N restores
+step N, so "replayed" is 0 unless a kill lands between two ranks' saves of one step.
 
     python benchmarks/memory_goodput.py [--minutes 10] [--failure-every 120]
                                         [--failure worker|node] [--modes on off] [--json]
