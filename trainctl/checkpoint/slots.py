@@ -167,14 +167,27 @@ class _Slot:
 
     def __init__(self, path: str, layout: Layout) -> None:
         self.path = path
-        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            if os.fstat(handle).st_size != layout.nbytes:
+            reuse = os.path.getsize(path) == layout.nbytes
+        except OSError:
+            reuse = False
+        # A file of another size is replaced by a new one, never truncated in place: the holder
+        # may have the old one mapped while it sums it (a shrunk mapping faults with SIGBUS).
+        target = path if reuse else f"{path}.new"
+        handle = os.open(target, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if not reuse:
                 os.ftruncate(handle, layout.nbytes)
             os.posix_fallocate(handle, 0, layout.nbytes)  # ENOSPC now, never a SIGBUS later
             self.map = mmap.mmap(handle, layout.nbytes)
+        except OSError:
+            if not reuse:
+                os.unlink(target)
+            raise
         finally:
             os.close(handle)
+        if not reuse:
+            os.replace(target, path)
         self.flat = torch.frombuffer(self.map, dtype=torch.uint8)
         self.views = [entry_view(self.flat, e) for e in layout.entries if e["kind"] == TENSOR]
 
