@@ -1,6 +1,6 @@
 """A training loop's saves with both tiers on (one process, no process group): a step on both
-intervals builds the model's and optimizer's state dict once, and both tiers commit that step
-with the same weights, which each restores bit for bit."""
+intervals builds the model's and optimizer's state dict once, a memory-only step not at all,
+and both tiers hold that step with the same weights, which each restores bit for bit."""
 
 from __future__ import annotations
 
@@ -76,9 +76,10 @@ def test_a_step_on_both_intervals_builds_the_state_dict_once(shm_base: str, tmp_
         assert ckpt.maybe_save(step)
         calls.append(counting.calls - before)
     ckpt.finish()
-    # Steps 1-4: the memory tier alone (its first save measures the state it flattened, no
-    # second state dict); step 5: memory and durable storage, from one state dict.
-    assert calls == [1, 1, 1, 1, 1]
+    # Step 1: the memory tier's first save builds the state dict (and measures what it
+    # flattened: no second one); steps 2-4: the memory tier alone, from the cached live state
+    # dict (no get_state_dict); step 5: memory and durable storage, from one fresh state dict.
+    assert calls == [1, 0, 0, 0, 1]
     assert ckpt.checkpointer.last_committed_step == 5
     assert ckpt.memory is not None and ckpt.memory.writer.layout is not None
     weights = {name: value.clone() for name, value in model.state_dict().items()}
