@@ -232,6 +232,7 @@ class SlotWriter:
         self._shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._fqns: list[str] = []
         self._objects: list[str] = []
+        self._digest = ""
         newest = newest_record_slot(self.directory, rank)
         self._next = 0 if newest is None else (newest + 1) % SLOT_COUNT
 
@@ -258,7 +259,7 @@ class SlotWriter:
             for view, source in zip(views, sources, strict=True):
                 view.copy_(source)  # device to host, synchronous into pageable memory
         slot.write_objects(self.layout.entries[-1], payload)
-        record = SlotRecord(step, self.attempt, self.layout.digest)
+        record = SlotRecord(step, self.attempt, self._digest)  # digest: ms, once per layout
         write_json_atomic(self.record_path(target), dataclasses.asdict(record))
         self._next = (target + 1) % SLOT_COUNT
         return target
@@ -302,6 +303,7 @@ class SlotWriter:
         }
         self._objects = [str(fqn) for fqn in layout.entries[-1]["fqns"]]
         self.layout = layout
+        self._digest = layout.digest
 
     @property
     def next_slot(self) -> int:
