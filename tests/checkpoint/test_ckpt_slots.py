@@ -39,7 +39,7 @@ from trainctl.checkpoint.slot_layout import (
     record_name,
     write_json_atomic,
 )
-from trainctl.checkpoint.slot_reader import SlotRestorer
+from trainctl.checkpoint.slot_reader import SlotRestorer, agree_on_step
 from trainctl.checkpoint.slots import (
     ALIGN,
     OBJECTS,
@@ -160,6 +160,28 @@ def test_index_from_local_slots_takes_the_newest_step_every_rank_has(shm_dir: st
     assert "ranks [1]" in str(local_restore_index(shm_dir))
     for writer in writers:
         writer.close()
+
+
+@pytest.mark.parametrize(
+    ("views", "agreed"),
+    [
+        ([(12, ""), (12, "")], 12),
+        ([(12, "")], 12),
+        ([(12, ""), (None, "no index")], "rank 1: no index"),
+        ([(None, "a"), (None, "b")], "rank 0: a; rank 1: b"),
+        ([(12, ""), (11, "")], "different steps [11, 12]"),
+        ([(None, "x")] * 6, "and 2 more"),
+        ([], "no rank"),
+    ],
+)
+def test_ranks_restore_from_memory_only_when_every_index_names_one_step(
+    views: list[tuple[int | None, str]], agreed: int | str
+) -> None:
+    got = agree_on_step(views)
+    if isinstance(agreed, int):
+        assert got == agreed
+    else:
+        assert isinstance(got, str) and agreed in got, got
 
 
 # -------------------------------------------------------------------- two ranks, then copies

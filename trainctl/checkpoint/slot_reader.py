@@ -310,18 +310,9 @@ class SlotRestorer:
             found = f"unreadable restore index: {type(error).__name__}: {error}"
         mine = found.step if isinstance(found, RestoreIndex) else None
         views = self._collectives.all_gather((mine, found if isinstance(found, str) else ""))
-        steps = {step for step, _ in views}
-        if None in steps:
-            reasons = sorted(
-                {f"rank {rank}: {why}" for rank, (s, why) in enumerate(views) if s is None}
-            )
-            self.missing_reason = "no step to restore in memory (" + "; ".join(reasons[:4]) + ")"
-            return None
-        if len(steps) > 1:
-            self.missing_reason = (
-                f"the nodes' restore indexes name different steps {sorted(steps)}: not restoring "
-                "from memory"
-            )
+        agreed = agree_on_step(views)
+        if isinstance(agreed, str):
+            self.missing_reason = agreed
             return None
         assert isinstance(found, RestoreIndex)
         self.index = found
@@ -362,6 +353,20 @@ class SlotRestorer:
             },
         )
         return index.step
+
+
+def agree_on_step(views: list[tuple[int | None, str]]) -> int | str:
+    """The step every rank's restore index names (`views`: per rank, its index's step or None
+    and why none), or why the ranks do not restore from memory (pure)."""
+    missing = [f"rank {rank}: {why}" for rank, (step, why) in enumerate(views) if step is None]
+    if missing or not views:
+        shown = "; ".join(missing[:4])
+        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        return f"no step to restore in memory ({shown or 'no rank'}{more})"
+    steps = sorted({step for step, _ in views if step is not None})
+    if len(steps) > 1:
+        return f"the nodes' restore indexes name different steps {steps}: not restoring from memory"
+    return steps[0]
 
 
 def _failure_text(failure: Any) -> str:
