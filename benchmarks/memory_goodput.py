@@ -53,13 +53,13 @@ REFERENCE_STEPS = 1000
 TARGET_GOODPUT = 0.98
 
 
-def checkpoint_section(memory: bool) -> dict[str, Any]:
+def checkpoint_section(memory: bool, replicas: int = 1) -> dict[str, Any]:
     """The recipe's ``checkpoint:`` section for a mode (memory stated either way, so a change
     of the default does not change what "off" measures)."""
     return {
         "interval_steps": DURABLE_EVERY,
         "keep_last": 2,
-        "memory": {"enabled": memory, "interval_steps": 1},
+        "memory": {"enabled": memory, "interval_steps": 1, "replicas": replicas},
     }
 
 
@@ -98,7 +98,13 @@ def restored_steps(storage: Path, job: str) -> list[int | None]:
 
 
 def goodput_run(
-    work: Path, memory: bool, minutes: float, every_s: float, failure: str, reference_s: float
+    work: Path,
+    memory: bool,
+    minutes: float,
+    every_s: float,
+    failure: str,
+    reference_s: float,
+    replicas: int = 1,
 ) -> dict[str, Any]:
     job = f"mem-goodput-{'on' if memory else 'off'}"
     log = work / f"{job}.steps"
@@ -116,7 +122,7 @@ def goodput_run(
             "restarts_per_cause": {"worker_crash": 1000, "node_fault": 1000},
         },
         launch={"max_restarts": 1000},
-        checkpoint=checkpoint_section(memory),
+        checkpoint=checkpoint_section(memory, replicas),
     )
     storage = work / "store"
     started = time.time()
@@ -178,6 +184,9 @@ def main() -> int:
     parser.add_argument("--failure", choices=("worker", "node"), default="worker")
     parser.add_argument("--modes", nargs="+", choices=("on", "off"), default=["on", "off"])
     parser.add_argument("--reference-steps", type=int, default=REFERENCE_STEPS)
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="checkpoint.memory.replicas with the tier on"
+    )
     parser.add_argument("--work", type=Path, help="keep stores and step logs here")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -197,7 +206,13 @@ def main() -> int:
         for mode in args.modes:
             print(f"goodput, memory tier {mode}, {args.minutes:g} min ...", file=sys.stderr)
             results[mode] = goodput_run(
-                work, mode == "on", args.minutes, args.failure_every, args.failure, reference_s
+                work,
+                mode == "on",
+                args.minutes,
+                args.failure_every,
+                args.failure,
+                reference_s,
+                args.replicas,
             )
     _print(results, args.modes, args.failure)
     if args.json:
