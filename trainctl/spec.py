@@ -56,14 +56,16 @@ class MemoryTierSpec(_Frozen):
 
     enabled: bool = False
     """Keep in-memory checkpoints. Off by default: every memory save costs each rank one copy
-    of its state per interval and 4 x (1 + replicas) x its state in host memory (README:
+    of its state per interval into a fixed slot, and each node holds 2 x (1 + replicas) x its
+    ranks' state in host memory (two slots per rank, two per rank it replicates; README:
     checkpoint tiers)."""
     interval_steps: int = Field(default=1, ge=1, le=MAX_STEPS)
     """Save into memory every N steps (1: every step, nothing replayed after a worker crash)."""
     replicas: int = Field(default=1, ge=0, le=8)
     """Peer nodes that hold a copy of each node's memory steps (over TCP, on other hosts when
     there are), so a lost node's step is restored from a peer's RAM. 0: a node loss restores
-    from durable storage. Each replica adds one copy of the node's state to every node's RAM."""
+    from durable storage. Each replica adds two copies of a node's state (double-buffered) to
+    some other node's RAM."""
 
 
 class CheckpointSpec(_Frozen):

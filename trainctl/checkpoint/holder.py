@@ -1,11 +1,14 @@
-"""A node's memory-tier holder: replicates its ranks' memory steps to peers and assembles the
-step a relaunch restores (`trainctl.checkpoint.memory` has the design and the layout).
+"""A node's memory-tier holder: checksums its ranks' slots, replicates the newest whole step to
+its ring peers and chooses the step a relaunch restores (`trainctl.checkpoint.memory` has the
+design, `trainctl.checkpoint.slot_layout` the files).
 
-It runs inside the node agent (a server thread and a replication thread), so it outlives the
-workers and dies with the node. `configure` gives it the attempt's holders; `tick` (its
-thread, every `TICK_S`) replicates the newest step whose manifest exists, writes commit records
-when every node acked, and drops old steps; `assemble` (the agent, before torchrun starts)
-builds ``restore/`` from the best verified copies here and at the peers.
+It runs inside the node agent (a server thread, a checksum thread and a replication thread),
+so it outlives the workers and dies with the node. `configure` gives it the attempt's holders;
+`tick` (every `TICK_S`) sums every new slot record of the node's ranks (discarding the sums
+when the record changed meanwhile: the worker rewrote the slot), hands the newest step every
+local rank has summed to the replication thread, and drops what an older attempt or a node no
+longer in the attempt left; `assemble` (the agent, before torchrun starts) writes
+``restore/index.json`` (`trainctl.checkpoint.slot_assemble`).
 """
 
 from __future__ import annotations
@@ -16,44 +19,51 @@ import logging
 import os
 import shutil
 import threading
-import time
-import zlib
-from collections.abc import Iterable
+from collections.abc import Mapping
 
-from trainctl.checkpoint.checksum import format_checksum
-from trainctl.checkpoint.layout import (
-    MANIFEST_NAME,
-    MEMORY_BASE,
-    node_memory_root,
-    parse_step_dir,
-    step_dir_name,
-)
-from trainctl.checkpoint.manifest import Manifest
+from trainctl.checkpoint.layout import MEMORY_BASE, node_memory_root
 from trainctl.checkpoint.memory import (
-    OWN_SOURCE,
-    REPLICA_SOURCE,
-    acks_complete,
-    restore_tier_of,
+    held_nodes_to_drop,
+    newest_replicable,
+    replication_target,
     ring_peers,
-    steps_to_drop,
+    stale_ranks,
 )
-from trainctl.checkpoint.peer_wire import (
-    PeerError,
-    PeerServer,
-    fetch_file,
-    list_files,
-    put_bytes,
+from trainctl.checkpoint.peer_wire import PeerError, PeerServer, catalog, put_bytes, put_slot
+from trainctl.checkpoint.slot_assemble import STATUS_NAME, Assembly, assemble
+from trainctl.checkpoint.slot_catalog import (
+    JsonCache,
+    RankSlots,
+    checksums_json,
+    parse_slots,
+    read_json_tree,
+    record_json,
+    slot_crcs,
+    spans,
 )
+from trainctl.checkpoint.slot_layout import (
+    HELD_DIR,
+    SLOT_COUNT,
+    SLOTS_DIR,
+    SlotChecksums,
+    SlotRecord,
+    checksums_name,
+    layout_name,
+    read_json,
+    record_name,
+    slot_name,
+    write_json_atomic,
+)
+
+__all__ = ["STATUS_NAME", "Assembly", "Holder", "PeerSet"]
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.02
-"""How often the holder looks for a new step to replicate."""
+"""How often the holder looks for new slot records."""
 BANDWIDTH = 1e9
 """Bytes/s one holder sends to its peers at most (replication must leave the network to the
 durable tier's uploads and the training's collectives)."""
-STATUS_NAME = "status.json"
-"""``restore/status.json``: which step was assembled, from where, how long it took, why not."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,34 +81,36 @@ class PeerSet:
     def hosts(self) -> dict[str, str]:
         return {node: end.rsplit(":", 1)[0] for node, end in self.endpoints.items()}
 
+    def targets(self, node: str) -> list[str]:
+        """The nodes that hold `node`'s replicas."""
+        return ring_peers(self.nodes, node, self.replicas, self.hosts())
 
-@dataclasses.dataclass(frozen=True)
-class Assembly:
-    """What `Holder.assemble` built: the step (None: none), its tier, seconds, bytes fetched
-    from peers, and every copy or step it skipped, with why."""
-
-    step: int | None
-    tier: str | None
-    seconds: float
-    fetched_bytes: int
-    skipped: tuple[str, ...]
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
+    def sources(self, node: str) -> list[str]:
+        """The nodes whose replicas `node` holds."""
+        return [peer for peer in self.nodes if node in self.targets(peer)]
 
 
-class AssemblyFailed(Exception):
-    """A step could not be assembled (no valid copy of one of its objects)."""
+def _sums_of(value: object, record: SlotRecord) -> bool:
+    """Whether the checksums document `value` is that of the slot holding `record`."""
+    sums = SlotChecksums.from_json(value)
+    return sums is not None and (sums.step, sums.layout) == (record.step, record.layout)
 
 
-def _crc(data: bytes | bytearray) -> str:
-    return format_checksum(zlib.crc32(data))
+def _newest_attempt(ranks: Mapping[int, RankSlots]) -> dict[int, RankSlots]:
+    """The ranks whose layout belongs to the newest attempt among `ranks`."""
+    if not ranks:
+        return {}
+    newest = max(slots.layout.attempt for slots in ranks.values())
+    return {rank: slots for rank, slots in ranks.items() if slots.layout.attempt == newest}
 
 
-def _steps_in(folder: str) -> list[int]:
-    if not os.path.isdir(folder):
-        return []
-    return sorted(s for s in (parse_step_dir(n) for n in os.listdir(folder)) if s is not None)
+def _ready(ranks: Mapping[int, RankSlots]) -> bool:
+    """Whether every rank of the newest attempt has a summed slot of that attempt."""
+    newest = _newest_attempt(ranks)
+    return bool(newest) and all(
+        any(r.attempt == slots.layout.attempt for r in slots.checksummed().values())
+        for slots in newest.values()
+    )
 
 
 class Holder:
@@ -118,14 +130,23 @@ class Holder:
         self.token = token
         self.bandwidth = bandwidth
         self.peers: PeerSet | None = None
+        self.replicated: tuple[int, int] | None = None
+        """The (attempt, step) last replicated to every ring peer."""
         self._lock = threading.Lock()
-        self._received: set[str] = set()
-        self._replicated: set[int] = set()
+        self._cache = JsonCache()
+        self._wanted: tuple[int, int] | None = None
+        self._floor = -1
+        """The newest attempt whose layouts were here when the attempt was configured: ranks of
+        a newer one are the configured attempt's workers."""
+        self._wake = threading.Condition()
         self._stop = threading.Event()
-        self.server = PeerServer(self.root, token, host, on_put=self._received.add).start()
+        self.server = PeerServer(self.root, token, host).start()
         # Started by the first `configure`: a job without the memory tier never configures,
         # and its agents keep no thread polling every TICK_S.
-        self._thread = threading.Thread(target=self._loop, name="trainctl-holder", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._loop, name="trainctl-holder", daemon=True),
+            threading.Thread(target=self._replicate_loop, name="trainctl-replica", daemon=True),
+        ]
 
     @property
     def endpoint(self) -> str:
@@ -138,10 +159,13 @@ class Holder:
         """Serve the attempt `peers` (this node among them) from now on."""
         with self._lock:
             self.peers = peers
-            if not self._thread.is_alive() and not self._stop.is_set():
-                self._thread.start()
+            self._floor = max((s.layout.attempt for s in self._own_slots().values()), default=-1)
+            if not self._stop.is_set():
+                for thread in self._threads:
+                    if not thread.is_alive():
+                        thread.start()
 
-    # ------------------------------------------------------------------ replication (thread)
+    # ------------------------------------------------------------------ checksums (thread)
 
     def _loop(self) -> None:
         while not self._stop.wait(TICK_S):
@@ -151,259 +175,182 @@ class Holder:
                 log.exception("memory holder %s", self.node)
 
     def tick(self) -> None:
-        """One pass: share a manifest rank 0 wrote here, replicate the newest step, commit
-        steps every node acked, drop old steps."""
+        """One pass: sum new slot records, hand the newest whole step to replication, drop
+        what is no longer needed."""
         with self._lock:
             peers = self.peers
             if peers is None or self.node not in peers.endpoints:
                 return
-            manifested = [
-                s for s in _steps_in(self.path("own")) if os.path.exists(self._manifest(s))
-            ]
-            newest = max(manifested, default=None)
-            if newest is not None and newest not in self._replicated:
-                self._replicated.add(newest)
-                self._replicate(newest, peers)
-            self._commit_ready()
-            self._collect_garbage()
+            ranks = self._own_slots()
+            if self._checksum(ranks):
+                ranks = self._own_slots()
+            local = _newest_attempt(ranks)
+            wanted = newest_replicable(
+                {
+                    rank: [(r.attempt, r.step) for r in slots.checksummed().values()]
+                    for rank, slots in local.items()
+                }
+            )
+            if wanted is not None and wanted != self._wanted and peers.targets(self.node):
+                with self._wake:
+                    self._wanted = wanted
+                    self._wake.notify()
+            self._collect_garbage(ranks, peers)
 
-    def _manifest(self, step: int, where: str = "own") -> str:
-        return self.path(where, step_dir_name(step), MANIFEST_NAME)
+    def _own_slots(self) -> dict[int, RankSlots]:
+        return parse_slots(read_json_tree(self.path(SLOTS_DIR), self._cache))
 
-    def _replicate(self, step: int, peers: PeerSet) -> None:
-        name = step_dir_name(step)
-        manifest_path = self._manifest(step)
-        with open(manifest_path, "rb") as file:
-            manifest_bytes = file.read()
-        manifest = Manifest.from_json(manifest_bytes)
-        others = [n for n in peers.nodes if n != self.node]
-        if f"own/{name}/{MANIFEST_NAME}" not in self._received:  # rank 0 wrote it here
-            for peer in others:
-                self._put(peers, peer, f"own/{name}/{MANIFEST_NAME}", manifest_bytes)
-        files = []
-        for record in manifest.objects:
-            local = self.path("own", name, record.path)
-            if os.path.exists(local):
-                with open(local, "rb") as file:
-                    data = file.read()
-                if len(data) != record.size or _crc(data) != record.checksum:
-                    log.warning("memory step %d: %s fails its checksum: not acked", step, local)
-                    return
-                files.append((record.path, data))
-        for target in ring_peers(peers.nodes, self.node, peers.replicas, peers.hosts()):
-            for relative, data in files:
-                if not self._put(peers, target, f"held/{self.node}/{name}/{relative}", data):
-                    return  # no ack: this step never commits
-        ack = json.dumps({"attempt": peers.attempt, "nodes": peers.nodes}).encode()
-        self._write(f"acks/{name}/{self.node}", ack)
-        for peer in others:
-            self._put(peers, peer, f"acks/{name}/{self.node}", ack)
-
-    def _put(self, peers: PeerSet, node: str, relative: str, data: bytes) -> bool:
-        try:
-            put_bytes(peers.endpoints[node], self.token, relative, data, self.bandwidth)
-        except PeerError as error:
-            log.warning("memory holder %s: %s to %s: %s", self.node, relative, node, error)
-            return False
-        return True
-
-    def _write(self, relative: str, data: bytes) -> None:
-        path = self.path(relative)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(f"{path}.tmp", "wb") as file:
-            file.write(data)
-        os.replace(f"{path}.tmp", path)
-
-    def _commit_ready(self) -> None:
-        for step in _steps_in(self.path("acks")):
-            name = step_dir_name(step)
-            if os.path.exists(self.path("commit", name)):
-                continue
-            acks = {}
-            for node in os.listdir(self.path("acks", name)):
-                if node.endswith(".tmp") or ".part-" in node:
+    def _checksum(self, ranks: Mapping[int, RankSlots]) -> bool:
+        """Sum every slot whose record has no checksums yet; whether any were written."""
+        wrote = False
+        for rank, slots in sorted(ranks.items()):
+            for index, record in sorted(slots.records.items()):
+                if index in slots.checksums:
                     continue
-                with open(self.path("acks", name, node), "rb") as file:
-                    acks[node] = json.loads(file.read())
-            mine = acks.get(self.node)
-            if mine is None:
+                try:
+                    crcs = slot_crcs(
+                        self.path(SLOTS_DIR, slot_name(rank, index)), spans(slots.layout)
+                    )
+                except OSError as error:
+                    log.debug("memory holder %s: %s", self.node, error)
+                    continue
+                again = SlotRecord.from_json(
+                    read_json(self.path(SLOTS_DIR, record_name(rank, index)))
+                )
+                if again != record:  # the worker rewrote the slot while it was summed
+                    continue
+                target = self.path(SLOTS_DIR, checksums_name(rank, index))
+                if _sums_of(read_json(target), record):
+                    continue  # summed meanwhile (the assemble, a fault): the first sum stands
+                write_json_atomic(target, checksums_json(record, crcs))
+                wrote = True
+        return wrote
+
+    # ------------------------------------------------------------------ replication (thread)
+
+    def _replicate_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._wake:
+                self._wake.wait_for(
+                    lambda: self._stop.is_set() or self._wanted not in (None, self.replicated),
+                    timeout=1.0,
+                )
+                wanted = self._wanted
+            if self._stop.is_set() or wanted is None or wanted == self.replicated:
                 continue
-            same = [n for n, ack in acks.items() if ack["attempt"] == mine["attempt"]]
-            complete, _why = acks_complete(same, mine["nodes"])
-            if complete:
-                self._write(f"commit/{name}", json.dumps(mine).encode())
+            try:
+                if self.replicate(wanted):
+                    self.replicated = wanted
+                else:
+                    self._stop.wait(TICK_S)
+            except Exception:
+                log.exception("memory holder %s: replication", self.node)
+                self._stop.wait(TICK_S)
 
-    def committed_steps(self) -> list[int]:
-        return _steps_in(self.path("commit"))
+    def replicate(self, wanted: tuple[int, int]) -> bool:
+        """Send every local rank's slot holding `wanted` (attempt, step) to the ring peers;
+        whether every peer now holds it."""
+        peers = self.peers
+        if peers is None:
+            return False
+        local = {
+            rank: slots
+            for rank, slots in parse_slots(read_json_tree(self.path(SLOTS_DIR))).items()
+            if slots.layout.attempt == wanted[0]
+        }
+        done = True
+        for target in peers.targets(self.node):
+            try:
+                self._replicate_to(peers.endpoints[target], local, wanted)
+            except PeerError as error:
+                log.info("memory holder %s: step %s to %s: %s", self.node, wanted, target, error)
+                done = False
+        return done
 
-    def _collect_garbage(self) -> None:
-        committed = self.committed_steps()
-        present = set(_steps_in(self.path("own"))) | set(_steps_in(self.path("acks")))
-        held = self.path("held")
-        for source in os.listdir(held) if os.path.isdir(held) else []:
-            present |= set(_steps_in(os.path.join(held, source)))
-        for step in steps_to_drop(committed, present):
-            self._drop(step)
-        restoring = _steps_in(self.path("restore"))
-        if restoring and committed and committed[-1] > restoring[0]:
-            shutil.rmtree(self.path("restore"), ignore_errors=True)
+    def _replicate_to(
+        self, endpoint: str, local: Mapping[int, RankSlots], wanted: tuple[int, int]
+    ) -> None:
+        folder = f"{HELD_DIR}/{self.node}/{SLOTS_DIR}"
+        held = parse_slots(
+            {k.rsplit("/", 1)[-1]: v for k, v in catalog(endpoint, self.token, folder).items()}
+        )
+        for rank, slots in sorted(local.items()):
+            source = next(
+                (i for i, r in slots.checksummed().items() if (r.attempt, r.step) == wanted), None
+            )
+            if source is None:
+                raise PeerError(f"rank {rank} no longer holds step {wanted[1]}: a newer one came")
+            record, layout = slots.records[source], slots.layout
+            there = held.get(rank)
+            records: dict[int, SlotRecord | None] = {}
+            if there is None or there.layout.digest != layout.digest:
+                text = json.dumps(layout.to_json(), separators=(",", ":")).encode()
+                put_bytes(
+                    endpoint, self.token, f"{folder}/{layout_name(rank)}", text, self.bandwidth
+                )
+            else:
+                records = dict(there.records)
+            target = replication_target(records, record)
+            if target is None:
+                continue
+            put_slot(
+                endpoint,
+                self.token,
+                f"{folder}/{slot_name(rank, target)}",
+                self.path(SLOTS_DIR, slot_name(rank, source)),
+                record_json(record),
+                spans(layout),
+                list(slots.checksums[source].crcs),
+                self.bandwidth,
+            )
 
-    def _drop(self, step: int) -> None:
-        name = step_dir_name(step)
-        for folder in ("own", "acks", "commit"):
-            target = self.path(folder, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target, ignore_errors=True)
-            elif os.path.exists(target):
-                os.unlink(target)
-        held = self.path("held")
-        for source in os.listdir(held) if os.path.isdir(held) else []:
-            shutil.rmtree(os.path.join(held, source, name), ignore_errors=True)
-        self._replicated.discard(step)
+    # ------------------------------------------------------------------ garbage collection
+
+    def _collect_garbage(self, ranks: Mapping[int, RankSlots], peers: PeerSet) -> None:
+        newest = max((slots.layout.attempt for slots in ranks.values()), default=-1)
+        ready = newest > self._floor and _ready(ranks)  # the configured attempt saves
+        attempts = {rank: slots.layout.attempt for rank, slots in ranks.items()}
+        for rank in stale_ranks(attempts, ready):
+            self._drop_rank(self.path(SLOTS_DIR), rank)
+        held = self.path(HELD_DIR)
+        sources = sorted(os.listdir(held)) if os.path.isdir(held) else []
+        for source in held_nodes_to_drop(sources, peers.sources(self.node), ready):
+            shutil.rmtree(os.path.join(held, source), ignore_errors=True)
+            log.info("memory holder %s: dropped the replicas of %s", self.node, source)
+        for source in sources:
+            folder = os.path.join(held, source, SLOTS_DIR)
+            theirs = parse_slots(read_json_tree(folder, self._cache))
+            old = {rank: slots.layout.attempt for rank, slots in theirs.items()}
+            for rank in stale_ranks(old, _ready(theirs)):
+                self._drop_rank(folder, rank)
+
+    @staticmethod
+    def _drop_rank(folder: str, rank: int) -> None:
+        names = [layout_name(rank)]
+        for index in range(SLOT_COUNT):
+            names += [slot_name(rank, index), record_name(rank, index), checksums_name(rank, index)]
+        for name in names[::-1]:  # records before slots, the layout last
+            try:
+                os.unlink(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass
 
     # ------------------------------------------------------------------ restore (the agent)
 
     def assemble(self) -> Assembly:
-        """Build ``restore/`` for the attempt just configured: the newest step committed here
-        or at any reachable peer, every object from its best verified copy (own copies, here
-        then at peers, before replicas). Writes ``restore/status.json`` (`Assembly`)."""
-        started = time.perf_counter()
+        """Choose the step the attempt just configured restores and write
+        ``restore/index.json`` (none when no step is whole) and ``restore/status.json``.
+        Call with no worker of this node running (before torchrun starts)."""
         with self._lock:
             peers = self.peers or PeerSet(0, {}, 0)
-            listings = self._peer_listings(peers)
-            committed = set(self.committed_steps())
-            for names in listings.values():
-                committed |= {
-                    s for s in (parse_step_dir(n) for n in names if n.startswith("commit/")) if s
-                }
-            building = self.path("restore.next")
-            shutil.rmtree(building, ignore_errors=True)
-            skipped: list[str] = []
-            step, sources, fetched = None, [OWN_SOURCE], 0
-            for candidate in sorted(committed, reverse=True)[:2]:
-                try:
-                    sources, fetched = self._build(candidate, listings, peers, building, skipped)
-                except AssemblyFailed as failed:
-                    skipped.append(str(failed))
-                    shutil.rmtree(building, ignore_errors=True)
-                    continue
-                step = candidate
-                break
-            if step is None and not committed:
-                skipped.append("no committed memory step on any reachable node")
-            assembly = Assembly(
-                step,
-                restore_tier_of(sources) if step is not None else None,
-                time.perf_counter() - started,
-                fetched,
-                tuple(skipped),
-            )
-            os.makedirs(building, exist_ok=True)
-            with open(os.path.join(building, STATUS_NAME), "w") as file:
-                file.write(assembly.to_json())
-            shutil.rmtree(self.path("restore"), ignore_errors=True)
-            os.replace(building, self.path("restore"))
-            self._forget_newer_than(max(committed, default=0))
-            return assembly
-
-    def _peer_listings(self, peers: PeerSet) -> dict[str | None, list[str]]:
-        listings: dict[str | None, list[str]] = {}
-        for node, endpoint in peers.endpoints.items():
-            if node == self.node:
-                continue
-            try:
-                listings[node] = list_files(endpoint, self.token, ".")
-            except PeerError as error:
-                log.info("memory holder %s: peer %s unreachable: %s", self.node, node, error)
-        return listings
-
-    def _local_names(self) -> list[str]:
-        names = []
-        for folder, _dirs, files in os.walk(self.root):
-            names += [os.path.relpath(os.path.join(folder, f), self.root) for f in files]
-        return names
-
-    @staticmethod
-    def _copies(
-        name: str, relative: str, listings: list[tuple[str | None, list[str]]]
-    ) -> Iterable[tuple[str, str | None, str]]:
-        """(source kind, peer or None for here, path) of every copy of one object, best first:
-        own copies (here, then at peers) before replicas."""
-        for kind, wanted in ((OWN_SOURCE, f"own/{name}/{relative}"), (REPLICA_SOURCE, None)):
-            for node, names in listings:
-                for path in names:
-                    replica = path.startswith("held/") and path.endswith(f"/{name}/{relative}")
-                    if path == wanted or (wanted is None and replica):
-                        yield kind, node, path
-
-    def _read(self, node: str | None, path: str, peers: PeerSet) -> bytes | bytearray:
-        if node is None:
-            with open(self.path(path), "rb") as file:
-                return file.read()
-        return fetch_file(peers.endpoints[node], self.token, path)
-
-    def _build(
-        self,
-        step: int,
-        listings: dict[str | None, list[str]],
-        peers: PeerSet,
-        building: str,
-        skipped: list[str],
-    ) -> tuple[list[str], int]:
-        name = step_dir_name(step)
-        everywhere = [(None, self._local_names()), *listings.items()]
-        manifest_bytes: bytes | bytearray = b""
-        for _kind, node, path in self._copies(name, MANIFEST_NAME, everywhere):
-            try:
-                manifest_bytes = self._read(node, path, peers)
-                manifest = Manifest.from_json(bytes(manifest_bytes))
-                break
-            except (OSError, ValueError) as bad:
-                skipped.append(f"{node or self.node}:{path}: {bad}")
-        else:
-            raise AssemblyFailed(f"memory step {step}: no manifest on any reachable node")
-        sources: list[str] = []
-        fetched = 0
-        for record in manifest.objects:
-            for kind, node, path in self._copies(name, record.path, everywhere):
-                where = f"{'memory' if kind == OWN_SOURCE else 'peer'} tier: {node or self.node}"
-                try:
-                    data = self._read(node, path, peers)
-                except OSError as error:
-                    skipped.append(f"{where}:{path}: {error}")
-                    continue
-                if len(data) != record.size or _crc(data) != record.checksum:
-                    skipped.append(f"{where}:{path}: fails its checksum ({record.checksum})")
-                    continue
-                self._store(building, name, record.path, data)
-                sources.append(kind)
-                fetched += len(data) if node is not None else 0
-                break
-            else:
-                raise AssemblyFailed(f"memory step {step}: no valid copy of {record.path}")
-        self._store(building, name, MANIFEST_NAME, manifest_bytes)
-        return sources, fetched
-
-    @staticmethod
-    def _store(building: str, name: str, relative: str, data: bytes | bytearray) -> None:
-        path = os.path.join(building, name, relative)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as file:
-            file.write(data)
-
-    def _forget_newer_than(self, step: int) -> None:
-        """Drop what a previous attempt left above the newest committed step: the relaunch
-        writes those steps again."""
-        for folder in ("own", "acks"):
-            for stale in _steps_in(self.path(folder)):
-                if stale > step:
-                    shutil.rmtree(self.path(folder, step_dir_name(stale)), ignore_errors=True)
-        self._replicated = {s for s in self._replicated if s <= step}
-        # Manifests received from the last attempt's rank 0: this node may be rank 0's now.
-        self._received.clear()
+            self._checksum(self._own_slots())  # what the last workers wrote just before dying
+            return assemble(self.root, self.node, peers.endpoints, self.token)
 
     def close(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
+        with self._wake:
+            self._wake.notify_all()
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=5)
         self.server.close()

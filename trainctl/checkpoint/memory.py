@@ -2,47 +2,55 @@
 before durable storage.
 
 **Where the bytes live.** Each node owns a directory, ``/dev/shm/trainctl-<job>/<node>/``
-(`node_memory_root`), so simulated nodes on one machine behave like separate hosts:
+(`node_memory_root`), so simulated nodes on one machine behave like separate hosts; the file
+names and records are `trainctl.checkpoint.slot_layout`'s:
 
-* ``own/step-N/`` — what this node's ranks wrote (a second `Checkpointer` over tmpfs, every
-  ``checkpoint.memory.interval_steps``); rank 0's node also holds ``.metadata`` and the
-  manifest. The kernel holds these pages, not the worker: a SIGKILLed worker loses nothing.
-* ``held/<peer>/step-N/`` — replicas of ``<peer>``'s files, received over TCP.
-* ``acks/step-N/<node>`` and ``commit/step-N`` — the replication's two-phase commit.
-* ``restore/step-N/`` — the whole step assembled for the next attempt's restore.
+* ``slots/`` — per rank of the node, a layout (where each tensor lives) and `SLOT_COUNT` fixed
+  slot files the rank copies its state into, alternately, each with a record written after the
+  copy and removed before the next. The kernel holds these pages, not the worker: a SIGKILLed
+  worker loses nothing, and the newest complete copy is never the one being written.
+* ``slots/rank-R.slot-K.crc.json`` — per-entry CRC32s the node's holder computes in the
+  background for every new record (and discards when the record changed while it summed).
+* ``held/<peer>/slots/`` — replicas of ``<peer>``'s slots, double-buffered the same way.
+* ``restore/index.json`` — where every rank of the step to restore has its verified copy.
 
 The node's **holder** (`trainctl.checkpoint.holder`, a thread of the node agent: it outlives
 worker crashes and dies with the node) serves that directory to the other holders
-(`trainctl.checkpoint.peer_wire`: token-authenticated, paced to a bandwidth, in the background:
-a durable save never waits for it). When the local scheduler loses a simulated node it removes
-that node's directory, as the host's death would (on Slurm and Ray the RAM really is gone).
+(`trainctl.checkpoint.peer_wire`: token-authenticated). When the local scheduler loses a
+simulated node it removes that node's directory, as the host's death would (on Slurm and Ray
+the RAM really is gone).
 
-**Counts only when whole.** A memory step is committed when (1) rank 0 wrote its manifest —
-every rank's shard written with its checksum, as for a durable step — (2) every node's holder
-sent its files to its `replicas` ring successors (`ring_peers`), each copy checked against the
-checksum as received, and said so to every holder (``acks/step-N/<node>``), and (3) a holder
-saw every node's ack (`acks_complete`) and wrote ``commit/step-N``. A step short of that is
-never restored.
+**Replication.** In the background, paced to a bandwidth, each holder sends the newest step
+every local rank has checksummed (`newest_replicable`: intermediate steps are skipped, so
+replication never has to keep up with every step) to its `replicas` ring successors
+(`ring_peers`), into the held slot that does not hold their newest copy
+(`replication_target`); the receiver checks every entry's CRC before it writes the record, so
+the older held copy stays valid until the newer one is whole.
+
+**Counts only when whole.** A step is restorable when every rank of the attempt that wrote it
+has a copy of it (record, layout and checksums agreeing) somewhere among the surviving nodes.
+Ranks advance in lockstep, so after a crash every rank still holds the oldest of the ranks'
+newest steps in one of its two slots. There is no commit record to lose: the choice is made
+from the copies themselves (`restore_candidates`).
 
 **Restore from the fastest valid tier.** Before a relaunch's workers start, each node's holder
-assembles the newest committed step (`choose_restore_step`, asking the reachable peers too) into
-``restore/``: for every object of the manifest it takes a node's own copy (local first, then a
-surviving peer's), else a replica (``held/``), each verified against the manifest's checksum; a
-bad or missing copy is skipped with a reason. The restore's tier is ``memory`` when only own
-copies were used and ``peer`` when a replica was (`restore_tier_of`). The workers then restore
-from ``restore/`` through DCP, so a shrink or a spare reshards from memory as from storage, every
-block verified again while read. When no step can be assembled, or DCP's load fails, the
-restore falls back to durable storage with a ``restore_skipped`` event naming the tier.
-Resume after the controller died: the memory tier is dropped and durable storage restores (the
-resume says so).
+picks the newest restorable step, each rank's copy best first (own slot here, own slot at a
+surviving peer, then a replica), verifies the CRC of every entry of the copies it picks (a bad
+copy is skipped with a reason, for the next one) and writes ``restore/index.json``; it copies
+no data: the workers read local slots in place and remote ones by range, and DCP's planner
+reshards, so a shrink or a spare restores from memory as from storage. The tier is ``memory``
+when only own copies were used and ``peer`` when a replica was (`restore_tier_of`). When no
+step is whole, no index is written and the workers restore from durable storage with a
+``restore_skipped`` event. Resume after the controller died: the memory tier is dropped and
+durable storage restores (the resume says so).
 
-**Memory cost per node** (`memory_budget`): own copies of at most `STEPS_HELD` steps of the
-node's ranks' state, plus `replicas` times that for the peers it holds, plus — transiently,
-during and after a restore until the next step commits — one whole step of the job in
-``restore/`` and one staging copy per rank in the worker. The holder keeps the two newest
-committed steps and the one being written; it is not (1 + replicas) x state: it is
-``STEPS_HELD x (1 + replicas) x`` the node's state. A node without that room turns the tier off
-at the first save with a message (the gate checks ``/dev/shm`` too).
+**Memory cost per node** (`memory_budget`): `SLOT_COUNT` (2) copies of each local rank's state
+and two of each rank whose node it replicates — ``2 x (1 + replicas) x`` the node's state,
+flat over time, nothing transient (replicas are received in place into the held slot). Copies
+of an older attempt's ranks are dropped once the new attempt's local ranks have a checksummed
+step (`stale_ranks`), held copies of nodes no longer in the attempt likewise
+(`held_nodes_to_drop`). A node without that room turns the tier off at the first save with a
+message (the gate checks ``/dev/shm`` too).
 """
 
 from __future__ import annotations
@@ -54,15 +62,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from trainctl.checkpoint.layout import MEMORY_BASE, memory_root, node_memory_root
-from trainctl.checkpoint.slot_layout import SLOT_COUNT
+from trainctl.checkpoint.slot_layout import SLOT_COUNT, SlotRecord
 from trainctl.events import RestoreSkipped
 
 if TYPE_CHECKING:  # torch: the controller and the CLI import this module, workers run it
     from trainctl.checkpoint.checkpointer import Checkpointer
 
-STEPS_HELD = 4
-"""Steps of the state a node holds at most, per copy: two committed, one being replicated and
-one being written (`steps_to_drop`)."""
 MEMORY_TIER = "memory"
 """A restore from the nodes' own copies (the nodes survived, workers died)."""
 PEER_TIER = "peer"
@@ -161,29 +166,124 @@ def ring_peers(
     return (other + same)[:replicas]
 
 
-def acks_complete(acked: Iterable[str], nodes: Iterable[str]) -> tuple[bool, str]:
-    """Whether every node of the attempt said its files are replicated, and who is missing."""
-    missing = sorted(set(nodes) - set(acked))
-    if missing:
-        return False, f"waiting for {', '.join(missing)}"
-    return True, "every node's files are replicated"
-
-
 def restore_tier_of(sources: Iterable[str]) -> str:
     """The tier a restore used, from where each object came (``own`` or ``replica``): ``peer``
     when any object came from a peer's replica, else ``memory`` (pure)."""
     return PEER_TIER if REPLICA_SOURCE in set(sources) else MEMORY_TIER
 
 
-def steps_to_drop(
-    committed: Iterable[int], present: Iterable[int], keep: int = 2, pending: int = 2
-) -> list[int]:
-    """Steps a holder deletes (pure): all but the `keep` newest committed ones and the
-    `pending` newest newer ones (one being replicated, one being written)."""
-    newest = sorted(set(committed), reverse=True)[:keep]
-    newer = sorted((s for s in set(present) if not newest or s > newest[0]), reverse=True)
-    kept = set(newest) | set(newer[:pending])
-    return sorted(set(present) - kept)
+@dataclasses.dataclass(frozen=True)
+class SlotCopy:
+    """One copy of old rank `rank`'s slot holding `step` of `attempt` (of `world_size` ranks):
+    the rank's own slot (``own``) or a replica (``replica``), on this node (`local`) or at
+    `node`; `location` is what the holder reads it by (a path, or a path at the peer)."""
+
+    rank: int
+    attempt: int
+    step: int
+    world_size: int
+    kind: str
+    local: bool
+    node: str
+    location: str
+
+    @property
+    def preference(self) -> int:
+        """Lower is better: own here, own at a surviving peer, a replica here, one at a peer."""
+        return (0 if self.kind == OWN_SOURCE else 2) + (0 if self.local else 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreCandidate:
+    """A step every rank of `attempt` has a copy of; per old rank, its copies best first."""
+
+    attempt: int
+    step: int
+    copies: tuple[tuple[SlotCopy, ...], ...]
+
+
+def restore_candidates(copies: Iterable[SlotCopy]) -> tuple[list[RestoreCandidate], list[str]]:
+    """The steps a restore may use, best first (newest attempt first, then newest step), and why
+    each newer step that is not whole was passed over (pure). The caller verifies the copies
+    and takes the first candidate whose every rank has one that verifies."""
+    by_attempt: dict[int, list[SlotCopy]] = {}
+    for copy in copies:
+        by_attempt.setdefault(copy.attempt, []).append(copy)
+    candidates: list[RestoreCandidate] = []
+    passed: list[str] = []
+    for attempt in sorted(by_attempt, reverse=True):
+        found = by_attempt[attempt]
+        world_size = max(copy.world_size for copy in found)
+        for step in sorted({copy.step for copy in found}, reverse=True):
+            ranks = [
+                tuple(
+                    sorted(
+                        (c for c in found if c.step == step and c.rank == rank),
+                        key=lambda c: (c.preference, c.node, c.location),
+                    )
+                )
+                for rank in range(world_size)
+            ]
+            missing = [rank for rank, held in enumerate(ranks) if not held]
+            if missing:
+                passed.append(
+                    f"memory step {step} (attempt {attempt}): no valid copy of rank(s) "
+                    f"{', '.join(map(str, missing[:8]))}{' ...' if len(missing) > 8 else ''} "
+                    "on any reachable node"
+                )
+                continue
+            candidates.append(RestoreCandidate(attempt, step, tuple(ranks)))
+    return candidates, passed
+
+
+def newest_replicable(
+    checksummed: Mapping[int, Iterable[tuple[int, int]]],
+) -> tuple[int, int] | None:
+    """The newest (attempt, step) that every local rank (rank -> its checksummed (attempt,
+    step) pairs) holds, or None: what a holder replicates next (pure)."""
+    common: set[tuple[int, int]] | None = None
+    for pairs in checksummed.values():
+        common = set(pairs) if common is None else common & set(pairs)
+    return max(common) if common else None
+
+
+def replication_target(
+    held: Mapping[int, SlotRecord | None], wanted: SlotRecord, slots: int = SLOT_COUNT
+) -> int | None:
+    """Which held slot (index -> its record, None: no record) receives `wanted`: None when one
+    already holds it; else a slot without a record, else the one with the older copy, so the
+    newest held copy stays valid while the new one is received (pure)."""
+    records = {index: held.get(index) for index in range(slots)}
+    if wanted in records.values():
+        return None
+    empty = [index for index, record in records.items() if record is None]
+    if empty:
+        return empty[0]
+    return min(records, key=lambda index: _age(records[index]))
+
+
+def _age(record: SlotRecord | None) -> tuple[int, int]:
+    return (-1, -1) if record is None else (record.attempt, record.step)
+
+
+def stale_ranks(attempts: Mapping[int, int], newest_ready: bool) -> list[int]:
+    """Ranks (rank -> the attempt of its layout) whose files an older attempt left, to drop once
+    the newest attempt has a checksummed step on every one of its ranks (`newest_ready`): until
+    then a restore may still need them (pure)."""
+    if not attempts or not newest_ready:
+        return []
+    newest = max(attempts.values())
+    return sorted(rank for rank, attempt in attempts.items() if attempt < newest)
+
+
+def held_nodes_to_drop(held: Iterable[str], sources: Iterable[str], ready: bool) -> list[str]:
+    """Nodes whose replicas this holder keeps but that no longer send it theirs (`sources`:
+    the attempt's nodes whose ring successors include this one): dropped once the attempt's
+    local ranks have a checksummed step (`ready`); until then the attempt's restore may still
+    need them (a lost node's replica is what it restores from) (pure)."""
+    if not ready:
+        return []
+    return sorted(set(held) - set(sources))
 
 
 def tier_order(memory_newest: int | None, durable_newest: int | None) -> list[str]:

@@ -7,21 +7,32 @@ JSON line — ``{"token", "op", "path", "size", "checksum"}`` — then ``size`` 
 a ``get``. Every request carries the job's control token (the agents' shared secret), compared in
 constant time; a request without it is refused before anything is read or written.
 
-Operations, with paths relative to the holder's node directory (never absolute, never ``..``):
+Operations, with paths relative to the holder's node directory (never absolute, never ``..``;
+a peer writes only under ``held/``, what this holder keeps for others):
 
-* ``put PATH`` + bytes + the sender's checksum: written to a temporary name, checked (CRC-32,
-  the manifest's algorithm) and renamed into place; a mismatch is refused and nothing is kept.
-* ``get PATH``: the file's bytes (the reader verifies them against the manifest).
+* ``put PATH`` + bytes + the sender's checksum: written to a temporary name, checked (CRC-32)
+  and renamed into place; a mismatch is refused and nothing is kept (small files: layouts).
+* ``put_slot PATH`` + a held slot's bytes + its record, entry spans and per-entry CRCs: the
+  slot's record and checksums are removed first, the bytes received in place into the slot
+  file (preallocated: no second copy of the state, ever), every entry's CRC checked against the
+  sender's (those the sending holder computed, not a sum of what it read while sending: a slot
+  the worker rewrote mid-send is refused), then the checksums and the record are written.
+* ``get PATH`` (optionally ``offset``/``length``): the file's bytes by ``sendfile``.
 * ``list PATH``: the relative names of every file under ``PATH`` (JSON, in ``size`` bytes).
+* ``catalog PATH``: every JSON document under ``PATH`` (name -> parsed JSON), in one answer.
+* ``checksum PATH`` + entry spans: the CRCs of those spans of the file, summed at the holder
+  (a restore verifies a peer's copy without moving it).
 
-`put_bytes` paces itself to `bandwidth` bytes/s so replication leaves the network (and the
-durable tier's uploads) room; it runs in the holder's background thread, never in a worker.
+`put_bytes` and `put_slot` pace themselves to `bandwidth` bytes/s so replication leaves the
+network (and the durable tier's uploads) room; they run in the holder's background thread,
+never in a worker.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import mmap
 import os
 import socket
 import socketserver
@@ -32,9 +43,13 @@ from collections.abc import Callable
 from typing import Any
 
 from trainctl.checkpoint.checksum import format_checksum
+from trainctl.checkpoint.slot_catalog import crc_text, read_json_tree, slot_crcs
+from trainctl.checkpoint.slot_layout import SlotRecord, write_json_atomic
 
 CHUNK = 4 * 2**20
 """Bytes per socket write/read (and per pacing step)."""
+WRITABLE = "held"
+"""The only folder a peer may write into."""
 TIMEOUT_S = 10.0
 """Connect and per-read timeout: a dead peer host sends no FIN."""
 
@@ -103,10 +118,21 @@ class _Handler(socketserver.StreamRequestHandler):
     def _serve(self, request: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         op, relative = request.get("op"), str(request.get("path", ""))
         path = safe_join(self.server.root, relative)
+        if op in ("put", "put_slot") and relative.split("/", 1)[0] != WRITABLE:
+            raise PeerError(f"path {relative!r}: a peer writes only under {WRITABLE}/")
         if op == "put":
             self._receive(path, int(request["size"]), str(request["checksum"]))
             self.server.on_put(relative)
             return {"ok": True}, b""
+        if op == "put_slot":
+            self._receive_slot(path, request)
+            self.server.on_put(relative)
+            return {"ok": True}, b""
+        if op == "catalog":
+            return {"ok": True}, json.dumps(read_json_tree(path)).encode()
+        if op == "checksum":
+            spans = [(int(offset), int(nbytes)) for offset, nbytes in request["entries"]]
+            return {"ok": True}, json.dumps(slot_crcs(path, spans)).encode()
         if op == "list":
             names = []
             for folder, _dirs, files in os.walk(path):
@@ -134,6 +160,60 @@ class _Handler(socketserver.StreamRequestHandler):
             if os.path.exists(temporary):
                 os.unlink(temporary)
 
+    def _receive_slot(self, path: str, request: dict[str, Any]) -> None:
+        """Receive a held slot in place; its checksums and record only once every entry's CRC
+        matched (`put_slot`)."""
+        size = int(request["size"])
+        spans = [(int(offset), int(nbytes)) for offset, nbytes in request["entries"]]
+        expected = [str(crc) for crc in request["crcs"]]
+        record = SlotRecord.from_json(request["record"])
+        if record is None or len(expected) != len(spans):
+            raise PeerError("put_slot: a record and one CRC per entry are required")
+        if any(offset < 0 or offset + nbytes > size for offset, nbytes in spans):
+            raise PeerError(f"put_slot: an entry lies outside the slot's {size} bytes")
+        for stale in (f"{path}.json", f"{path}.crc.json"):  # the slot is not whole from now
+            if os.path.exists(stale):
+                os.unlink(stale)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a+b") as file:
+            if os.fstat(file.fileno()).st_size != size:
+                file.truncate(size)
+            got = self._receive_into(file, size, spans)
+        bad = [i for i, (want, have) in enumerate(zip(expected, got, strict=True)) if want != have]
+        if bad:
+            raise PeerError(
+                f"put_slot {os.path.basename(path)}: entry {bad[0]} (of {len(bad)} bad) fails "
+                f"its CRC ({got[bad[0]]} != {expected[bad[0]]}): the record is not written"
+            )
+        write_json_atomic(f"{path}.crc.json", {**request["checksums"], "crcs": expected})
+        write_json_atomic(f"{path}.json", request["record"])
+
+    def _receive_into(self, file: Any, size: int, spans: list[tuple[int, int]]) -> list[str]:
+        """Read `size` bytes from the connection straight into the file's pages; the CRC of
+        every span, each summed as soon as its last byte arrived (while the rest streams in)."""
+        crcs = [crc_text(0)] * len(spans)
+        if size == 0:
+            return crcs
+        # Spans by their end: a span is summed in place (incrementally, chunk by chunk) once
+        # `done` passes its end.
+        order = sorted(range(len(spans)), key=lambda i: spans[i][0] + spans[i][1])
+        with mmap.mmap(file.fileno(), size) as mapped:
+            view = memoryview(mapped)
+            try:
+                done, ready = 0, 0
+                while done < size:
+                    got = self.rfile.readinto(view[done : min(size, done + CHUNK)])
+                    if not got:
+                        raise PeerError(f"connection closed with {size - done} bytes to come")
+                    done += got
+                    while ready < len(order) and sum(spans[order[ready]]) <= done:
+                        offset, nbytes = spans[order[ready]]
+                        crcs[order[ready]] = crc_text(zlib.crc32(view[offset : offset + nbytes]))
+                        ready += 1
+                return crcs
+            finally:
+                view.release()
+
 
 class PeerServer(socketserver.ThreadingTCPServer):
     """A holder's server for its node directory `root` (bind port 0: `endpoint` says where)."""
@@ -149,7 +229,10 @@ class PeerServer(socketserver.ThreadingTCPServer):
         self.on_put: Callable[[str], None] = on_put or (lambda _path: None)
         super().__init__((host, 0), _Handler)
         self._thread = threading.Thread(
-            target=self.serve_forever, name="trainctl-peer-server", daemon=True
+            target=self.serve_forever,
+            kwargs={"poll_interval": 0.05},  # how long `close` waits for the loop to see it
+            name="trainctl-peer-server",
+            daemon=True,
         )
 
     @property
@@ -167,21 +250,31 @@ class PeerServer(socketserver.ThreadingTCPServer):
 
 
 def _request(
-    endpoint: str, fields: dict[str, Any], token: str, send: Callable[[Any], None] | None = None
+    endpoint: str,
+    fields: dict[str, Any],
+    token: str,
+    send: Callable[[Any, socket.socket], None] | None = None,
+    into: memoryview | None = None,
 ) -> bytearray:
+    """One request; the answer's body, read into `into` when given (then returned empty)."""
     host, port = endpoint.rsplit(":", 1)
     try:
         with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as sock:
             stream = sock.makefile("rwb")
             _write_line(stream, {**fields, "token": token})
-            if send is not None:
-                send(stream)
             stream.flush()
+            if send is not None:
+                send(stream, sock)
+                stream.flush()
             answer = _read_line(stream)
-            body = bytearray(int(answer.get("size", 0)))  # read into once, not re-joined
-            got = stream.readinto(body)
-            if got != len(body):
-                raise PeerError(f"connection closed after {got} of {len(body)} bytes")
+            size = int(answer.get("size", 0))
+            if into is not None and answer.get("ok") and size != len(into):
+                raise PeerError(f"answered {size} bytes where {len(into)} were asked")
+            body = bytearray(size) if into is None or not answer.get("ok") else bytearray()
+            target = memoryview(body) if into is None or not answer.get("ok") else into
+            got = stream.readinto(target)
+            if got != len(target):
+                raise PeerError(f"connection closed after {got} of {len(target)} bytes")
     except (OSError, ValueError) as error:
         raise PeerError(f"peer {endpoint}: {type(error).__name__}: {error}") from None
     if not answer.get("ok"):
@@ -189,21 +282,79 @@ def _request(
     return body
 
 
-def put_bytes(endpoint: str, token: str, path: str, data: bytes, bandwidth: float) -> None:
-    """Write `data` to `path` on the peer at `endpoint`, paced to `bandwidth` bytes/s. Raises
-    PeerError when the peer refused it (bad token, path or checksum) or is unreachable."""
-    fields = {"op": "put", "path": path, "size": len(data), "checksum": checksum_bytes(data)}
+def _paced(data: Any, bandwidth: float) -> Any:
+    """A sender that writes `data` (a buffer) in CHUNKs, sleeping to stay under `bandwidth`."""
 
-    def stream_paced(stream: Any) -> None:
+    def send(stream: Any, _sock: socket.socket) -> None:
         started = time.monotonic()
         view = memoryview(data)
-        for offset in range(0, len(data), CHUNK):
+        for offset in range(0, len(view), CHUNK):
             stream.write(view[offset : offset + CHUNK])
             ahead = (offset + CHUNK) / bandwidth - (time.monotonic() - started)
             if ahead > 0:
                 time.sleep(ahead)
 
-    _request(endpoint, fields, token, stream_paced)
+    return send
+
+
+def put_bytes(endpoint: str, token: str, path: str, data: bytes, bandwidth: float) -> None:
+    """Write `data` to `path` on the peer at `endpoint`, paced to `bandwidth` bytes/s. Raises
+    PeerError when the peer refused it (bad token, path or checksum) or is unreachable."""
+    fields = {"op": "put", "path": path, "size": len(data), "checksum": checksum_bytes(data)}
+    _request(endpoint, fields, token, _paced(data, bandwidth))
+
+
+def put_slot(
+    endpoint: str,
+    token: str,
+    path: str,
+    source: str,
+    record: dict[str, Any],
+    entries: list[tuple[int, int]],
+    crcs: list[str],
+    bandwidth: float,
+) -> None:
+    """Send the slot file `source` into the held slot `path` at the peer (`put_slot`: in place,
+    every entry checked against `crcs` before `record` is written), by ``sendfile`` paced to
+    `bandwidth` bytes/s. Raises PeerError when the peer refused it (a CRC differs: the slot
+    changed while it was sent) or is unreachable."""
+    size = os.path.getsize(source)
+    fields = {
+        "op": "put_slot",
+        "path": path,
+        "size": size,
+        "entries": [list(span) for span in entries],
+        "crcs": list(crcs),
+        "record": record,
+        "checksums": {"step": record["step"], "layout": record["layout"]},
+    }
+
+    def send(stream: Any, sock: socket.socket) -> None:
+        started = time.monotonic()
+        with open(source, "rb") as file:
+            for offset in range(0, size, CHUNK):
+                count = min(CHUNK, size - offset)
+                if sock.sendfile(file, offset, count) != count:
+                    raise PeerError(f"{source} shrank while it was sent")
+                ahead = (offset + count) / bandwidth - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+
+    _request(endpoint, fields, token, send)
+
+
+def catalog(endpoint: str, token: str, path: str) -> dict[str, Any]:
+    """Every JSON document under `path` at the peer (relative name -> parsed JSON)."""
+    value = json.loads(_request(endpoint, {"op": "catalog", "path": path}, token))
+    if not isinstance(value, dict):
+        raise PeerError(f"peer {endpoint}: catalog of {path} is not a JSON object")
+    return value
+
+
+def remote_crcs(endpoint: str, token: str, path: str, entries: list[tuple[int, int]]) -> list[str]:
+    """The CRCs of `entries` (offset, nbytes) of `path` at the peer, summed there."""
+    fields = {"op": "checksum", "path": path, "entries": [list(span) for span in entries]}
+    return [str(crc) for crc in json.loads(_request(endpoint, fields, token))]
 
 
 def fetch_file(endpoint: str, token: str, path: str) -> bytearray:
@@ -216,6 +367,13 @@ def fetch_range(endpoint: str, token: str, path: str, offset: int, length: int) 
     return _request(
         endpoint, {"op": "get", "path": path, "offset": offset, "length": length}, token
     )
+
+
+def fetch_range_into(endpoint: str, token: str, path: str, offset: int, into: memoryview) -> None:
+    """Read ``len(into)`` bytes of `path` from `offset` at the peer straight into `into` (a
+    tensor's memory, say: no intermediate buffer); unverified."""
+    fields = {"op": "get", "path": path, "offset": offset, "length": len(into)}
+    _request(endpoint, fields, token, into=into)
 
 
 def list_files(endpoint: str, token: str, path: str) -> list[str]:

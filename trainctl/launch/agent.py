@@ -314,13 +314,28 @@ class Agent:
             self.send(Exit(1, errors=(ErrorFile("nproc_per_node", str(bad)),)))
             return
         if self._assemble:  # the step the workers restore, from this node's RAM and the peers'
-            self.holder.assemble()
+            self._choose_memory_step()
         self.start_torchrun(attempt, count)
         self.start_probing(attempt)
         try:
             self._watch(attempt)
         finally:
             self.stop_probing()
+
+    def _choose_memory_step(self) -> None:
+        """Have the holder write ``restore/index.json`` (and ``status.json``, whose skipped
+        copies the workers report) before torchrun starts; a failure leaves no index, and the
+        workers restore durable storage."""
+        try:
+            assembly = self.holder.assemble()
+        except Exception as error:  # the tier is an optimisation: never fail the attempt for it
+            said = f"memory tier: no restore index ({error!r}); workers use durable storage"
+        else:
+            found = assembly.step is not None
+            where = f"step {assembly.step} ({assembly.tier})" if found else "no step"
+            said = f"memory tier: {where} in {assembly.seconds:.3f} s"
+            said += f", {len(assembly.skipped)} skipped" if assembly.skipped else ""
+        print(f"trainctl agent {self.name}: {said}", file=sys.stderr, flush=True)
 
     def _watch(self, attempt: Attempt) -> None:
         torchrun = attempt.torchrun

@@ -15,8 +15,8 @@ keep running; from then on the controller cannot kill them either, as with a hos
 reach — the node must tear itself down), ``nvml-xid`` adds an XID 79 (GPU fallen off the bus)
 to the node's fake NVML file (tests/fakenvml; the node needs
 ``node_env.<node>.FAKE_NVML_FILE``), ``storage-outage`` makes every checkpoint storage
-request fail for ``for`` seconds, and ``corrupt-memory`` flips bytes in every shard file of the
-node's own memory-tier steps (`trainctl.checkpoint.memory`), as a bad DIMM would.
+request fail for ``for`` seconds, and ``corrupt-memory`` flips bytes in every recorded slot of the
+node's own memory tier (`trainctl.checkpoint.memory`), as a bad DIMM would.
 """
 
 from __future__ import annotations
@@ -258,16 +258,42 @@ def plan_faults(
 
 
 def _corrupt_memory(job_id: str, node: str) -> str:
-    """Flip 64 bytes in every shard file of `node`'s own memory-tier steps."""
+    """Flip up to 64 bytes of the first entry of every recorded slot of `node`'s own memory
+    tier (its ranks' slots, `trainctl.checkpoint.slot_layout`), as a bad DIMM would after the
+    holder summed them: a slot the holder has not summed yet is summed first, so the flip is
+    always detectable and a restore skips those copies."""
     from trainctl.checkpoint.layout import node_memory_root
+    from trainctl.checkpoint.slot_catalog import (
+        checksums_json,
+        parse_slots,
+        read_json_tree,
+        slot_crcs,
+        spans,
+    )
+    from trainctl.checkpoint.slot_layout import (
+        SLOTS_DIR,
+        checksums_name,
+        slot_name,
+        write_json_atomic,
+    )
 
+    folder = Path(node_memory_root(job_id, node), SLOTS_DIR)
     count = 0
-    for shard in sorted(Path(node_memory_root(job_id, node), "own").glob("step-*/*.distcp")):
-        with contextlib.suppress(OSError), shard.open("r+b") as handle:
-            offset = max(0, min(100, shard.stat().st_size - 64))
-            handle.seek(offset)
-            flipped = bytes(b ^ 0xFF for b in handle.read(64))
-            handle.seek(offset)
-            handle.write(flipped)
-            count += 1
-    return f"flipped bytes in {count} memory shard file(s) of {node}"
+    for rank, slots in sorted(parse_slots(read_json_tree(str(folder))).items()):
+        entries = spans(slots.layout)
+        start = next(((o, n) for o, n in entries if n > 0), None)
+        if start is None:
+            continue
+        for index, record in sorted(slots.records.items()):
+            path = folder / slot_name(rank, index)
+            with contextlib.suppress(OSError):
+                if index not in slots.checksums:
+                    sums = checksums_json(record, slot_crcs(str(path), entries))
+                    write_json_atomic(str(folder / checksums_name(rank, index)), sums)
+                with path.open("r+b") as handle:
+                    handle.seek(start[0])
+                    flipped = bytes(b ^ 0xFF for b in handle.read(min(64, start[1])))
+                    handle.seek(start[0])
+                    handle.write(flipped)
+                count += 1
+    return f"flipped bytes in {count} memory slot file(s) of {node}"

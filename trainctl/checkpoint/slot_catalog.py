@@ -1,0 +1,160 @@
+"""Reading a slots folder as the holder sees it: every rank's layout, slot records and checksums
+(`trainctl.checkpoint.slot_layout` names them), here or at a peer, and the CRCs of a slot.
+
+A folder is read as its JSON documents (relative name -> parsed JSON): from the local disk
+(`read_json_tree`, with a cache so a holder polling every tick parses a big layout only when it
+changed) or from a peer's holder (`peer_wire.catalog`, one request for a whole tree), then
+`parse_slots` turns them into `RankSlots` and drops what does not fit together (a record of
+another layout, checksums of another step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import mmap
+import os
+import re
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from trainctl.checkpoint.slot_layout import Layout, SlotChecksums, SlotRecord
+
+_NAME = re.compile(r"^rank-(\d+)\.(layout|slot-(\d+)|slot-(\d+)\.crc)\.json$")
+
+
+@dataclasses.dataclass(frozen=True)
+class RankSlots:
+    """One rank's slots in one folder: its layout, the records of its slots that belong to that
+    layout (slot index -> record) and the checksums that belong to those records."""
+
+    layout: Layout
+    records: dict[int, SlotRecord]
+    checksums: dict[int, SlotChecksums]
+
+    def checksummed(self) -> dict[int, SlotRecord]:
+        """The slots whose record has its checksums (slot index -> record)."""
+        return {index: rec for index, rec in self.records.items() if index in self.checksums}
+
+
+def parse_slots(docs: Mapping[str, Any]) -> dict[int, RankSlots]:
+    """The ranks of a slots folder from its documents (file name -> parsed JSON); a rank without
+    a readable layout is left out, records of another layout and stale checksums too."""
+    layouts: dict[int, Layout] = {}
+    records: dict[int, dict[int, SlotRecord]] = {}
+    sums: dict[int, dict[int, SlotChecksums]] = {}
+    for name, value in docs.items():
+        match = _NAME.match(os.path.basename(name))
+        if match is None:
+            continue
+        rank = int(match.group(1))
+        if match.group(2) == "layout":
+            try:
+                layouts[rank] = Layout.from_json(value)
+            except (TypeError, KeyError, ValueError):
+                continue
+        elif match.group(3) is not None:
+            record = SlotRecord.from_json(value)
+            if record is not None:
+                records.setdefault(rank, {})[int(match.group(3))] = record
+        else:
+            checksums = SlotChecksums.from_json(value)
+            if checksums is not None:
+                sums.setdefault(rank, {})[int(match.group(4))] = checksums
+    ranks = {}
+    for rank, layout in layouts.items():
+        digest = layout.digest
+        mine = {i: r for i, r in records.get(rank, {}).items() if r.layout == digest}
+        good = {
+            i: c
+            for i, c in sums.get(rank, {}).items()
+            if i in mine
+            and c.step == mine[i].step
+            and c.layout == digest
+            and len(c.crcs) == len(layout.entries)
+        }
+        ranks[rank] = RankSlots(layout, mine, good)
+    return ranks
+
+
+def checksums_json(record: SlotRecord, crcs: Sequence[str]) -> dict[str, Any]:
+    """The ``.crc.json`` document of a slot holding `record` (`SlotChecksums`)."""
+    return {"step": record.step, "layout": record.layout, "crcs": list(crcs)}
+
+
+def record_json(record: SlotRecord) -> dict[str, Any]:
+    return {"step": record.step, "attempt": record.attempt, "layout": record.layout}
+
+
+def spans(layout: Layout) -> list[tuple[int, int]]:
+    """(offset, nbytes) of every entry of `layout`, in layout order."""
+    return [(int(entry["offset"]), int(entry["nbytes"])) for entry in layout.entries]
+
+
+def slot_crcs(path: str, entries: Sequence[tuple[int, int]]) -> list[str]:
+    """The CRC32 of every (offset, nbytes) range of the file at `path`, summed over an mmap
+    (zlib releases the GIL: training threads run meanwhile). Raises OSError when the file is
+    missing or shorter than an entry."""
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if any(offset < 0 or offset + nbytes > size for offset, nbytes in entries):
+            raise OSError(f"{path}: {size} bytes, shorter than its layout")
+        if size == 0:
+            return [crc_text(0) for _ in entries]
+        with mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                return [
+                    crc_text(zlib.crc32(view[offset : offset + nbytes]))
+                    for offset, nbytes in entries
+                ]
+            finally:
+                view.release()
+
+
+def crc_text(value: int) -> str:
+    """A CRC32 as `SlotChecksums` keeps it: 8 hex digits."""
+    return f"{value & 0xFFFFFFFF:08x}"
+
+
+def read_json_tree(folder: str, cache: JsonCache | None = None) -> dict[str, Any]:
+    """Every ``*.json`` file under `folder` (relative name -> parsed JSON), temporaries and
+    unreadable files left out; {} when there is no folder."""
+    docs: dict[str, Any] = {}
+    reader = cache or JsonCache()
+    for current, _dirs, files in os.walk(folder):
+        for name in files:
+            if not name.endswith(".json") or name.startswith(".tmp-"):
+                continue
+            path = os.path.join(current, name)
+            value = reader.read(path)
+            if value is not None:
+                docs[os.path.relpath(path, folder)] = value
+    return docs
+
+
+class JsonCache:
+    """Parsed JSON files, parsed again only when a file's inode, size or mtime changed (every
+    write here is a rename, so a changed file is a new inode)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[tuple[int, int, int], Any]] = {}
+
+    def read(self, path: str) -> Any | None:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            self._seen.pop(path, None)
+            return None
+        key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        known = self._seen.get(path)
+        if known is not None and known[0] == key:
+            return known[1]
+        try:
+            with open(path) as file:
+                value = json.load(file)
+        except (OSError, ValueError):
+            return None
+        self._seen[path] = (key, value)
+        return value
