@@ -15,9 +15,13 @@ both modes; "on" adds ``checkpoint.memory {enabled: true, interval_steps: 1}``:
    step whose memory save committed; from durable storage on a multiple of 10.
 
 Failures (`--failure`): ``worker`` (SIGKILL of node-1's worker; the node survives, so its
-memory tier does) or ``node`` (SIGKILL of every process of a node, one spare node joins). On
-this one host the simulated nodes share one tmpfs, so a node loss still finds the lost node's
-memory tier here; on real hosts it takes the replication to peers (issue 17, another branch).
+memory tier does) or ``node`` (SIGKILL of every process of a node, one spare node joins; the
+local scheduler removes the lost node's tmpfs directory, so its shards come from the replica a
+peer's holder kept).
+
+The memory tier's save is a copy into the rank's tmpfs slot and its record, before the step's
+progress is reported (recipes/_trainer.py): a worker killed after reporting step N restores
+step N, so "replayed" is 0 unless a kill lands between two ranks' saves of one step.
 
     python benchmarks/memory_goodput.py [--minutes 10] [--failure-every 120]
                                         [--failure worker|node] [--modes on off] [--json]
@@ -49,13 +53,13 @@ REFERENCE_STEPS = 1000
 TARGET_GOODPUT = 0.98
 
 
-def checkpoint_section(memory: bool) -> dict[str, Any]:
+def checkpoint_section(memory: bool, replicas: int = 1) -> dict[str, Any]:
     """The recipe's ``checkpoint:`` section for a mode (memory stated either way, so a change
     of the default does not change what "off" measures)."""
     return {
         "interval_steps": DURABLE_EVERY,
         "keep_last": 2,
-        "memory": {"enabled": memory, "interval_steps": 1},
+        "memory": {"enabled": memory, "interval_steps": 1, "replicas": replicas},
     }
 
 
@@ -94,7 +98,13 @@ def restored_steps(storage: Path, job: str) -> list[int | None]:
 
 
 def goodput_run(
-    work: Path, memory: bool, minutes: float, every_s: float, failure: str, reference_s: float
+    work: Path,
+    memory: bool,
+    minutes: float,
+    every_s: float,
+    failure: str,
+    reference_s: float,
+    replicas: int = 1,
 ) -> dict[str, Any]:
     job = f"mem-goodput-{'on' if memory else 'off'}"
     log = work / f"{job}.steps"
@@ -112,7 +122,7 @@ def goodput_run(
             "restarts_per_cause": {"worker_crash": 1000, "node_fault": 1000},
         },
         launch={"max_restarts": 1000},
-        checkpoint=checkpoint_section(memory),
+        checkpoint=checkpoint_section(memory, replicas),
     )
     storage = work / "store"
     started = time.time()
@@ -174,6 +184,9 @@ def main() -> int:
     parser.add_argument("--failure", choices=("worker", "node"), default="worker")
     parser.add_argument("--modes", nargs="+", choices=("on", "off"), default=["on", "off"])
     parser.add_argument("--reference-steps", type=int, default=REFERENCE_STEPS)
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="checkpoint.memory.replicas with the tier on"
+    )
     parser.add_argument("--work", type=Path, help="keep stores and step logs here")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -193,7 +206,13 @@ def main() -> int:
         for mode in args.modes:
             print(f"goodput, memory tier {mode}, {args.minutes:g} min ...", file=sys.stderr)
             results[mode] = goodput_run(
-                work, mode == "on", args.minutes, args.failure_every, args.failure, reference_s
+                work,
+                mode == "on",
+                args.minutes,
+                args.failure_every,
+                args.failure,
+                reference_s,
+                args.replicas,
             )
     _print(results, args.modes, args.failure)
     if args.json:

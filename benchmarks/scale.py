@@ -47,9 +47,12 @@ STEP_S = 1.0
 STEADY_S = 10.0
 KILL_STEP = 18
 TICKS = os.sysconf("SC_CLK_TCK")
-RAW = ("-r", "50", "-f", "raw", "--nonblocking", "-o")
+RAW = ("-f", "raw", "--nonblocking", "-o")
 PROFILE: list[Path] = []
 """Where to write a py-spy profile of the controller's steady window (``--profile DIR``)."""
+PROFILE_RATE: list[int] = [50]
+"""py-spy's samples a second (``--profile-rate``; the controller is mostly idle, so a busy
+share of 10% gets about 5 samples a second at 50)."""
 
 
 def cpu_s(pid: int) -> float:
@@ -157,6 +160,8 @@ def one_size(nodes: int, root: Path, run: int = 0) -> dict[str, Any]:
                     str(controller.pid),
                     "-d",
                     str(int(STEADY_S)),
+                    "-r",
+                    str(PROFILE_RATE[0]),
                     *RAW,
                     out_file,
                 ],
@@ -174,7 +179,8 @@ def one_size(nodes: int, root: Path, run: int = 0) -> dict[str, Any]:
         out["state_json_bytes"] = state.stat().st_size
         out["plan_json_bytes"] = (job_dir / "attempt-0" / "plan.json").stat().st_size
         window_end = time.time()
-        wait(lambda: fault_log.exists(), 120, "the fault never fired")
+        # The simulator creates the log before it writes the line: wait for the line.
+        wait(lambda: fault_log.exists() and fault_log.read_text().strip(), 120, "no fault fired")
         killed_at = json.loads(fault_log.read_text().splitlines()[0])["time"]
         out["window_clean"] = killed_at > window_end
 
@@ -266,11 +272,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1, help="runs per size (medians)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--profile", type=Path, default=None)
+    parser.add_argument("--profile-rate", type=int, default=50, help="py-spy samples a second")
     parser.add_argument("--keep", type=Path, default=None, help="keep the stores in this folder")
     args = parser.parse_args()
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
         PROFILE.append(args.profile)
+        PROFILE_RATE[0] = args.profile_rate
     rows: list[dict[str, Any]] = []
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)

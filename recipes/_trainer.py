@@ -124,8 +124,11 @@ def train(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        saved = bool(ckpt and ckpt.maybe_save(step))
+        # Progress only once the step is in memory (the slot's record written): a worker killed
+        # after reporting step N restores step N from memory and replays nothing.
         ctx.progress(step)
-        if ckpt and ckpt.maybe_save(step) and check_fingerprints:
+        if saved and check_fingerprints:
             digest = model_fingerprint(model)
             if digest:
                 ctx.event("saved_fingerprint", f"saved step {step}", step=step, fingerprint=digest)

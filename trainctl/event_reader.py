@@ -69,7 +69,7 @@ def read_raw(store: JobStore, urls: Sequence[str]) -> list[tuple[str, bytes]]:
             except FileNotFoundError:
                 continue
             except OSError as error:
-                store.files._fail(error, url, "read")
+                store.files.fail(error, url, "read")
             try:
                 chunks = []
                 while chunk := os.read(fd, 1 << 16):
@@ -82,7 +82,7 @@ def read_raw(store: JobStore, urls: Sequence[str]) -> list[tuple[str, bytes]]:
     try:
         fetched = fs.cat(list(urls), on_error="return")
     except Exception as error:
-        store.files._fail(error, urls[0], "read")
+        store.files.fail(error, urls[0], "read")
     by_path = {fs._strip_protocol(path): value for path, value in fetched.items()}
     out: list[tuple[str, bytes]] = []
     for url in urls:
@@ -90,9 +90,7 @@ def read_raw(store: JobStore, urls: Sequence[str]) -> list[tuple[str, bytes]]:
         if isinstance(value, FileNotFoundError) or value is None:
             continue
         if isinstance(value, BaseException):
-            store.files._fail(
-                value if isinstance(value, Exception) else OSError(value), url, "read"
-            )
+            store.files.fail(value if isinstance(value, Exception) else OSError(value), url, "read")
         out.append((url, bytes(value)))
     return out
 

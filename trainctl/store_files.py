@@ -113,9 +113,9 @@ class StoreFiles:
                 timeout=self.timeout_s,
             )
         except Exception as exc:
-            self._fail(exc, self.root, "reach")
+            self.fail(exc, self.root, "reach")
 
-    def _fail(self, error: Exception, url: str, doing: str) -> NoReturn:
+    def fail(self, error: Exception, url: str, doing: str) -> NoReturn:
         """Raise what `error`, met while `doing` something to `url`, means: the translated
         `StorageError`, else a plain one for an OSError, else `error` itself (a bug)."""
         translated = translate(error, url, self.timeout_s)
@@ -156,7 +156,7 @@ class StoreFiles:
             else:
                 self.fs.pipe_file(url, data)  # one PUT replaces an object atomically
         except Exception as exc:
-            self._fail(exc, url, "write")
+            self.fail(exc, url, "write")
 
     def write_once(self, url: str, data: bytes) -> None:
         """Create `url` holding `data`, whole or not at all; FileExistsError if it exists."""
@@ -172,7 +172,7 @@ class StoreFiles:
         except FileExistsError:
             raise
         except Exception as exc:
-            self._fail(exc, url, "write")
+            self.fail(exc, url, "write")
 
     def read(self, url: str) -> bytes | None:
         try:
@@ -183,7 +183,7 @@ class StoreFiles:
         except FileNotFoundError:
             return None
         except Exception as exc:
-            self._fail(exc, url, "read")
+            self.fail(exc, url, "read")
 
     def list(self, url: str) -> list[str]:
         """Names (not paths) directly under `url`; empty when it does not exist."""
@@ -195,7 +195,7 @@ class StoreFiles:
         except FileNotFoundError:
             return []
         except Exception as exc:
-            self._fail(exc, url, "list")
+            self.fail(exc, url, "list")
 
     def read_json(self, url: str) -> Any:
         """A stored JSON document (None when absent); CorruptStoreError when not JSON."""
@@ -230,7 +230,7 @@ class StoreFiles:
         except FileNotFoundError:
             return None
         except Exception as exc:
-            self._fail(exc, url, "read")
+            self.fail(exc, url, "read")
         raw = self.read(url)
         return None if raw is None else (raw, tag)
 
@@ -254,9 +254,9 @@ class StoreFiles:
         except OSError as exc:
             if exc.errno == errno.EINVAL or "Precondition" in str(exc):
                 raise Conflict(url) from None
-            self._fail(exc, url, "write")
+            self.fail(exc, url, "write")
         except Exception as exc:
-            self._fail(exc, url, "write")
+            self.fail(exc, url, "write")
         self.fs.invalidate_cache(url)
         return str((out or {}).get("ETag") or self.read_tagged(url) or "")
 

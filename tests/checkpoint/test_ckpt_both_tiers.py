@@ -1,6 +1,6 @@
 """A training loop's saves with both tiers on (one process, no process group): a step on both
-intervals builds the model's and optimizer's state dict once, and both tiers commit that step
-with the same weights, which each restores bit for bit."""
+intervals builds the model's and optimizer's state dict once, a memory-only step not at all,
+and both tiers hold that step with the same weights, which each restores bit for bit."""
 
 from __future__ import annotations
 
@@ -59,9 +59,7 @@ def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) 
 def _training_checkpoint(
     shm_base: str, durable_root: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> TrainingCheckpoint:
-    memory = MemoryTier.open(
-        memory_root("job", shm_base), 1, on_event=lambda *_: None, pin_memory=False
-    )
+    memory = MemoryTier.open(memory_root("job", shm_base), 1, on_event=lambda *_: None)
     durable = Checkpointer(durable_root, interval_steps=5, pin_memory=False)
     return TrainingCheckpoint(durable, model, optimizer, memory=memory)
 
@@ -78,11 +76,12 @@ def test_a_step_on_both_intervals_builds_the_state_dict_once(shm_base: str, tmp_
         assert ckpt.maybe_save(step)
         calls.append(counting.calls - before)
     ckpt.finish()
-    # Step 1: the tier's first save also measures the state (its memory budget); steps 2-4:
-    # the memory tier alone; step 5: memory and durable storage, from one state dict.
-    assert calls == [2, 1, 1, 1, 1]
+    # Step 1: the memory tier's first save builds the state dict (and measures what it
+    # flattened: no second one); steps 2-4: the memory tier alone, from the cached live state
+    # dict (no get_state_dict); step 5: memory and durable storage, from one fresh state dict.
+    assert calls == [1, 0, 0, 0, 1]
     assert ckpt.checkpointer.last_committed_step == 5
-    assert ckpt.memory is not None and ckpt.memory.checkpointer.last_committed_step == 5
+    assert ckpt.memory is not None and ckpt.memory.writer.layout is not None
     weights = {name: value.clone() for name, value in model.state_dict().items()}
 
     # Each tier holds step 5's weights: restore from each into a fresh model.
@@ -92,7 +91,9 @@ def test_a_step_on_both_intervals_builds_the_state_dict_once(shm_base: str, tmp_
             shm_base, f"file://{tmp_path}/durable", fresh, fresh_optimizer
         )
         assert restoring.memory is not None
-        source = restoring.memory.checkpointer if tier == "memory" else restoring.checkpointer
+        source = restoring.memory.restorer if tier == "memory" else restoring.checkpointer
+        if tier == "memory":
+            assert restoring.memory.restorer.newest_listed_step() == 5
         assert source.restore_latest(restoring.state) == 5
         assert restoring.trainer.step == 5
         for name, value in fresh.state_dict().items():

@@ -1,6 +1,7 @@
-"""The memory tier in one process (no process group): real Checkpointers over a tmpfs
-directory and a durable file:// root; the tier order, a corrupted memory copy falling back to
-durable storage with the event, the budget refusal, and the memory held flat over 200 steps."""
+"""The memory tier in one process (no process group): real slots in a tmpfs directory and a
+durable file:// root; the tier order, torn memory copies falling back to durable storage with
+the event, the budget refusal, and the memory held flat over 200 steps. (Corrupted copies and
+reshards through the slot reader: test_ckpt_slots.py.)"""
 
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ import pytest
 import torch
 
 from trainctl.checkpoint.checkpointer import Checkpointer
-from trainctl.checkpoint.layout import step_dir_name
 from trainctl.checkpoint.memory import (
     DURABLE_TIER,
     MEMORY_TIER,
-    STEPS_HELD,
+    SLOT_BUFFER_BYTES,
     host_scope,
     memory_budget,
     memory_root,
@@ -24,6 +24,7 @@ from trainctl.checkpoint.memory import (
     restore_tiers,
     tier_order,
 )
+from trainctl.checkpoint.slot_layout import SLOT_COUNT, SLOTS_DIR, record_name
 from trainctl.runtime.memory_tier import MemoryTier, state_bytes
 from trainctl.spec import CheckpointSpec
 
@@ -81,22 +82,27 @@ def test_tier_order(memory: int | None, durable: int | None, order: list[str]) -
     assert tier_order(memory, durable) == order
 
 
+BUF = SLOT_BUFFER_BYTES
+
+
 @pytest.mark.parametrize(
     ("shard", "ranks", "replicas", "free", "fits"),
     [
-        (100, 2, 0, STEPS_HELD * 100 * 2, True),
-        (100, 2, 0, STEPS_HELD * 100 * 2 - 1, False),
-        (100, 2, 1, STEPS_HELD * 2 * 100 * 2, True),
-        (100, 2, 1, STEPS_HELD * 2 * 100 * 2 - 1, False),
-        (100, 1, 2, STEPS_HELD * 3 * 100, True),
-        (0, 8, 1, 0, True),
-        (2**30, 8, 0, 2**34, False),
+        (100, 2, 0, (SLOT_COUNT * 100 + BUF) * 2, True),
+        (100, 2, 0, (SLOT_COUNT * 100 + BUF) * 2 - 1, False),
+        (100, 2, 1, (SLOT_COUNT * 2 * 100 + BUF) * 2, True),
+        (100, 2, 1, (SLOT_COUNT * 2 * 100 + BUF) * 2 - 1, False),
+        (100, 1, 2, SLOT_COUNT * 3 * 100 + BUF, True),
+        (0, 8, 1, 8 * BUF, True),
+        (2**30, 8, 0, 2**34 + 8 * BUF, True),  # 8 ranks x 2 slots of 1 GiB + 8 buffers
+        (2**30, 8, 0, 2**34 + 8 * BUF - 1, False),
     ],
 )
 def test_memory_budget(shard: int, ranks: int, replicas: int, free: int, fits: bool) -> None:
-    """Own copies plus one per replica, STEPS_HELD steps each, per rank on the host."""
+    """Own slots plus one set per replica, SLOT_COUNT slots each, plus a fixed buffer, per rank
+    on the host: (1 + replicas) x 2 x state, not a multiple of steps."""
     budget = memory_budget(shard, ranks, free, replicas)
-    assert budget.fits is fits
+    assert budget.fits is fits, budget.reason
     if not fits:
         assert "memory tier off" in budget.reason and "checkpoint.memory" in budget.reason
 
@@ -130,14 +136,14 @@ def test_memory_spec_defaults_and_bounds() -> None:
 
 
 def _tiers(shm_base: str, tmp_path: Path, events: Recorder) -> tuple[MemoryTier, Checkpointer]:
-    memory = MemoryTier.open(memory_root("job", shm_base), 1, on_event=events, pin_memory=False)
+    memory = MemoryTier.open(memory_root("job", shm_base), 1, on_event=events)
     durable = Checkpointer(
         f"file://{tmp_path}/durable", interval_steps=10, on_event=events, pin_memory=False
     )
     return memory, durable
 
 
-def test_restore_prefers_memory_and_falls_back_on_a_corrupted_copy(
+def test_restore_prefers_memory_and_falls_back_when_no_slot_is_whole(
     shm_base: str, tmp_path: Path
 ) -> None:
     events = Recorder()
@@ -146,33 +152,30 @@ def test_restore_prefers_memory_and_falls_back_on_a_corrupted_copy(
         memory.save(step, _state(step))
         if durable.should_save(step):
             durable.save(step, _state(step))
-    memory.checkpointer.wait()
     durable.wait()
-    # Two committed memory steps kept (the newest is never overwritten by the next).
     root = memory_root("job", shm_base)
-    own = os.path.join(root, "own")  # no holder: the node's own steps, two kept by retention
-    assert sorted(os.listdir(own)) == [step_dir_name(11), step_dir_name(12)]
+    slots = os.path.join(root, SLOTS_DIR)
+    assert sorted(n for n in os.listdir(slots) if n.endswith(".json")) == [
+        "rank-00000.layout.json",
+        record_name(0, 0),
+        record_name(0, 1),
+    ]
     assert not [e for e in events.of("checkpoint_committed") if e.get("tier") == MEMORY_TIER]
 
     state = _blank()
-    assert restore_tiers(memory.checkpointer, durable, state, events) == 12
+    assert restore_tiers(memory.restorer, durable, state, events) == 12
     assert torch.equal(state["w"], _state(12)["w"]) and state["extra"]["step"] == 12
     assert events.of("checkpoint_restored")[-1]["tier"] == MEMORY_TIER
 
-    # Corrupt both memory copies: every block is verified, so each is skipped with an event
-    # naming the memory tier, and durable storage's step 10 is loaded.
-    for step in (11, 12):
-        directory = os.path.join(own, step_dir_name(step))
-        for name in os.listdir(directory):
-            if name.endswith(".distcp"):
-                with open(os.path.join(directory, name), "r+b") as handle:
-                    handle.seek(200)
-                    handle.write(b"\xff" * 64)
+    # Both slots torn (their records gone, as while being rewritten): durable storage's step
+    # 10, with an event naming the memory tier and why.
+    for slot in range(SLOT_COUNT):
+        os.unlink(os.path.join(slots, record_name(0, slot)))
     state = _blank()
-    assert restore_tiers(memory.checkpointer, durable, state, events) == 10
+    assert restore_tiers(memory.restorer, durable, state, events) == 10
     assert torch.equal(state["w"], _state(10)["w"])
     skipped = [e for e in events.of("restore_skipped") if e.get("tier") == MEMORY_TIER]
-    assert {e.get("step") for e in skipped} >= {11, 12}
+    assert skipped and "no step" in skipped[-1]["reason"], skipped
     assert events.of("checkpoint_restored")[-1]["tier"] == DURABLE_TIER
     memory.close()
     durable.close()
@@ -189,8 +192,9 @@ def test_no_memory_tier_restores_durable_and_says_so(shm_base: str, tmp_path: Pa
     assert restore_tiers(None, durable, state, events) == 10  # no tier: durable, nothing said
     assert not events.of("restore_skipped")
     state = _blank()
-    assert restore_tiers(memory.checkpointer, durable, state, events) == 10
-    assert any("no committed step in memory" in e["reason"] for e in events.of("restore_skipped"))
+    assert restore_tiers(memory.restorer, durable, state, events) == 10
+    reasons = [e["reason"] for e in events.of("restore_skipped")]
+    assert any("no step to restore in memory" in r and "no slot layout" in r for r in reasons)
     memory.close()
     durable.close()
 
@@ -200,14 +204,14 @@ def test_a_tier_that_does_not_fit_turns_itself_off(shm_base: str, tmp_path: Path
     memory, durable = _tiers(shm_base, tmp_path, events)
     huge = {"w": torch.empty(0)}
     free = os.statvfs(SHM).f_bavail * os.statvfs(SHM).f_frsize
-    # A state the tmpfs cannot hold three times: measured, not allocated (an expanded view).
+    # A state the tmpfs cannot hold twice: measured, not allocated (an expanded view).
     huge["w"] = torch.zeros(1).expand(free // 4 // 2 + 1)
-    assert state_bytes(huge) * STEPS_HELD > free
+    assert state_bytes(huge) * SLOT_COUNT > free
     memory.save(1, huge)
     assert not memory.enabled and not memory.should_save(2)
     failed = events.of("checkpoint_failed")
     assert failed and "memory tier off" in failed[0]["error"] and failed[0]["tier"] == MEMORY_TIER
-    assert not os.path.exists(os.path.join(memory_root("job", shm_base), "own", step_dir_name(1)))
+    assert not os.path.exists(os.path.join(memory_root("job", shm_base), SLOTS_DIR))
     memory.close()
     durable.close()
 
@@ -217,14 +221,14 @@ def _bytes_under(root: str) -> int:
     for folder, _, names in os.walk(root):
         for name in names:
             try:
-                total += os.path.getsize(os.path.join(folder, name))
+                total += os.stat(os.path.join(folder, name)).st_blocks * 512
             except FileNotFoundError:  # a temporary name renamed meanwhile
                 pass
     return total
 
 
 def test_memory_held_flat_over_200_steps(shm_base: str, tmp_path: Path) -> None:
-    """At most STEPS_HELD steps in tmpfs and one staging copy, whatever the step count."""
+    """SLOT_COUNT slots of the state and a few small files, whatever the step count."""
     events = Recorder()
     memory, durable = _tiers(shm_base, tmp_path, events)
     root = memory_root("job", shm_base)
@@ -232,12 +236,10 @@ def test_memory_held_flat_over_200_steps(shm_base: str, tmp_path: Path) -> None:
     peak = 0
     for step in range(1, 201):
         memory.save(step, _state(step))
-        held = _bytes_under(root)
-        peak = max(peak, held)
-        assert memory.checkpointer.staging_bytes <= one_step * 1.01 + 4096
-    memory.checkpointer.wait()
-    assert peak <= STEPS_HELD * one_step * 1.1 + 64 * 1024, (peak, one_step)
-    assert len(os.listdir(os.path.join(root, "own"))) <= STEPS_HELD
+        peak = max(peak, _bytes_under(root))
+    assert memory.writer.nbytes < one_step + 64 * 1024
+    assert peak <= SLOT_COUNT * memory.writer.nbytes + 64 * 1024, (peak, one_step)
+    assert len(os.listdir(os.path.join(root, SLOTS_DIR))) == 1 + 2 * SLOT_COUNT
     assert not events.of("checkpoint_failed")
     memory.close()
     durable.close()

@@ -60,6 +60,33 @@ def start_ray_launch(recipe: Path, job_id: str, storage: Path, address: str) -> 
     )
 
 
+def run_losing_a_node(
+    recipe: Path,
+    job_id: str,
+    storage: Path,
+    cluster: RayTestCluster,
+    tmp_path: Path,
+    *,
+    replace: bool = True,
+) -> tuple[int, str, str, str]:
+    """Launch `recipe`, remove the Ray node of the first attempt's second node once step 8 is
+    reached, wait for the launch to end (no process of the job left behind), and add a worker
+    back (`replace`) for the next test; returns (exit code, stdout, stderr, removed node)."""
+    proc = start_ray_launch(recipe, job_id, storage, cluster.address)
+    try:
+        wait_for_step(storage, job_id, 8)
+        victim = read_state(storage, job_id)["attempts"][0]["nodes"][1]
+        cluster.remove_worker(victim)
+        out, err = proc.communicate(timeout=JOB_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        assert_no_leftovers(job_id)
+        if replace:
+            cluster.add_worker(tmp_path)
+    return proc.returncode, out, err, victim
+
+
 @pytest.fixture(scope="module")
 def local_fingerprint(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The same recipe, uninterrupted, on the local scheduler."""
@@ -163,18 +190,8 @@ def test_a_ray_node_removed_mid_run_is_blamed_excluded_and_its_spare_used(
     tmp_path: Path, storage: Path, ray_cluster: RayTestCluster, local_fingerprint: str
 ) -> None:
     recipe = write_recipe(tmp_path, "gpt", config={**SLOW}, spare_nodes=1)
-    proc = start_ray_launch(recipe, "lost", storage, ray_cluster.address)
-    try:
-        wait_for_step(storage, "lost", 8)
-        victim = read_state(storage, "lost")["attempts"][0]["nodes"][1]
-        ray_cluster.remove_worker(victim)
-        out, err = proc.communicate(timeout=JOB_TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        assert_no_leftovers("lost")
-        ray_cluster.add_worker(tmp_path)
-    assert proc.returncode == 0, err
+    code, out, err, victim = run_losing_a_node(recipe, "lost", storage, ray_cluster, tmp_path)
+    assert code == 0, err
     assert json.loads(out)["fingerprint"] == local_fingerprint
     assert list(blocklist(storage, "lost")) == [victim]
     state = read_state(storage, "lost")
@@ -186,18 +203,8 @@ def test_a_ray_node_removed_without_a_spare_shrinks_the_job_and_reshards(
     tmp_path: Path, storage: Path, ray_cluster: RayTestCluster
 ) -> None:
     recipe = write_recipe(tmp_path, "gpt", config={**SLOW}, min_nodes=1)
-    proc = start_ray_launch(recipe, "shrink", storage, ray_cluster.address)
-    try:
-        wait_for_step(storage, "shrink", 8)
-        victim = read_state(storage, "shrink")["attempts"][0]["nodes"][1]
-        ray_cluster.remove_worker(victim)
-        _, err = proc.communicate(timeout=JOB_TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        assert_no_leftovers("shrink")
-        ray_cluster.add_worker(tmp_path)
-    assert proc.returncode == 0, err
+    code, _, err, victim = run_losing_a_node(recipe, "shrink", storage, ray_cluster, tmp_path)
+    assert code == 0, err
     assert list(blocklist(storage, "shrink")) == [victim]
     state = read_state(storage, "shrink")
     assert [a["world_size"] for a in state["attempts"]] == [2, 1]
@@ -221,17 +228,10 @@ def test_no_placement_left_ends_the_job_for_a_requeue_and_resume_picks_it_up(
     tmp_path: Path, storage: Path, ray_cluster: RayTestCluster, local_fingerprint: str
 ) -> None:
     recipe = write_recipe(tmp_path, "gpt", config={**SLOW})
-    proc = start_ray_launch(recipe, "requeue", storage, ray_cluster.address)
-    try:
-        wait_for_step(storage, "requeue", 8)
-        victim = read_state(storage, "requeue")["attempts"][0]["nodes"][1]
-        ray_cluster.remove_worker(victim)
-        _, err = proc.communicate(timeout=JOB_TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        assert_no_leftovers("requeue")
-    assert proc.returncode == 1, err
+    code, _, err, victim = run_losing_a_node(
+        recipe, "requeue", storage, ray_cluster, tmp_path, replace=False
+    )
+    assert code == 1, err
     assert list(blocklist(storage, "requeue")) == [victim]
     try:
         resumed = trainctl(

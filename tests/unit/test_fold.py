@@ -154,6 +154,29 @@ def test_a_lost_node_jumps_the_queue_with_its_own_earlier_messages_in_order() ->
         inbox.get_nowait()
 
 
+def test_a_round_handed_over_at_once_is_taken_as_if_put_one_by_one() -> None:
+    """`put_many` (the read loop's round) orders exactly as `put` of each, urgent lane too."""
+    sent = [
+        envelope(Progress({}), "node-1"),
+        envelope(Progress({}), "node-2"),
+        envelope(Disconnected(), "node-2"),
+        envelope(Exit(0), "node-3"),
+        envelope(Exit(2), "node-1"),
+    ]
+    one_by_one, at_once = Inbox(), Inbox()
+    for item in sent[:2]:
+        one_by_one.put(item)
+    at_once.put_many(sent[:2])
+    for item in sent[2:]:
+        one_by_one.put(item)
+    at_once.put_many(sent[2:])
+    at_once.put_many([])
+    assert at_once.qsize() == one_by_one.qsize() == len(sent)
+    assert [at_once.get_nowait() for _ in sent] == [one_by_one.get_nowait() for _ in sent]
+    with pytest.raises(queue.Empty):
+        at_once.get(timeout=0.01)
+
+
 @pytest.mark.parametrize(
     ("nodes", "state_s", "progress_s", "view_s"),
     [

@@ -10,6 +10,7 @@ Regenerate the golden files after a deliberate change with TRAINCTL_UPDATE_GOLDE
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from pathlib import Path
 
@@ -357,6 +358,14 @@ def test_percentiles_throughput_histogram() -> None:
     back, problems = ProgressView.from_rows([*rows, {"type": "node", "node": "x"}])
     assert back.nodes == {"a": progress("a", 3, 1, 0.2, 0.3)} and back.histogram == histogram
     assert len(problems) == 1 and "row 3" in problems[0]
+
+
+def test_a_node_row_holds_every_field_of_its_progress() -> None:
+    """`NodeProgress.to_json` names its fields one by one: a field added later must be too."""
+    row = progress("a", 3, 1, 0.2, 0.3).to_json()
+    assert set(row) == {"type", *(f.name for f in dataclasses.fields(NodeProgress))}
+    saving = dataclasses.replace(progress("a", 3, 1, 0.2, 0.3), saving=True)
+    assert NodeProgress.from_json(saving.to_json()) == saving
 
 
 def test_progress_recorder_counts_each_step_once_and_writes_whole_views(storage: Path) -> None:

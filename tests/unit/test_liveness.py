@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from trainctl.health.liveness import Liveness, LivenessPolicy, PhiAccrual, phi, scaled_interval
+from trainctl.health.liveness import (
+    PHI_AT_MEAN,
+    Liveness,
+    LivenessPolicy,
+    PhiAccrual,
+    phi,
+    scaled_interval,
+)
 
 POLICY = LivenessPolicy(interval_s=0.25, threshold=8.0, acceptable_pause_s=1.0, min_std_s=0.1)
 
@@ -114,3 +123,36 @@ def test_the_heartbeat_interval_grows_with_the_node_count(
     interval_s: float, nodes: int, scaled_s: float
 ) -> None:
     assert scaled_interval(interval_s, nodes) == scaled_s
+
+
+@pytest.mark.parametrize("threshold", [0.1, PHI_AT_MEAN, 0.5, 3.0, 8.0])
+def test_check_suspects_exactly_the_peers_whose_phi_reaches_the_threshold(threshold: float) -> None:
+    """`Liveness.check` skips a detector heard within its mean interval plus the pause (φ is
+    below the threshold there): the peers it reports are exactly those whose φ, computed for
+    every detector, reaches the threshold — whatever the jitter, the silence, the judge's stall."""
+    rng = random.Random(5)
+    for _ in range(40):
+        policy = LivenessPolicy(
+            interval_s=rng.choice([0.25, 1.0]),
+            threshold=threshold,
+            acceptable_pause_s=rng.choice([0.0, 0.5, 1.0]),
+        )
+        liveness: Liveness[int] = Liveness(policy)
+        for peer in range(30):
+            liveness.watch(peer, 0.0)
+            now = 0.0
+            for _ in range(rng.randint(0, 20)):
+                now += policy.interval_s * rng.uniform(0.5, 1.5)
+                liveness.heartbeat(peer, now)
+        for now in sorted(rng.uniform(0.0, 40.0) for _ in range(5)):
+            since = liveness._awake_since  # what check() will count silence from
+            stalled = liveness._last_check is not None and (
+                now - liveness._last_check > policy.acceptable_pause_s
+            )
+            since = now if stalled else since
+            expected = {
+                peer
+                for peer, detector in liveness.detectors.items()
+                if detector.phi(now, since) >= threshold
+            }
+            assert {s.peer for s in liveness.check(now)} == expected

@@ -38,3 +38,14 @@ def test_matches_statistics_median_with_ties() -> None:
 def test_nothing_left_is_an_error() -> None:
     with pytest.raises(statistics.StatisticsError):
         median_without([1.0], [1.0])
+
+
+def test_one_removed_matches_statistics_median_at_every_position() -> None:
+    """One value taken out (a member's own step, the straggler check's common case, which
+    takes a single bisection): every position of it, with ties, odd and even lengths."""
+    rng = random.Random(11)
+    for _ in range(500):
+        values = sorted(rng.choice([0.5, 1.0, 1.0, rng.random()]) for _ in range(rng.randint(2, 9)))
+        for index, value in enumerate(values):
+            rest = values[:index] + values[index + 1 :]
+            assert median_without(values, [value]) == statistics.median(rest)

@@ -62,7 +62,7 @@ import dataclasses
 import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from trainctl.checkpoint.layout import MEMORY_BASE, memory_root, node_memory_root
 from trainctl.checkpoint.slot_layout import SLOT_COUNT, SlotRecord
@@ -71,9 +71,6 @@ from trainctl.events import RestoreSkipped
 if TYPE_CHECKING:  # torch: the controller and the CLI import this module, workers run it
     from trainctl.checkpoint.checkpointer import Checkpointer
 
-STEPS_HELD = 4
-"""Steps of the state a node holds at most, per copy: two committed, one being replicated and
-one being written (`steps_to_drop`)."""
 MEMORY_TIER = "memory"
 """A restore from the nodes' own copies (the nodes survived, workers died)."""
 PEER_TIER = "peer"
@@ -112,16 +109,23 @@ class Budget:
     reason: str
 
 
+SLOT_BUFFER_BYTES = 16 * 2**20
+"""The fixed buffer beside the slots, per rank: layouts, records, checksums, the objects
+entry's headroom and temporary names."""
+
+
 def memory_budget(
     state_bytes: int, ranks_on_host: int, free_bytes: int, replicas: int = 0
 ) -> Budget:
-    """Whether `free_bytes` of tmpfs hold `STEPS_HELD` steps of `ranks_on_host` shards of
-    `state_bytes` each, own copies and `replicas` peers' copies (pure: the caller measures)."""
+    """Whether `free_bytes` of tmpfs hold `ranks_on_host` ranks' slots: `SLOT_COUNT` slots of
+    `state_bytes` each, own and `replicas` peers' copies, plus `SLOT_BUFFER_BYTES` per rank
+    (pure: the caller measures)."""
     copies = 1 + replicas
-    needed = STEPS_HELD * copies * state_bytes * ranks_on_host
+    needed = (SLOT_COUNT * copies * state_bytes + SLOT_BUFFER_BYTES) * ranks_on_host
     text = (
-        f"{STEPS_HELD} steps x {copies} cop{'y' if copies == 1 else 'ies'} x {ranks_on_host} "
-        f"rank(s) x {state_bytes / 2**20:.1f} MiB = {needed / 2**20:.1f} MiB needed, "
+        f"({SLOT_COUNT} slots x {copies} cop{'y' if copies == 1 else 'ies'} x "
+        f"{state_bytes / 2**20:.1f} MiB + {SLOT_BUFFER_BYTES / 2**20:.0f} MiB) x "
+        f"{ranks_on_host} rank(s) = {needed / 2**20:.1f} MiB needed, "
         f"{free_bytes / 2**20:.1f} MiB free in {MEMORY_BASE}"
     )
     if needed > free_bytes:
@@ -295,16 +299,30 @@ def tier_order(memory_newest: int | None, durable_newest: int | None) -> list[st
     return [MEMORY_TIER, DURABLE_TIER]
 
 
+class TierRestorer(Protocol):
+    """A tier `restore_tiers` can try before durable storage (the memory tier's
+    `trainctl.checkpoint.slot_reader.SlotRestorer`)."""
+
+    tier: str
+    missing_reason: str
+    """Why `newest_listed_step` found none (said in the ``restore_skipped`` event)."""
+
+    def newest_listed_step(self) -> int | None: ...
+
+    def restore_latest(self, state: Mapping[str, Any]) -> int | None: ...
+
+
 def restore_tiers(
-    memory: Checkpointer | None,
+    memory: TierRestorer | None,
     durable: Checkpointer,
     state: Mapping[str, Any],
     emit: Callable[[str, dict[str, Any]], None],
 ) -> int | None:
     """Load the newest good step of the fastest tier into `state`; returns the step (None:
-    nothing anywhere). A memory tier that fails every step falls back to durable storage
-    (which overwrites all of `state`); raises RestoreError when that finds nothing either
-    after a failed load wrote into `state`. Call on every rank."""
+    nothing anywhere). A memory tier that fails (RestoreError: a copy failing its checksum, an
+    unreachable peer, a load error) falls back to durable storage (which overwrites all of
+    `state`) with a ``restore_skipped`` event saying why; raises RestoreError when that finds
+    nothing either after the failed load wrote into `state`. Call on every rank."""
     from trainctl.checkpoint.restore import RestoreError  # torch: workers only
 
     if memory is None:  # no tier: exactly the durable restore (no extra listing)
@@ -314,7 +332,7 @@ def restore_tiers(
     if memory_newest is None:
         emit(
             RestoreSkipped.KIND,
-            {"reason": f"{MEMORY_TIER} tier: no committed step in memory", "tier": MEMORY_TIER},
+            {"reason": f"{MEMORY_TIER} tier: {memory.missing_reason}", "tier": MEMORY_TIER},
         )
     touched = False
     if order[0] == MEMORY_TIER:
@@ -323,7 +341,12 @@ def restore_tiers(
         except RestoreError as error:
             touched = True
             emit(
-                RestoreSkipped.KIND, {"reason": f"{memory.tier} tier: {error}", "tier": memory.tier}
+                RestoreSkipped.KIND,
+                {
+                    "step": memory_newest,
+                    "reason": f"{memory.tier} tier: {error}",
+                    "tier": memory.tier,
+                },
             )
         else:
             if step is not None:

@@ -176,11 +176,26 @@ def _kth_without(values: Sequence[float], removed: Sequence[float], k: int) -> f
     return values[low]
 
 
+def _kth_without_one(values: Sequence[float], removed: float, k: int) -> float:
+    """The `k`-th smallest (from 0) of the sorted `values` less one copy of `removed` (one of
+    them). The copy taken out sits at the count of values below it, so the `k`-th of the rest
+    is ``values[k]`` when that is below `removed`, else the next one: O(1), where `_kth_without`
+    bisects twice per probe (a straggler check at 1,024 nodes asks 20,480 times, one member's
+    own step each time)."""
+    return values[k] if values[k] < removed else values[k + 1]
+
+
 def median_without(values: Sequence[float], removed: Sequence[float]) -> float:
     """`statistics.median` of the sorted `values` less the sorted sub-multiset `removed`."""
     n = len(values) - len(removed)
     if n <= 0:
         raise statistics.StatisticsError("no median for empty data")
+    if len(removed) == 1:
+        one = removed[0]
+        if n % 2:
+            return _kth_without_one(values, one, n // 2)
+        low, high = _kth_without_one(values, one, n // 2 - 1), _kth_without_one(values, one, n // 2)
+        return (low + high) / 2
     if n % 2:
         return _kth_without(values, removed, n // 2)
     return (_kth_without(values, removed, n // 2 - 1) + _kth_without(values, removed, n // 2)) / 2

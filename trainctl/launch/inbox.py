@@ -48,5 +48,16 @@ class Inbox(queue.Queue[Envelope]):
             self.queue = keep
         self._urgent.append(item)
 
+    def put_many(self, items: list[Envelope]) -> None:
+        """`put` each of `items` in order, waking a waiting reader once (the control server's
+        read loop hands over a round of every connection's lines at a time)."""
+        if not items:
+            return
+        with self.not_empty:
+            for item in items:
+                self._put(item)
+            self.unfinished_tasks += len(items)
+            self.not_empty.notify()
+
     def _get(self) -> Envelope:
         return self._urgent.popleft() if self._urgent else self.queue.popleft()

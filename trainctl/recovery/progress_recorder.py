@@ -30,6 +30,8 @@ FLUSH_NODES_PER_S = 256
 """The view holds a row a node: it is written at most every N / this s."""
 STEP_WINDOW = 128
 """Per node, the step times the percentiles are taken over (the most recent ones)."""
+UNFOLDED_MAX = 65536
+"""Step times held before they are folded into the histogram, at most."""
 THROUGHPUT_WINDOW_S = 30.0
 """Throughput is measured over about the last this many seconds."""
 
@@ -61,7 +63,10 @@ class ProgressRecorder:
     def __init__(self, journal: Journal, flush_s: float | None = None) -> None:
         self.journal = journal
         self.flush_s = flush_interval(len(journal.record.nodes)) if flush_s is None else flush_s
-        self.histogram = StepHistogram()
+        self._histogram = StepHistogram()
+        self._unfolded: list[float] = []
+        """Step times not yet in the histogram (folded when it is read, not per report: a
+        new histogram per report was a fifth of a report's cost)."""
         self._nodes: dict[str, _Node] = {}
         self._changed = False
         self._last_flush = float("-inf")
@@ -74,39 +79,54 @@ class ProgressRecorder:
         if state is None or state.attempt != attempt:
             state = self._nodes[node] = _Node(attempt)
         fresh: list[float] = []
+        counted, step, saving = state.counted, state.step, False
         for raw_rank, beat in ranks.items():
             rank = int(raw_rank)
+            last = counted.get(rank, -1)
             samples = beat.samples or ((beat.step, beat.step_time, beat.busy_time),)
             for sample_step, step_time, _busy in samples:
-                if step_time is not None and int(sample_step) > state.counted.get(rank, -1):
+                if step_time is not None and int(sample_step) > last:
                     fresh.append(float(step_time))
-                    state.counted[rank] = int(sample_step)
-        state.step = max([state.step, *(beat.step for beat in ranks.values())])
-        state.saving = any(beat.saving for beat in ranks.values())
+                    last = counted[rank] = int(sample_step)
+            step = max(step, beat.step)
+            saving = saving or beat.saving
+        state.step, state.saving = step, saving
         state.beat_at = now
         state.step_times.extend(fresh)
         state.points.append((now, state.step))
         while len(state.points) > 2 and state.points[1][0] <= now - THROUGHPUT_WINDOW_S:
             state.points.popleft()
-        self.histogram = self.histogram.observe(fresh)
+        self._unfolded += fresh
+        if len(self._unfolded) > UNFOLDED_MAX:
+            self._histogram = self.histogram
         self._changed = True
+
+    @property
+    def histogram(self) -> StepHistogram:
+        """The step times of every report so far."""
+        if self._unfolded:
+            self._histogram = self._histogram.observe(self._unfolded)
+            self._unfolded = []
+        return self._histogram
 
     def view(self, now: float | None = None) -> ProgressView:
         """The current view: per node its step, percentiles, throughput and last heartbeat."""
-        nodes = {
-            name: NodeProgress(
-                node=name,
-                attempt=state.attempt,
-                step=state.step,
-                beat_at=state.beat_at,
-                step_p50_s=percentile(state.step_times, 0.50),
-                step_p99_s=percentile(state.step_times, 0.99),
-                steps_per_s=steps_per_second(state.points),
-                saving=state.saving,
-            )
-            for name, state in sorted(self._nodes.items())
-        }
+        nodes = {name: self._row(name, state) for name, state in sorted(self._nodes.items())}
         return ProgressView(nodes, self.histogram, now)
+
+    @staticmethod
+    def _row(name: str, state: _Node) -> NodeProgress:
+        ordered = sorted(state.step_times)  # once for both percentiles (sorted input: O(n))
+        return NodeProgress(
+            node=name,
+            attempt=state.attempt,
+            step=state.step,
+            beat_at=state.beat_at,
+            step_p50_s=percentile(ordered, 0.50),
+            step_p99_s=percentile(ordered, 0.99),
+            steps_per_s=steps_per_second(state.points),
+            saving=state.saving,
+        )
 
     def tick(self, now: float) -> None:
         """Write the view when it changed and the last write is `flush_s` old."""

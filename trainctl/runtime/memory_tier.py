@@ -1,20 +1,25 @@
 """The memory tier as a training loop uses it (`trainctl.checkpoint.memory` has the design).
 
-`MemoryTier.open` builds a second `Checkpointer` (its own gloo group and upload thread, so a
-memory save never waits for, nor delays, a durable one) over the node's tmpfs directory
-(``own/``), and a restoring one on the same group over ``restore/``, the step the node's holder
-assembled before the workers started (its ``status.json`` names the tier: ``memory`` or
-``peer``, and every copy it skipped). Without a holder (one process: tests, notebooks) both are
-``own/`` and retention keeps two steps there; with one, the holder drops old steps once they are
-replicated. The first `save` checks, with every rank agreeing, that the tmpfs holds the tier
-(`memory_budget`, own copies and replicas); when not, the tier turns itself off with one
-``checkpoint_failed`` event saying why and what to do, and training goes on with durable
-checkpoints alone.
+Saving: every `interval_steps` each rank copies its state into its next slot in the node's
+tmpfs directory (`trainctl.checkpoint.slots.SlotWriter`: a fixed, mmap'd file per slot, a record
+written after the copy). The save is synchronous and small: no collective, no checksum, no
+background thread; when it returns the step is in memory that outlives the worker.
+
+The first `save` checks, with every rank agreeing, that the tmpfs holds the tier
+(`memory_budget`: own slots and the replicas the node holds); when not, the tier turns itself
+off with one ``checkpoint_failed`` event saying why and what to do, and training goes on with
+durable checkpoints alone. That check is a collective of every rank, so it is also the barrier
+after the restore: no rank writes a slot before every rank finished reading the copies its
+restore used (in place, or from a peer by range).
+
+Restoring (`restorer`, for `restore_tiers`): through DCP from ``restore/index.json``, the index
+the node's holder wrote before the workers started (its ``status.json`` says what it skipped);
+without a holder (no ``status.json``: one process, tests, benchmarks) from the node's own slot
+records (`local_restore_index`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -26,13 +31,30 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
-from trainctl.checkpoint.checkpointer import Checkpointer
-from trainctl.checkpoint.holder import STATUS_NAME
-from trainctl.checkpoint.memory import MEMORY_TIER, QUIET_EVENTS, host_scope, memory_budget
-from trainctl.checkpoint.storage import open_storage
+from trainctl.checkpoint.collectives import Collectives
+from trainctl.checkpoint.memory import MEMORY_TIER, Budget, host_scope, memory_budget
+from trainctl.checkpoint.slot_layout import (
+    INDEX_NAME,
+    RESTORE_DIR,
+    SLOT_COUNT,
+    SLOTS_DIR,
+    RestoreIndex,
+    read_json,
+    slot_name,
+)
+from trainctl.checkpoint.slot_reader import SlotRestorer
+from trainctl.checkpoint.slots import (
+    SlotError,
+    SlotWriter,
+    flatten,
+    local_restore_index,
+    plan_layout,
+)
 from trainctl.events import CheckpointFailed, RestoreSkipped
 
 EventSink = Callable[[str, dict[str, Any]], None]
+STATUS_NAME = "status.json"
+"""``restore/status.json``: the holder's account of its assembly (`trainctl.checkpoint.holder`)."""
 
 
 def state_bytes(state: Mapping[str, Any]) -> int:
@@ -57,24 +79,43 @@ def state_bytes(state: Mapping[str, Any]) -> int:
     return total
 
 
+def index_loader(root: str, holder: bool) -> Callable[[], RestoreIndex | str]:
+    """How the node directory `root` names the step to restore: the holder's index, or (no
+    holder ran) the node's own slot records."""
+
+    def load() -> RestoreIndex | str:
+        value = read_json(os.path.join(root, RESTORE_DIR, INDEX_NAME))
+        if isinstance(value, dict):
+            return RestoreIndex.from_json(value)
+        if holder:
+            return "the node's holder assembled no step (restore/index.json absent)"
+        return local_restore_index(root)
+
+    return load
+
+
 class MemoryTier:
-    """A node's in-memory checkpoints, saved every `interval_steps`."""
+    """A node's in-memory checkpoints of this rank, saved every `interval_steps`."""
 
     def __init__(
         self,
-        checkpointer: Checkpointer,
-        root: str,
+        writer: SlotWriter,
+        restorer: SlotRestorer,
+        group: dist.ProcessGroup | None,
+        interval_steps: int,
         on_event: EventSink,
-        restorer: Checkpointer | None = None,
         assembly: Mapping[str, Any] | None = None,
         replicas: int = 0,
     ) -> None:
-        self.checkpointer = checkpointer
-        self.restorer = restorer or checkpointer
+        self.writer = writer
+        self.restorer = restorer
+        self.root = os.path.dirname(writer.directory)
+        self.interval_steps = interval_steps
         self.assembly = dict(assembly or {})
         """The holder's ``restore/status.json`` (empty: no holder)."""
-        self.root = root
         self.replicas = replicas
+        self._collectives = Collectives(group)
+        self.rank = dist.get_rank(group) if group is not None else 0
         self._on_event = on_event
         self._checked = False
         self.enabled = True
@@ -89,81 +130,109 @@ class MemoryTier:
         pin_memory: bool | None = None,
         replicas: int = 0,
         collective_timeout_s: float = 600.0,
+        attempt: int = 0,
     ) -> MemoryTier:
-        """The tier of the node directory `root` (a collective when torch.distributed is
-        initialised: one gloo group shared by the saving and the restoring checkpointer)."""
-        assembly = _read_status(os.path.join(root, "restore", STATUS_NAME))
-        tier = str(assembly.get("tier") or MEMORY_TIER)
+        """The tier of the node directory `root` for this rank of `attempt` (a collective when
+        torch.distributed is initialised: one gloo group for its agreements and DCP's load).
+        `pin_memory` is accepted for compatibility: slots are tmpfs pages, never pinned."""
+        assembly = read_json(os.path.join(root, RESTORE_DIR, STATUS_NAME))
+        assembly = assembly if isinstance(assembly, dict) else {}
         group = None
         if dist.is_available() and dist.is_initialized():
-            group = dist.new_group(backend="gloo", timeout=timedelta(seconds=collective_timeout_s))
+            made = dist.new_group(backend="gloo", timeout=timedelta(seconds=collective_timeout_s))
+            assert isinstance(made, dist.ProcessGroup), "every rank is a member of this group"
+            group = made
+        rank = dist.get_rank(group) if group is not None else 0
+        world_size = dist.get_world_size(group) if group is not None else 1
+        writer = SlotWriter(root, rank, world_size, attempt)
 
-        def quiet(name: str, fields: dict[str, Any]) -> None:
-            if name not in QUIET_EVENTS:
-                on_event(name, {"tier": MEMORY_TIER, **fields})
+        def emit(name: str, fields: dict[str, Any]) -> None:
+            on_event(name, {"tier": MEMORY_TIER, **fields})
 
-        def checkpointer(folder: str, keep_last: int, interval: int) -> Checkpointer:
-            path = os.path.join(root, folder)
-            return Checkpointer(
-                path,
-                interval_steps=interval,
-                keep_last=keep_last,
-                direct_io=False,
-                storage=open_storage(path),
-                on_event=quiet,
-                process_group=group,
-                pin_memory=pin_memory,
-                tier=MEMORY_TIER if folder == "own" else tier,
-            )
-
-        # With a holder, it drops steps once replicated (a step must outlive its replication).
-        saver = checkpointer("own", 1_000_000 if assembly else 2, interval_steps)
-        restorer = checkpointer("restore", 2, 0) if assembly else None
-        return cls(saver, root, on_event, restorer, assembly, replicas)
+        restorer = SlotRestorer(index_loader(root, bool(assembly)), group, emit)
+        return cls(writer, restorer, group, interval_steps, on_event, assembly, replicas)
 
     def report_assembly(self) -> None:
-        """Say (rank 0) which copies the holder skipped while assembling the restore step."""
-        if self.checkpointer.rank != 0:
+        """Say (rank 0) which copies the holder skipped while choosing the step to restore."""
+        if self.rank != 0:
             return
         for reason in self.assembly.get("skipped") or ():
             self._on_event(RestoreSkipped.KIND, {"reason": str(reason), "tier": MEMORY_TIER})
 
     def should_save(self, step: int) -> bool:
-        return self.enabled and self.checkpointer.should_save(step)
+        return (
+            self.enabled
+            and self.interval_steps > 0
+            and step > 0
+            and step % self.interval_steps == 0
+        )
 
     def save(self, step: int, state: Mapping[str, Any]) -> None:
-        """Stage `state` for `step` into memory (the upload into tmpfs runs in the background).
-        Call on every rank."""
+        """Copy `state` into this rank's next slot as `step`; returns once the slot's record is
+        written. Call on every rank (the first call is a collective: the budget check)."""
+        if not self.enabled:
+            return
+        flat = flatten(state)
         if not self._checked:
             self._checked = True
-            self.enabled = self._fits(state)
+            self.enabled = self._fits(flat)
             if not self.enabled:
                 return
-        self.checkpointer.save(step, state, extra={"step": step, "tier": MEMORY_TIER})
+        try:
+            self.writer.save(step, flat)
+        except (OSError, SlotError) as error:  # never raised into training: the tier goes off
+            self.enabled = False
+            self.writer.close()
+            self._on_event(
+                CheckpointFailed.KIND,
+                {
+                    "step": step,
+                    "error": f"memory tier off: {type(error).__name__}: {error}",
+                    "tier": MEMORY_TIER,
+                },
+            )
 
-    def _fits(self, state: Mapping[str, Any]) -> bool:
-        hosts = self.checkpointer.all_gather(socket.gethostname())
-        budget = host_scope(hosts, self.replicas)
-        if budget.fits:
-            base = os.path.dirname(os.path.dirname(self.root.rstrip("/"))) or "/"
-            free = shutil.disk_usage(base if os.path.isdir(base) else "/").free
-            shard, neg_free = self.checkpointer.agree_max([state_bytes(state), -free])
-            on_host = max(hosts.count(host) for host in hosts)
-            budget = memory_budget(shard, on_host, -neg_free, self.replicas)
-        if not budget.fits and self.checkpointer.rank == 0:
+    def _fits(self, flat: Mapping[str, Any]) -> bool:
+        """Whether every rank's slots fit (all ranks agree: one all_gather, one max)."""
+        hosts = self._collectives.all_gather(socket.gethostname())
+        unsupported = ""
+        try:
+            nbytes = plan_layout(flat, self.rank, 1, 0).nbytes
+        except SlotError as error:
+            nbytes, unsupported = 0, str(error)
+        free = _free_bytes(self.root) + self._own_slot_bytes()
+        shard, neg_free, refused = self._collectives.max_ints(
+            [nbytes, -free, int(bool(unsupported))]
+        )
+        if refused:
+            reason = unsupported or "another rank's state cannot be laid out in slots"
+            budget = Budget(False, f"memory tier off: {reason}")
+        else:
+            budget = host_scope(hosts, self.replicas)
+            if budget.fits:
+                on_host = max(hosts.count(host) for host in hosts)
+                budget = memory_budget(shard, on_host, -neg_free, self.replicas)
+        if not budget.fits and self.rank == 0:
             self._on_event(CheckpointFailed.KIND, {"error": budget.reason, "tier": MEMORY_TIER})
         return budget.fits
 
+    def _own_slot_bytes(self) -> int:
+        """Bytes this rank's slot files of an earlier attempt hold already (reused)."""
+        total = 0
+        for slot in range(SLOT_COUNT):
+            path = os.path.join(self.root, SLOTS_DIR, slot_name(self.writer.rank, slot))
+            try:
+                total += os.path.getsize(path)
+            except OSError:
+                pass
+        return total
+
     def close(self) -> None:
-        self.checkpointer.close()
-        if self.restorer is not self.checkpointer:
-            self.restorer.close()
+        self.writer.close()
 
 
-def _read_status(path: str) -> dict[str, Any]:
-    try:
-        with open(path) as file:
-            status = json.load(file)
-    except (OSError, ValueError):
-        return {}
-    return status if isinstance(status, dict) else {}
+def _free_bytes(root: str) -> int:
+    folder = root
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder.rstrip("/"))
+    return shutil.disk_usage(folder or "/").free
