@@ -71,16 +71,16 @@ FULL_LOOK_S = 1.0
 """A tick reads every folder at least this often, changed or not."""
 FRESH_S = 0.05
 """A folder modified less than this long ago is read again at the next tick (`folders_stamp`)."""
-DUTY = 0.25
+DUTY = 0.1
 """The fraction of one core the holder's background work (summing and sending a step) may use:
-after a round that took T seconds the next starts T x (1 - DUTY) / DUTY seconds later, one round
-at a time. The cores belong to the training: unpaced, two holders summing and sending every
-step took ~30 ms of each 50 ms step on a 2-core host. The bound is not lower because a replica
-restores a lost node only while it is at most one step behind (the surviving ranks keep their
-two newest steps): the period T / DUTY must stay within a step. At tiny-gpt's default (6 MB a
-rank, ~40 ms steps, a round of ~8 ms on two busy cores) 0.25 keeps it there; 0.1 did not (the
-node-loss restores went to durable storage). The receiving holder's work (writing and summing
-what lands) follows the sender's pace."""
+after a round that took T seconds of this thread's CPU the next starts T x (1 - DUTY) / DUTY
+seconds later, one round at a time. CPU, not wall time: the bandwidth pauses use no core, and a
+round preempted by the training would otherwise rest longer for it. The cores belong to the
+training: unpaced, two holders summing and sending every step took ~30 ms of each 50 ms step on
+a 2-core host. A replica restores a lost node only while it is at most one step behind (the
+surviving ranks keep their two newest steps), so T / DUTY must stay within about a step: at
+tiny-gpt's default (6 MB a rank, ~40 ms steps) a round is a few ms of CPU. The receiving
+holder's work (writing and summing what lands) follows the sender's pace."""
 BANDWIDTH = 1e9
 """Bytes/s one holder sends to its peers at most (replication must leave the network to the
 durable tier's uploads and the training's collectives)."""
@@ -304,7 +304,7 @@ class Holder:
                 wanted = self._wanted
             if self._stop.is_set() or wanted is None or wanted == self.replicated:
                 continue
-            started = time.perf_counter()
+            started = time.thread_time()  # CPU, not wall: bandwidth pauses and preemption
             done = False
             try:
                 done = self.replicate(wanted)
@@ -313,7 +313,7 @@ class Holder:
             if done:
                 self.replicated = wanted
             # One round at a time, then rest: the work stays under `duty` of a core.
-            self._stop.wait(pause_after(time.perf_counter() - started, self.duty, done))
+            self._stop.wait(pause_after(time.thread_time() - started, self.duty, done))
 
     def replicate(self, wanted: tuple[int, int]) -> bool:
         """Sum and send every local rank's slot holding `wanted` (attempt, step) to the ring
