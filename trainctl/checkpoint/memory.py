@@ -25,8 +25,7 @@ the RAM really is gone).
 of one core: after a round of T seconds of CPU it rests T x (1 - DUTY) / DUTY), each holder
 sums and sends the newest step every local rank has recorded (`newest_replicable`:
 intermediate steps are skipped, so the holder's CPU stays bounded) to its `replicas` ring
-successors
-(`ring_peers`), into the held slot that does not hold their newest copy
+successors (`ring_peers`), into the held slot that does not hold their newest copy
 (`replication_target`); the receiver checks every entry's CRC before it writes the record, so
 the older held copy stays valid until the newer one is whole.
 
