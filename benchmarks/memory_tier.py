@@ -30,7 +30,6 @@ import argparse
 import itertools
 import json
 import logging
-import mmap
 import os
 import shutil
 import statistics
@@ -38,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -56,20 +54,9 @@ from trainctl.checkpoint.memory import (
     release_memory,
     release_node_memory,
 )
-from trainctl.checkpoint.peer_wire import fetch_range_into
-from trainctl.checkpoint.slot_catalog import crc_text
-from trainctl.checkpoint.slot_layout import (
-    INDEX_NAME,
-    RESTORE_DIR,
-    SLOTS_DIR,
-    Layout,
-    RestoreIndex,
-    layout_name,
-    read_json,
-    record_name,
-    slot_name,
-    write_json_atomic,
-)
+from trainctl.checkpoint.slot_layout import INDEX_NAME, RESTORE_DIR, RestoreIndex, read_json
+from trainctl.checkpoint.slot_reader import SlotReader
+from trainctl.checkpoint.slots import SlotWriter, flatten
 from trainctl.runtime.memory_tier import MemoryTier
 
 REPO = Path(__file__).resolve().parent.parent
@@ -199,41 +186,29 @@ ENTRY_BYTES = 16 * MIB
 benchmark's 1 GB is 60 tensors of ~16 MiB)."""
 
 
-def _write_slot(root: str, tensor: torch.Tensor, step: int) -> Layout:
-    """Write `tensor` as rank 0's (world size 1) slot, as the worker does: the layout once, a
-    preallocated slot, the bytes copied in through an mmap, then the record."""
-    folder = os.path.join(root, SLOTS_DIR)
-    os.makedirs(folder, exist_ok=True)
-    raw = tensor.view(torch.uint8)
-    entries = [
-        {"fqn": f"w.{i}", "offset": offset, "nbytes": min(ENTRY_BYTES, raw.numel() - offset)}
-        for i, offset in enumerate(range(0, raw.numel(), ENTRY_BYTES))
-    ]
-    layout = Layout(0, 1, 0, raw.numel(), tuple(entries))
-    write_json_atomic(os.path.join(folder, layout_name(0)), layout.to_json())
-    with open(os.path.join(folder, slot_name(0, 0)), "w+b") as file:
-        file.truncate(layout.nbytes)
-        with mmap.mmap(file.fileno(), layout.nbytes) as mapped:
-            torch.frombuffer(mapped, dtype=torch.uint8).copy_(raw)
-    record = {"step": step, "attempt": 0, "layout": layout.digest}
-    write_json_atomic(os.path.join(folder, record_name(0, 0)), record)
-    return layout
+def _pieces(tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`tensor` as a model's tensors of `ENTRY_BYTES` each (views: loading into them fills it)."""
+    flat = tensor.view(-1)
+    per = ENTRY_BYTES // flat.element_size()
+    return {f"w.{i}": flat[at : at + per] for i, at in enumerate(range(0, flat.numel(), per))}
+
+
+def _write_slot(root: str, tensor: torch.Tensor, step: int) -> None:
+    """Save `tensor` as rank 0's (world size 1) slot with the worker's own `SlotWriter`: the
+    layout once (DCP's planner), a preallocated slot, the copy, then the record."""
+    writer = SlotWriter(root, rank=0, world_size=1, attempt=0)
+    try:
+        writer.save(step, flatten(_pieces(tensor)))
+    finally:
+        writer.close()
 
 
 def _read_index(root: str, into: torch.Tensor) -> int:
-    """Read every entry of every rank the index names into `into` as the worker's reader does
-    (a local slot in place, a remote one by a ranged get straight into the tensor's memory),
-    each checked against its CRC; returns the step."""
+    """Restore `into` as the worker does: DCP's load through the `SlotReader` over the holder's
+    ``restore/index.json`` (a local slot in place, a remote one by ranged gets, every entry
+    CRC-checked, then copied into the state); returns the step."""
     index = RestoreIndex.from_json(read_json(os.path.join(root, RESTORE_DIR, INDEX_NAME)))
-    raw = memoryview(into.view(torch.uint8).numpy())
-    for copy in index.ranks:
-        source = copy.source
-        assert source.endpoint and source.token and source.relative, source
-        for entry, crc in zip(copy.layout.entries, copy.crcs, strict=True):
-            view = raw[entry["offset"] : entry["offset"] + entry["nbytes"]]
-            fetch_range_into(source.endpoint, source.token, source.relative, entry["offset"], view)
-            if crc_text(zlib.crc32(view)) != crc:
-                raise RuntimeError(f"{entry['fqn']}: CRC mismatch")
+    dcp.load(_pieces(into), storage_reader=SlotReader(index), no_dist=True)
     return index.step
 
 
@@ -242,9 +217,8 @@ def measure_peer_restore(
 ) -> dict[str, Any]:
     """Median restore onto a fresh spare from a peer's memory: the holder's assemble (which
     step, where each copy is, every copy's CRC summed at the peer that holds it) plus the
-    worker's reads (every entry by a ranged get from the peer, CRC-checked); the assemble
-    part alone. The worker's DCP reader (slotw's branch) is not on this branch: its planning
-    and copies into a sharded state are not in the figure."""
+    worker's DCP load through its `SlotReader` (every entry by a ranged get from the peer,
+    CRC-checked, copied into the state); the assemble part alone."""
     token = "bench-token"
     holders = {n: Holder(job, n, token, "127.0.0.1") for n in ("node-0", "node-1")}
     try:

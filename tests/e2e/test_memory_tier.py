@@ -30,6 +30,10 @@ HEALTH = {"min_free_disk_gb": 0.05}
 
 MEMORY = {"interval_steps": 10, "keep_last": 2, "memory": {"enabled": True}}
 """Durable every 10 steps, memory every step: a fault at step 12 tells the tiers apart."""
+PEER_PACE = {"step_sleep_s": 0.25}
+"""A lost node restores from a replica while replication keeps within a step (the survivors
+keep their two newest steps; README, memory tier): steps of this length leave the holders'
+paced rounds (a tenth of a core each) that margin on a loaded 2-core machine."""
 
 
 def _restores(storage: Path, job: str) -> list[dict[str, Any]]:
@@ -71,6 +75,7 @@ def test_node_loss_with_a_spare_restores_from_the_peers_replica(
         "memspare",
         "kill-node:node-1@step=12",
         spare_nodes=1,
+        config=PEER_PACE,
         checkpoint=MEMORY,
         health=HEALTH,
     )
@@ -147,6 +152,7 @@ def test_shrink_reshards_from_the_peers_replica(
         "memshrink",
         "kill-node:node-1@step=12",
         min_nodes=1,
+        config=PEER_PACE,
         checkpoint=MEMORY,
         health=HEALTH,
     )
