@@ -42,6 +42,7 @@ from torch.futures import Future
 from trainctl.checkpoint.collectives import Collectives
 from trainctl.checkpoint.peer_wire import PeerError, fetch_range
 from trainctl.checkpoint.restore import RestoreError
+from trainctl.checkpoint.slot_catalog import crc_text
 from trainctl.checkpoint.slot_layout import RankCopy, RestoreIndex
 from trainctl.checkpoint.slots import OBJECTS, OBJECTS_HEADER, TENSOR, SlotError, dtype_of
 from trainctl.events import CheckpointRestored
@@ -216,7 +217,7 @@ def _read_entries(copy: RankCopy, needed: list[int]) -> list[tuple[Any, int, lis
         for entry_index in entries:
             entry = copy.layout.entries[entry_index]
             start = int(entry["offset"]) - base
-            crc = f"{zlib.crc32(view[start : start + int(entry['nbytes'])]) & 0xFFFFFFFF:08x}"
+            crc = crc_text(zlib.crc32(view[start : start + int(entry["nbytes"])]))
             if crc != _expected(copy.crcs[entry_index]):
                 name = entry["fqn"] or "the non-tensor values"
                 raise SlotChecksumError(

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
+from trainctl.checkpoint.slot_catalog import crc_text, slot_crcs, spans
 from trainctl.checkpoint.slot_layout import (
     SLOT_COUNT,
     SLOTS_DIR,
@@ -140,8 +141,7 @@ def entry_crcs(buffer: Any, layout: Layout) -> tuple[str, ...]:
     """CRC32 (8 hex digits) of every entry of `layout` in `buffer` (a slot's bytes)."""
     view = memoryview(buffer)
     return tuple(
-        f"{zlib.crc32(view[e['offset'] : e['offset'] + e['nbytes']]) & 0xFFFFFFFF:08x}"
-        for e in layout.entries
+        crc_text(zlib.crc32(view[offset : offset + nbytes])) for offset, nbytes in spans(layout)
     )
 
 
@@ -344,12 +344,7 @@ def _crcs_of(directory: str, layout: Layout, slot: int, step: int) -> tuple[str,
     )
     if sums is not None and sums.step == step and sums.layout == layout.digest:
         return sums.crcs
-    path = os.path.join(directory, slot_name(layout.rank, slot))
-    with (
-        open(path, "rb") as file,
-        mmap.mmap(file.fileno(), layout.nbytes, access=mmap.ACCESS_READ) as mapped,
-    ):
-        return entry_crcs(mapped, layout)
+    return tuple(slot_crcs(os.path.join(directory, slot_name(layout.rank, slot)), spans(layout)))
 
 
 def local_restore_index(node_root: str) -> RestoreIndex | str:
