@@ -23,6 +23,7 @@ import pytest
 import slot_workers
 import torch
 
+from tests.checkpoint.test_ckpt_memory import Recorder
 from trainctl.checkpoint.checkpointer import Checkpointer
 from trainctl.checkpoint.memory import restore_tiers
 from trainctl.checkpoint.peer_wire import PeerServer
@@ -54,17 +55,6 @@ from trainctl.runtime.checkpoint import ModelAndOptimizer, TrainerState
 pytestmark = pytest.mark.timeout(300)
 SHM = "/dev/shm"
 STEPS = 4
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def __call__(self, name: str, fields: dict[str, Any]) -> None:
-        self.events.append((name, fields))
-
-    def of(self, name: str) -> list[dict[str, Any]]:
-        return [fields for event, fields in self.events if event == name]
 
 
 @pytest.fixture
