@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from trainctl.health.liveness import LivenessPolicy
-from trainctl.launch.control import ControlClient, ControlServer, WorkerChannel
+from trainctl.launch.control import ControlServer
+from trainctl.launch.control_agent import ControlClient, WorkerChannel
 from trainctl.protocol import (
     AGENT_MESSAGES,
     CONTROLLER_MESSAGES,

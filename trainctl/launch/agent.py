@@ -37,7 +37,7 @@ from trainctl.health.gate import GateResult, NodeProber
 from trainctl.health.liveness import LivenessPolicy
 from trainctl.health.verdict import Verdict
 from trainctl.launch import proctree, stacks, workers
-from trainctl.launch.control import ControlClient
+from trainctl.launch.control_agent import ControlClient
 from trainctl.launch.gpu_sampler import GpuUsageSampler
 from trainctl.launch.node_attempt import Attempt, gate_config, liveness_policy
 from trainctl.launch.plan import LaunchPlan

@@ -17,7 +17,7 @@ from trainctl.health.liveness import LivenessPolicy
 from trainctl.health.readings import NvmlReading
 from trainctl.health.verdict import GIB
 from trainctl.launch import evidence, workers
-from trainctl.launch.control import WorkerChannel, worker_socket_address
+from trainctl.launch.control_agent import WorkerChannel, worker_socket_address
 from trainctl.launch.plan import LaunchPlan, NodePlan
 from trainctl.launch.torchrun import collect_error_files
 from trainctl.protocol import Env, ErrorFile, Exit, GatePlan, Stop
