@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from trainctl.checkpoint import holder as holder_module
 from trainctl.checkpoint.holder import STATUS_NAME, TICK_S, Holder, PeerSet, pause_after
 from trainctl.checkpoint.layout import node_memory_root
 from trainctl.checkpoint.memory import (
@@ -692,3 +693,33 @@ def test_what_a_node_holds_stays_bounded_and_old_copies_go(cluster: Cluster) -> 
     _wait(lambda: survivor.replicated == (1, 201), "step 201 replicated to the spare")
     for node in cluster.holders:
         assert _bytes_under(cluster.root(node)) <= bound
+
+
+def test_a_sender_that_trusts_its_own_puts_finds_a_wiped_peer_again(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between catalog requests a sender trusts what its puts left at the peer; when the peer
+    lost its held copies meanwhile (its host restarted them, a drop), the next catalog (at most
+    `RECATALOG_S` later) finds them gone and the layout and a slot are sent again."""
+    monkeypatch.setattr(holder_module, "RECATALOG_S", 0.2)
+    survivor = cluster.holders["node-1"]
+    cluster.save(1)
+    _wait(lambda: cluster.holders["node-0"].replicated == (0, 1), "step 1 replicated")
+    shutil.rmtree(survivor.path(HELD_DIR, "node-0"))
+    for step in (2, 3):
+        cluster.save(step)
+        _wait(lambda step=step: cluster.holders["node-0"].replicated == (0, step), "replicated")
+        time.sleep(0.25)
+    cluster.save(4)
+    _wait(lambda: 4 in _held_steps(survivor, "node-0", 1).values(), "step 4 held again")
+    folder = survivor.path(HELD_DIR, "node-0", SLOTS_DIR)
+    for rank in (0, 1):
+        assert os.path.exists(os.path.join(folder, layout_name(rank)))
+    cluster.lose("node-0")
+    spare = Holder("job", "node-2", TOKEN, "127.0.0.1", base=cluster.base)
+    cluster.holders["node-2"] = spare
+    cluster.configure(["node-1", "node-2"], attempt=1)
+    assert (spare.assemble().step, spare.assemble().tier) == (4, PEER_TIER)
+    index = _read_index(spare)
+    assert index is not None
+    _check_restorable(index, 4)

@@ -84,6 +84,19 @@ holder's work (writing and summing what lands) follows the sender's pace."""
 BANDWIDTH = 1e9
 """Bytes/s one holder sends to its peers at most (replication must leave the network to the
 durable tier's uploads and the training's collectives)."""
+RECATALOG_S = 1.0
+"""A sender asks a peer for its catalog of what it holds at least this often; in between it
+trusts what its own puts left there (`_Known`): a catalog request and its parse cost more than
+a millisecond of both holders' CPU per step."""
+
+
+@dataclasses.dataclass
+class _Known:
+    """What a sender knows one peer holds of its ranks: each rank's layout digest and the
+    records of its held slots (from a catalog, then updated by every put that succeeded)."""
+
+    at: float
+    ranks: dict[int, tuple[str, dict[int, SlotRecord | None]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +180,8 @@ class Holder:
         self._lock = threading.Lock()
         self._cache = JsonCache()
         self._sender_cache = JsonCache()  # the replication thread's: a JsonCache is not shared
+        self._known: dict[str, _Known] = {}
+        """Endpoint -> what this holder's puts left there (the replication thread's)."""
         self._looked: tuple[object, ...] | None = None
         """What the last full tick saw (`_folders_key`), None: look again."""
         self._looked_at = 0.0
@@ -195,6 +210,7 @@ class Holder:
         """Serve the attempt `peers` (this node among them) from now on."""
         with self._lock:
             self.peers = peers
+            self._known = {}  # a new attempt: ask every peer what it holds
             self._floor = max((s.layout.attempt for s in self._own_slots().values()), default=-1)
             if not self._stop.is_set():
                 for thread in self._threads:
@@ -331,9 +347,11 @@ class Holder:
         }
         done = True
         for target in peers.targets(self.node):
+            endpoint = peers.endpoints[target]
             try:
-                self._replicate_to(peers.endpoints[target], local, sums)
+                self._replicate_to(endpoint, local, sums)
             except PeerError as error:
+                self._known.pop(endpoint, None)  # what is there is unknown now: ask next time
                 log.info("memory holder %s: step %s to %s: %s", self.node, wanted, target, error)
                 done = False
         return done
@@ -345,26 +363,24 @@ class Holder:
         sums: Mapping[int, tuple[int, tuple[str, ...]]],
     ) -> None:
         folder = f"{HELD_DIR}/{self.node}/{SLOTS_DIR}"
-        held = parse_slots(
-            {k.rsplit("/", 1)[-1]: v for k, v in catalog(endpoint, self.token, folder).items()}
-        )
+        known = self._known_at(endpoint, folder)
         for rank, slots in sorted(local.items()):
             source, crcs = sums[rank]
             record, layout = slots.records.get(source), slots.layout
             if record is None:
                 raise PeerError(f"rank {rank}: slot {source} was rewritten: a newer step came")
-            there = held.get(rank)
-            records: dict[int, SlotRecord | None] = {}
-            if there is None or there.digest != slots.digest:
+            digest, records = known.ranks.get(rank, ("", {}))
+            if digest != slots.digest:
                 text = json.dumps(layout.to_json(), separators=(",", ":")).encode()
                 put_bytes(
                     endpoint, self.token, f"{folder}/{layout_name(rank)}", text, self.bandwidth
                 )
-            else:
-                records = dict(there.records)
+                records = {}
+                known.ranks[rank] = (slots.digest, records)
             target = replication_target(records, record)
             if target is None:
                 continue
+            records[target] = None  # the put removes its record first
             put_slot(
                 endpoint,
                 self.token,
@@ -375,6 +391,23 @@ class Holder:
                 list(crcs),
                 self.bandwidth,
             )
+            records[target] = record
+
+    def _known_at(self, endpoint: str, folder: str) -> _Known:
+        """What the peer at `endpoint` holds of this node's ranks: remembered from this
+        holder's own puts, or from a catalog request when that is older than `RECATALOG_S`
+        (or was lost with a failed put)."""
+        now = time.monotonic()
+        known = self._known.get(endpoint)
+        if known is None or now - known.at >= RECATALOG_S:
+            docs = catalog(endpoint, self.token, folder)
+            held = parse_slots({k.rsplit("/", 1)[-1]: v for k, v in docs.items()})
+            ranks = {
+                rank: (there.digest, dict[int, SlotRecord | None](there.records))
+                for rank, there in held.items()
+            }
+            known = self._known[endpoint] = _Known(now, ranks)
+        return known
 
     # ------------------------------------------------------------------ garbage collection
 
