@@ -22,7 +22,15 @@ from typing import Any
 import pytest
 
 from trainctl.checkpoint import holder as holder_module
-from trainctl.checkpoint.holder import STATUS_NAME, TICK_S, Holder, PeerSet, pause_after
+from trainctl.checkpoint.holder import (
+    FULL_LOOK_S,
+    STATUS_NAME,
+    TICK_S,
+    Holder,
+    PeerSet,
+    pause_after,
+    tick_delay,
+)
 from trainctl.checkpoint.layout import node_memory_root
 from trainctl.checkpoint.memory import (
     MEMORY_TIER,
@@ -194,6 +202,23 @@ def test_pause_after_keeps_the_rounds_under_their_duty_cycle(
     work_s: float, duty: float, done: bool, pause: float
 ) -> None:
     assert pause_after(work_s, duty, done) == pytest.approx(pause)
+
+
+@pytest.mark.parametrize(
+    ("now", "resting_until", "replicating", "delay"),
+    [
+        (10.0, 0.0, True, TICK_S),  # the round is not resting: look every tick
+        (10.0, 10.005, True, TICK_S),  # the pause ends within a tick: still a tick
+        (10.0, 10.036, True, 0.036),  # look when the pause ends, not before
+        (10.0, 15.0, True, FULL_LOOK_S),  # a long pause: garbage is still collected every 1 s
+        (10.0, 0.0, False, FULL_LOOK_S),  # no ring peer: only garbage to collect
+        (10.0, 10.036, False, FULL_LOOK_S),
+    ],
+)
+def test_tick_delay_looks_only_when_the_replication_round_can_take_a_step(
+    now: float, resting_until: float, replicating: bool, delay: float
+) -> None:
+    assert tick_delay(now, resting_until, replicating) == pytest.approx(delay)
 
 
 def test_folders_stamp_changes_with_every_rename_and_distrusts_fresh_folders(

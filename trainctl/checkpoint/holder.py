@@ -139,6 +139,17 @@ def pause_after(work_s: float, duty: float, done: bool) -> float:
     return rest if done else max(rest, TICK_S)
 
 
+def tick_delay(now: float, resting_until: float, replicating: bool) -> float:
+    """Seconds until the next tick (pure): a holder without ring peers only collects garbage,
+    every `FULL_LOOK_S`; one whose replication round is resting until `resting_until` (its duty
+    pause) has nothing to hand over before then, so it looks at the end of the pause (a look
+    costs ~0.2 ms, and every tick while a worker writes a record a step is a full one); else
+    every `TICK_S`."""
+    if not replicating:
+        return FULL_LOOK_S
+    return min(FULL_LOOK_S, max(TICK_S, resting_until - now))
+
+
 def _newest_attempt(ranks: Mapping[int, RankSlots]) -> dict[int, RankSlots]:
     """The ranks whose layout belongs to the newest attempt among `ranks`."""
     if not ranks:
@@ -186,6 +197,8 @@ class Holder:
         """What the last full tick saw (`_folders_key`), None: look again."""
         self._looked_at = 0.0
         self._wanted: tuple[int, int] | None = None
+        self._resting_until = 0.0
+        """When the replication thread's duty pause ends (`time.monotonic`)."""
         self._floor = -1
         """The newest attempt whose layouts were here when the attempt was configured: ranks of
         a newer one are the configured attempt's workers."""
@@ -220,11 +233,16 @@ class Holder:
     # ------------------------------------------------------------------ ticks (thread)
 
     def _loop(self) -> None:
-        while not self._stop.wait(TICK_S):
+        while not self._stop.wait(self._tick_delay()):
             try:
                 self.tick()
             except Exception:  # the tier is an optimisation: never kill the agent for it
                 log.exception("memory holder %s", self.node)
+
+    def _tick_delay(self) -> float:
+        peers = self.peers
+        replicating = peers is not None and bool(peers.targets(self.node))
+        return tick_delay(time.monotonic(), self._resting_until, replicating)
 
     def tick(self) -> None:
         """One pass: hand the newest step every local rank recorded to replication, drop what
@@ -329,7 +347,9 @@ class Holder:
             if done:
                 self.replicated = wanted
             # One round at a time, then rest: the work stays under `duty` of a core.
-            self._stop.wait(pause_after(time.thread_time() - started, self.duty, done))
+            pause = pause_after(time.thread_time() - started, self.duty, done)
+            self._resting_until = time.monotonic() + pause
+            self._stop.wait(pause)
 
     def replicate(self, wanted: tuple[int, int]) -> bool:
         """Sum and send every local rank's slot holding `wanted` (attempt, step) to the ring
