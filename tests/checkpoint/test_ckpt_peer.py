@@ -57,7 +57,7 @@ from trainctl.checkpoint.peer_wire import (
     put_slot,
     remote_crcs,
 )
-from trainctl.checkpoint.slot_catalog import folders_stamp
+from trainctl.checkpoint.slot_catalog import MappedSlots, folders_stamp, slot_crcs
 from trainctl.checkpoint.slot_layout import (
     HELD_DIR,
     INDEX_NAME,
@@ -219,6 +219,39 @@ def test_tick_delay_looks_only_when_the_replication_round_can_take_a_step(
     now: float, resting_until: float, replicating: bool, delay: float
 ) -> None:
     assert tick_delay(now, resting_until, replicating) == pytest.approx(delay)
+
+
+def test_mapped_slots_sum_as_slot_crcs_and_follow_a_replaced_or_removed_file(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "rank-0.slot-0")
+    spans = [(0, 100), (128, 4000), (4096, 0)]
+    maps = MappedSlots()
+    try:
+        for content in (b"a" * 8192, b"b" * 8192, b"c" * 16384):  # rewritten, then replaced
+            staged = f"{path}.new"
+            with open(staged, "wb") as file:
+                file.write(content)
+            os.replace(staged, path)
+            assert maps.crcs(path, spans) == slot_crcs(path, spans)
+            assert maps.crcs(path, spans) == [
+                f"{zlib.crc32(content[o : o + n]):08x}" for o, n in spans
+            ]
+        with open(path, "r+b") as file:  # written in place (as a worker does): seen at once
+            file.write(b"x" * 100)
+        assert maps.crcs(path, spans)[0] == f"{zlib.crc32(b'x' * 100):08x}"
+        assert len(maps._maps) == 1
+        os.unlink(path)
+        maps.prune()
+        assert maps._maps == {}
+        with pytest.raises(OSError):
+            maps.crcs(path, spans)
+        with open(path, "wb") as file:
+            file.write(b"short")
+        with pytest.raises(OSError, match="shorter than its layout"):
+            maps.crcs(path, spans)
+    finally:
+        maps.close()
 
 
 def test_folders_stamp_changes_with_every_rename_and_distrusts_fresh_folders(

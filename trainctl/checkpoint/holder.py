@@ -47,13 +47,13 @@ from trainctl.checkpoint.peer_wire import PeerError, PeerServer, catalog, put_by
 from trainctl.checkpoint.slot_assemble import STATUS_NAME, Assembly, assemble
 from trainctl.checkpoint.slot_catalog import (
     JsonCache,
+    MappedSlots,
     RankSlots,
     checksums_json,
     folders_stamp,
     parse_slots,
     read_json_tree,
     record_json,
-    slot_crcs,
     spans,
 )
 from trainctl.checkpoint.slot_layout import (
@@ -167,6 +167,7 @@ class Holder:
         self._cache = JsonCache()
         self._sender_cache = JsonCache()  # the replication thread's: a JsonCache is not shared
         self._known: dict[str, _Known] = {}
+        self._maps = MappedSlots()  # the replication thread's: the own slots it sums
         """Endpoint -> what this holder's puts left there (the replication thread's)."""
         self._looked: tuple[object, ...] | None = None
         """What the last full tick saw (`_folders_key`), None: look again."""
@@ -287,7 +288,9 @@ class Holder:
         meanwhile (the worker rewrote the slot) or the slot is unreadable."""
         record = slots.records[index]
         try:
-            crcs = slot_crcs(self.path(SLOTS_DIR, slot_name(rank, index)), spans(slots.layout))
+            crcs = self._maps.crcs(
+                self.path(SLOTS_DIR, slot_name(rank, index)), spans(slots.layout)
+            )
         except OSError as error:
             log.debug("memory holder %s: %s", self.node, error)
             return None
@@ -311,6 +314,7 @@ class Holder:
                     timeout=1.0,
                 )
                 wanted = self._wanted
+            self._maps.prune()  # a slot dropped or replaced meanwhile: its memory goes now
             if self._stop.is_set() or wanted is None or wanted == self.replicated:
                 continue
             started = time.thread_time()  # CPU, not wall: bandwidth pauses and preemption
@@ -454,4 +458,5 @@ class Holder:
         for thread in self._threads:
             if thread.is_alive():
                 thread.join(timeout=5)
+        self._maps.close()
         self.server.close()
