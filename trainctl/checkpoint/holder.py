@@ -4,12 +4,15 @@ design, `trainctl.checkpoint.slot_layout` the files).
 
 It runs inside the node agent (a server thread, a tick thread and a replication thread), so
 it outlives the workers and dies with the node. `configure` gives it the attempt's holders;
-`tick` (every `TICK_S`, nearly free when no folder changed) hands the newest step every local
-rank has recorded to the replication thread and drops what an older attempt or a node no longer
-in the attempt left. The replication thread sums (CRC) only the step it is about to send
-(discarding the sums when the record changed meanwhile: the worker rewrote the slot), sends it,
-and then rests so that its work stays under `DUTY` of one core: steps that came meanwhile are
-skipped, only the newest is sent next. A step never summed here (the newest own one, at a worker
+`tick` (nearly free when no folder changed; at the end of the replication round's duty pause,
+at least every `TICK_S`, every `FULL_LOOK_S` without ring peers: `tick_delay`) hands the newest
+step every local rank has recorded to the replication thread and drops what an older attempt or
+a node no longer in the attempt left. The replication thread sums (CRC) only the step it is
+about to send (over mappings kept between rounds; discarding the sums when the record changed
+meanwhile: the worker rewrote the slot), sends it to each peer (trusting what its own puts left
+there, with a catalog of the peer at least every `RECATALOG_S`), and then rests so that its work
+stays under `DUTY` of one core: steps that came meanwhile are skipped, only the newest is sent
+next. A step never summed here (the newest own one, at a worker
 kill) is summed by `assemble` (the agent, before torchrun starts), which writes
 ``restore/index.json`` (`trainctl.checkpoint.slot_assemble`).
 """
