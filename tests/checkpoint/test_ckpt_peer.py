@@ -21,7 +21,16 @@ from typing import Any
 
 import pytest
 
-from trainctl.checkpoint.holder import STATUS_NAME, TICK_S, Holder, PeerSet, pause_after
+from trainctl.checkpoint import holder as holder_module
+from trainctl.checkpoint.holder import (
+    FULL_LOOK_S,
+    STATUS_NAME,
+    TICK_S,
+    Holder,
+    PeerSet,
+    pause_after,
+    tick_delay,
+)
 from trainctl.checkpoint.layout import node_memory_root
 from trainctl.checkpoint.memory import (
     MEMORY_TIER,
@@ -48,7 +57,7 @@ from trainctl.checkpoint.peer_wire import (
     put_slot,
     remote_crcs,
 )
-from trainctl.checkpoint.slot_catalog import folders_stamp
+from trainctl.checkpoint.slot_catalog import MappedSlots, folders_stamp, slot_crcs
 from trainctl.checkpoint.slot_layout import (
     HELD_DIR,
     INDEX_NAME,
@@ -193,6 +202,56 @@ def test_pause_after_keeps_the_rounds_under_their_duty_cycle(
     work_s: float, duty: float, done: bool, pause: float
 ) -> None:
     assert pause_after(work_s, duty, done) == pytest.approx(pause)
+
+
+@pytest.mark.parametrize(
+    ("now", "resting_until", "replicating", "delay"),
+    [
+        (10.0, 0.0, True, TICK_S),  # the round is not resting: look every tick
+        (10.0, 10.005, True, TICK_S),  # the pause ends within a tick: still a tick
+        (10.0, 10.036, True, 0.036),  # look when the pause ends, not before
+        (10.0, 15.0, True, FULL_LOOK_S),  # a long pause: garbage is still collected every 1 s
+        (10.0, 0.0, False, FULL_LOOK_S),  # no ring peer: only garbage to collect
+        (10.0, 10.036, False, FULL_LOOK_S),
+    ],
+)
+def test_tick_delay_looks_only_when_the_replication_round_can_take_a_step(
+    now: float, resting_until: float, replicating: bool, delay: float
+) -> None:
+    assert tick_delay(now, resting_until, replicating) == pytest.approx(delay)
+
+
+def test_mapped_slots_sum_as_slot_crcs_and_follow_a_replaced_or_removed_file(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "rank-0.slot-0")
+    spans = [(0, 100), (128, 4000), (4096, 0)]
+    maps = MappedSlots()
+    try:
+        for content in (b"a" * 8192, b"b" * 8192, b"c" * 16384):  # rewritten, then replaced
+            staged = f"{path}.new"
+            with open(staged, "wb") as file:
+                file.write(content)
+            os.replace(staged, path)
+            assert maps.crcs(path, spans) == slot_crcs(path, spans)
+            assert maps.crcs(path, spans) == [
+                f"{zlib.crc32(content[o : o + n]):08x}" for o, n in spans
+            ]
+        with open(path, "r+b") as file:  # written in place (as a worker does): seen at once
+            file.write(b"x" * 100)
+        assert maps.crcs(path, spans)[0] == f"{zlib.crc32(b'x' * 100):08x}"
+        assert len(maps._maps) == 1
+        os.unlink(path)
+        maps.prune()
+        assert maps._maps == {}
+        with pytest.raises(OSError):
+            maps.crcs(path, spans)
+        with open(path, "wb") as file:
+            file.write(b"short")
+        with pytest.raises(OSError, match="shorter than its layout"):
+            maps.crcs(path, spans)
+    finally:
+        maps.close()
 
 
 def test_folders_stamp_changes_with_every_rename_and_distrusts_fresh_folders(
@@ -692,3 +751,33 @@ def test_what_a_node_holds_stays_bounded_and_old_copies_go(cluster: Cluster) -> 
     _wait(lambda: survivor.replicated == (1, 201), "step 201 replicated to the spare")
     for node in cluster.holders:
         assert _bytes_under(cluster.root(node)) <= bound
+
+
+def test_a_sender_that_trusts_its_own_puts_finds_a_wiped_peer_again(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between catalog requests a sender trusts what its puts left at the peer; when the peer
+    lost its held copies meanwhile (its host restarted them, a drop), the next catalog (at most
+    `RECATALOG_S` later) finds them gone and the layout and a slot are sent again."""
+    monkeypatch.setattr(holder_module, "RECATALOG_S", 0.2)
+    survivor = cluster.holders["node-1"]
+    cluster.save(1)
+    _wait(lambda: cluster.holders["node-0"].replicated == (0, 1), "step 1 replicated")
+    shutil.rmtree(survivor.path(HELD_DIR, "node-0"))
+    for step in (2, 3):
+        cluster.save(step)
+        _wait(lambda step=step: cluster.holders["node-0"].replicated == (0, step), "replicated")
+        time.sleep(0.25)
+    cluster.save(4)
+    _wait(lambda: 4 in _held_steps(survivor, "node-0", 1).values(), "step 4 held again")
+    folder = survivor.path(HELD_DIR, "node-0", SLOTS_DIR)
+    for rank in (0, 1):
+        assert os.path.exists(os.path.join(folder, layout_name(rank)))
+    cluster.lose("node-0")
+    spare = Holder("job", "node-2", TOKEN, "127.0.0.1", base=cluster.base)
+    cluster.holders["node-2"] = spare
+    cluster.configure(["node-1", "node-2"], attempt=1)
+    assert (spare.assemble().step, spare.assemble().tier) == (4, PEER_TIER)
+    index = _read_index(spare)
+    assert index is not None
+    _check_restorable(index, 4)

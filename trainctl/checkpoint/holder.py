@@ -4,12 +4,15 @@ design, `trainctl.checkpoint.slot_layout` the files).
 
 It runs inside the node agent (a server thread, a tick thread and a replication thread), so
 it outlives the workers and dies with the node. `configure` gives it the attempt's holders;
-`tick` (every `TICK_S`, nearly free when no folder changed) hands the newest step every local
-rank has recorded to the replication thread and drops what an older attempt or a node no longer
-in the attempt left. The replication thread sums (CRC) only the step it is about to send
-(discarding the sums when the record changed meanwhile: the worker rewrote the slot), sends it,
-and then rests so that its work stays under `DUTY` of one core: steps that came meanwhile are
-skipped, only the newest is sent next. A step never summed here (the newest own one, at a worker
+`tick` (nearly free when no folder changed; at the end of the replication round's duty pause,
+at least every `TICK_S`, every `FULL_LOOK_S` without ring peers: `tick_delay`) hands the newest
+step every local rank has recorded to the replication thread and drops what an older attempt or
+a node no longer in the attempt left. The replication thread sums (CRC) only the step it is
+about to send (over mappings kept between rounds; discarding the sums when the record changed
+meanwhile: the worker rewrote the slot), sends it to each peer (trusting what its own puts left
+there, with a catalog of the peer at least every `RECATALOG_S`), and then rests so that its work
+stays under `DUTY` of one core: steps that came meanwhile are skipped, only the newest is sent
+next. A step never summed here (the newest own one, at a worker
 kill) is summed by `assemble` (the agent, before torchrun starts), which writes
 ``restore/index.json`` (`trainctl.checkpoint.slot_assemble`).
 """
@@ -25,6 +28,16 @@ import threading
 import time
 from collections.abc import Mapping
 
+from trainctl.checkpoint.holder_pace import (
+    BANDWIDTH,
+    DUTY,
+    FRESH_S,
+    FULL_LOOK_S,
+    RECATALOG_S,
+    TICK_S,
+    pause_after,
+    tick_delay,
+)
 from trainctl.checkpoint.layout import MEMORY_BASE, node_memory_root
 from trainctl.checkpoint.memory import (
     held_nodes_to_drop,
@@ -37,13 +50,13 @@ from trainctl.checkpoint.peer_wire import PeerError, PeerServer, catalog, put_by
 from trainctl.checkpoint.slot_assemble import STATUS_NAME, Assembly, assemble
 from trainctl.checkpoint.slot_catalog import (
     JsonCache,
+    MappedSlots,
     RankSlots,
     checksums_json,
     folders_stamp,
     parse_slots,
     read_json_tree,
     record_json,
-    slot_crcs,
     spans,
 )
 from trainctl.checkpoint.slot_layout import (
@@ -60,30 +73,27 @@ from trainctl.checkpoint.slot_layout import (
     write_json_atomic,
 )
 
-__all__ = ["STATUS_NAME", "Assembly", "Holder", "PeerSet"]
+__all__ = [
+    "FULL_LOOK_S",
+    "STATUS_NAME",
+    "TICK_S",
+    "Assembly",
+    "Holder",
+    "PeerSet",
+    "pause_after",
+    "tick_delay",
+]
 
 log = logging.getLogger(__name__)
 
-TICK_S = 0.02
-"""How often the holder looks for new slot records (a look costs a few `stat` calls when no
-folder changed since the last one)."""
-FULL_LOOK_S = 1.0
-"""A tick reads every folder at least this often, changed or not."""
-FRESH_S = 0.05
-"""A folder modified less than this long ago is read again at the next tick (`folders_stamp`)."""
-DUTY = 0.1
-"""The fraction of one core the holder's background work (summing and sending a step) may use:
-after a round that took T seconds of this thread's CPU the next starts T x (1 - DUTY) / DUTY
-seconds later, one round at a time. CPU, not wall time: the bandwidth pauses use no core, and a
-round preempted by the training would otherwise rest longer for it. The cores belong to the
-training: unpaced, two holders summing and sending every step took ~30 ms of each 50 ms step on
-a 2-core host. A replica restores a lost node only while it is at most one step behind (the
-surviving ranks keep their two newest steps), so T / DUTY must stay within about a step: at
-tiny-gpt's default (6 MB a rank, ~40 ms steps) a round is a few ms of CPU. The receiving
-holder's work (writing and summing what lands) follows the sender's pace."""
-BANDWIDTH = 1e9
-"""Bytes/s one holder sends to its peers at most (replication must leave the network to the
-durable tier's uploads and the training's collectives)."""
+
+@dataclasses.dataclass
+class _Known:
+    """What a sender knows one peer holds of its ranks: each rank's layout digest and the
+    records of its held slots (from a catalog, then updated by every put that succeeded)."""
+
+    at: float
+    ranks: dict[int, tuple[str, dict[int, SlotRecord | None]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,14 +126,6 @@ def _sums_of(value: object, record: SlotRecord) -> SlotChecksums | None:
     if sums is None or (sums.step, sums.layout) != (record.step, record.layout):
         return None
     return sums
-
-
-def pause_after(work_s: float, duty: float, done: bool) -> float:
-    """Seconds to rest after a replication round that worked `work_s` seconds, so the rounds
-    use at most `duty` of one core; a failed round (`done` False) rests at least a tick before
-    it tries again (pure)."""
-    rest = max(work_s, 0.0) * (1.0 - duty) / duty if 0.0 < duty < 1.0 else 0.0
-    return rest if done else max(rest, TICK_S)
 
 
 def _newest_attempt(ranks: Mapping[int, RankSlots]) -> dict[int, RankSlots]:
@@ -167,10 +169,15 @@ class Holder:
         self._lock = threading.Lock()
         self._cache = JsonCache()
         self._sender_cache = JsonCache()  # the replication thread's: a JsonCache is not shared
+        self._known: dict[str, _Known] = {}
+        self._maps = MappedSlots()  # the replication thread's: the own slots it sums
+        """Endpoint -> what this holder's puts left there (the replication thread's)."""
         self._looked: tuple[object, ...] | None = None
         """What the last full tick saw (`_folders_key`), None: look again."""
         self._looked_at = 0.0
         self._wanted: tuple[int, int] | None = None
+        self._resting_until = 0.0
+        """When the replication thread's duty pause ends (`time.monotonic`)."""
         self._floor = -1
         """The newest attempt whose layouts were here when the attempt was configured: ranks of
         a newer one are the configured attempt's workers."""
@@ -195,6 +202,7 @@ class Holder:
         """Serve the attempt `peers` (this node among them) from now on."""
         with self._lock:
             self.peers = peers
+            self._known = {}  # a new attempt: ask every peer what it holds
             self._floor = max((s.layout.attempt for s in self._own_slots().values()), default=-1)
             if not self._stop.is_set():
                 for thread in self._threads:
@@ -204,11 +212,16 @@ class Holder:
     # ------------------------------------------------------------------ ticks (thread)
 
     def _loop(self) -> None:
-        while not self._stop.wait(TICK_S):
+        while not self._stop.wait(self._tick_delay()):
             try:
                 self.tick()
             except Exception:  # the tier is an optimisation: never kill the agent for it
                 log.exception("memory holder %s", self.node)
+
+    def _tick_delay(self) -> float:
+        peers = self.peers
+        replicating = peers is not None and bool(peers.targets(self.node))
+        return tick_delay(time.monotonic(), self._resting_until, replicating)
 
     def tick(self) -> None:
         """One pass: hand the newest step every local rank recorded to replication, drop what
@@ -278,7 +291,9 @@ class Holder:
         meanwhile (the worker rewrote the slot) or the slot is unreadable."""
         record = slots.records[index]
         try:
-            crcs = slot_crcs(self.path(SLOTS_DIR, slot_name(rank, index)), spans(slots.layout))
+            crcs = self._maps.crcs(
+                self.path(SLOTS_DIR, slot_name(rank, index)), spans(slots.layout)
+            )
         except OSError as error:
             log.debug("memory holder %s: %s", self.node, error)
             return None
@@ -302,6 +317,7 @@ class Holder:
                     timeout=1.0,
                 )
                 wanted = self._wanted
+            self._maps.prune()  # a slot dropped or replaced meanwhile: its memory goes now
             if self._stop.is_set() or wanted is None or wanted == self.replicated:
                 continue
             started = time.thread_time()  # CPU, not wall: bandwidth pauses and preemption
@@ -313,7 +329,9 @@ class Holder:
             if done:
                 self.replicated = wanted
             # One round at a time, then rest: the work stays under `duty` of a core.
-            self._stop.wait(pause_after(time.thread_time() - started, self.duty, done))
+            pause = pause_after(time.thread_time() - started, self.duty, done)
+            self._resting_until = time.monotonic() + pause
+            self._stop.wait(pause)
 
     def replicate(self, wanted: tuple[int, int]) -> bool:
         """Sum and send every local rank's slot holding `wanted` (attempt, step) to the ring
@@ -331,9 +349,11 @@ class Holder:
         }
         done = True
         for target in peers.targets(self.node):
+            endpoint = peers.endpoints[target]
             try:
-                self._replicate_to(peers.endpoints[target], local, sums)
+                self._replicate_to(endpoint, local, sums)
             except PeerError as error:
+                self._known.pop(endpoint, None)  # what is there is unknown now: ask next time
                 log.info("memory holder %s: step %s to %s: %s", self.node, wanted, target, error)
                 done = False
         return done
@@ -345,26 +365,24 @@ class Holder:
         sums: Mapping[int, tuple[int, tuple[str, ...]]],
     ) -> None:
         folder = f"{HELD_DIR}/{self.node}/{SLOTS_DIR}"
-        held = parse_slots(
-            {k.rsplit("/", 1)[-1]: v for k, v in catalog(endpoint, self.token, folder).items()}
-        )
+        known = self._known_at(endpoint, folder)
         for rank, slots in sorted(local.items()):
             source, crcs = sums[rank]
             record, layout = slots.records.get(source), slots.layout
             if record is None:
                 raise PeerError(f"rank {rank}: slot {source} was rewritten: a newer step came")
-            there = held.get(rank)
-            records: dict[int, SlotRecord | None] = {}
-            if there is None or there.digest != slots.digest:
+            digest, records = known.ranks.get(rank, ("", {}))
+            if digest != slots.digest:
                 text = json.dumps(layout.to_json(), separators=(",", ":")).encode()
                 put_bytes(
                     endpoint, self.token, f"{folder}/{layout_name(rank)}", text, self.bandwidth
                 )
-            else:
-                records = dict(there.records)
+                records = {}
+                known.ranks[rank] = (slots.digest, records)
             target = replication_target(records, record)
             if target is None:
                 continue
+            records[target] = None  # the put removes its record first
             put_slot(
                 endpoint,
                 self.token,
@@ -375,6 +393,23 @@ class Holder:
                 list(crcs),
                 self.bandwidth,
             )
+            records[target] = record
+
+    def _known_at(self, endpoint: str, folder: str) -> _Known:
+        """What the peer at `endpoint` holds of this node's ranks: remembered from this
+        holder's own puts, or from a catalog request when that is older than `RECATALOG_S`
+        (or was lost with a failed put)."""
+        now = time.monotonic()
+        known = self._known.get(endpoint)
+        if known is None or now - known.at >= RECATALOG_S:
+            docs = catalog(endpoint, self.token, folder)
+            held = parse_slots({k.rsplit("/", 1)[-1]: v for k, v in docs.items()})
+            ranks = {
+                rank: (there.digest, dict[int, SlotRecord | None](there.records))
+                for rank, there in held.items()
+            }
+            known = self._known[endpoint] = _Known(now, ranks)
+        return known
 
     # ------------------------------------------------------------------ garbage collection
 
@@ -426,4 +461,5 @@ class Holder:
         for thread in self._threads:
             if thread.is_alive():
                 thread.join(timeout=5)
+        self._maps.close()
         self.server.close()

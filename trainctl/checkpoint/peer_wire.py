@@ -197,7 +197,10 @@ class _Handler(socketserver.StreamRequestHandler):
         # Spans by their end: a span is summed in place (incrementally, chunk by chunk) once
         # `done` passes its end.
         order = sorted(range(len(spans)), key=lambda i: spans[i][0] + spans[i][1])
-        with mmap.mmap(file.fileno(), size) as mapped:
+        # MAP_POPULATE: the slot's pages mapped in one call, not one fault per 4 KiB page as the
+        # socket's bytes land (6 MiB: ~2.6 ms of CPU faulting vs ~0.9 ms, every round).
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        with mmap.mmap(file.fileno(), size, flags=flags) as mapped:
             view = memoryview(mapped)
             try:
                 done, ready = 0, 0

@@ -208,3 +208,62 @@ class JsonCache:
             return None
         self._seen[path] = (key, value)
         return value
+
+
+class MappedSlots:
+    """`slot_crcs` over read-only mappings kept from one sum to the next (one thread's).
+
+    Mapping a slot afresh for every sum costs a page fault per few pages (~0.8 ms of CPU for
+    6 MiB, half as much again as the CRC itself) on every replication round. A mapping is kept
+    while its path names the same file (inode and size: a worker replaces a slot file of
+    another size by a rename, never truncating it in place); `prune` releases those of files
+    gone or replaced, so a dropped slot's memory is not held past the next prune."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, tuple[tuple[int, int], mmap.mmap]] = {}
+
+    def crcs(self, path: str, entries: Sequence[tuple[int, int]]) -> list[str]:
+        """As `slot_crcs(path, entries)`."""
+        with open(path, "rb") as file:
+            stat = os.fstat(file.fileno())
+            size = stat.st_size
+            if any(offset < 0 or offset + nbytes > size for offset, nbytes in entries):
+                raise OSError(f"{path}: {size} bytes, shorter than its layout")
+            if size == 0:
+                return [crc_text(0) for _ in entries]
+            key = (stat.st_ino, size)
+            known = self._maps.get(path)
+            if known is None or known[0] != key:
+                self.forget(path)
+                mapped = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ)
+                self._maps[path] = known = (key, mapped)
+        view = memoryview(known[1])
+        try:
+            return [
+                crc_text(zlib.crc32(view[offset : offset + nbytes])) for offset, nbytes in entries
+            ]
+        finally:
+            view.release()
+
+    def forget(self, path: str) -> None:
+        known = self._maps.pop(path, None)
+        if known is not None:
+            try:
+                known[1].close()
+            except BufferError:  # a sum still reads it (closing holder): it goes with the view
+                pass
+
+    def prune(self) -> None:
+        """Release the mappings whose path no longer names the mapped file."""
+        for path, (key, _mapped) in list(self._maps.items()):
+            try:
+                stat = os.stat(path)
+            except OSError:
+                self.forget(path)
+                continue
+            if (stat.st_ino, stat.st_size) != key:
+                self.forget(path)
+
+    def close(self) -> None:
+        for path in list(self._maps):
+            self.forget(path)
