@@ -10,8 +10,9 @@ flood the job's event log); nothing a peer sends can raise in the controller.
 Liveness does not wait for a FIN (a dead host never sends one): each side sends a `Beat` every
 `LivenessPolicy.interval_s` from a thread of its own and judges the other's beats with a
 φ-accrual detector (`trainctl.health.liveness`); the controller asks `ControlServer.silent()`,
-the agent `ControlClient.silent()` (`trainctl.launch.control_agent`, the agent's end). TCP keepalive and a user timeout back them up, and every
-send has a timeout, so a peer that stopped reading cannot block the sender.
+the agent `ControlClient.silent()` (`trainctl.launch.control_agent`, the agent's end). TCP
+keepalive and a user timeout back them up, and every send has a timeout, so a peer that
+stopped reading cannot block the sender.
 """
 
 from __future__ import annotations
