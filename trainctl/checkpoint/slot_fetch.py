@@ -8,9 +8,10 @@ buffer, no copy. Its bytes are in the state before their sum is known, so a mism
 whose load overwrites every tensor and value of the state (`memory.restore_tiers`).
 
 Every other entry (resharded: part of a stored chunk; a CUDA destination; the non-tensor
-values) is staged: a local slot's through a read-only mmap (in place), a peer's through one
-`Staging` buffer reused across spans (at most `SPAN_LIMIT` bytes of staged entries per span,
-more only for one entry larger than that), summed, then handed to the caller to copy from.
+values) is staged: a local slot's through a private mmap (in place; for GPU destinations
+through the pinned staging buffer), a peer's through one `Staging` buffer reused across spans
+(at most `SPAN_LIMIT` bytes of staged entries per span, more only for one entry larger than
+that), summed, then handed to the caller to copy from.
 A peer's needed entries are fetched span by span, one ranged get each, every entry of a span
 landing in its own place (the destination, the staging buffer, or a scratch buffer for the
 padding between entries).
@@ -120,10 +121,13 @@ def direct_view(
 
 class Staging:
     """One staging buffer, grown only when a span needs more, reused across spans and copies
-    (its pages faulted once); pinned when the destinations are on a GPU."""
+    (its pages faulted once); pinned when the destinations are on a GPU, and then local slots
+    are staged through it too (`stage_local`: a pinned buffer copies to the GPU at full speed;
+    a CPU destination copies from the slot's mapping directly)."""
 
-    def __init__(self, pinned: bool = False) -> None:
+    def __init__(self, pinned: bool = False, stage_local: bool | None = None) -> None:
         self.pinned = pinned
+        self.stage_local = pinned if stage_local is None else stage_local
         self._buffer = torch.empty(0, dtype=torch.uint8)
 
     def get(self, nbytes: int) -> torch.Tensor:
@@ -173,42 +177,54 @@ def read_copy(
 ) -> None:
     """Read `needs` of `copy`: direct ones into `targets` (entry -> the destination's bytes),
     staged ones handed to `use`; every entry CRC-checked before `use` sees it and before this
-    returns; a peer's staged entries at most `limit` bytes per span. Raises SlotError
+    returns; staged entries at most `limit` bytes per span. Raises SlotError
     (SlotChecksumError: a sum differs)."""
     if len(copy.crcs) != len(copy.layout.entries):
         raise SlotChecksumError(
             f"{source_text(copy)}: {len(copy.crcs)} checksums for "
             f"{len(copy.layout.entries)} entries"
         )
-    if copy.source.path is not None:
-        _read_local(copy, copy.source.path, needs, targets, use)
-        return
     source = copy.source
-    if not (source.endpoint and source.relative):
+    if source.path is not None and not staging.stage_local:
+        _read_mapped(copy, source.path, needs, targets, use)
+        return
+    if source.path is None and not (source.endpoint and source.relative):
         raise SlotError(f"{source_text(copy)}: neither a path nor an endpoint")
     scratch = bytearray(MAX_GAP) if len(needs) > 1 else bytearray()
     for span in plan_spans(needs, limit):
         buffer = staging.get(span.staged) if span.staged else None
         at = dict(span.slots)
-        views: list[memoryview] = []
+        views: list[tuple[int, memoryview | None]] = []  # (offset, where; None: a gap)
         staged: dict[int, torch.Tensor] = {}
         position = span.start
         for need in span.needs:
             if need.offset > position:
-                views.append(memoryview(scratch)[: need.offset - position])
+                views.append((position, None))
             if need.direct:
-                views.append(targets[need.entry])
+                views.append((need.offset, targets[need.entry]))
             else:
                 assert buffer is not None
                 staged[need.entry] = buffer.narrow(0, at[need.entry], need.nbytes)
-                views.append(tensor_bytes(staged[need.entry]))
+                views.append((need.offset, tensor_bytes(staged[need.entry])))
             position = need.offset + need.nbytes
-        try:
-            fetch_range_into(
-                source.endpoint, token, source.relative, span.start, [v for v in views if v.nbytes]
-            )
-        except PeerError as error:
-            raise SlotError(f"{source_text(copy)}: {error}") from None
+        if source.path is not None:
+            _pread(copy, source.path, [(o, v) for o, v in views if v is not None])
+        else:
+            assert source.endpoint and source.relative
+            pieces = [
+                view if view is not None else memoryview(scratch)[: _gap(views, i)]
+                for i, (_, view) in enumerate(views)
+            ]
+            try:
+                fetch_range_into(
+                    source.endpoint,
+                    token,
+                    source.relative,
+                    span.start,
+                    [piece for piece in pieces if piece.nbytes],
+                )
+            except PeerError as error:
+                raise SlotError(f"{source_text(copy)}: {error}") from None
         for need in span.needs:
             got = targets[need.entry] if need.direct else tensor_bytes(staged[need.entry])
             check_crc(copy, need.entry, got)
@@ -216,23 +232,36 @@ def read_copy(
             use(entry, data)
 
 
-def _read_local(
+def _gap(views: list[tuple[int, memoryview | None]], index: int) -> int:
+    """Bytes of the gap at `index` of a span's views: up to the next view's offset."""
+    return views[index + 1][0] - views[index][0]
+
+
+def _pread(copy: RankCopy, path: str, views: list[tuple[int, memoryview]]) -> None:
+    """Read each (offset, buffer) of the local slot `path` into its buffer by ``preadv``."""
+    with open(path, "rb") as file:
+        for offset, view in views:
+            done = 0
+            while done < view.nbytes:
+                got = os.preadv(file.fileno(), [view[done:]], offset + done)
+                if got <= 0:
+                    raise SlotError(f"{source_text(copy)}: ends before byte {offset + view.nbytes}")
+                done += got
+
+
+def _read_mapped(
     copy: RankCopy, path: str, needs: list[Need], targets: Mapping[int, memoryview], use: Use
 ) -> None:
-    """A local slot: direct entries by ``preadv`` into their destinations, the others summed and
-    used in place through a private read-only mapping."""
+    """A local slot, CPU destinations: direct entries by ``preadv`` into their destinations,
+    the others summed and used in place through a private mapping (no staging copy)."""
+    direct = [n for n in needs if n.direct]
+    _pread(copy, path, [(n.offset, targets[n.entry]) for n in direct])
+    for need in direct:
+        check_crc(copy, need.entry, targets[need.entry])
+    staged = [n for n in needs if not n.direct]
+    if not staged:
+        return
     with open(path, "rb") as file:
-        for need in (n for n in needs if n.direct):
-            view, done = targets[need.entry], 0
-            while done < need.nbytes:
-                got = os.preadv(file.fileno(), [view[done:]], need.offset + done)
-                if got <= 0:
-                    raise SlotError(f"{source_text(copy)}: ends before entry {need.entry}'s bytes")
-                done += got
-            check_crc(copy, need.entry, view)
-        staged = [n for n in needs if not n.direct]
-        if not staged:
-            return
         mapped = mmap.mmap(file.fileno(), copy.layout.nbytes, access=mmap.ACCESS_COPY)
     raw = torch.frombuffer(mapped, dtype=torch.uint8)
     for need in staged:
