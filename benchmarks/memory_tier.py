@@ -53,6 +53,7 @@ from trainctl.checkpoint.memory import (
     release_memory,
     release_node_memory,
 )
+from trainctl.checkpoint.peer_wire import read_token
 from trainctl.checkpoint.slot_layout import INDEX_NAME, RESTORE_DIR, RestoreIndex, read_json
 from trainctl.checkpoint.slot_reader import SlotReader
 from trainctl.checkpoint.slots import SlotWriter, flatten, local_restore_index
@@ -222,12 +223,12 @@ def _write_slot(root: str, tensor: torch.Tensor, step: int) -> None:
         writer.close()
 
 
-def _read_index(root: str, into: torch.Tensor) -> int:
+def _read_index(root: str, into: torch.Tensor, token: str = "") -> int:
     """Restore `into` as the worker does: DCP's load through the `SlotReader` over the holder's
     ``restore/index.json`` (a local slot in place, a remote one by ranged gets, every entry
     CRC-checked, then copied into the state); returns the step."""
     index = RestoreIndex.from_json(read_json(os.path.join(root, RESTORE_DIR, INDEX_NAME)))
-    dcp.load(_pieces(into), storage_reader=SlotReader(index), no_dist=True)
+    dcp.load(_pieces(into), storage_reader=SlotReader(index, token), no_dist=True)
     return index.step
 
 
@@ -261,7 +262,7 @@ def measure_peer_restore(
                 started = time.perf_counter()
                 assembly = spare.assemble()
                 assembled = time.perf_counter()
-                step = _read_index(spare.root, blank["w"])
+                step = _read_index(spare.root, blank["w"], read_token(token))
                 totals.append(time.perf_counter() - started)
                 assembles.append(assembled - started)
                 assert (step, assembly.tier) == (1, PEER_TIER), (step, assembly)

@@ -55,6 +55,7 @@ from trainctl.checkpoint.peer_wire import (
     fetch_range,
     put_bytes,
     put_slot,
+    read_token,
     remote_crcs,
 )
 from trainctl.checkpoint.slot_catalog import MappedSlots, folders_stamp, slot_crcs
@@ -282,6 +283,13 @@ def test_peer_wire_refuses_a_bad_token_an_escaping_path_and_writes_outside_held(
         assert catalog(server.endpoint, TOKEN, "held") == {"a/b.json": {}}
         with pytest.raises(PeerError, match="token"):
             catalog(server.endpoint, "wrong", "held")
+        # The workers' read token (derived from the job's) reads a range and does nothing else.
+        reader = read_token(TOKEN)
+        assert reader != TOKEN and fetch_range(server.endpoint, reader, "held/a/b.json", 0, 2)
+        with pytest.raises(PeerError, match="token"):
+            catalog(server.endpoint, reader, "held")
+        with pytest.raises(PeerError, match="token"):
+            put_bytes(server.endpoint, reader, "held/a/c.json", b"{}", bandwidth=1e9)
         with pytest.raises(PeerError, match="leaves"):
             put_bytes(server.endpoint, TOKEN, "held/../../evil", b"x", bandwidth=1e9)
         with pytest.raises(PeerError, match="only under held"):
@@ -428,8 +436,17 @@ def _wait(predicate: Callable[[], Any], what: str, timeout_s: float = 10.0) -> N
 
 
 def _read_index(holder: Holder) -> RestoreIndex | None:
-    value = read_json(holder.path(RESTORE_DIR, INDEX_NAME))
-    return None if value is None else RestoreIndex.from_json(value)
+    """The holder's restore index; the file holds neither the job's token nor the read token
+    (any reader of the node's tmpfs sees it)."""
+    path = holder.path(RESTORE_DIR, INDEX_NAME)
+    value = read_json(path)
+    if value is None:
+        return None
+    with open(path) as file:
+        text = file.read()
+    assert TOKEN not in text and read_token(TOKEN) not in text
+    assert value["version"] == 2 and all("token" not in r["source"] for r in value["ranks"])
+    return RestoreIndex.from_json(value)
 
 
 def _check_restorable(index: RestoreIndex, step: int) -> None:
@@ -444,11 +461,11 @@ def _check_restorable(index: RestoreIndex, step: int) -> None:
                     file.seek(offset)
                     data = file.read(nbytes)
             else:
-                assert copy.source.endpoint and copy.source.token and copy.source.relative
+                assert copy.source.endpoint and copy.source.relative
                 data = bytes(
-                    fetch_range(
+                    fetch_range(  # as the worker does: with the read token of its environment
                         copy.source.endpoint,
-                        copy.source.token,
+                        read_token(TOKEN),
                         copy.source.relative,
                         offset,
                         nbytes,

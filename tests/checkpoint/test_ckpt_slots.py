@@ -26,7 +26,7 @@ import torch
 from tests.checkpoint.test_ckpt_memory import Recorder
 from trainctl.checkpoint.checkpointer import Checkpointer
 from trainctl.checkpoint.memory import restore_tiers
-from trainctl.checkpoint.peer_wire import PeerServer
+from trainctl.checkpoint.peer_wire import PeerServer, read_token
 from trainctl.checkpoint.slot_layout import (
     SLOTS_DIR,
     Layout,
@@ -50,6 +50,7 @@ from trainctl.checkpoint.slots import (
     local_restore_index,
     plan_layout,
 )
+from trainctl.env import Env
 from trainctl.runtime.checkpoint import ModelAndOptimizer, TrainerState
 
 pytestmark = pytest.mark.timeout(300)
@@ -257,7 +258,7 @@ def _restore(index: RestoreIndex | str, durable: str, events: Recorder) -> tuple
 
 
 def test_one_rank_reshards_two_ranks_slots_reading_one_from_a_peer(
-    saved: dict[str, Any], shm_dir: str
+    saved: dict[str, Any], shm_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     local = _copy(saved, shm_dir, "local")
     remote = _copy(saved, shm_dir, "remote")
@@ -270,10 +271,10 @@ def test_one_rank_reshards_two_ranks_slots_reading_one_from_a_peer(
         if name.startswith("rank-00001"):
             os.unlink(os.path.join(local, SLOTS_DIR, name))
     server = PeerServer(remote, "secret-token", "127.0.0.1").start()
+    # The worker reads the peer with the read token its agent put in its environment.
+    monkeypatch.setenv(Env.PEER_TOKEN, read_token("secret-token"))
     try:
-        source = Source(
-            endpoint=server.endpoint, token="secret-token", relative=relative, kind="replica"
-        )
+        source = Source(endpoint=server.endpoint, relative=relative, kind="replica")
         ranks = (index.ranks[0], dataclasses.replace(copy, source=source))
         peer_index = dataclasses.replace(index, tier="peer", ranks=ranks)
         events = Recorder()

@@ -5,7 +5,9 @@ handful of large files per step, so connection set-up is not what it costs). Eac
 JSON line — ``{"token", "op", "path", "size", "checksum"}`` — then ``size`` raw bytes for a
 ``put``; each answer is one JSON line — ``{"ok", "error", "size"}`` — then ``size`` raw bytes for
 a ``get``. Every request carries the job's control token (the agents' shared secret), compared in
-constant time; a request without it is refused before anything is read or written.
+constant time; a request without it is refused before anything is read or written. A worker
+restoring from a peer holds only the read token derived from it (`read_token`, in its
+environment), which a holder accepts for ``get`` alone.
 
 Operations, with paths relative to the holder's node directory (never absolute, never ``..``;
 a peer writes only under ``held/``, what this holder keeps for others):
@@ -89,7 +91,7 @@ class _Handler(socketserver.StreamRequestHandler):
         self.connection.settimeout(TIMEOUT_S)
         try:
             request = _read_line(self.rfile)
-            if not hmac.compare_digest(str(request.get("token", "")), self.server.token):
+            if not self.server.allows(str(request.get("token", "")), request.get("op")):
                 raise PeerError("missing or wrong token")
             if request.get("op") == "get":  # the file straight from the page cache
                 path = safe_join(self.server.root, str(request.get("path", "")))
@@ -229,6 +231,7 @@ class PeerServer(socketserver.ThreadingTCPServer):
     ) -> None:
         self.root = root
         self.token = token
+        self.read_token = read_token(token)
         self.on_put: Callable[[str], None] = on_put or (lambda _path: None)
         super().__init__((host, 0), _Handler)
         self._thread = threading.Thread(
@@ -237,6 +240,13 @@ class PeerServer(socketserver.ThreadingTCPServer):
             name="trainctl-peer-server",
             daemon=True,
         )
+
+    def allows(self, token: str, op: Any) -> bool:
+        """Whether `token` may make a request `op`: the job's token anything, the workers'
+        read token (`read_token`) only ``get``."""
+        if hmac.compare_digest(token, self.token):
+            return True
+        return op == "get" and hmac.compare_digest(token, self.read_token)
 
     @property
     def endpoint(self) -> str:
@@ -257,9 +267,10 @@ def _request(
     fields: dict[str, Any],
     token: str,
     send: Callable[[Any, socket.socket], None] | None = None,
-    into: memoryview | None = None,
+    into: list[memoryview] | None = None,
 ) -> bytearray:
-    """One request; the answer's body, read into `into` when given (then returned empty)."""
+    """One request; the answer's body, read into the buffers `into` one after the other when
+    given (then returned empty)."""
     host, port = endpoint.rsplit(":", 1)
     try:
         with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as sock:
@@ -271,13 +282,15 @@ def _request(
                 stream.flush()
             answer = _read_line(stream)
             size = int(answer.get("size", 0))
-            if into is not None and answer.get("ok") and size != len(into):
-                raise PeerError(f"answered {size} bytes where {len(into)} were asked")
+            wanted = sum(view.nbytes for view in into) if into is not None else size
+            if into is not None and answer.get("ok") and size != wanted:
+                raise PeerError(f"answered {size} bytes where {wanted} were asked")
             body = bytearray(size) if into is None or not answer.get("ok") else bytearray()
-            target = memoryview(body) if into is None or not answer.get("ok") else into
-            got = stream.readinto(target)
-            if got != len(target):
-                raise PeerError(f"connection closed after {got} of {len(target)} bytes")
+            targets = [memoryview(body)] if into is None or not answer.get("ok") else into
+            for target in targets:
+                got = stream.readinto(target)
+                if got != target.nbytes:
+                    raise PeerError(f"connection closed after {got} of {target.nbytes} bytes")
     except (OSError, ValueError) as error:
         raise PeerError(f"peer {endpoint}: {type(error).__name__}: {error}") from None
     if not answer.get("ok"):
@@ -372,11 +385,22 @@ def fetch_range(endpoint: str, token: str, path: str, offset: int, length: int) 
     )
 
 
-def fetch_range_into(endpoint: str, token: str, path: str, offset: int, into: memoryview) -> None:
-    """Read ``len(into)`` bytes of `path` from `offset` at the peer straight into `into` (a
-    tensor's memory, say: no intermediate buffer); unverified."""
-    fields = {"op": "get", "path": path, "offset": offset, "length": len(into)}
-    _request(endpoint, fields, token, into=into)
+def fetch_range_into(
+    endpoint: str, token: str, path: str, offset: int, into: memoryview | list[memoryview]
+) -> None:
+    """Read the bytes of `path` from `offset` at the peer straight into `into` (a tensor's
+    memory, say: no intermediate buffer), or into each buffer of a list in turn (one request
+    for consecutive pieces that land in different places); unverified."""
+    views = [into] if isinstance(into, memoryview) else list(into)
+    length = sum(view.nbytes for view in views)
+    fields = {"op": "get", "path": path, "offset": offset, "length": length}
+    _request(endpoint, fields, token, into=views)
+
+
+def read_token(token: str) -> str:
+    """The token a worker reads peers' slots with (``get`` only), derived from the job's
+    `token`: the workers never hold the job's token, and no file holds either."""
+    return hmac.new(token.encode(), b"trainctl-peer-read", "sha256").hexdigest()
 
 
 def list_files(endpoint: str, token: str, path: str) -> list[str]:

@@ -32,6 +32,8 @@ HELD_DIR = "held"
 RESTORE_DIR = "restore"
 INDEX_NAME = "index.json"
 SLOT_COUNT = 2
+INDEX_VERSION = 2
+"""``restore/index.json``'s format: 2 holds no token (1, before, held the peers' token)."""
 
 
 def layout_name(rank: int) -> str:
@@ -148,14 +150,24 @@ class SlotChecksums:
 @dataclasses.dataclass(frozen=True)
 class Source:
     """Where one copy of a rank's slot is: a local file (`path`), or a file `relative` to the
-    memory directory of the holder at `endpoint` (read with its `token`)."""
+    memory directory of the holder at `endpoint` (read with the token of the reader's
+    environment: no secret is written into the index)."""
 
     path: str | None = None
     endpoint: str | None = None
-    token: str | None = None
     relative: str | None = None
     kind: str = "own"
     """``own``: the rank's node's own slot; ``replica``: a peer's held copy."""
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> Source:
+        """A source as any index version wrote it (version 1's ``token`` is ignored)."""
+        return cls(
+            path=value.get("path"),
+            endpoint=value.get("endpoint"),
+            relative=value.get("relative"),
+            kind=str(value.get("kind") or "own"),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +192,7 @@ class RestoreIndex:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "version": INDEX_VERSION,
             "step": self.step,
             "tier": self.tier,
             "skipped": list(self.skipped),
@@ -196,6 +209,14 @@ class RestoreIndex:
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> RestoreIndex:
+        """An index of this version or an older one; raises ValueError for a newer one (the
+        restore then falls back to durable storage, saying why)."""
+        version = int(value.get("version") or 1)
+        if version > INDEX_VERSION:
+            raise ValueError(
+                f"restore index version {version} is newer than this trainctl reads "
+                f"({INDEX_VERSION}): run the same trainctl version on every node"
+            )
         return cls(
             step=int(value["step"]),
             tier=str(value["tier"]),
@@ -204,7 +225,7 @@ class RestoreIndex:
             ranks=tuple(
                 RankCopy(
                     Layout.from_json(item["layout"]),
-                    Source(**item["source"]),
+                    Source.from_json(item["source"]),
                     tuple(map(str, item["crcs"])),
                 )
                 for item in value["ranks"]

@@ -4,9 +4,12 @@
 stored tensor chunk; a chunk that several old ranks hold, a replicated tensor, is read from one
 copy: a local file first); DCP's planner then decides what this rank needs, so a world-size
 change reshards from memory exactly as from storage. `read_data` reads only the entries its
-load plan asks for: a local copy (`Source.path`) through a read-only mmap, a remote one
-(`Source.endpoint`) by one ranged get per span of needed entries (`peer_wire.fetch_range`).
-Every entry read is checked against its CRC before any byte of it is used.
+load plan asks for (`slot_fetch`): a stored chunk that maps whole onto its destination straight
+into the destination's memory (``preadv`` from a local copy, `Source.path`; a ranged get from a
+remote one, `Source.endpoint`, with the read token of the worker's environment), the others
+through a read-only mmap or one reused staging buffer. Every entry is checked against its CRC
+before it is committed; a direct one lands first, so a mismatch leaves the state dirty and the
+durable restore that follows overwrites all of it.
 
 `SlotRestorer` is the memory tier as `trainctl.checkpoint.memory.restore_tiers` drives it: the
 ranks agree on the index's step (a collective), then load it through DCP; any failure is a
@@ -17,10 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import mmap
+import os
 import pickle
 import time
-import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -40,21 +42,23 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from trainctl.checkpoint.collectives import Collectives
-from trainctl.checkpoint.peer_wire import PeerError, fetch_range
 from trainctl.checkpoint.restore import RestoreError
-from trainctl.checkpoint.slot_catalog import crc_text
+from trainctl.checkpoint.slot_fetch import (
+    SPAN_LIMIT,
+    Need,
+    SlotChecksumError,
+    Staging,
+    direct_view,
+    read_copy,
+    tensor_bytes,
+)
 from trainctl.checkpoint.slot_layout import RankCopy, RestoreIndex
 from trainctl.checkpoint.slots import OBJECTS, OBJECTS_HEADER, TENSOR, SlotError, dtype_of
+from trainctl.env import Env
 from trainctl.events import CheckpointRestored
 
-SPAN_LIMIT = 256 * 2**20
-"""Bytes one ranged get of a remote copy fetches at most (entries are grouped up to it)."""
-
 EventSink = Callable[[str, dict[str, Any]], None]
-
-
-class SlotChecksumError(SlotError):
-    """An entry's bytes do not match the CRC the holder verified: the copy is not used."""
+__all__ = ["SPAN_LIMIT", "SlotChecksumError", "SlotReader", "SlotRestorer", "agree_on_step"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,22 +69,15 @@ class _Where:
     """Index into that copy's layout entries."""
 
 
-def _source_text(copy: RankCopy) -> str:
-    source = copy.source
-    where = source.path or f"{source.endpoint}:{source.relative}"
-    return f"old rank {copy.layout.rank}'s {source.kind} copy ({where})"
-
-
-def _expected(crc: str) -> str:
-    return crc.rsplit(":", 1)[-1].lower()
-
-
 class SlotReader(StorageReader):
     """DCP reader of the step a `RestoreIndex` names."""
 
-    def __init__(self, index: RestoreIndex) -> None:
+    def __init__(self, index: RestoreIndex, token: str | None = None) -> None:
+        """`token`: what peers' copies are read with (default: the worker's environment,
+        ``TRAINCTL_PEER_TOKEN``, set by the node agent; the index never holds it)."""
         super().__init__()
         self.index = index
+        self.token = os.environ.get(Env.PEER_TOKEN, "") if token is None else token
         self._where: dict[tuple[str, tuple[int, ...] | None], _Where] = {}
 
     def reset(self, checkpoint_id: Any = None) -> None:
@@ -151,122 +148,99 @@ class SlotReader(StorageReader):
         return where
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        """Load `plan`'s items, copy by copy; each entry is CRC-checked before it is used."""
+        """Load `plan`'s items, copy by copy (`slot_fetch.read_copy`): a whole stored chunk
+        straight into its destination, the rest through staging; every entry CRC-checked."""
         by_copy: dict[int, list[tuple[Any, _Where]]] = {}
         for item in plan.items:
             index = item.storage_index
             offsets = None if item.type == LoadItemType.BYTE_IO else tuple(index.offset or ())
             where = self._locate(index.fqn, offsets)
             by_copy.setdefault(where.copy, []).append((item, where))
+        targets = {
+            id(item): planner.resolve_tensor(item).detach()
+            for items in by_copy.values()
+            for item, _ in items
+            if item.type != LoadItemType.BYTE_IO
+        }
+        staging = Staging(pinned=any(t.device.type == "cuda" for t in targets.values()))
         for copy_index, items in sorted(by_copy.items()):
-            copy = self.index.ranks[copy_index]
-            needed = sorted({where.entry for _, where in items})
-            for buffer, base, entries in _read_entries(copy, needed):
-                _load_items(copy, buffer, base, entries, items, planner)
-                del buffer
+            _load_copy(self.index.ranks[copy_index], self.token, items, targets, staging, planner)
         done: Future[None] = Future()
         done.set_result(None)
         return done
 
 
-def _spans(copy: RankCopy, needed: list[int]) -> list[list[int]]:
-    """Entry indices grouped into contiguous spans of at most `SPAN_LIMIT` bytes."""
-    spans: list[list[int]] = []
+def _whole(item: Any, entry: dict[str, Any]) -> bool:
+    """Whether `item` reads all of the stored chunk `entry` (no reshard of it)."""
+    sizes = [int(s) for s in entry["chunk_sizes"]]
+    return all(o == 0 for o in item.storage_offsets) and list(item.lengths) == sizes
+
+
+def _load_copy(
+    copy: RankCopy,
+    token: str,
+    items: list[tuple[Any, _Where]],
+    targets: dict[int, torch.Tensor],
+    staging: Staging,
+    planner: LoadPlanner,
+) -> None:
+    """Read the entries `items` need from `copy` and load the items: those read directly are
+    committed once their entry's sum matched, the rest copied out of their verified bytes."""
     entries = copy.layout.entries
-    for entry in needed:
-        if spans:
-            first = entries[spans[-1][0]]
-            end = int(entries[entry]["offset"]) + int(entries[entry]["nbytes"])
-            if end - int(first["offset"]) <= SPAN_LIMIT:
-                spans[-1].append(entry)
-                continue
-        spans.append([entry])
-    return spans
+    readers: dict[int, list[Any]] = {}
+    for item, where in items:
+        readers.setdefault(where.entry, []).append(item)
+    views: dict[int, memoryview] = {}
+    for entry_index, [item, *others] in readers.items():
+        entry = entries[entry_index]
+        if others or item.type == LoadItemType.BYTE_IO or not _whole(item, entry):
+            continue
+        sizes = tuple(int(s) for s in entry["chunk_sizes"])
+        view = direct_view(targets[id(item)], sizes, dtype_of(str(entry["dtype"])))
+        if view is not None and view.nbytes == int(entry["nbytes"]):
+            views[entry_index] = view
+    needs = [
+        Need(i, int(entries[i]["offset"]), int(entries[i]["nbytes"]), i in views)
+        for i in sorted(readers)
+    ]
 
+    def use(entry_index: int, data: torch.Tensor) -> None:
+        _load_items(entries[entry_index], data, readers[entry_index], targets, planner)
 
-def _read_entries(copy: RankCopy, needed: list[int]) -> list[tuple[Any, int, list[int]]]:
-    """(buffer, byte offset of the buffer in the slot, entry indices it covers) for `needed`,
-    every entry CRC-checked: the local file mmap'd whole, a remote one by ranged gets."""
-    if len(copy.crcs) != len(copy.layout.entries):
-        raise SlotChecksumError(
-            f"{_source_text(copy)}: {len(copy.crcs)} checksums for "
-            f"{len(copy.layout.entries)} entries"
-        )
-    if copy.source.path is not None:
-        with open(copy.source.path, "rb") as file:
-            mapped = mmap.mmap(file.fileno(), copy.layout.nbytes, access=mmap.ACCESS_COPY)
-        parts: list[tuple[Any, int, list[int]]] = [(mapped, 0, needed)]
-    else:
-        source = copy.source
-        if not (source.endpoint and source.relative):
-            raise SlotError(f"{_source_text(copy)}: neither a path nor an endpoint")
-        parts = []
-        for span in _spans(copy, needed):
-            first, last = copy.layout.entries[span[0]], copy.layout.entries[span[-1]]
-            start = int(first["offset"])
-            length = int(last["offset"]) + int(last["nbytes"]) - start
-            try:
-                data = fetch_range(
-                    source.endpoint, source.token or "", source.relative, start, length
-                )
-            except PeerError as error:
-                raise SlotError(f"{_source_text(copy)}: {error}") from None
-            parts.append((data, start, span))
-    for buffer, base, entries in parts:
-        view = memoryview(buffer)
-        for entry_index in entries:
-            entry = copy.layout.entries[entry_index]
-            start = int(entry["offset"]) - base
-            crc = crc_text(zlib.crc32(view[start : start + int(entry["nbytes"])]))
-            if crc != _expected(copy.crcs[entry_index]):
-                name = entry["fqn"] or "the non-tensor values"
-                raise SlotChecksumError(
-                    f"{_source_text(copy)}: entry {entry_index} ({name}) fails its checksum: "
-                    f"crc32 {crc}, expected {_expected(copy.crcs[entry_index])}"
-                )
-        view.release()
-    return parts
+    read_copy(copy, token, needs, views, staging, use)
+    for entry_index in views:
+        item = readers[entry_index][0]
+        planner.commit_tensor(item, targets[id(item)])
 
 
 def _load_items(
-    copy: RankCopy,
-    buffer: Any,
-    base: int,
-    entries: list[int],
-    items: list[tuple[Any, _Where]],
+    entry: dict[str, Any],
+    data: torch.Tensor,
+    items: list[Any],
+    targets: dict[int, torch.Tensor],
     planner: LoadPlanner,
 ) -> None:
-    covered = set(entries)
-    raw = torch.frombuffer(buffer, dtype=torch.uint8) if len(buffer) else torch.empty(0)
-    objects: dict[str, Any] | None = None
-    for item, where in items:
-        if where.entry not in covered:
-            continue
-        entry = copy.layout.entries[where.entry]
-        start = int(entry["offset"]) - base
-        if item.type == LoadItemType.BYTE_IO:
-            if objects is None:
-                (length,) = OBJECTS_HEADER.unpack_from(buffer, start)
-                body = start + OBJECTS_HEADER.size
-                objects = pickle.loads(bytes(buffer[body : body + length]))
+    """Load `items` from `data`, the verified bytes (uint8) of the stored entry `entry`."""
+    if entry["kind"] == OBJECTS:
+        raw = tensor_bytes(data)
+        (length,) = OBJECTS_HEADER.unpack_from(raw, 0)
+        body = OBJECTS_HEADER.size
+        objects = pickle.loads(bytes(raw[body : body + length]))
+        for item in items:
             value = io.BytesIO()
             torch.save(objects[item.storage_index.fqn], value)
             value.seek(0)
             planner.load_bytes(item, value)
-            continue
-        sizes = tuple(int(s) for s in entry["chunk_sizes"])
-        dtype = dtype_of(str(entry["dtype"]))
-        nbytes = int(entry["nbytes"])
-        stored = (
-            raw.narrow(0, start, nbytes).view(dtype).view(sizes)
-            if nbytes
-            else torch.empty(sizes, dtype=dtype)
-        )
+        return
+    sizes = tuple(int(s) for s in entry["chunk_sizes"])
+    dtype = dtype_of(str(entry["dtype"]))
+    for item in items:
+        stored = data.view(dtype).view(sizes) if data.numel() else torch.empty(sizes, dtype=dtype)
         for dim, (offset, length) in enumerate(
             zip(item.storage_offsets, item.lengths, strict=True)
         ):
             stored = stored.narrow(dim, offset, length)
-        target = planner.resolve_tensor(item).detach()
+        target = targets[id(item)]
         if target.size() != stored.size():
             raise SlotError(
                 f"{item.storage_index.fqn}: slot chunk {tuple(stored.size())} does not match the "
@@ -274,7 +248,6 @@ def _load_items(
             )
         target.copy_(stored)
         planner.commit_tensor(item, target)
-    del raw
 
 
 class SlotRestorer:
@@ -287,8 +260,11 @@ class SlotRestorer:
         group: dist.ProcessGroup | None,
         emit: EventSink,
         tier: str = "memory",
+        token: str | None = None,
     ) -> None:
         self._load_index = load_index
+        self._token = token
+        """Peers' copies are read with it (None: the worker's environment's)."""
         self._group = group
         self._collectives = Collectives(group)
         self.rank = dist.get_rank(group) if group is not None else 0
@@ -331,7 +307,7 @@ class SlotRestorer:
         try:
             dcp.load(
                 target,
-                storage_reader=SlotReader(index),
+                storage_reader=SlotReader(index, self._token),
                 process_group=self._group,
                 no_dist=self._group is None,
             )

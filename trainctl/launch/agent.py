@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO
 
 from trainctl.checkpoint.holder import Holder, PeerSet
+from trainctl.checkpoint.peer_wire import read_token
 from trainctl.health.gate import GateResult, NodeProber
 from trainctl.health.liveness import LivenessPolicy
 from trainctl.health.verdict import Verdict
@@ -192,6 +193,7 @@ class Agent:
     def start_torchrun(self, attempt: Attempt, count: int = 0) -> None:
         node = attempt.node
         env = attempt.worker_env(os.environ)
+        env[Env.PEER_TOKEN] = read_token(self.holder.token)  # restores read peers' slots
         if self.zygote is not None and self.zygote.poll() is None:
             env[Env.ZYGOTE] = self.zygote_address
         log = self._log_file(node.log_path)
