@@ -106,6 +106,7 @@ class StateWriter:
         ``state.json``, with ``updated_at`` stamped now. Returns what was written."""
         record.updated_at = time.time()
         pieces: dict[str, bytes] = {}
+        shards: dict[int, tuple[tuple[Any, ...], ...]] = {}
         for index in range(0, len(record.nodes), NODES_PER_SHARD):
             shard = record.nodes[index : index + NODES_PER_SHARD]
             key = tuple(_node_key(node) for node in shard)
@@ -114,27 +115,27 @@ class StateWriter:
                 pieces[shard_url(self.job_url, index // NODES_PER_SHARD)] = _encode(
                     scrub({"nodes": rows})
                 )
-                self._shards[index // NODES_PER_SHARD] = key
+                shards[index // NODES_PER_SHARD] = key
+        attempts: dict[int, dict[str, Any]] = {}
+        lists: dict[int, list[str]] = {}
         for attempt in record.attempts:
-            self._attempt_pieces(attempt, scrub, pieces)
-        count = WriteCount(len(pieces) + 1, sum(map(len, pieces.values())))
-        self.files.write_many(pieces)
+            number = attempt.number
+            if self._attempt_nodes.get(number) != attempt.nodes:
+                lists[number] = list(attempt.nodes)
+                pieces[attempt_nodes_url(self.job_url, number)] = _encode({"nodes": lists[number]})
+            data = _ATTEMPT.dump_python(attempt, mode="json")
+            del data["nodes"]
+            if self._attempts.get(number) != data:
+                attempts[number] = data
+                pieces[attempt_url(self.job_url, number)] = _encode(scrub(data))
         payload = _encode(scrub(job_fields(record)))
+        self.files.write_many(pieces)
         self.files.write_atomic(state_url(self.job_url), payload)
-        count.bytes += len(payload)
-        return count
-
-    def _attempt_pieces(self, attempt: AttemptRecord, scrub: Scrub, out: dict[str, bytes]) -> None:
-        number = attempt.number
-        if self._attempt_nodes.get(number) != attempt.nodes:
-            nodes = list(attempt.nodes)
-            out[attempt_nodes_url(self.job_url, number)] = _encode({"nodes": nodes})
-            self._attempt_nodes[number] = nodes
-        data = _ATTEMPT.dump_python(attempt, mode="json")
-        del data["nodes"]
-        if self._attempts.get(number) != data:
-            out[attempt_url(self.job_url, number)] = _encode(scrub(data))
-            self._attempts[number] = data
+        # Remembered only once stored: a write that failed is tried again next time.
+        self._shards.update(shards)
+        self._attempts.update(attempts)
+        self._attempt_nodes.update(lists)
+        return WriteCount(len(pieces) + 1, sum(map(len, pieces.values())) + len(payload))
 
 
 def read_record(files: StoreFiles, job_url: str) -> JobRecord | None:

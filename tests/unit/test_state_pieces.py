@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import S3Endpoint
-from trainctl.errors import CorruptStoreError
+from trainctl.errors import CorruptStoreError, StorageError
 from trainctl.recovery.journal import Journal
 from trainctl.recovery.placement import Exclusion, NodeSelection
 from trainctl.state import AttemptState, JobRecord, JobState, NodeRecord, NodeState
@@ -188,3 +188,21 @@ def test_pieces_on_s3_are_written_and_read_back_whole(s3: S3Endpoint) -> None:
     s3.client().delete_object(Bucket=s3.bucket, Key=f"store/jobs/{JOB}/attempts/0.json")
     with pytest.raises(CorruptStoreError, match=r"attempts/0\.json"):
         store.read_state(JOB)
+
+
+def test_a_piece_that_failed_to_write_is_written_next_time(tmp_path: Path) -> None:
+    store = JobStore(str(tmp_path))
+    record = new_job(store)
+    writer = store.state_writer(JOB)
+    writer.write(record)
+    blocker = tmp_path / "jobs" / JOB / "attempts"
+    blocker.write_text("not a directory")  # the store refuses the attempt's pieces
+    journal = Journal(store, record)
+    with pytest.raises(StorageError):
+        start(journal)
+    with pytest.raises(StorageError):
+        writer.write(record)
+    blocker.unlink()
+    written = writer.write(record)
+    assert written.files == 1 + 2 + 3  # state.json, the attempt and its list, every shard
+    assert comparable(store.read_state(JOB)) == comparable(record)
