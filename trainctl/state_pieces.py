@@ -65,6 +65,13 @@ def _encode(data: Any) -> bytes:
     return json.dumps(data, indent=1, sort_keys=True).encode()
 
 
+def _encode_list(items: list[Any]) -> bytes:
+    """``{"nodes": [...]}`` with one item a line: readable, and each line by json's C encoder
+    (with `indent` it takes its pure-Python one, 15 ms for a whole 1,024-node record)."""
+    lines = ",\n".join(json.dumps(item, sort_keys=True) for item in items)
+    return ('{"nodes": [\n' + lines + "\n]}\n").encode()
+
+
 def _node_key(node: NodeRecord) -> tuple[Any, ...]:
     return tuple(getattr(node, name) for name in _NODE_KEY)
 
@@ -111,10 +118,8 @@ class StateWriter:
             shard = record.nodes[index : index + NODES_PER_SHARD]
             key = tuple(_node_key(node) for node in shard)
             if self._shards.get(index // NODES_PER_SHARD) != key:
-                rows = [_NODE.dump_python(node, mode="json") for node in shard]
-                pieces[shard_url(self.job_url, index // NODES_PER_SHARD)] = _encode(
-                    scrub({"nodes": rows})
-                )
+                rows = scrub([_NODE.dump_python(node, mode="json") for node in shard])
+                pieces[shard_url(self.job_url, index // NODES_PER_SHARD)] = _encode_list(rows)
                 shards[index // NODES_PER_SHARD] = key
         attempts: dict[int, dict[str, Any]] = {}
         lists: dict[int, list[str]] = {}
@@ -122,7 +127,7 @@ class StateWriter:
             number = attempt.number
             if self._attempt_nodes.get(number) != attempt.nodes:
                 lists[number] = list(attempt.nodes)
-                pieces[attempt_nodes_url(self.job_url, number)] = _encode({"nodes": lists[number]})
+                pieces[attempt_nodes_url(self.job_url, number)] = _encode_list(lists[number])
             data = _ATTEMPT.dump_python(attempt, mode="json")
             del data["nodes"]
             if self._attempts.get(number) != data:
