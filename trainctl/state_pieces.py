@@ -125,11 +125,12 @@ class StateWriter:
         lists: dict[int, list[str]] = {}
         for attempt in record.attempts:
             number = attempt.number
-            if self._attempt_nodes.get(number) != attempt.nodes:
-                lists[number] = list(attempt.nodes)
-                pieces[attempt_nodes_url(self.job_url, number)] = _encode_list(lists[number])
-            data = _ATTEMPT.dump_python(attempt, mode="json")
-            del data["nodes"]
+            # An attempt's node list is set when it starts (a list replaced is seen): compared
+            # by identity, so a save costs O(attempts), not O(attempts x N).
+            if self._attempt_nodes.get(number) is not attempt.nodes:
+                lists[number] = attempt.nodes
+                pieces[attempt_nodes_url(self.job_url, number)] = _encode_list(attempt.nodes)
+            data = _ATTEMPT.dump_python(attempt, mode="json", exclude={"nodes"})
             if self._attempts.get(number) != data:
                 attempts[number] = data
                 pieces[attempt_url(self.job_url, number)] = _encode(scrub(data))
