@@ -24,10 +24,10 @@ Layout under the storage root (a local path, ``file://`` or ``s3://bucket/prefix
 
 Anyone who can read the root can inspect a job with no server running. Nothing is written in
 place (`trainctl.store_files`): state.json and each piece are replaced whole (pieces first,
-state.json last, so it never names a piece that is not there), an event is written whole under a new
-name or not at all. A file that cannot be read raises `CorruptStoreError` naming it (state,
-spec, blocklist), or is skipped with a `Problem` the caller shows as a warning (events, node
-verdicts).
+state.json last, so it never names a piece that is not there), an event is written whole
+under a new name or not at all. A file that cannot be read raises `CorruptStoreError` naming
+it (state and its pieces, spec, blocklist), or is skipped with a `Problem` the caller shows as
+a warning (events, node verdicts).
 """
 
 from __future__ import annotations
