@@ -61,6 +61,7 @@ from recovery import (
 
 from tests.fakenvml.build import build_fake_nvml
 from trainctl.launch import proctree
+from trainctl.store import JobStore
 
 MAX_STEPS = 40
 HANG_TIMEOUT_S = 4.0
@@ -167,7 +168,11 @@ def trainctl_fault(
     with contextlib.suppress(ValueError):
         fingerprint = json.loads(proc.stdout).get("fingerprint")
     state_path = storage / "jobs" / job / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"attempts": []}
+    state = (
+        JobStore(str(storage)).read_state(job).to_json()
+        if state_path.exists()
+        else {"attempts": []}
+    )
     attempts = state["attempts"]
     blocklist_path = storage / "jobs" / job / "blocklist.json"
     excluded = (
@@ -267,7 +272,7 @@ def false_alarms(work: Path, runs: int, reference: str) -> dict[str, Any]:
             )
             proc = launch(recipe, job, work / "store", [])
             proctree.signal_all(proctree.tagged("TRAINCTL_JOB_ID", job), signal.SIGKILL)
-            state = json.loads((work / "store" / "jobs" / job / "state.json").read_text())
+            state = JobStore(str(work / "store")).read_state(job).to_json()
             fp = None
             with contextlib.suppress(ValueError):
                 fp = json.loads(proc.stdout).get("fingerprint")

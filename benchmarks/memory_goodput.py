@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recovery
 
 from trainctl.launch import proctree
+from trainctl.store import JobStore
 
 DURABLE_EVERY = 10
 REFERENCE_STEPS = 1000
@@ -82,7 +83,7 @@ def replayed_after(rows: list[tuple[float, int, int]], killed: float) -> int | N
 def inject(failure: str, job: str, storage: Path) -> float | None:
     """SIGKILL node-1's worker, or every process of the newest attempt's last node; returns
     when (None: no worker found)."""
-    state = json.loads((storage / "jobs" / job / "state.json").read_text())
+    state = JobStore(str(storage)).read_state(job).to_json()
     victim = state["attempts"][-1]["nodes"][-1]
     if failure == "worker":
         worker = recovery.trainctl_worker(job, victim)
@@ -99,7 +100,7 @@ def inject(failure: str, job: str, storage: Path) -> float | None:
 
 
 def restored_steps(storage: Path, job: str) -> list[int | None]:
-    state = json.loads((storage / "jobs" / job / "state.json").read_text())
+    state = JobStore(str(storage)).read_state(job).to_json()
     return [attempt.get("restored_step") for attempt in state["attempts"][1:]]
 
 

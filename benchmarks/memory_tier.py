@@ -58,6 +58,7 @@ from trainctl.checkpoint.slot_layout import INDEX_NAME, RESTORE_DIR, RestoreInde
 from trainctl.checkpoint.slot_reader import SlotReader
 from trainctl.checkpoint.slots import SlotWriter, flatten, local_restore_index
 from trainctl.runtime.memory_tier import MemoryTier
+from trainctl.store import JobStore
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 2**20
@@ -346,7 +347,7 @@ def e2e_run(work: Path, memory: bool, run: int) -> dict[str, Any]:
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
     wall = time.perf_counter() - started
-    state = json.loads((storage / "jobs" / job / "state.json").read_text())
+    state = JobStore(str(storage)).read_state(job).to_json()
     restored = [a.get("restored_step") for a in state["attempts"][1:]]
     step = restored[0] if restored and restored[0] is not None else 0
     return {

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recovery
 
 from trainctl.launch import proctree
+from trainctl.store import JobStore
 
 
 def ray_run(
@@ -67,7 +68,7 @@ def ray_run(
         if not recovery.wait_for_step(log, recovery.FAULT_STEP, 120):
             result["exit"] = "never reached the fault step"
             return result
-        state = json.loads((storage / "jobs" / job / "state.json").read_text())
+        state = JobStore(str(storage)).read_state(job).to_json()
         victim = state["attempts"][0]["nodes"][1]
         pids = recovery.tagged_node(job, victim)
         killed = time.time()

@@ -44,6 +44,7 @@ from typing import Any
 import yaml
 
 from trainctl.launch import proctree
+from trainctl.store import JobStore
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "recipes" / "tiny_gpt.py"
@@ -427,7 +428,7 @@ def trainctl_goodput(
             time.sleep(0.2)
             # Every failure well inside the window: its recovery is measured too.
             if time.time() >= next_failure and next_failure <= end - every_s / 4:
-                state = json.loads((storage / "jobs" / job / "state.json").read_text())
+                state = JobStore(str(storage)).read_state(job).to_json()
                 victim = state["attempts"][-1]["nodes"][-1]
                 on_node = set(proctree.tagged("TRAINCTL_NODE", victim))
                 proctree.signal_all(

@@ -12,8 +12,11 @@ controller then stopped with SIGTERM once the relaunched attempt runs. Measured:
 - controller CPU for heartbeats: its process CPU time (/proc/PID/stat) over a fixed wall
   window while every node runs, as % of one core; target < 10% at 1,024;
 - controller memory: peak RSS (VmHWM);
-- store writes: event files written per event (O(1): one small file each), and the size of
-  the files rewritten in place (state.json grows with N: reported as it is);
+- store writes: event files written per event (O(1): one small file each); the job record's
+  files (state.json and its pieces) rewritten during the steady window (progress: O(1),
+  no node shard); and per event kind, through the real journal at each N and at 128 for
+  comparison (`scale_writes`: files and bytes for a node lost, an exclusion, an attempt's
+  end and a progress interval must be flat across N; an attempt's start is O(N) by nature);
 - `trainctl status` / `events` / `report` on the resulting store; target < 1 s for status.
 
 ``--events 100000`` adds a job with that many events (written by the real `JobStore`) and
@@ -41,6 +44,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks import scale_writes  # noqa: E402
 from benchmarks.scale_store import events_bench, rdzv_bench  # noqa: E402
 
 STEP_S = 1.0
@@ -111,9 +115,10 @@ def where_it_stands(job_dir: Path, controller: subprocess.Popen[bytes]) -> str:
     top = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])[:6])
     alive = controller.poll() is None
     cpu = f"{cpu_s(controller.pid):.0f} s CPU" if alive else f"exited {controller.returncode}"
+    attempts = state.get("num_attempts", len(state.get("attempts") or []))
     return (
         f"state {state.get('state')}, step {state.get('step')}, "
-        f"{len(state.get('attempts') or [])} attempt(s); {sum(kinds.values())} events ({top}); "
+        f"{attempts} attempt(s); {sum(kinds.values())} events ({top}); "
         f"controller {cpu}"
     )
 
@@ -147,6 +152,9 @@ def one_size(nodes: int, root: Path, run: int = 0) -> dict[str, Any]:
         wait(lambda: step_at_least(1), 300, f"{nodes} nodes never stepped")
         out["start_s"] = time.time() - started
         wait(lambda: step_at_least(5), 120, "no steady state")
+        record_files = [state, *job_dir.glob("node-shards/*.json"), *job_dir.glob("attempts/*")]
+        for path in record_files:
+            os.utime(path, ns=(0, 0))  # written in the window: mtime no longer 0
         cpu0, wall0 = cpu_s(controller.pid), time.monotonic()
         files0 = {p: p.stat().st_mtime for p in (job_dir / "events").glob("*.json")}
         if PROFILE:
@@ -177,6 +185,10 @@ def one_size(nodes: int, root: Path, run: int = 0) -> dict[str, Any]:
         out["steady_events"] = len(new)
         out["event_file_bytes"] = max((p.stat().st_size for p in new), default=0)
         out["state_json_bytes"] = state.stat().st_size
+        record_files = [state, *job_dir.glob("node-shards/*.json"), *job_dir.glob("attempts/*")]
+        rewritten = [p for p in record_files if p.stat().st_mtime_ns != 0]
+        out["steady_record_files"] = len(rewritten)
+        out["steady_record_bytes"] = sum(p.stat().st_size for p in rewritten)
         out["plan_json_bytes"] = (job_dir / "attempt-0" / "plan.json").stat().st_size
         window_end = time.time()
         # The simulator creates the log before it writes the line: wait for the line.
@@ -221,12 +233,15 @@ TARGETS = {
 
 
 def targets_met(row: dict[str, Any]) -> bool:
-    return all(row[k] < limit for k, limit in TARGETS.items())
+    return all(row[k] < limit for k, limit in TARGETS.items()) and row.get("writes_flat", True)
 
 
 def missed(row: dict[str, Any]) -> str:
     """Where a size misses its targets (figure >= target), or an empty string."""
-    return ", ".join(f"{k} {row[k]:.3g} >= {t:g}" for k, t in TARGETS.items() if row[k] >= t)
+    missed = [f"{k} {row[k]:.3g} >= {t:g}" for k, t in TARGETS.items() if row[k] >= t]
+    if not row.get("writes_flat", True):
+        missed.append("store writes per event grow with N")
+    return ", ".join(missed)
 
 
 def print_row(row: dict[str, Any]) -> None:
@@ -239,6 +254,8 @@ def print_row(row: dict[str, Any]) -> None:
         f"peak RSS {row['peak_rss_mb']:.0f} MB; "
         f"steady-state events {row['steady_events']} in {STEADY_S:g} s "
         f"(largest {row['event_file_bytes']} B); state.json {row['state_json_bytes']} B, "
+        f"record files rewritten in the steady window {row['steady_record_files']} "
+        f"({row['steady_record_bytes']} B), "
         f"plan.json {row['plan_json_bytes']} B; {row['events']} events: status "
         f"{row['status_s']:.2f} s (target < 1), events {row['events_s']:.2f} s, report "
         f"{row['report_s']:.2f} s; targets_met={targets_met(row)}"
@@ -286,6 +303,9 @@ def main() -> int:
     else:
         scratch = tempfile.TemporaryDirectory(prefix="trainctl-scale-")
     with scratch as tmp:
+        writes = scale_writes.run(sorted({128, *args.nodes}), Path(tmp) / "writes")
+        scale_writes.print_writes(writes)
+        flat = all(writes["flat"].values())
         for run, nodes in ((r, n) for r in range(args.repeats) for n in args.nodes):
             try:
                 row = one_size(nodes, Path(tmp), run)
@@ -293,6 +313,8 @@ def main() -> int:
                 row = {"nodes": nodes, "broke": f"{type(broke).__name__}: {broke}"}
                 print(f"N={nodes}: broke: {row['broke']}", flush=True)
             else:
+                row["writes_flat"] = flat
+                row["writes"] = writes["rows"][nodes]
                 row["targets_met"] = targets_met(row)
                 print_row(row)
             rows.append(row)

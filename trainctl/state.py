@@ -211,7 +211,8 @@ class AttemptRecord:
 
 @dataclasses.dataclass
 class JobRecord:
-    """Everything `state.json` holds. Written whole, atomically, by the controller."""
+    """Everything the store keeps about a job: ``state.json`` and its pieces
+    (`trainctl.state_pieces`), assembled whole by `JobStore.read_state`."""
 
     job_id: str
     name: str
@@ -293,7 +294,9 @@ class JobRecord:
             raise ValueError(first_problem(bad)) from None
 
 
-STATE_VERSION = 2
-"""The ``state.json`` layout this release writes (version 1, without the field, reads alike)."""
+STATE_VERSION = 3
+"""The ``state.json`` layout this release writes: 3, the job-level fields with the nodes and
+attempts in pieces beside it (`trainctl.state_pieces`); 1 (without the field) and 2 hold the
+whole record and read alike."""
 
 _RECORD: TypeAdapter[JobRecord] = TypeAdapter(JobRecord)

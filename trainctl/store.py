@@ -3,7 +3,13 @@
 Layout under the storage root (a local path, ``file://`` or ``s3://bucket/prefix``)::
 
     jobs/<job-id>/spec.yaml          the validated spec, secrets redacted (written once)
-    jobs/<job-id>/state.json         JobRecord, replaced atomically as a whole
+    jobs/<job-id>/state.json         the job-level fields of the JobRecord (version 3), replaced
+                                     atomically; its nodes and attempts are pieces beside it
+                                     (`trainctl.state_pieces`), each rewritten only when it
+                                     changed, so no write grows with N or with the job's age:
+    jobs/<job-id>/node-shards/<k>.json   the records of nodes 64k .. 64k+63, in record order
+    jobs/<job-id>/attempts/<n>.json  attempt n, without its node list
+    jobs/<job-id>/attempts/<n>.nodes.json   attempt n's node list, written when it starts
     jobs/<job-id>/events/<t>-<pid>-<n>-<kind>.json   one typed event per object, time-ordered
     jobs/<job-id>/nodes/<node>.json  latest health verdict and evidence per node
     jobs/<job-id>/gpu/<t>-<pid>-<n>.jsonl.gz   GPU utilisation samples, one gzip'd JSON line
@@ -17,10 +23,11 @@ Layout under the storage root (a local path, ``file://`` or ``s3://bucket/prefix
     checkpoints/<job-id>/step-N/     checkpoints (see trainctl.checkpoint)
 
 Anyone who can read the root can inspect a job with no server running. Nothing is written in
-place (`trainctl.store_files`): state is replaced whole, an event is written whole under a new
-name or not at all. A file that cannot be read raises `CorruptStoreError` naming it (state,
-spec, blocklist), or is skipped with a `Problem` the caller shows as a warning (events, node
-verdicts).
+place (`trainctl.store_files`): state.json and each piece are replaced whole (pieces first,
+state.json last, so it never names a piece that is not there), an event is written whole
+under a new name or not at all. A file that cannot be read raises `CorruptStoreError` naming
+it (state and its pieces, spec, blocklist), or is skipped with a `Problem` the caller shows as
+a warning (events, node verdicts).
 """
 
 from __future__ import annotations
@@ -32,7 +39,6 @@ import json
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +47,7 @@ from trainctl.errors import CorruptStoreError, NotFoundError, UserError
 from trainctl.events import BadEvent, Event
 from trainctl.spec import check_job_id, check_storage_url
 from trainctl.state import JobRecord
+from trainctl.state_pieces import StateWriter, read_record
 from trainctl.storage_errors import storage_timeout_s
 from trainctl.store_files import StoreFiles, is_local
 
@@ -159,11 +166,16 @@ class JobStore:
     def write_state(
         self, record: JobRecord, scrub: Callable[[Any], Any] = lambda data: data
     ) -> None:
-        """Replace ``state.json`` with `record` (passed through `scrub` first: the journal
-        takes the job's secret values out of every reason and message)."""
-        record.updated_at = time.time()
-        payload = json.dumps(scrub(record.to_json()), indent=2, sort_keys=True).encode()
-        self.files.write_atomic(join(self.job_url(record.job_id), "state.json"), payload)
+        """Store the whole `record`, every piece (passed through `scrub` first: the journal
+        takes the job's secret values out of every reason and message): O(N), for a job's
+        creation and the launch paths; a running job's journal writes through its own
+        `state_writer`, which writes only what changed."""
+        self.state_writer(record.job_id).write(record, scrub)
+
+    def state_writer(self, job_id: str) -> StateWriter:
+        """A writer of the job's record that writes only the pieces changed since its last
+        write (`trainctl.state_pieces.StateWriter`); it stamps ``updated_at``."""
+        return StateWriter(self.files, self.job_url(job_id))
 
     def require_job(self, job_id: str) -> None:
         """Raise `NotFoundError` (exit 2) unless the job exists under this root."""
@@ -179,14 +191,13 @@ class JobStore:
         )
 
     def read_state(self, job_id: str) -> JobRecord:
-        url = join(self.job_url(job_id), "state.json")
-        data = self.files.read_json(url)
-        if data is None:
+        """The job's whole record, assembled from ``state.json`` and its pieces (or a version
+        1/2 ``state.json`` as it is). Raises `NotFoundError` for an unknown job and
+        `CorruptStoreError` naming a piece that is missing or does not fit."""
+        record = read_record(self.files, self.job_url(job_id))
+        if record is None:
             raise self._no_such_job(job_id)
-        try:
-            return JobRecord.from_json(data)
-        except ValueError as bad:
-            raise CorruptStoreError(url, str(bad)) from None
+        return record
 
     def read_spec_text(self, job_id: str) -> str | None:
         raw = self.files.read(join(self.job_url(job_id), "spec.yaml"))

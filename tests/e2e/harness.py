@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import REPO, sealed_env
+from trainctl.errors import NotFoundError
 from trainctl.launch.zygote import worker_identity
+from trainctl.store import JobStore
 
 JOB_TIMEOUT_S = 240
 
@@ -115,7 +117,12 @@ def start_launch(*args: str, job_id: str, storage: Path | str, **env: str) -> su
 
 
 def read_state(storage: Path, job_id: str) -> dict[str, Any]:
-    return json.loads((Path(storage) / "jobs" / job_id / "state.json").read_text())
+    """The job's whole record as JSON, assembled by the store from state.json and its pieces
+    (FileNotFoundError while the job has no state.json yet, as when this read the file)."""
+    try:
+        return JobStore(str(storage)).read_state(job_id).to_json()
+    except NotFoundError:
+        raise FileNotFoundError(f"{storage}/jobs/{job_id}/state.json") from None
 
 
 def wait_for_step(storage: Path, job_id: str, step: int, timeout_s: float = 120) -> None:

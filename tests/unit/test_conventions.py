@@ -196,6 +196,8 @@ def test_store_files_follow_the_umask_and_secrets_stay_private(
     job_dir = storage / "jobs" / JOB
     shared = [
         job_dir / "state.json",
+        *(job_dir / "node-shards").glob("*.json"),
+        *(job_dir / "attempts").glob("*.json"),
         job_dir / "spec.yaml",
         *(job_dir / "nodes").glob("*.json"),
         *(job_dir / "events").glob("*.json"),
@@ -203,7 +205,7 @@ def test_store_files_follow_the_umask_and_secrets_stay_private(
         elsewhere,
         storage / "checkpoints" / JOB / "step-00000010" / ".metadata",
     ]
-    assert len(shared) == 8
+    assert len(shared) == 8 + 3  # a node shard, an attempt and its node list
     for path in shared:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     assert stat.S_IMODE(secrets.stat().st_mode) == 0o600

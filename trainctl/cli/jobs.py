@@ -39,6 +39,7 @@ from trainctl.errors import UserError
 from trainctl.health.utilisation import IdleFinding, NodeUtilisation
 from trainctl.lease import controller_seen
 from trainctl.report.gpu import node_usage_json, read_gpu_series, stored_health
+from trainctl.report.progress import ProgressView
 from trainctl.state import JobRecord, JobState
 from trainctl.store import JobStore
 
@@ -271,6 +272,18 @@ def list_jobs(
     emit_table(jobs_table(records, now, terminal.out.width, silent))
 
 
+def with_live_steps(store: JobStore, job_id: str, record: JobRecord) -> None:
+    """Give each node of a running job its step from the live progress view: the stored
+    record keeps a node's step only as of its last state move (a node's progress alone does
+    not rewrite its record, `trainctl.state_pieces`)."""
+    rows, _ = store.read_progress_rows(job_id)  # `top` and `metrics` report unreadable ones
+    progress, _ = ProgressView.from_rows(rows)
+    for node in record.nodes:
+        seen = progress.nodes.get(node.name)
+        if seen is not None:
+            node.step = max(node.step or 0, seen.step)
+
+
 def status(
     job_id: str = typer.Argument(..., help=JOB_HELP),
     storage: str | None = STORAGE_OPTION,
@@ -279,6 +292,8 @@ def status(
     """Show a job's state, nodes and attempts."""
     store, job_id = open_job(storage, job_id)
     record = store.read_state(job_id)
+    if record.state in LIVE:
+        with_live_steps(store, job_id, record)
     verdicts = read_node_verdicts(store, job_id)
     blocklist = store.read_blocklist(job_id)
     slurm = schedulers.describe(record)

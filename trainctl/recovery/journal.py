@@ -1,9 +1,9 @@
 """The journal: everything the controller (and `trainctl resume`) records about a job.
 
-The one writer of a running job's ``state.json``, typed events, blocklist, node verdicts,
-stack dumps and GPU time series. It holds the `JobRecord` and the blocklist, makes the
-record's state moves with their events (an attempt's start and end, the job's end,
-exclusions), and scrubs every message it stores of the job's secret values. While
+The one writer of a running job's record (``state.json`` and its pieces), typed events,
+blocklist, node verdicts, stack dumps and GPU time series. It holds the `JobRecord` and the
+blocklist, makes the record's state moves with their events (an attempt's start and end, the
+job's end, exclusions), and scrubs every message it stores of the job's secret values. While
 `writable()` says no (the controller lost its lease: another controller owns the job now),
 it writes nothing.
 """
@@ -47,10 +47,9 @@ from trainctl.state import (
 from trainctl.store import JobStore
 
 STATE_WRITE_INTERVAL_S = 1.0
-"""Progress-only changes are written to state.json at most this often (or, for a big job,
-`state_write_interval`)."""
-STATE_NODES_PER_S = 256
-"""state.json holds every node's record: progress rewrites it at most every N / this s."""
+"""Progress-only changes are written to the store at most this often, at any size: such a
+write is ``state.json`` and the running attempt's record, both O(1) (`trainctl.state_pieces`;
+while ``state.json`` held every node, it grew with N and this slowed to N/256 s)."""
 
 FOLDED_LABEL = {
     "agent_connected": "agent up",
@@ -58,14 +57,6 @@ FOLDED_LABEL = {
     "node_exited": "torchrun ended (stopped or finished)",
 }
 """What a fold of each kind says its nodes did (a verdict fold says its status)."""
-
-
-def state_write_interval(nodes: int) -> float:
-    """How often progress-only changes rewrite ``state.json`` for a job of `nodes` nodes: the
-    file grows with N (200 kB at 1,024 nodes), so a progress rewrite every second cost the
-    controller 7% of a core there; every 4 s at 1,024, 16 s at 4,096. State moves (an attempt
-    starting or ending, an exclusion, the job's end) are written at once whatever the size."""
-    return max(STATE_WRITE_INTERVAL_S, nodes / STATE_NODES_PER_S)
 
 
 CONTROLLER_LOST = "controller_lost"
@@ -93,8 +84,9 @@ class Journal:
         self.writable = writable
         self.blocklist: dict[str, Exclusion] = {}
         self._dirty = False
+        self._state_writer = store.state_writer(record.job_id)
         self._last_state_write = 0.0
-        self._state_interval_s = state_write_interval(len(record.nodes))
+        self._state_interval_s = STATE_WRITE_INTERVAL_S
         self._folder = Folder()
         self.node_documents: dict[str, dict[str, Any]] = {}
         """Each node's latest ``nodes/<node>.json`` document written here (the live view)."""
@@ -176,11 +168,12 @@ class Journal:
         self._dirty = True
 
     def save_state(self, force: bool = True) -> None:
-        """Write ``state.json`` now (`force`), or if it changed and the last write is old."""
+        """Write the record now (`force`), or if it changed and the last write is old: only
+        the pieces that changed since the last write, then ``state.json``."""
         now = time.monotonic()
         due = self._dirty and now - self._last_state_write >= self._state_interval_s
         if (force or due) and self.writable():
-            self.store.write_state(self.record, scrub=self.redactor.data)
+            self._state_writer.write(self.record, scrub=self.redactor.data)
             self._last_state_write = now
             self._dirty = False
 
