@@ -14,11 +14,11 @@ import shutil
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import pytest
 
 from trainctl.checkpoint import holder as holder_module
@@ -236,11 +236,11 @@ def test_mapped_slots_sum_as_slot_crcs_and_follow_a_replaced_or_removed_file(
             os.replace(staged, path)
             assert maps.crcs(path, spans) == slot_crcs(path, spans)
             assert maps.crcs(path, spans) == [
-                f"{zlib.crc32(content[o : o + n]):08x}" for o, n in spans
+                f"{crc32c.crc32c(content[o : o + n]):08x}" for o, n in spans
             ]
         with open(path, "r+b") as file:  # written in place (as a worker does): seen at once
             file.write(b"x" * 100)
-        assert maps.crcs(path, spans)[0] == f"{zlib.crc32(b'x' * 100):08x}"
+        assert maps.crcs(path, spans)[0] == f"{crc32c.crc32c(b'x' * 100):08x}"
         assert len(maps._maps) == 1
         os.unlink(path)
         maps.prune()
@@ -309,7 +309,7 @@ def test_put_slot_writes_the_record_only_when_every_entry_verifies(tmp_path: Pat
         data = bytes(range(256)) * 40
         source.write_bytes(data)
         entries = [(0, 1000), (1024, 3000)]
-        crcs = [f"{zlib.crc32(data[o : o + n]):08x}" for o, n in entries]
+        crcs = [f"{crc32c.crc32c(data[o : o + n]):08x}" for o, n in entries]
         record = {"step": 3, "attempt": 0, "layout": "d"}
         held = "held/n0/slots/rank-00000.slot-0"
         put_slot(server.endpoint, TOKEN, held, str(source), record, entries, crcs, 1e9)
@@ -471,7 +471,7 @@ def _check_restorable(index: RestoreIndex, step: int) -> None:
                         nbytes,
                     )
                 )
-            assert f"{zlib.crc32(data):08x}" == copy.crcs[i]
+            assert f"{crc32c.crc32c(data):08x}" == copy.crcs[i]
             assert data == _payload(rank, step, i, nbytes), (rank, i)
 
 
@@ -534,7 +534,7 @@ def test_checksums_are_discarded_when_the_worker_rewrites_the_slot_while_summed(
         assert summed == {0: (0, tuple(sums["crcs"]))}
         assert sums is not None and sums["step"] == 3
         with open(slot, "rb") as file:
-            assert sums["crcs"] == [f"{zlib.crc32(file.read()):08x}"]
+            assert sums["crcs"] == [f"{crc32c.crc32c(file.read()):08x}"]
     finally:
         holder.close()
 

@@ -27,11 +27,11 @@ from tests.checkpoint.test_ckpt_memory import Recorder
 from trainctl.checkpoint.checkpointer import Checkpointer
 from trainctl.checkpoint.memory import restore_tiers
 from trainctl.checkpoint.peer_wire import PeerServer, read_token
+from trainctl.checkpoint.slot_catalog import checksums_json
 from trainctl.checkpoint.slot_layout import (
     SLOTS_DIR,
     Layout,
     RestoreIndex,
-    SlotChecksums,
     SlotRecord,
     Source,
     checksums_name,
@@ -298,10 +298,8 @@ def test_a_corrupted_entry_falls_back_to_durable_storage_naming_the_checksum(
     assert copy.source.path is not None
     slot = int(copy.source.path.rsplit("-", 1)[-1])
     # The holder's checksums of the good bytes, then bytes flipped inside the first entry.
-    sums = SlotChecksums(index.step, copy.layout.digest, copy.crcs)
-    write_json_atomic(
-        os.path.join(node, SLOTS_DIR, checksums_name(0, slot)), dataclasses.asdict(sums)
-    )
+    sums = checksums_json(SlotRecord(index.step, 0, copy.layout.digest), copy.crcs)
+    write_json_atomic(os.path.join(node, SLOTS_DIR, checksums_name(0, slot)), sums)
     entry = copy.layout.entries[0]
     with open(copy.source.path, "r+b") as file:
         file.seek(entry["offset"])

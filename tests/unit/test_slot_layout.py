@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainctl.checkpoint.slot_layout import (
+    SLOT_SUM,
     Layout,
     RankCopy,
     RestoreIndex,
@@ -39,9 +40,11 @@ def test_records_are_replaced_atomically_and_bad_ones_read_as_none(tmp_path: Pat
     assert read_json(str(tmp_path / "bad.json")) is None
     assert read_json(str(tmp_path / "missing.json")) is None
     assert SlotRecord.from_json({"step": "x"}) is None
-    assert SlotChecksums.from_json({"step": 1, "layout": "d", "crcs": ["0a0b0c0d"]}) == (
-        SlotChecksums(1, "d", ("0a0b0c0d",))
-    )
+    sums = {"step": 1, "layout": "d", "algorithm": SLOT_SUM, "crcs": ["0a0b0c0d"]}
+    assert SlotChecksums.from_json(sums) == SlotChecksums(1, "d", ("0a0b0c0d",))
+    # An older release's CRC-32 sums (no algorithm named) are not this release's: summed again.
+    assert SlotChecksums.from_json({"step": 1, "layout": "d", "crcs": ["0a0b0c0d"]}) is None
+    assert SlotChecksums.from_json({**sums, "algorithm": "crc32"}) is None
 
 
 def test_layout_digest_changes_with_the_layout_and_index_round_trips() -> None:
@@ -57,7 +60,7 @@ def test_layout_digest_changes_with_the_layout_and_index_round_trips() -> None:
             RankCopy(layout, Source(path="/dev/shm/x/rank-00001.slot-0"), ("1", "2")),
             RankCopy(
                 layout,
-                Source(endpoint="127.0.0.1:1", token="t", relative="held/n/s", kind="replica"),
+                Source(endpoint="127.0.0.1:1", relative="held/n/s", kind="replica"),
                 ("3", "4"),
             ),
         ),

@@ -45,8 +45,8 @@ from collections.abc import Callable
 from typing import Any
 
 from trainctl.checkpoint.checksum import format_checksum
-from trainctl.checkpoint.slot_catalog import crc_text, read_json_tree, slot_crcs
-from trainctl.checkpoint.slot_layout import SlotRecord, write_json_atomic
+from trainctl.checkpoint.slot_catalog import crc_text, entry_sum, read_json_tree, slot_crcs
+from trainctl.checkpoint.slot_layout import SLOT_SUM, SlotRecord, write_json_atomic
 
 CHUNK = 4 * 2**20
 """Bytes per socket write/read (and per pacing step)."""
@@ -187,7 +187,8 @@ class _Handler(socketserver.StreamRequestHandler):
                 f"put_slot {os.path.basename(path)}: entry {bad[0]} (of {len(bad)} bad) fails "
                 f"its CRC ({got[bad[0]]} != {expected[bad[0]]}): the record is not written"
             )
-        write_json_atomic(f"{path}.crc.json", {**request["checksums"], "crcs": expected})
+        sums = {**request["checksums"], "algorithm": SLOT_SUM, "crcs": expected}  # as summed here
+        write_json_atomic(f"{path}.crc.json", sums)
         write_json_atomic(f"{path}.json", request["record"])
 
     def _receive_into(self, file: Any, size: int, spans: list[tuple[int, int]]) -> list[str]:
@@ -213,7 +214,7 @@ class _Handler(socketserver.StreamRequestHandler):
                     done += got
                     while ready < len(order) and sum(spans[order[ready]]) <= done:
                         offset, nbytes = spans[order[ready]]
-                        crcs[order[ready]] = crc_text(zlib.crc32(view[offset : offset + nbytes]))
+                        crcs[order[ready]] = entry_sum(view[offset : offset + nbytes])
                         ready += 1
                 return crcs
             finally:

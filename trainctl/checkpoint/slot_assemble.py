@@ -55,7 +55,7 @@ from trainctl.checkpoint.slot_layout import (
 STATUS_NAME = "status.json"
 """``restore/status.json``: which step was chosen, its tier, how long it took, what was skipped."""
 VERIFY_THREADS = 8
-"""Ranks verified at once (zlib releases the GIL; a peer sums its copies in parallel too)."""
+"""Ranks verified at once (the sum releases the GIL; a peer sums its copies in parallel too)."""
 
 
 @dataclasses.dataclass(frozen=True)

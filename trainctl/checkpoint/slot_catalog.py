@@ -17,11 +17,12 @@ import os
 import re
 import threading
 import time
-import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from trainctl.checkpoint.slot_layout import Layout, SlotChecksums, SlotRecord
+import crc32c
+
+from trainctl.checkpoint.slot_layout import SLOT_SUM, Layout, SlotChecksums, SlotRecord
 
 _NAME = re.compile(r"^rank-(\d+)\.(layout|slot-(\d+)|slot-(\d+)\.crc)\.json$")
 
@@ -111,7 +112,12 @@ def _parse_layout(value: Any) -> tuple[Layout, str] | None:
 
 def checksums_json(record: SlotRecord, crcs: Sequence[str]) -> dict[str, Any]:
     """The ``.crc.json`` document of a slot holding `record` (`SlotChecksums`)."""
-    return {"step": record.step, "layout": record.layout, "crcs": list(crcs)}
+    return {
+        "step": record.step,
+        "layout": record.layout,
+        "algorithm": SLOT_SUM,
+        "crcs": list(crcs),
+    }
 
 
 def record_json(record: SlotRecord) -> dict[str, Any]:
@@ -125,7 +131,7 @@ def spans(layout: Layout) -> list[tuple[int, int]]:
 
 def slot_crcs(path: str, entries: Sequence[tuple[int, int]]) -> list[str]:
     """The CRC32 of every (offset, nbytes) range of the file at `path`, summed over an mmap
-    (zlib releases the GIL: training threads run meanwhile). Raises OSError when the file is
+    (`entry_sum` releases the GIL: training threads run meanwhile). Raises OSError when the file is
     missing or shorter than an entry."""
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
@@ -136,17 +142,20 @@ def slot_crcs(path: str, entries: Sequence[tuple[int, int]]) -> list[str]:
         with mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ) as mapped:
             view = memoryview(mapped)
             try:
-                return [
-                    crc_text(zlib.crc32(view[offset : offset + nbytes]))
-                    for offset, nbytes in entries
-                ]
+                return [entry_sum(view[offset : offset + nbytes]) for offset, nbytes in entries]
             finally:
                 view.release()
 
 
 def crc_text(value: int) -> str:
-    """A CRC32 as `SlotChecksums` keeps it: 8 hex digits."""
+    """A CRC as `SlotChecksums` keeps it: 8 hex digits."""
     return f"{value & 0xFFFFFFFF:08x}"
+
+
+def entry_sum(data: Any) -> str:
+    """The checksum of one slot entry's bytes (`SLOT_SUM`, as `crc_text`). The GIL is released
+    while it sums (the library does so past 32 KiB)."""
+    return crc_text(crc32c.crc32c(data))
 
 
 def read_json_tree(folder: str, cache: JsonCache | None = None) -> dict[str, Any]:
@@ -239,9 +248,7 @@ class MappedSlots:
                 self._maps[path] = known = (key, mapped)
         view = memoryview(known[1])
         try:
-            return [
-                crc_text(zlib.crc32(view[offset : offset + nbytes])) for offset, nbytes in entries
-            ]
+            return [entry_sum(view[offset : offset + nbytes]) for offset, nbytes in entries]
         finally:
             view.release()
 

@@ -22,15 +22,14 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import os
-import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from trainctl.checkpoint.peer_wire import PeerError, fetch_range_into
-from trainctl.checkpoint.slot_catalog import crc_text
-from trainctl.checkpoint.slot_layout import RankCopy
+from trainctl.checkpoint.slot_catalog import entry_sum
+from trainctl.checkpoint.slot_layout import SLOT_SUM, RankCopy
 from trainctl.checkpoint.slots import SlotError
 
 SPAN_LIMIT = 256 * 2**20
@@ -150,13 +149,13 @@ def source_text(copy: RankCopy) -> str:
 def check_crc(copy: RankCopy, entry_index: int, data: memoryview) -> None:
     """Raise SlotChecksumError unless `data` (the entry's bytes) sums to the recorded CRC."""
     want = copy.crcs[entry_index].rsplit(":", 1)[-1].lower()
-    have = crc_text(zlib.crc32(data))
+    have = entry_sum(data)
     if have != want:
         entry = copy.layout.entries[entry_index]
         name = entry.get("fqn") or "the non-tensor values"
         raise SlotChecksumError(
             f"{source_text(copy)}: entry {entry_index} ({name}) fails its checksum: "
-            f"crc32 {have}, expected {want}"
+            f"{SLOT_SUM} {have}, expected {want}"
         )
 
 
