@@ -135,16 +135,25 @@ def slot_crcs(path: str, entries: Sequence[tuple[int, int]]) -> list[str]:
     missing or shorter than an entry."""
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
-        if any(offset < 0 or offset + nbytes > size for offset, nbytes in entries):
-            raise OSError(f"{path}: {size} bytes, shorter than its layout")
+        _check_fits(path, size, entries)
         if size == 0:
             return [crc_text(0) for _ in entries]
         with mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ) as mapped:
-            view = memoryview(mapped)
-            try:
-                return [entry_sum(view[offset : offset + nbytes]) for offset, nbytes in entries]
-            finally:
-                view.release()
+            return sum_entries(mapped, entries)
+
+
+def _check_fits(path: str, size: int, entries: Sequence[tuple[int, int]]) -> None:
+    if any(offset < 0 or offset + nbytes > size for offset, nbytes in entries):
+        raise OSError(f"{path}: {size} bytes, shorter than its layout")
+
+
+def sum_entries(buffer: Any, entries: Sequence[tuple[int, int]]) -> list[str]:
+    """`entry_sum` of every (offset, nbytes) range of `buffer` (a slot's bytes), in order."""
+    view = memoryview(buffer)
+    try:
+        return [entry_sum(view[offset : offset + nbytes]) for offset, nbytes in entries]
+    finally:
+        view.release()
 
 
 def crc_text(value: int) -> str:
@@ -236,8 +245,7 @@ class MappedSlots:
         with open(path, "rb") as file:
             stat = os.fstat(file.fileno())
             size = stat.st_size
-            if any(offset < 0 or offset + nbytes > size for offset, nbytes in entries):
-                raise OSError(f"{path}: {size} bytes, shorter than its layout")
+            _check_fits(path, size, entries)
             if size == 0:
                 return [crc_text(0) for _ in entries]
             key = (stat.st_ino, size)
@@ -246,11 +254,7 @@ class MappedSlots:
                 self.forget(path)
                 mapped = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ)
                 self._maps[path] = known = (key, mapped)
-        view = memoryview(known[1])
-        try:
-            return [entry_sum(view[offset : offset + nbytes]) for offset, nbytes in entries]
-        finally:
-            view.release()
+        return sum_entries(known[1], entries)
 
     def forget(self, path: str) -> None:
         known = self._maps.pop(path, None)

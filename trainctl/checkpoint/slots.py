@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
-from trainctl.checkpoint.slot_catalog import entry_sum, slot_crcs, spans
+from trainctl.checkpoint.slot_catalog import slot_crcs, spans, sum_entries
 from trainctl.checkpoint.slot_layout import (
     SLOT_COUNT,
     SLOTS_DIR,
@@ -138,8 +138,7 @@ def plan_layout(flat: Mapping[str, Any], rank: int, world_size: int, attempt: in
 
 def entry_crcs(buffer: Any, layout: Layout) -> tuple[str, ...]:
     """`entry_sum` (8 hex digits) of every entry of `layout` in `buffer` (a slot's bytes)."""
-    view = memoryview(buffer)
-    return tuple(entry_sum(view[offset : offset + nbytes]) for offset, nbytes in spans(layout))
+    return tuple(sum_entries(buffer, spans(layout)))
 
 
 def dtype_of(name: str) -> torch.dtype:
