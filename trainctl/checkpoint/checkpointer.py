@@ -66,7 +66,12 @@ from trainctl.checkpoint.step_save import (
     EarlyMetadata,
     save_step,
 )
-from trainctl.checkpoint.storage import MIB, Storage, TransferConfig, open_storage
+from trainctl.checkpoint.storage import (
+    MIB,
+    Storage,
+    TransferConfig,
+    open_storage,
+)
 from trainctl.events import (
     CheckpointCommitted,
     CheckpointFailed,
@@ -76,19 +81,12 @@ from trainctl.events import (
 )
 from trainctl.spec import CheckpointSpec
 
-__all__ = ["Checkpointer", "RestoreError", "SaveOutcome", "transfer_config"]
+__all__ = ["Checkpointer", "RestoreError", "SaveOutcome"]
 
 log = logging.getLogger(__name__)
 
 DEFAULTS = CheckpointSpec()
 """The ``checkpoint:`` section's defaults: the one source of this class's defaults too."""
-
-
-def transfer_config(spec: CheckpointSpec) -> TransferConfig:
-    """How a recipe's ``checkpoint:`` section moves bytes."""
-    return TransferConfig(
-        part_size=spec.part_size_mb * MIB, concurrency=spec.concurrency, direct_io=spec.direct_io
-    )
 
 
 # DCP warns on every save/load without a process group; one process (tests, the CLI, a

@@ -29,12 +29,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainctl.checkpoint.checksum import BytesLike, StreamingChecksum
 from trainctl.checkpoint.layout import join
 from trainctl.checkpoint.manifest import ObjectRecord
 from trainctl.errors import StorageError
+
+if TYPE_CHECKING:
+    from trainctl.spec import CheckpointSpec
 
 MIB = 1 << 20
 
@@ -54,7 +57,7 @@ class CorruptObjectError(StorageError):
 
 @dataclass(frozen=True)
 class TransferConfig:
-    """How objects move between memory and storage."""
+    """How objects move between memory and storage (`transfer_config`: a recipe's)."""
 
     part_size: int = 64 * MIB
     """Bytes per multipart part / ranged read, and the checksum block size of new objects."""
@@ -88,6 +91,15 @@ class TransferConfig:
         """Delay before retry number `attempt` (1-based): exponential with full jitter."""
         ceiling = min(self.backoff_max_s, self.backoff_s * (2 ** (attempt - 1)))
         return random.uniform(ceiling / 2, ceiling)
+
+
+def transfer_config(spec: CheckpointSpec) -> TransferConfig:
+    """How a recipe's ``checkpoint:`` section moves bytes. Here, not in the checkpointer: the
+    controller raises the checkpoint fence with it, and importing the checkpointer (torch)
+    cost every job's first attempt ~1 s of startup."""
+    return TransferConfig(
+        part_size=spec.part_size_mb * MIB, concurrency=spec.concurrency, direct_io=spec.direct_io
+    )
 
 
 HEAD_BYTES = 1 * MIB

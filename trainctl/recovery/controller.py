@@ -426,8 +426,7 @@ class Controller:
         if not root or not checkpoint.interval_steps:
             return
         try:
-            from trainctl.checkpoint.checkpointer import transfer_config
-            from trainctl.checkpoint.storage import open_storage
+            from trainctl.checkpoint.storage import open_storage, transfer_config
 
             options = merge_options(
                 checkpoint.storage_options, self.options.secrets.storage_options

@@ -22,12 +22,12 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
-from trainctl.checkpoint.checkpointer import Checkpointer, transfer_config
+from trainctl.checkpoint.checkpointer import Checkpointer
 from trainctl.checkpoint.fence import FencedStorage
 from trainctl.checkpoint.layout import node_memory_root
 from trainctl.checkpoint.memory import restore_tiers
 from trainctl.checkpoint.outage import OUTAGE_FILE, InjectedOutage
-from trainctl.checkpoint.storage import open_storage
+from trainctl.checkpoint.storage import open_storage, transfer_config
 from trainctl.runtime.memory_tier import MemoryTier
 from trainctl.runtime.reporter import Reporter
 from trainctl.secrets import JobSecrets, merge_options
