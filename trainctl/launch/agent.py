@@ -1,16 +1,16 @@
 """The node agent: one per node for the whole job, owns everything that runs there.
 
-It connects to the controller (one connection per node, every message carrying the job's
-token) and stays up across attempts, so a relaunch costs no agent start-up and a spare node
-waits on standby with its health already known. Per attempt (a `Launch` naming the attempt's
-plan) it runs the pre-rendezvous health gate and reports its verdict (an UNHEALTHY node never
-starts torchrun), starts torchrun with the node's planned argv and environment — through a
-*warm* torchrun that imported torch ahead of time (`trainctl.launch.torchrun`) — re-probes
-every ``health.probe_interval_s``, relays its workers' heartbeats in batches (every step's
-times kept, for straggler detection), dumps its workers' stacks on `DumpStacks` and reports
-torchrun's exit with any error files. `Stop` ends the attempt (``kill`` after a failure:
-SIGKILL at once, nothing to save; ``graceful``: SIGTERM, then SIGKILL after the grace, so
-workers can checkpoint); `Shutdown` or a lost controller ends the agent. torchrun's workers
+It connects to the controller (one connection per node, every message carrying the job's token)
+and stays up across attempts, so a relaunch costs no agent start-up and a spare node waits on
+standby with its health already known. Per attempt (a `Launch` naming the attempt's plan) it
+runs the pre-rendezvous health gate and reports its verdict (an UNHEALTHY node never starts
+torchrun), starts torchrun with the node's planned argv and environment (forked from the node's
+torchrun server, which imported torch once when the agent started: `trainctl.launch.torchrun`),
+re-probes every ``health.probe_interval_s``, relays its workers' heartbeats in batches (every
+step's times kept, for straggler detection), dumps its workers' stacks on `DumpStacks` and
+reports torchrun's exit with any error files. `Stop` ends the attempt (``kill`` after a
+failure: SIGKILL at once, nothing to save; ``graceful``: SIGTERM, then SIGKILL after the grace,
+so workers can checkpoint); `Shutdown` or a lost controller ends the agent. torchrun's workers
 live in their own sessions, so the agent is a child subreaper and walks /proc to find them.
 
 Run as ``python -m trainctl.launch.agent NODE CONTROL_ENDPOINT`` with the token in
@@ -42,7 +42,7 @@ from trainctl.launch.control_agent import ControlClient
 from trainctl.launch.gpu_sampler import GpuUsageSampler
 from trainctl.launch.node_attempt import Attempt, gate_config, liveness_policy
 from trainctl.launch.plan import LaunchPlan
-from trainctl.launch.torchrun import WarmTorchrun, can_warm_start
+from trainctl.launch.torchrun import TorchrunServer, can_warm_start
 from trainctl.launch.workers import WorkerCountError
 from trainctl.protocol import (
     Disconnected,
@@ -95,7 +95,8 @@ class Agent:
         self._gate_key: tuple[GatePlan, str | None] | None = None
         self._probing_done = threading.Event()
         self._probe_thread: threading.Thread | None = None
-        self._warm: WarmTorchrun | None = None
+        self.torchruns: TorchrunServer | None = None
+        """The node's torchrun server (`warm_up`): every attempt's torchrun is a fork of it."""
         self._log: IO[bytes] | None = None
         self.zygote: subprocess.Popen[bytes] | None = None
         self.progress_s = PROGRESS_BATCH_S
@@ -186,9 +187,12 @@ class Agent:
             )
 
     def warm_up(self, log_path: str) -> None:
-        """Have a torchrun importing torch now, ready for the next attempt."""
-        if self._warm is None or self._warm.process.poll() is not None:
-            self._warm = WarmTorchrun(self.python, dict(os.environ), self._log_file(log_path))
+        """Have the node's torchrun server running (importing torch now, if it was not), so
+        the next attempt's torchrun is a fork (started once; again if it died)."""
+        if self.torchruns is None or not self.torchruns.alive():
+            if self.torchruns is not None:
+                self.torchruns.discard()
+            self.torchruns = TorchrunServer(self.python, dict(os.environ), self._log_file(log_path))
 
     def start_torchrun(self, attempt: Attempt, count: int = 0) -> None:
         node = attempt.node
@@ -201,9 +205,11 @@ class Agent:
         log.write(f"--- attempt {attempt.plan.attempt} on {node.name}\n".encode())
         attempt.log_offset = log.tell()
         argv = workers.with_workers(node.argv, count) if count else list(node.argv)
-        if can_warm_start(argv) and self._warm is not None:
-            warm, self._warm = self._warm, None
-            attempt.torchrun = warm.start(argv[3:], env)
+        forked = None
+        if can_warm_start(argv) and self.torchruns is not None and self.torchruns.alive():
+            forked = self.torchruns.start(argv[3:], env, node.log_path)
+        if forked is not None:
+            attempt.torchrun = forked
         else:
             attempt.torchrun = subprocess.Popen(
                 argv,
@@ -283,6 +289,7 @@ class Agent:
         log_path = os.environ.get(Env.AGENT_LOG)
         if log_path:
             self.start_zygote(log_path)
+            self.warm_up(log_path)  # the first attempt's torchrun is a fork too
         while self.quit_reason is None:
             self._handle_control()
             if self.attempt is not None:
@@ -374,11 +381,11 @@ class Agent:
                 return
 
     def _attempt_processes(self) -> list[int]:
-        """Every descendant except what waits for the next attempt: the warm torchrun and the
-        zygote itself (its children are this attempt's workers)."""
+        """Every descendant except what serves every attempt: the torchrun server and the
+        zygote themselves (their children are this attempt's torchrun and workers)."""
         spare: set[int] = set()
-        if self._warm is not None:
-            spare |= set(proctree.descendants(self._warm.process.pid)) | {self._warm.process.pid}
+        if self.torchruns is not None:
+            spare.add(self.torchruns.process.pid)
         if self.zygote is not None:
             spare.add(self.zygote.pid)
         return [pid for pid in proctree.descendants(os.getpid()) if pid not in spare]
@@ -407,8 +414,8 @@ class Agent:
         if self.prober is not None:
             self.prober.close()
         self.gpu_usage.close()
-        if self._warm is not None:
-            self._warm.discard()
+        if self.torchruns is not None:
+            self.torchruns.discard()
         if self.zygote is not None and self.zygote.poll() is None:
             self.zygote.kill()
             self.zygote.wait()

@@ -19,7 +19,7 @@ from trainctl.health.verdict import GIB
 from trainctl.launch import evidence, workers
 from trainctl.launch.control_agent import WorkerChannel, worker_socket_address
 from trainctl.launch.plan import LaunchPlan, NodePlan
-from trainctl.launch.torchrun import collect_error_files
+from trainctl.launch.torchrun import ForkedTorchrun, collect_error_files
 from trainctl.protocol import Env, ErrorFile, Exit, GatePlan, Stop
 
 
@@ -44,7 +44,7 @@ class Attempt:
         self.workers = WorkerChannel(
             worker_socket_address(plan.job_id, plan.attempt, node.name), worker_token
         )
-        self.torchrun: subprocess.Popen[bytes] | None = None
+        self.torchrun: subprocess.Popen[bytes] | ForkedTorchrun | None = None
         self.stop: Stop | None = None
         """Set once the controller asked this attempt to stop."""
         self.stacks_dir = Path(node.error_dir).parent / f"{node.name}-stacks"
