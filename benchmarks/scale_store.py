@@ -5,7 +5,7 @@
   (targets: status < 1 s, events and report < 5 s), beside the floor: listing the directory
   and reading every file's bytes.
 - `rdzv_bench`: torchrun's c10d rendezvous on a TCPStore hosted as the controller hosts it
-  (`controller.start_rendezvous_store`), under N clients (each its own TCPStore connection, as
+  (`rendezvous.start_rendezvous_store`), under N clients (each its own TCPStore connection, as
   each node's agent has one) multiplexed on threads of a few spawned processes, doing the
   dynamic rendezvous's key pattern (`torch.distributed.elastic.rendezvous`): a first join
   skewed by 0-0.3 s, the whole rendezvous state in one key read with `get` and written with
@@ -168,7 +168,7 @@ def _clients(port: int, first: int, count: int, nodes: int) -> None:
 def rdzv_once(nodes: int) -> dict[str, Any]:
     """One full rendezvous of `nodes` clients in ceil(nodes / 64) processes; its time (``go`` ->
     the last node saw the full round), the store traffic, and how long connecting took."""
-    from trainctl.recovery.controller import start_rendezvous_store
+    from trainctl.recovery.rendezvous import start_rendezvous_store
 
     master, port = start_rendezvous_store("127.0.0.1")
     master.set(RDZV_KEY, _state({}))

@@ -26,7 +26,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from trainctl.cancel import CANCEL, CancelWatch
 from trainctl.checkpoint import fence
@@ -52,25 +51,13 @@ from trainctl.recovery.gpu_recorder import GpuRecorder
 from trainctl.recovery.intake import Intake
 from trainctl.recovery.journal import Journal
 from trainctl.recovery.live_view import LiveView, MetricsEndpoint
+from trainctl.recovery.rendezvous import RendezvousStore
 from trainctl.secrets import JobSecrets, merge_options
 from trainctl.spec import JobSpec
 from trainctl.state import JobState, NodeState
 
 FAILURE_HISTORY = 20
 """Failure signatures remembered for crash-loop detection."""
-
-
-def start_rendezvous_store(host: str, port: int = 0) -> tuple[Any, int]:
-    """Host the c10d rendezvous TCPStore on `port` (0: one the OS chooses). Returns (store,
-    port)."""
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    store = dist.TCPStore(
-        host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60)
-    )
-    return store, int(store.port)
 
 
 @dataclasses.dataclass
@@ -126,7 +113,6 @@ class Controller:
                 health.heartbeat_interval_s, spec.nodes + spec.spare_nodes
             ),
         )
-        self.rdzv_port = 0
         self.faults = plan_faults(
             spec, self.scheduler, journal, self.run_dir / "faults", self.say, self.server.peers.get
         )
@@ -177,9 +163,7 @@ class Controller:
 
         proctree.become_subreaper()
         self.journal.controller_started(os.uname().nodename)
-        rdzv_store, self.rdzv_port = start_rendezvous_store(
-            self.options.rdzv_host, self.options.rdzv_port
-        )
+        self.rdzv = RendezvousStore(self.options.rdzv_host, self.options.rdzv_port)
         self.journal.load_blocklist()
         if self.options.secrets:
             self.options.secrets.write(self.secrets_path)
@@ -202,16 +186,18 @@ class Controller:
             self.server.close()
             self.faults.close()
             JobSecrets.remove(self.secrets_path)
-            del rdzv_store
+            self.rdzv.close()
             self.store.upload_logs(self.record.job_id)
 
-    def _facts(self) -> Facts:
+    def _facts(self, rendezvous: bool = True) -> Facts:
+        """The job's paths and endpoints (`rendezvous=False`: without the rendezvous port, so
+        agents can start before the store is up)."""
         return Facts(
             python=self.options.python,
             storage_root=self.store.root,
             run_dir=str(self.run_dir),
             rdzv_host=self.options.rdzv_host,
-            rdzv_port=self.rdzv_port,
+            rdzv_port=self.rdzv.port() if rendezvous else 0,
             control_endpoint=self.server.endpoint,
             checkpoint_root=self.store.checkpoint_root(
                 self.record.job_id, self.spec.checkpoint.storage
@@ -322,7 +308,7 @@ class Controller:
 
     # -- agents ------------------------------------------------------------------------------
     def _agent_env(self, node: str) -> tuple[dict[str, str], str]:
-        facts = self._facts()
+        facts = self._facts(rendezvous=False)
         log_path = self._log_path(node)
         env = agent_env(self.spec, facts, self.record.job_id, node)
         env[Env.AGENT_LOG] = log_path
@@ -351,7 +337,7 @@ class Controller:
         return Probe("standby", gate_plan(self.spec, self._facts()), self._rdzv_endpoint())
 
     def _rdzv_endpoint(self) -> str:
-        return f"{self.options.rdzv_host}:{self.rdzv_port}"
+        return f"{self.options.rdzv_host}:{self.rdzv.port()}"
 
     def _pool(self, active: tuple[str, ...]) -> list[str]:
         """The attempt's nodes plus the spares that should wait on standby."""
