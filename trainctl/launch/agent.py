@@ -30,7 +30,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from trainctl.checkpoint.holder import Holder, PeerSet
 from trainctl.checkpoint.peer_wire import read_token
@@ -42,7 +42,7 @@ from trainctl.launch.control_agent import ControlClient
 from trainctl.launch.gpu_sampler import GpuUsageSampler
 from trainctl.launch.node_attempt import Attempt, gate_config, liveness_policy
 from trainctl.launch.plan import LaunchPlan
-from trainctl.launch.torchrun import TorchrunServer, can_warm_start
+from trainctl.launch.torchrun import ForkedTorchrun, TorchrunServer, can_warm_start
 from trainctl.launch.workers import WorkerCountError
 from trainctl.protocol import (
     Disconnected,
@@ -357,7 +357,10 @@ class Agent:
             if attempt.stop is not None:
                 self.shutdown(attempt, attempt.stop)
                 return
-            select.select([attempt.workers], [], [], 0.1)
+            waits: list[Any] = [attempt.workers]
+            if isinstance(torchrun, ForkedTorchrun) and not torchrun.server.closed:
+                waits.append(torchrun.server)  # its exit wakes this loop at once
+            select.select(waits, [], [], 0.1)
             self._forward_progress(attempt, pending)
             now = time.monotonic()
             if pending and now - last_flush >= self.progress_s:

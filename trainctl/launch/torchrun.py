@@ -81,6 +81,10 @@ class TorchrunServer:
     def alive(self) -> bool:
         return not self.closed and self.process.poll() is None
 
+    def fileno(self) -> int:
+        """The status pipe: readable when the server says something (a torchrun ended)."""
+        return self._status
+
     def start(self, argv: list[str], env: dict[str, str], log_path: str) -> ForkedTorchrun | None:
         """Fork torchrun with `argv` (after ``-m torch.distributed.run``) and `env` on top of
         the server's environment, its output appended to `log_path`; None when the server
