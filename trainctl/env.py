@@ -49,9 +49,10 @@ class Env:
     """Testing: where a planned storage-outage fault is signalled (absent: none planned)."""
     AGENT_SOCKET = "TRAINCTL_AGENT_SOCKET"
     WORKER_TOKEN = "TRAINCTL_WORKER_TOKEN"
-    PEER_TOKEN = "TRAINCTL_PEER_TOKEN"
-    """What a worker reads peers' memory-tier copies with (`peer_wire.read_token`: ``get`` only,
-    derived from the job's token); never written to a file."""
+    PEER_TOKEN_FILE = "TRAINCTL_PEER_TOKEN_FILE"
+    """A 0600 file (in the node's memory-tier directory) with what a worker reads peers'
+    memory-tier copies with (`peer_wire.read_token`: ``get`` only, derived from the job's
+    token). A file, not the value: environments leak (``ps e``, crash reports, children)."""
     STACKS_DIR = "TRAINCTL_STACKS_DIR"
     WORKER_SERVER_DIR = "TRAINCTL_WORKER_SERVER_DIR"
     """A private directory where each worker serves torch's debug handlers on

@@ -142,13 +142,7 @@ class JobSecrets:
 
     def write(self, path: Path) -> None:
         """Write the values to `path`, readable by this user only (its directory too)."""
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"env": self.env, "storage_options": self.storage_options}, handle)
-        os.replace(tmp, path)
+        write_private(path, json.dumps({"env": self.env, "storage_options": self.storage_options}))
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> JobSecrets:
@@ -168,6 +162,28 @@ class JobSecrets:
             path.unlink()
         except OSError:
             pass
+
+
+def write_private(path: Path, text: str) -> None:
+    """`text` in `path`, readable by this user only (its directory too), replaced whole."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def read_private(path: str) -> str:
+    """What `write_private` stored at `path` ("" when there is no path or no file)."""
+    if not path:
+        return ""
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except OSError:
+        return ""
 
 
 def apply_worker_secrets(environ: dict[str, str] | os._Environ[str]) -> None:

@@ -52,6 +52,7 @@ from trainctl.checkpoint.slots import (
 )
 from trainctl.env import Env
 from trainctl.runtime.checkpoint import ModelAndOptimizer, TrainerState
+from trainctl.secrets import write_private
 
 pytestmark = pytest.mark.timeout(300)
 SHM = "/dev/shm"
@@ -258,7 +259,7 @@ def _restore(index: RestoreIndex | str, durable: str, events: Recorder) -> tuple
 
 
 def test_one_rank_reshards_two_ranks_slots_reading_one_from_a_peer(
-    saved: dict[str, Any], shm_dir: str, monkeypatch: pytest.MonkeyPatch
+    saved: dict[str, Any], shm_dir: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     local = _copy(saved, shm_dir, "local")
     remote = _copy(saved, shm_dir, "remote")
@@ -271,8 +272,12 @@ def test_one_rank_reshards_two_ranks_slots_reading_one_from_a_peer(
         if name.startswith("rank-00001"):
             os.unlink(os.path.join(local, SLOTS_DIR, name))
     server = PeerServer(remote, "secret-token", "127.0.0.1").start()
-    # The worker reads the peer with the read token its agent put in its environment.
-    monkeypatch.setenv(Env.PEER_TOKEN, read_token("secret-token"))
+    # The worker reads the peer with the read token its agent put in a file only it reads.
+    token_file = tmp_path / "agent" / "peer-read-token"
+    write_private(token_file, read_token("secret-token"))
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert token_file.parent.stat().st_mode & 0o777 == 0o700
+    monkeypatch.setenv(Env.PEER_TOKEN_FILE, str(token_file))
     try:
         source = Source(endpoint=server.endpoint, relative=relative, kind="replica")
         ranks = (index.ranks[0], dataclasses.replace(copy, source=source))

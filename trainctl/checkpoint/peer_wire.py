@@ -6,8 +6,8 @@ JSON line — ``{"token", "op", "path", "size", "checksum"}`` — then ``size`` 
 ``put``; each answer is one JSON line — ``{"ok", "error", "size"}`` — then ``size`` raw bytes for
 a ``get``. Every request carries the job's control token (the agents' shared secret), compared in
 constant time; a request without it is refused before anything is read or written. A worker
-restoring from a peer holds only the read token derived from it (`read_token`, in its
-environment), which a holder accepts for ``get`` alone.
+restoring from a peer holds only the read token derived from it (`read_token`, in a 0600
+file its agent writes), which a holder accepts for ``get`` alone.
 
 Operations, with paths relative to the holder's node directory (never absolute, never ``..``;
 a peer writes only under ``held/``, what this holder keeps for others):
@@ -400,7 +400,8 @@ def fetch_range_into(
 
 def read_token(token: str) -> str:
     """The token a worker reads peers' slots with (``get`` only), derived from the job's
-    `token`: the workers never hold the job's token, and no file holds either."""
+    `token`: the workers never hold the job's token (the agent hands them this one in a
+    0600 file, `Env.PEER_TOKEN_FILE`)."""
     return hmac.new(token.encode(), b"trainctl-peer-read", "sha256").hexdigest()
 
 

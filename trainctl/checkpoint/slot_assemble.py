@@ -7,8 +7,8 @@ every rank of their attempt has a copy of, and the copies are verified best firs
 one by summing it here, a peer's by asking that peer to sum it (``checksum``: the bytes do not
 move) — against the CRCs the holders recorded. The first step whose every rank has a copy that
 verifies is written to ``restore/index.json``; no data is copied: the workers read local slots
-in place and remote ones by range, with the read token of their environment (the index holds
-no secret: any reader of the node's tmpfs may see it).
+in place and remote ones by range, with the read token their agent gave them in a 0600 file
+(the index holds no secret: any reader of the node's tmpfs may see it).
 """
 
 from __future__ import annotations

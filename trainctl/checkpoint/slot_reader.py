@@ -6,7 +6,7 @@ copy: a local file first); DCP's planner then decides what this rank needs, so a
 change reshards from memory exactly as from storage. `read_data` reads only the entries its
 load plan asks for (`slot_fetch`): a stored chunk that maps whole onto its destination straight
 into the destination's memory (``preadv`` from a local copy, `Source.path`; a ranged get from a
-remote one, `Source.endpoint`, with the read token of the worker's environment), the others
+remote one, `Source.endpoint`, with the read token of the worker's token file), the others
 through a read-only mmap or one reused staging buffer. Every entry is checked against its CRC
 before it is committed; a direct one lands first, so a mismatch leaves the state dirty and the
 durable restore that follows overwrites all of it.
@@ -56,6 +56,7 @@ from trainctl.checkpoint.slot_layout import RankCopy, RestoreIndex
 from trainctl.checkpoint.slots import OBJECTS, OBJECTS_HEADER, TENSOR, SlotError, dtype_of
 from trainctl.env import Env
 from trainctl.events import CheckpointRestored
+from trainctl.secrets import read_private
 
 EventSink = Callable[[str, dict[str, Any]], None]
 __all__ = ["SPAN_LIMIT", "SlotChecksumError", "SlotReader", "SlotRestorer", "agree_on_step"]
@@ -74,10 +75,13 @@ class SlotReader(StorageReader):
 
     def __init__(self, index: RestoreIndex, token: str | None = None) -> None:
         """`token`: what peers' copies are read with (default: the worker's environment,
-        ``TRAINCTL_PEER_TOKEN``, set by the node agent; the index never holds it)."""
+        the file ``TRAINCTL_PEER_TOKEN_FILE`` names, written by the node agent; the index
+        never holds it)."""
         super().__init__()
         self.index = index
-        self.token = os.environ.get(Env.PEER_TOKEN, "") if token is None else token
+        if token is None:
+            token = read_private(os.environ.get(Env.PEER_TOKEN_FILE, ""))
+        self.token = token
         self._where: dict[tuple[str, tuple[int, ...] | None], _Where] = {}
 
     def reset(self, checkpoint_id: Any = None) -> None:

@@ -67,9 +67,12 @@ from trainctl.protocol import (
     WorkerProgress,
     new_token,
 )
+from trainctl.secrets import write_private
 
 PROGRESS_BATCH_S = 0.25
 """Heartbeats are forwarded at most this often (one message per node, not per worker)."""
+PEER_TOKEN_NAME = "peer-read-token"
+"""In the node's memory-tier directory: the workers' read token for peers' slots (0600)."""
 MAX_SAMPLES_PER_RANK = 256
 """Per-step samples kept per rank between two forwards (bounded if the controller stalls)."""
 
@@ -194,10 +197,18 @@ class Agent:
                 self.torchruns.discard()
             self.torchruns = TorchrunServer(self.python, dict(os.environ), self._log_file(log_path))
 
+    def _peer_token_file(self) -> str:
+        """The workers' read token for peers' slots, in a file only this user reads (written
+        at every start: the node's memory directory may have been cleared)."""
+        path = Path(self.holder.root) / PEER_TOKEN_NAME
+        write_private(path, read_token(self.holder.token))
+        return str(path)
+
     def start_torchrun(self, attempt: Attempt, count: int = 0) -> None:
         node = attempt.node
         env = attempt.worker_env(os.environ)
-        env[Env.PEER_TOKEN] = read_token(self.holder.token)  # restores read peers' slots
+        if self._assemble:  # the memory tier is on: restores read peers' slots with it
+            env[Env.PEER_TOKEN_FILE] = self._peer_token_file()
         if self.zygote is not None and self.zygote.poll() is None:
             env[Env.ZYGOTE] = self.zygote_address
         log = self._log_file(node.log_path)
