@@ -42,7 +42,7 @@ from trainctl.checkpoint.peer_frame import (
     request,
     write_line,
 )
-from trainctl.checkpoint.slot_catalog import checksums_json, crc_text, entry_sum
+from trainctl.checkpoint.slot_catalog import checksums_json, crc_text, entry_sum, record_json
 from trainctl.checkpoint.slot_layout import SLOT_SUM, SlotRecord, read_json, write_json_atomic
 
 PUT_SLOT = "put_slot_v2"
@@ -281,7 +281,7 @@ def receive_slot(
         if read_line(rfile).get("commit") is not True:
             raise PeerError(f"{PUT_SLOT}: the sender withdrew the slot (it changed while sent)")
         write_json_atomic(f"{path}.crc.json", checksums_json(record, crcs))
-        write_json_atomic(f"{path}.json", {**request["record"]})
+        write_json_atomic(f"{path}.json", record_json(record))
     finally:
         maps.give_back(path)
 
@@ -313,10 +313,9 @@ def receive_slot_v1(rfile: Any, path: str, request: dict[str, Any]) -> None:
     if any(offset < 0 or offset + nbytes > size for offset, nbytes in spans):
         raise PeerError(f"put_slot: an entry lies outside the slot's {size} bytes")
     _drop_record(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a+b") as file:
-        if os.fstat(file.fileno()).st_size != size:
-            file.truncate(size)
+    if not os.path.exists(path) or os.path.getsize(path) != size:
+        _new_file(path, size)  # not truncated in place: `HeldMaps` may have it mapped
+    with open(path, "r+b") as file:
         got = _receive_summing(rfile, file, size, spans)
     bad = [i for i, (want, have) in enumerate(zip(expected, got, strict=True)) if want != have]
     if bad:
