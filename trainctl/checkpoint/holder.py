@@ -46,7 +46,7 @@ from trainctl.checkpoint.memory import (
     ring_peers,
     stale_ranks,
 )
-from trainctl.checkpoint.peer_wire import PeerError, PeerServer, catalog, put_bytes, put_slot
+from trainctl.checkpoint.peer_wire import PeerError, PeerServer, catalog, put_bytes
 from trainctl.checkpoint.slot_assemble import STATUS_NAME, Assembly, assemble
 from trainctl.checkpoint.slot_catalog import (
     JsonCache,
@@ -72,6 +72,7 @@ from trainctl.checkpoint.slot_layout import (
     slot_name,
     write_json_atomic,
 )
+from trainctl.checkpoint.slot_wire import put_slot
 
 __all__ = [
     "FULL_LOOK_S",
@@ -430,6 +431,7 @@ class Holder:
             old = {rank: slots.layout.attempt for rank, slots in theirs.items()}
             for rank in stale_ranks(old, _ready(theirs)):
                 self._drop_rank(folder, rank)
+        self.server.held_maps.prune()  # a dropped held slot's pages go with its mapping
 
     @staticmethod
     def _drop_rank(folder: str, rank: int) -> None:

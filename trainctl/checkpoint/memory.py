@@ -26,7 +26,8 @@ of one core: after a round of T seconds of CPU it rests T x (1 - DUTY) / DUTY), 
 sums and sends the newest step every local rank has recorded (`newest_replicable`:
 intermediate steps are skipped, so the holder's CPU stays bounded) to its `replicas` ring
 successors (`ring_peers`), into the held slot that does not hold their newest copy
-(`replication_target`); the receiver checks every entry's CRC before it writes the record, so
+(`replication_target`); the receiver writes the sender's CRCs and the record only after it has
+every byte and the sender confirmed its slot unchanged (`trainctl.checkpoint.slot_wire`), so
 the older held copy stays valid until the newer one is whole.
 
 **Counts only when whole.** A step is restorable when every rank of the attempt that wrote it

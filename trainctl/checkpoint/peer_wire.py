@@ -1,6 +1,7 @@
 """The memory tier's peer transfer: one node's holder serves its tmpfs directory to the others.
 
-A tiny request/response protocol over TCP, one connection per request (a replica transfer is a
+A tiny request/response protocol over TCP (`trainctl.checkpoint.peer_frame`), one connection
+per request (a replica transfer is a
 handful of large files per step, so connection set-up is not what it costs). Each request is one
 JSON line — ``{"token", "op", "path", "size", "checksum"}`` — then ``size`` raw bytes for a
 ``put``; each answer is one JSON line — ``{"ok", "error", "size"}`` — then ``size`` raw bytes for
@@ -14,11 +15,13 @@ a peer writes only under ``held/``, what this holder keeps for others):
 
 * ``put PATH`` + bytes + the sender's checksum: written to a temporary name, checked (CRC-32)
   and renamed into place; a mismatch is refused and nothing is kept (small files: layouts).
-* ``put_slot PATH`` + a held slot's bytes + its record, entry spans and per-entry CRCs: the
-  slot's record and checksums are removed first, the bytes received in place into the slot
-  file (preallocated: no second copy of the state, ever), every entry's CRC checked against the
-  sender's (those the sending holder computed, not a sum of what it read while sending: a slot
-  the worker rewrote mid-send is refused), then the checksums and the record are written.
+* ``put_slot_v2 PATH`` + a held slot's bytes + its record and per-entry CRCs: received in
+  place into the slot file (preallocated: no second copy of the state, ever), the sender's
+  CRCs kept (summed once, by the sending holder); the checksums and the record are written only
+  after the receiver answered that every byte is in and the sender then confirmed its slot did
+  not change meanwhile (`trainctl.checkpoint.slot_wire` has the handshake).
+* ``put_slot PATH`` (version 1, a previous release's sender): as ``put_slot_v2`` in one
+  exchange, every entry's CRC summed here and checked against the sender's.
 * ``get PATH`` (optionally ``offset``/``length``): the file's bytes by ``sendfile``.
 * ``list PATH``: the relative names of every file under ``PATH`` (JSON, in ``size`` bytes).
 * ``catalog PATH``: every JSON document under ``PATH`` (name -> parsed JSON), in one answer.
@@ -34,7 +37,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import mmap
 import os
 import socket
 import socketserver
@@ -45,19 +47,28 @@ from collections.abc import Callable
 from typing import Any
 
 from trainctl.checkpoint.checksum import format_checksum
-from trainctl.checkpoint.slot_catalog import crc_text, entry_sum, read_json_tree, slot_crcs
-from trainctl.checkpoint.slot_layout import SLOT_SUM, SlotRecord, write_json_atomic
+from trainctl.checkpoint.peer_frame import (
+    CHUNK,
+    TIMEOUT_S,
+    PeerError,
+    read_line,
+    request,
+    write_line,
+)
+from trainctl.checkpoint.slot_catalog import read_json_tree, slot_crcs
+from trainctl.checkpoint.slot_wire import (
+    PUT_SLOT,
+    PUT_SLOT_V1,
+    HeldMaps,
+    receive_slot,
+    receive_slot_v1,
+)
 
-CHUNK = 4 * 2**20
-"""Bytes per socket write/read (and per pacing step)."""
 WRITABLE = "held"
 """The only folder a peer may write into."""
-TIMEOUT_S = 10.0
-"""Connect and per-read timeout: a dead peer host sends no FIN."""
-
-
-class PeerError(OSError):
-    """A peer refused a request or could not be reached."""
+PROTOCOL = 2
+"""The slot put this release serves and sends (`trainctl.checkpoint.slot_wire`); an op a holder
+does not serve is answered ``unknown op`` (then a sender falls back to the older one)."""
 
 
 def safe_join(root: str, relative: str) -> str:
@@ -70,27 +81,13 @@ def safe_join(root: str, relative: str) -> str:
     return path
 
 
-def _read_line(stream: Any) -> dict[str, Any]:
-    line = stream.readline(64 * 1024)
-    if not line.endswith(b"\n"):
-        raise PeerError("connection closed before a full header")
-    fields = json.loads(line)
-    if not isinstance(fields, dict):
-        raise PeerError("header is not a JSON object")
-    return fields
-
-
-def _write_line(stream: Any, fields: dict[str, Any]) -> None:
-    stream.write(json.dumps(fields, separators=(",", ":")).encode() + b"\n")
-
-
 class _Handler(socketserver.StreamRequestHandler):
     server: PeerServer
 
     def handle(self) -> None:
         self.connection.settimeout(TIMEOUT_S)
         try:
-            request = _read_line(self.rfile)
+            request = read_line(self.rfile)
             if not self.server.allows(str(request.get("token", "")), request.get("op")):
                 raise PeerError("missing or wrong token")
             if request.get("op") == "get":  # the file straight from the page cache
@@ -98,9 +95,9 @@ class _Handler(socketserver.StreamRequestHandler):
                 self._send_file(path, request.get("offset"), request.get("length"))
                 return
             answer, body = self._serve(request)
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, KeyError, TypeError) as error:
             answer, body = {"ok": False, "error": f"{type(error).__name__}: {error}"}, b""
-        _write_line(self.wfile, {**answer, "size": len(body)})
+        write_line(self.wfile, {**answer, "size": len(body)})
         self.wfile.write(body)
 
     def _send_file(self, path: str, offset: Any = None, length: Any = None) -> None:
@@ -113,23 +110,29 @@ class _Handler(socketserver.StreamRequestHandler):
             count = size - start if length is None else int(length)
             if start < 0 or count < 0 or start + count > size:
                 raise PeerError(f"range {start}+{count} outside {size} bytes")
-            _write_line(self.wfile, {"ok": True, "size": count})
+            write_line(self.wfile, {"ok": True, "size": count})
             self.wfile.flush()
             self.connection.sendfile(file, start, count)
 
     def _serve(self, request: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         op, relative = request.get("op"), str(request.get("path", ""))
         path = safe_join(self.server.root, relative)
-        if op in ("put", "put_slot") and relative.split("/", 1)[0] != WRITABLE:
+        if op in ("put", PUT_SLOT_V1, PUT_SLOT) and relative.split("/", 1)[0] != WRITABLE:
             raise PeerError(f"path {relative!r}: a peer writes only under {WRITABLE}/")
         if op == "put":
             self._receive(path, int(request["size"]), str(request["checksum"]))
-            self.server.on_put(relative)
-            return {"ok": True}, b""
-        if op == "put_slot":
-            self._receive_slot(path, request)
-            self.server.on_put(relative)
-            return {"ok": True}, b""
+        elif op == PUT_SLOT_V1:
+            receive_slot_v1(self.rfile, path, request)
+        elif op == PUT_SLOT and self.server.protocol >= 2:
+            maps = self.server.held_maps
+            receive_slot(self.connection, self.rfile, self.wfile, path, request, maps)
+        else:
+            return self._read(op, path, request)
+        self.server.on_put(relative)
+        return {"ok": True}, b""
+
+    @staticmethod
+    def _read(op: Any, path: str, request: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         if op == "catalog":
             return {"ok": True}, json.dumps(read_json_tree(path)).encode()
         if op == "checksum":
@@ -162,64 +165,6 @@ class _Handler(socketserver.StreamRequestHandler):
             if os.path.exists(temporary):
                 os.unlink(temporary)
 
-    def _receive_slot(self, path: str, request: dict[str, Any]) -> None:
-        """Receive a held slot in place; its checksums and record only once every entry's CRC
-        matched (`put_slot`)."""
-        size = int(request["size"])
-        spans = [(int(offset), int(nbytes)) for offset, nbytes in request["entries"]]
-        expected = [str(crc) for crc in request["crcs"]]
-        record = SlotRecord.from_json(request["record"])
-        if record is None or len(expected) != len(spans):
-            raise PeerError("put_slot: a record and one CRC per entry are required")
-        if any(offset < 0 or offset + nbytes > size for offset, nbytes in spans):
-            raise PeerError(f"put_slot: an entry lies outside the slot's {size} bytes")
-        for stale in (f"{path}.json", f"{path}.crc.json"):  # the slot is not whole from now
-            if os.path.exists(stale):
-                os.unlink(stale)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a+b") as file:
-            if os.fstat(file.fileno()).st_size != size:
-                file.truncate(size)
-            got = self._receive_into(file, size, spans)
-        bad = [i for i, (want, have) in enumerate(zip(expected, got, strict=True)) if want != have]
-        if bad:
-            raise PeerError(
-                f"put_slot {os.path.basename(path)}: entry {bad[0]} (of {len(bad)} bad) fails "
-                f"its CRC ({got[bad[0]]} != {expected[bad[0]]}): the record is not written"
-            )
-        sums = {**request["checksums"], "algorithm": SLOT_SUM, "crcs": expected}  # as summed here
-        write_json_atomic(f"{path}.crc.json", sums)
-        write_json_atomic(f"{path}.json", request["record"])
-
-    def _receive_into(self, file: Any, size: int, spans: list[tuple[int, int]]) -> list[str]:
-        """Read `size` bytes from the connection straight into the file's pages; the CRC of
-        every span, each summed as soon as its last byte arrived (while the rest streams in)."""
-        crcs = [crc_text(0)] * len(spans)
-        if size == 0:
-            return crcs
-        # Spans by their end: a span is summed in place (incrementally, chunk by chunk) once
-        # `done` passes its end.
-        order = sorted(range(len(spans)), key=lambda i: spans[i][0] + spans[i][1])
-        # MAP_POPULATE: the slot's pages mapped in one call, not one fault per 4 KiB page as the
-        # socket's bytes land (6 MiB: ~2.6 ms of CPU faulting vs ~0.9 ms, every round).
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        with mmap.mmap(file.fileno(), size, flags=flags) as mapped:
-            view = memoryview(mapped)
-            try:
-                done, ready = 0, 0
-                while done < size:
-                    got = self.rfile.readinto(view[done : min(size, done + CHUNK)])
-                    if not got:
-                        raise PeerError(f"connection closed with {size - done} bytes to come")
-                    done += got
-                    while ready < len(order) and sum(spans[order[ready]]) <= done:
-                        offset, nbytes = spans[order[ready]]
-                        crcs[order[ready]] = entry_sum(view[offset : offset + nbytes])
-                        ready += 1
-                return crcs
-            finally:
-                view.release()
-
 
 class PeerServer(socketserver.ThreadingTCPServer):
     """A holder's server for its node directory `root` (bind port 0: `endpoint` says where)."""
@@ -228,12 +173,20 @@ class PeerServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
     def __init__(
-        self, root: str, token: str, host: str, on_put: Callable[[str], None] | None = None
+        self,
+        root: str,
+        token: str,
+        host: str,
+        on_put: Callable[[str], None] | None = None,
+        protocol: int = PROTOCOL,
     ) -> None:
         self.root = root
         self.token = token
         self.read_token = read_token(token)
         self.on_put: Callable[[str], None] = on_put or (lambda _path: None)
+        self.protocol = protocol
+        """The newest version of the slot put served (1: a previous release's holder)."""
+        self.held_maps = HeldMaps()
         super().__init__((host, 0), _Handler)
         self._thread = threading.Thread(
             target=self.serve_forever,
@@ -261,42 +214,7 @@ class PeerServer(socketserver.ThreadingTCPServer):
     def close(self) -> None:
         self.shutdown()
         self.server_close()
-
-
-def _request(
-    endpoint: str,
-    fields: dict[str, Any],
-    token: str,
-    send: Callable[[Any, socket.socket], None] | None = None,
-    into: list[memoryview] | None = None,
-) -> bytearray:
-    """One request; the answer's body, read into the buffers `into` one after the other when
-    given (then returned empty)."""
-    host, port = endpoint.rsplit(":", 1)
-    try:
-        with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as sock:
-            stream = sock.makefile("rwb")
-            _write_line(stream, {**fields, "token": token})
-            stream.flush()
-            if send is not None:
-                send(stream, sock)
-                stream.flush()
-            answer = _read_line(stream)
-            size = int(answer.get("size", 0))
-            wanted = sum(view.nbytes for view in into) if into is not None else size
-            if into is not None and answer.get("ok") and size != wanted:
-                raise PeerError(f"answered {size} bytes where {wanted} were asked")
-            body = bytearray(size) if into is None or not answer.get("ok") else bytearray()
-            targets = [memoryview(body)] if into is None or not answer.get("ok") else into
-            for target in targets:
-                got = stream.readinto(target)
-                if got != target.nbytes:
-                    raise PeerError(f"connection closed after {got} of {target.nbytes} bytes")
-    except (OSError, ValueError) as error:
-        raise PeerError(f"peer {endpoint}: {type(error).__name__}: {error}") from None
-    if not answer.get("ok"):
-        raise PeerError(f"peer {endpoint}: {answer.get('error')}")
-    return body
+        self.held_maps.close()
 
 
 def _paced(data: Any, bandwidth: float) -> Any:
@@ -318,51 +236,12 @@ def put_bytes(endpoint: str, token: str, path: str, data: bytes, bandwidth: floa
     """Write `data` to `path` on the peer at `endpoint`, paced to `bandwidth` bytes/s. Raises
     PeerError when the peer refused it (bad token, path or checksum) or is unreachable."""
     fields = {"op": "put", "path": path, "size": len(data), "checksum": checksum_bytes(data)}
-    _request(endpoint, fields, token, _paced(data, bandwidth))
-
-
-def put_slot(
-    endpoint: str,
-    token: str,
-    path: str,
-    source: str,
-    record: dict[str, Any],
-    entries: list[tuple[int, int]],
-    crcs: list[str],
-    bandwidth: float,
-) -> None:
-    """Send the slot file `source` into the held slot `path` at the peer (`put_slot`: in place,
-    every entry checked against `crcs` before `record` is written), by ``sendfile`` paced to
-    `bandwidth` bytes/s. Raises PeerError when the peer refused it (a CRC differs: the slot
-    changed while it was sent) or is unreachable."""
-    size = os.path.getsize(source)
-    fields = {
-        "op": "put_slot",
-        "path": path,
-        "size": size,
-        "entries": [list(span) for span in entries],
-        "crcs": list(crcs),
-        "record": record,
-        "checksums": {"step": record["step"], "layout": record["layout"]},
-    }
-
-    def send(stream: Any, sock: socket.socket) -> None:
-        started = time.monotonic()
-        with open(source, "rb") as file:
-            for offset in range(0, size, CHUNK):
-                count = min(CHUNK, size - offset)
-                if sock.sendfile(file, offset, count) != count:
-                    raise PeerError(f"{source} shrank while it was sent")
-                ahead = (offset + count) / bandwidth - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
-
-    _request(endpoint, fields, token, send)
+    request(endpoint, fields, token, _paced(data, bandwidth))
 
 
 def catalog(endpoint: str, token: str, path: str) -> dict[str, Any]:
     """Every JSON document under `path` at the peer (relative name -> parsed JSON)."""
-    value = json.loads(_request(endpoint, {"op": "catalog", "path": path}, token))
+    value = json.loads(request(endpoint, {"op": "catalog", "path": path}, token))
     if not isinstance(value, dict):
         raise PeerError(f"peer {endpoint}: catalog of {path} is not a JSON object")
     return value
@@ -371,19 +250,17 @@ def catalog(endpoint: str, token: str, path: str) -> dict[str, Any]:
 def remote_crcs(endpoint: str, token: str, path: str, entries: list[tuple[int, int]]) -> list[str]:
     """The CRCs of `entries` (offset, nbytes) of `path` at the peer, summed there."""
     fields = {"op": "checksum", "path": path, "entries": [list(span) for span in entries]}
-    return [str(crc) for crc in json.loads(_request(endpoint, fields, token))]
+    return [str(crc) for crc in json.loads(request(endpoint, fields, token))]
 
 
 def fetch_file(endpoint: str, token: str, path: str) -> bytearray:
     """The bytes of `path` on the peer at `endpoint` (unverified: the caller checks them)."""
-    return _request(endpoint, {"op": "get", "path": path}, token)
+    return request(endpoint, {"op": "get", "path": path}, token)
 
 
 def fetch_range(endpoint: str, token: str, path: str, offset: int, length: int) -> bytearray:
     """`length` bytes of `path` from `offset` on the peer at `endpoint` (unverified)."""
-    return _request(
-        endpoint, {"op": "get", "path": path, "offset": offset, "length": length}, token
-    )
+    return request(endpoint, {"op": "get", "path": path, "offset": offset, "length": length}, token)
 
 
 def fetch_range_into(
@@ -395,7 +272,7 @@ def fetch_range_into(
     views = [into] if isinstance(into, memoryview) else list(into)
     length = sum(view.nbytes for view in views)
     fields = {"op": "get", "path": path, "offset": offset, "length": length}
-    _request(endpoint, fields, token, into=views)
+    request(endpoint, fields, token, into=views)
 
 
 def read_token(token: str) -> str:
@@ -407,7 +284,7 @@ def read_token(token: str) -> str:
 
 def list_files(endpoint: str, token: str, path: str) -> list[str]:
     """Every file under `path` on the peer (relative to `path`); [] when there is none."""
-    names = json.loads(_request(endpoint, {"op": "list", "path": path}, token))
+    names = json.loads(request(endpoint, {"op": "list", "path": path}, token))
     return [str(name) for name in names]
 
 
