@@ -125,8 +125,11 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         step += 1
         saved = bool(ckpt and ckpt.maybe_save(step))
-        # Progress only once the step is in memory (the slot's record written): a worker killed
-        # after reporting step N restores step N from memory and replays nothing.
+        # A collective every rank enters only after its own save: once it returns, every rank's
+        # copy of this step is in memory (its slot's record written).
+        stop = ctx.should_stop()
+        # Progress only then: a worker killed after step N was reported restores step N from
+        # memory and replays nothing, whichever rank dies.
         ctx.progress(step)
         if saved and check_fingerprints:
             digest = model_fingerprint(model)
@@ -136,7 +139,7 @@ def train(
             ctx.log(f"step {step} loss {loss.item():.5f} ({time.perf_counter() - started:.1f}s)")
         if step == start_step + WARMUP_STEPS:
             warm_step, warm_time = step, time.perf_counter()
-        if ctx.should_stop():
+        if stop:
             ctx.log(f"stop requested at step {step}")
             if ckpt and not ckpt.checkpointer.should_save(step):
                 ckpt.save(step)  # preempted: leave a checkpoint of exactly this step
