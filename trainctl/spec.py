@@ -55,8 +55,8 @@ class MemoryTierSpec(_Frozen):
     replicas: int = Field(default=1, ge=0, le=8)
     """Peer nodes that hold a copy of each node's memory steps (over TCP, on other hosts when
     there are), so a lost node's step is restored from a peer's RAM. 0: a node loss restores
-    from durable storage. Each replica adds two copies of a node's state (double-buffered) to
-    some other node's RAM (one with ``slots: 1``)."""
+    from durable storage. Each replica adds `slots` copies of a node's state (two:
+    double-buffered) to some other node's RAM."""
     slots: int = Field(default=2, ge=1, le=2)
     """Slots per copy (the rank's own and each replica): 2 (default) double-buffers every copy,
     so the newest whole copy survives the write of the next; 1 halves the memory (at most

@@ -27,7 +27,7 @@ def _slot_copies(directory: str, layout: Layout) -> dict[int, int]:
     """Step -> slot of rank `layout.rank`'s records that belong to `layout` (newest attempt's
     step wins a tie)."""
     found: dict[int, tuple[int, int]] = {}
-    for slot in range(SLOT_COUNT):
+    for slot in range(SLOT_COUNT):  # every slot there may be, one or two
         path = os.path.join(directory, record_name(layout.rank, slot))
         record = SlotRecord.from_json(read_json(path))
         if record is None or record.layout != layout.digest:

@@ -358,7 +358,7 @@ class SlotWriter:
         laid out differently), the layout written, the slots (re)allocated."""
         layout = plan_layout(flat, self.rank, self.world_size, self.attempt)
         os.makedirs(self.directory, exist_ok=True)
-        for slot in range(SLOT_COUNT):
+        for slot in range(SLOT_COUNT):  # every slot there may be (an earlier run had two)
             try:
                 os.unlink(self.record_path(slot))
             except FileNotFoundError:
