@@ -20,13 +20,14 @@ directory from its own slot records, for a restore without a holder (one process
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import mmap
 import os
 import pickle
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -178,12 +179,11 @@ class _Slot:
             os.posix_fallocate(handle, 0, layout.nbytes)  # ENOSPC now, never a SIGBUS later
             self.map = mmap.mmap(handle, layout.nbytes)
         except OSError:
-            os.close(handle)
             if not reuse:
                 os.unlink(target)
             raise
-        self.handle = handle
-        """Kept open for the slot's lock (`trainctl.checkpoint.slot_layout.slot_lock`)."""
+        finally:
+            os.close(handle)
         if not reuse:
             os.replace(target, path)
         self.flat = torch.frombuffer(self.map, dtype=torch.uint8)
@@ -195,17 +195,6 @@ class _Slot:
         body = start + OBJECTS_HEADER.size
         self.map[body : body + len(payload)] = payload
 
-    def try_lock(self) -> bool:
-        """Take the slot's exclusive lock without waiting; False: a holder is sending it."""
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
-
-    def unlock(self) -> None:
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-
     def close(self) -> None:
         self.views = []
         del self.flat
@@ -213,7 +202,6 @@ class _Slot:
             self.map.close()
         except BufferError:  # a view still exported: the mapping goes with it
             pass
-        os.close(self.handle)
 
 
 class PermitReader:
@@ -299,25 +287,40 @@ class SlotWriter:
         if not may_overwrite(self._held, self.permit(), self.replicas, self.slots):
             self.skipped += 1
             return None
-        payload = objects_payload(flat)
-        if not self._fits(flat, payload):
-            self._lay_out(flat)
-        assert self.layout is not None
         target = self._next
-        slot = self._slots[target]
-        locked = self.slots == 1 and self.replicas > 0
-        if locked and not slot.try_lock():
-            self.skipped += 1
-            return None
-        self._held = None  # torn until the record is written
-        try:
-            self._write(target, slot, step, flat, payload)
-        finally:
-            if locked:
-                slot.unlock()
+        with self._exclusive(target) as free:
+            if not free:  # the holder is sending this slot: keep it whole
+                self.skipped += 1
+                return None
+            payload = objects_payload(flat)
+            if not self._fits(flat, payload):
+                self._lay_out(flat)  # removes the records: under the lock too
+            self._held = None  # torn until the record is written
+            self._write(target, self._slots[target], step, flat, payload)
         self._next = (target + 1) % self.slots
         self._held = (self.attempt, step)
         return target
+
+    @contextlib.contextmanager
+    def _exclusive(self, slot: int) -> Iterator[bool]:
+        """With one slot and replicas: the slot file's exclusive lock, not waited for (False:
+        the holder holds its shared lock, sending the slot); True otherwise, lock or not."""
+        path = os.path.join(self.directory, slot_name(self.rank, slot))
+        try:
+            handle = os.open(path, os.O_RDONLY) if self.slots == 1 and self.replicas else -1
+        except FileNotFoundError:  # never written: nobody sends it
+            handle = -1
+        try:
+            if handle >= 0:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    yield False
+                    return
+            yield True
+        finally:
+            if handle >= 0:
+                os.close(handle)  # the lock goes with it
 
     def _write(
         self, target: int, slot: _Slot, step: int, flat: Mapping[str, Any], payload: bytes
