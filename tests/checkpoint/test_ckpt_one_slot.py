@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,6 +37,7 @@ from trainctl.checkpoint.slot_layout import (
     slot_lock,
     slot_name,
 )
+from trainctl.checkpoint.slot_local import local_restore_index
 from trainctl.checkpoint.slots import SlotWriter
 from trainctl.spec import CheckpointSpec
 
@@ -290,3 +294,44 @@ def test_one_slot_holds_one_plus_replicas_states_over_200_steps(cluster: OneSlot
     state = cluster.writers["node-0"].nbytes
     assert peak <= (1 + 1) * state + 64 * 1024, (peak, state)
     assert all(w.skipped < 200 for w in cluster.writers.values())
+
+
+WRITER = """
+import sys, torch
+from trainctl.checkpoint.slot_local import local_restore_index
+from trainctl.checkpoint.slots import SlotWriter
+writer = SlotWriter(sys.argv[1], 0, 1, 0, slots=1, replicas=0)
+flat = {"w": torch.zeros(16 * 2**20)}  # 64 MiB: a save takes long enough to be killed in
+step = 0
+while True:
+    step += 1
+    flat["w"].fill_(step)
+    writer.save(step, flat)
+"""
+
+
+def test_a_worker_sigkilled_mid_rewrite_leaves_no_usable_copy(base_one: str) -> None:
+    """A real worker process SIGKILLed while it rewrites its single slot: the slot has no record,
+    so no restore reads it (without replicas, durable storage restores)."""
+    root = node_memory_root("job", "solo", base_one)
+    record = os.path.join(root, SLOTS_DIR, record_name(0, 0))
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    caught = False
+    for _ in range(5):
+        child = subprocess.Popen([sys.executable, "-c", WRITER, root], env=env)
+        try:
+            _wait(lambda: (read_json(record) or {}).get("step", 0) >= 2, "two saves", 60)
+            _wait(lambda: not os.path.exists(record), "a save under way")
+            child.send_signal(signal.SIGKILL)
+        finally:
+            child.kill()
+            child.wait()
+        index = local_restore_index(root)
+        if not os.path.exists(record):  # killed mid-write: the torn slot is never used
+            caught = True
+            assert isinstance(index, str) and "no step" in index, index
+            break
+        # The write finished before the signal landed: the slot is whole and says so.
+        assert not isinstance(index, str)
+        shutil.rmtree(root, ignore_errors=True)
+    assert caught, "never caught a save under way in 5 tries"
