@@ -176,6 +176,13 @@ def _own_step(cluster: OneSlotCluster, node: str) -> int | None:
     return None if value is None else int(value["step"])
 
 
+def _permitted(cluster: OneSlotCluster, node: str, step: int) -> None:
+    """Wait until `node`'s holder told its worker that `step` (attempt 0) is replicated."""
+    permit = os.path.join(cluster.root(node), SLOTS_DIR, PERMIT_NAME)
+    expected = {"attempt": 0, "step": step, "free": False}
+    _wait(lambda: read_json(permit) == expected, f"{node}'s permit for step {step}")
+
+
 def test_a_single_slot_is_rewritten_only_once_its_step_is_replicated(
     cluster: OneSlotCluster,
 ) -> None:
@@ -201,8 +208,7 @@ def test_a_single_slot_is_rewritten_only_once_its_step_is_replicated(
 
 def test_a_slot_being_sent_is_never_rewritten(cluster: OneSlotCluster) -> None:
     cluster.save(1)
-    holder = cluster.holders["node-0"]
-    _wait(lambda: holder.replicated == (0, 1), "step 1 replicated")
+    _permitted(cluster, "node-0", 1)
     path = os.path.join(cluster.root("node-0"), SLOTS_DIR, slot_name(0, 0))
     with slot_lock(path):  # as the holder holds it while it sends the slot
         writer = cluster.writers["node-0"]
@@ -214,7 +220,8 @@ def test_a_kill_mid_rewrite_restores_from_the_replica(cluster: OneSlotCluster) -
     """A worker killed while it rewrites its single slot (record removed, bytes half new) leaves
     the slot unused: the restore takes the replica of the step it held (tier peer)."""
     cluster.save(1)
-    _wait(lambda: all(h.replicated == (0, 1) for h in cluster.holders.values()), "replicated")
+    for node in cluster.holders:
+        _permitted(cluster, node, 1)
     # node-1's rank saved step 2 too and its holder replicated it; node-0's rank died mid-save.
     assert cluster.writers["node-1"].save(2, _flat(1, 2)) == 0
     folder = os.path.join(cluster.root("node-0"), SLOTS_DIR)
