@@ -4,11 +4,11 @@ The first memory save of an attempt flattens the rank's state dict as DCP does, 
 DCP's own planner helper (`create_default_local_save_plan`: one write item per stored chunk,
 with its fqn, chunk offsets and sizes, global size and dtype), lays the chunks out 64-byte
 aligned in a `Layout` (non-tensor values: one pickled ``objects`` entry with fixed headroom),
-writes ``slots/rank-R.layout.json`` once, preallocates its slot files (``checkpoint.memory.slots``:
-2, or 1) of
-``Layout.nbytes`` (``posix_fallocate``: a full tmpfs fails here, not with a SIGBUS later) and
-mmaps them. Every save then: remove the target slot's record, copy every tensor into its view of
-the slot (one ``torch._foreach_copy_``), pickle the objects, write the record. Two slots
+writes ``slots/rank-R.layout.json`` once, preallocates its slot files (2, or 1: see
+``checkpoint.memory.slots``) of ``Layout.nbytes`` (``posix_fallocate``: a full tmpfs fails here,
+not with a SIGBUS later) and mmaps them. Every save then: remove the target slot's record, copy
+every tensor into its view of the slot (one ``torch._foreach_copy_``), pickle the objects, write
+the record. Two slots
 alternate, so the newest complete copy is never the one being written; one slot (with replicas)
 is rewritten only when the holder's `Permit` says its step is replicated (`may_overwrite`) and
 no send of it is under way (the slot file's lock), else the save is skipped. No collective and
@@ -210,7 +210,7 @@ class PermitReader:
 
     def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, PERMIT_NAME)
-        self._seen: tuple[int, int] | None = None
+        self._seen: tuple[int, int, int] | None = None
         self._permit: Permit | None = None
 
     def __call__(self) -> Permit | None:
@@ -219,7 +219,7 @@ class PermitReader:
         except FileNotFoundError:  # no holder writes one: nobody replicates
             self._seen = self._permit = None
             return None
-        seen = (info.st_ino, info.st_mtime_ns)
+        seen = (info.st_ino, info.st_mtime_ns, info.st_ctime_ns)  # an inode may be reused
         if seen != self._seen:
             self._seen, self._permit = seen, Permit.from_json(read_json(self.path))
         return self._permit
@@ -235,9 +235,8 @@ def newest_records(directory: str, rank: int, slots: int = SLOT_COUNT) -> dict[i
     return found
 
 
-def newest_record_slot(directory: str, rank: int, slots: int = SLOT_COUNT) -> int | None:
-    """The slot whose record holds the newest step (None: no record)."""
-    found = newest_records(directory, rank, slots)
+def newest_record_slot(found: Mapping[int, SlotRecord]) -> int | None:
+    """The slot whose record (`newest_records`) holds the newest step (None: no record)."""
     return max(found, key=lambda slot: (found[slot].attempt, found[slot].step)) if found else None
 
 
@@ -273,7 +272,7 @@ class SlotWriter:
         self._objects: list[str] = []
         self._digest = ""
         records = newest_records(self.directory, rank, slots)
-        newest = newest_record_slot(self.directory, rank, slots)
+        newest = newest_record_slot(records)
         self._next = 0 if newest is None else (newest + 1) % slots
         self._held = None if newest is None else (records[newest].attempt, records[newest].step)
         """(attempt, step) of the newest copy this rank wrote (one slot: the one it holds)."""
@@ -284,7 +283,8 @@ class SlotWriter:
     def save(self, step: int, flat: Mapping[str, Any]) -> int | None:
         """Copy `flat` (`flatten`'s output) into the next slot as `step`; returns the slot, or
         None when the save was skipped (one slot: see the class)."""
-        if not may_overwrite(self._held, self.permit(), self.replicas, self.slots):
+        guarded = self.slots == 1 and self.replicas > 0  # else no stat: nothing to wait for
+        if guarded and not may_overwrite(self._held, self.permit(), self.replicas, self.slots):
             self.skipped += 1
             return None
         target = self._next
