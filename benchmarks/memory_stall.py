@@ -9,6 +9,9 @@ measures in interleaved blocks of steps, per mode:
 * ``off``: training alone;
 * ``tier``: `MemoryTier.save` after every step (the trainctl memory tier: a copy into the
   rank's mmap'd tmpfs slot and its record; synchronous, nothing runs after it returns);
+* ``tier1``: the same with ``checkpoint.memory.slots: 1`` and one replica: the worker's permit
+  check (a ``stat`` of the holder's ``slots/replicated.json``, here a free permit: no holder
+  runs) and the slot file's lock around the copy;
 * ``dcp``: the peer: plain ``dcp.async_save`` of the same state into tmpfs after every step, on
   its own gloo group (DCP's own staging, a fresh copy each time), waiting for the previous one.
 
@@ -37,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = ("off", "tier", "dcp")
+MODES = ("off", "tier", "tier1", "dcp")
 SMALL = {"vocab": 256, "dim": 128, "layers": 2, "heads": 4, "seq_len": 32, "batch_size": 8}
 """benchmarks/recovery.py's (and memory_goodput.py's) config: steps of ~50-80 ms here."""
 TARGET_RATIO = 1.5
@@ -58,6 +61,7 @@ def worker(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(REPO / "recipes"))
     from tiny_gpt import DEFAULTS, build, make_batch  # type: ignore[import-not-found]
 
+    from trainctl.checkpoint.slot_layout import PERMIT_NAME, write_json_atomic
     from trainctl.runtime.checkpoint import ModelAndOptimizer, TrainerState
     from trainctl.runtime.memory_tier import MemoryTier, state_bytes
 
@@ -90,6 +94,11 @@ def worker(args: argparse.Namespace) -> None:
     tier_root = f"/dev/shm/trainctl-{job}"
     dcp_root = f"/dev/shm/trainctl-{job}-dcp"
     tier = MemoryTier.open(tier_root, 1, on_event=lambda *_: None, pin_memory=False)
+    one = MemoryTier.open(f"{tier_root}-1", 1, on_event=lambda *_: None, replicas=1, slots=1)
+    os.makedirs(one.writer.directory, exist_ok=True)
+    write_json_atomic(
+        os.path.join(one.writer.directory, PERMIT_NAME), {"attempt": 0, "step": 0, "free": True}
+    )
     dcp_group = dist.new_group(backend="gloo")
     tensors: list[torch.Tensor] = []
 
@@ -126,6 +135,8 @@ def worker(args: argparse.Namespace) -> None:
                 waited = time.perf_counter()
                 if mode == "tier":
                     tier.save(step, state)
+                elif mode == "tier1":
+                    one.save(step, state)
                 elif mode == "dcp":
                     state_dict = {key: value.state_dict() for key, value in state.items()}
                     pending = dcp.async_save(
@@ -145,10 +156,12 @@ def worker(args: argparse.Namespace) -> None:
     if pending is not None:
         pending.result()
     tier.close()
+    one.close()
     nbytes = state_bytes(state)
     dist.barrier()
     if rank == 0:
         shutil.rmtree(tier_root, ignore_errors=True)
+        shutil.rmtree(f"{tier_root}-1", ignore_errors=True)
         shutil.rmtree(dcp_root, ignore_errors=True)
         out = {key: _median_ms(values) for key, values in figures.items()}
         out["state_mib_per_rank"] = nbytes / 2**20

@@ -55,8 +55,9 @@ from trainctl.checkpoint.memory import (
 )
 from trainctl.checkpoint.peer_wire import read_token
 from trainctl.checkpoint.slot_layout import INDEX_NAME, RESTORE_DIR, RestoreIndex, read_json
+from trainctl.checkpoint.slot_local import local_restore_index
 from trainctl.checkpoint.slot_reader import SlotReader
-from trainctl.checkpoint.slots import SlotWriter, flatten, local_restore_index
+from trainctl.checkpoint.slots import SlotWriter, flatten
 from trainctl.runtime.memory_tier import MemoryTier
 from trainctl.store import JobStore
 

@@ -246,6 +246,8 @@ class Launch(Message):
     """The attempt's memory-tier holders (node -> host:port, plan order); empty: tier off."""
     replicas: int = 0
     """``checkpoint.memory.replicas``: peers that hold a copy of each node's memory steps."""
+    slots: int = 2
+    """``checkpoint.memory.slots``: slots per copy (own and held)."""
 
 
 @dataclasses.dataclass(frozen=True)

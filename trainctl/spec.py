@@ -48,16 +48,21 @@ class MemoryTierSpec(_Frozen):
 
     enabled: bool = False
     """Keep in-memory checkpoints. Off by default: every memory save costs each rank one copy
-    of its state per interval into a fixed slot, and each node holds 2 x (1 + replicas) x its
-    ranks' state in host memory (two slots per rank, two per rank it replicates; README:
-    checkpoint tiers)."""
+    of its state per interval into a fixed slot, and each node holds `slots` x (1 + replicas) x
+    its ranks' state in host memory (README: checkpoint tiers)."""
     interval_steps: int = Field(default=1, ge=1, le=MAX_STEPS)
     """Save into memory every N steps (1: every step, nothing replayed after a worker crash)."""
     replicas: int = Field(default=1, ge=0, le=8)
     """Peer nodes that hold a copy of each node's memory steps (over TCP, on other hosts when
     there are), so a lost node's step is restored from a peer's RAM. 0: a node loss restores
-    from durable storage. Each replica adds two copies of a node's state (double-buffered) to
-    some other node's RAM."""
+    from durable storage. Each replica adds `slots` copies of a node's state (two:
+    double-buffered) to some other node's RAM."""
+    slots: int = Field(default=2, ge=1, le=2)
+    """Slots per copy (the rank's own and each replica): 2 (default) double-buffers every copy,
+    so the newest whole copy survives the write of the next; 1 halves the memory (at most
+    (1 + replicas) x the state) and, with replicas, skips a memory save while the step the slot
+    holds is not yet replicated, so a rank's own slot and its replica are never both torn
+    (README: checkpoint tiers says which failures then restore from a replica or storage)."""
 
 
 class CheckpointSpec(_Frozen):

@@ -40,6 +40,7 @@ from trainctl.checkpoint.slot_layout import (
     record_name,
     write_json_atomic,
 )
+from trainctl.checkpoint.slot_local import local_restore_index
 from trainctl.checkpoint.slot_reader import SlotRestorer, agree_on_step
 from trainctl.checkpoint.slots import (
     ALIGN,
@@ -47,7 +48,6 @@ from trainctl.checkpoint.slots import (
     SlotWriter,
     entry_crcs,
     flatten,
-    local_restore_index,
     plan_layout,
 )
 from trainctl.env import Env

@@ -34,8 +34,9 @@ from trainctl.checkpoint.slot_fetch import (
     read_copy,
 )
 from trainctl.checkpoint.slot_layout import RankCopy, RestoreIndex, Source
+from trainctl.checkpoint.slot_local import local_restore_index
 from trainctl.checkpoint.slot_reader import SlotReader, SlotRestorer
-from trainctl.checkpoint.slots import SlotError, SlotWriter, flatten, local_restore_index
+from trainctl.checkpoint.slots import SlotError, SlotWriter, flatten
 from trainctl.runtime.fingerprint import fingerprint_state
 
 SHM = "/dev/shm"

@@ -178,3 +178,45 @@ def test_shrink_reshards_from_the_peers_replica(
     loss = final_loss(storage, "memshrink")
     assert abs(loss - baseline["loss"]) <= 1e-3 * abs(baseline["loss"])
     assert not os.path.exists(memory_root("memshrink"))
+
+
+ONE_SLOT = {**MEMORY, "memory": {"enabled": True, "slots": 1}}
+"""One slot per copy: a save is skipped while the slot's step is not yet replicated."""
+
+
+def test_one_slot_worker_kill_restores_from_memory_bit_identically(
+    tmp_path: Path, storage: Path, baseline: dict[str, Any]
+) -> None:
+    out = run(
+        tmp_path,
+        storage,
+        "mem1kill",
+        "kill-worker:node-1@step=12",
+        checkpoint=ONE_SLOT,
+        health=HEALTH,
+    )
+    assert out["fingerprint"] == baseline["fingerprint"]
+    restored = _restores(storage, "mem1kill")
+    # The killed rank's own slot, or (killed mid-save) the replica of the step it held.
+    assert len(restored) == 1 and restored[0]["tier"] in (MEMORY_TIER, PEER_TIER), restored
+    assert restored[0]["step"] >= 10, restored
+    assert not os.path.exists(memory_root("mem1kill"))
+
+
+def test_one_slot_node_loss_with_a_spare_restores_from_the_replica(
+    tmp_path: Path, storage: Path, baseline: dict[str, Any]
+) -> None:
+    out = run(
+        tmp_path,
+        storage,
+        "mem1spare",
+        "kill-node:node-1@step=12",
+        spare_nodes=1,
+        config=PEER_PACE,
+        checkpoint=ONE_SLOT,
+        health=HEALTH,
+    )
+    assert out["fingerprint"] == baseline["fingerprint"]
+    restored = _restores(storage, "mem1spare")
+    assert len(restored) == 1 and restored[0]["tier"] == PEER_TIER, restored
+    assert restored[0]["step"] >= 10, restored

@@ -54,6 +54,18 @@ BAD_RECIPES = [
         "use a value from 2 to 100000",
     ),
     (
+        "script: train.py\ncheckpoint:\n  memory:\n    slots: 3\n",
+        "job.yaml: checkpoint.memory.slots",
+        "out of range (got 3)",
+        "use a value from 1 to 2",
+    ),
+    (
+        "script: train.py\ncheckpoint:\n  memory:\n    slots: one\n",
+        "job.yaml: checkpoint.memory.slots",
+        "not a whole number",
+        "",
+    ),
+    (
         "script: train.py\ncheckpoint:\n  storage: gs://b/x\n",
         "storage",
         "unsupported storage scheme",

@@ -72,6 +72,7 @@ from trainctl.checkpoint.slot_layout import (
     slot_name,
     write_json_atomic,
 )
+from trainctl.checkpoint.slot_permit import PermitWriter, Rewritten, sending
 from trainctl.checkpoint.slot_wire import put_slot
 
 __all__ = [
@@ -104,6 +105,8 @@ class PeerSet:
     attempt: int
     endpoints: dict[str, str]
     replicas: int
+    slots: int = SLOT_COUNT
+    """Slots per copy (``checkpoint.memory.slots``): the held slots per rank here too."""
 
     @property
     def nodes(self) -> list[str]:
@@ -182,6 +185,11 @@ class Holder:
         self._floor = -1
         """The newest attempt whose layouts were here when the attempt was configured: ranks of
         a newer one are the configured attempt's workers."""
+        self._failed_rounds = 0
+        self._apart = False
+        """Whether the local ranks' records hold no common step (one slot: they skipped apart,
+        or one was killed mid-save)."""
+        self._permit = PermitWriter(self.path(SLOTS_DIR))
         self._wake = threading.Condition()
         self._stop = threading.Event()
         self.server = PeerServer(self.root, token, host).start()
@@ -205,6 +213,9 @@ class Holder:
             self.peers = peers
             self._known = {}  # a new attempt: ask every peer what it holds
             self._floor = max((s.layout.attempt for s in self._own_slots().values()), default=-1)
+            # The new ring peers may not hold what the old ones did: replicate again first.
+            self.replicated, self._failed_rounds, self._apart = None, 0, False
+            self._publish()
             if not self._stop.is_set():
                 for thread in self._threads:
                     if not thread.is_alive():
@@ -248,6 +259,12 @@ class Holder:
                 with self._wake:
                     self._wanted = wanted
                     self._wake.notify()
+            # Nothing to replicate while some rank holds a step (ranks skipped apart, or one was
+            # killed mid-save): single-slot workers must not wait for it.
+            apart = wanted is None and any(slots.records for slots in local.values())
+            if apart != self._apart:
+                self._apart = apart
+                self._publish()
             self._collect_garbage(ranks, peers)
             self._looked, self._looked_at = looked, now
 
@@ -329,6 +346,7 @@ class Holder:
                 log.exception("memory holder %s: replication", self.node)
             if done:
                 self.replicated = wanted
+            self._publish()
             # One round at a time, then rest: the work stays under `duty` of a core.
             pause = pause_after(time.thread_time() - started, self.duty, done)
             self._resting_until = time.monotonic() + pause
@@ -348,22 +366,33 @@ class Holder:
             for rank, slots in self._own_slots(self._sender_cache).items()
             if rank in sums
         }
-        done = True
+        done, failed = True, False
         for target in peers.targets(self.node):
             endpoint = peers.endpoints[target]
             try:
-                self._replicate_to(endpoint, local, sums)
+                self._replicate_to(endpoint, local, sums, peers.slots)
+            except Rewritten:
+                return False
             except PeerError as error:
                 self._known.pop(endpoint, None)  # what is there is unknown now: ask next time
                 log.info("memory holder %s: step %s to %s: %s", self.node, wanted, target, error)
-                done = False
+                done, failed = False, True
+        self._failed_rounds = self._failed_rounds + 1 if failed else 0
         return done
+
+    def _publish(self) -> None:
+        """Tell single-slot workers what they may overwrite (`PermitWriter`)."""
+        peers = self.peers
+        if peers is not None and peers.slots == 1:
+            has_targets = bool(peers.targets(self.node))
+            self._permit.publish(self.replicated, has_targets, self._failed_rounds, self._apart)
 
     def _replicate_to(
         self,
         endpoint: str,
         local: Mapping[int, RankSlots],
         sums: Mapping[int, tuple[int, tuple[str, ...]]],
+        count: int,
     ) -> None:
         folder = f"{HELD_DIR}/{self.node}/{SLOTS_DIR}"
         known = self._known_at(endpoint, folder)
@@ -380,20 +409,21 @@ class Holder:
                 )
                 records = {}
                 known.ranks[rank] = (slots.digest, records)
-            target = replication_target(records, record)
+            target = replication_target(records, record, count)
             if target is None:
                 continue
-            records[target] = None  # the put removes its record first
-            put_slot(
-                endpoint,
-                self.token,
-                f"{folder}/{slot_name(rank, target)}",
-                self.path(SLOTS_DIR, slot_name(rank, source)),
-                record_json(record),
-                spans(layout),
-                list(crcs),
-                self.bandwidth,
-            )
+            with sending(self.path(SLOTS_DIR), rank, source, record) as path:
+                records[target] = None  # the put removes its record first
+                put_slot(
+                    endpoint,
+                    self.token,
+                    f"{folder}/{slot_name(rank, target)}",
+                    path,
+                    record_json(record),
+                    spans(layout),
+                    list(crcs),
+                    self.bandwidth,
+                )
             records[target] = record
 
     def _known_at(self, endpoint: str, folder: str) -> _Known:

@@ -5,14 +5,16 @@ before durable storage.
 (`node_memory_root`), so simulated nodes on one machine behave like separate hosts; the file
 names and records are `trainctl.checkpoint.slot_layout`'s:
 
-* ``slots/`` — per rank of the node, a layout (where each tensor lives) and `SLOT_COUNT` fixed
-  slot files the rank copies its state into, alternately, each with a record written after the
-  copy and removed before the next. The kernel holds these pages, not the worker: a SIGKILLed
-  worker loses nothing, and the newest complete copy is never the one being written.
+* ``slots/`` — per rank of the node, a layout (where each tensor lives) and
+  ``checkpoint.memory.slots`` (2, or 1) fixed slot files the rank copies its state into,
+  alternately, each with a record written after the copy and removed before the next. The
+  kernel holds these pages, not the worker: a SIGKILLed worker loses nothing, and (two slots)
+  the newest complete copy is never the one being written.
 * ``slots/rank-R.slot-K.crc.json`` — per-entry CRC32s the node's holder computes for the step
   it is about to replicate (discarded when the record changed while it summed), or at a
   restore for a step never replicated.
-* ``held/<peer>/slots/`` — replicas of ``<peer>``'s slots, double-buffered the same way.
+* ``held/<peer>/slots/`` — replicas of ``<peer>``'s slots, as many per rank.
+* ``slots/replicated.json`` — the holder's `Permit` to single-slot workers (below).
 * ``restore/index.json`` — where every rank of the step to restore has its verified copy.
 
 The node's **holder** (`trainctl.checkpoint.holder`, a thread of the node agent: it outlives
@@ -34,8 +36,9 @@ the older held copy stays valid until the newer one is whole.
 has a copy of it (record and layout agreeing, checksums too for a replica) somewhere among the
 surviving nodes.
 Ranks advance in lockstep, so after a crash every rank still holds the oldest of the ranks'
-newest steps in one of its two slots. There is no commit record to lose: the choice is made
-from the copies themselves (`restore_candidates`).
+newest steps in one of its two slots (with one slot, a crash mid-save leaves ranks at different
+newest steps: the older step then comes from a replica, or durable storage restores). There is
+no commit record to lose: the choice is made from the copies themselves (`restore_candidates`).
 
 **Restore from the fastest valid tier.** Before a relaunch's workers start, each node's holder
 picks the newest restorable step, each rank's copy best first (own slot here, own slot at a
@@ -48,13 +51,25 @@ step is whole, no index is written and the workers restore from durable storage 
 ``restore_skipped`` event. Resume after the controller died: the memory tier is dropped and
 durable storage restores (the resume says so).
 
-**Memory cost per node** (`memory_budget`): `SLOT_COUNT` (2) copies of each local rank's state
-and two of each rank whose node it replicates — ``2 x (1 + replicas) x`` the node's state,
-flat over time, nothing transient (replicas are received in place into the held slot). Copies
-of an older attempt's ranks are dropped once the new attempt's local ranks have a recorded
-step (`stale_ranks`), held copies of nodes no longer in the attempt likewise
-(`held_nodes_to_drop`). A node without that room turns the tier off at the first save with a
-message (the gate checks ``/dev/shm`` too).
+**Memory cost per node** (`memory_budget`): ``checkpoint.memory.slots`` (2 by default, at most
+`SLOT_COUNT`) copies of each local rank's state and as many of each rank whose node it
+replicates — ``slots x (1 + replicas) x`` the node's state, flat over time, nothing transient
+(replicas are received in place into the held slot). Copies of an older attempt's ranks are
+dropped once the new attempt's local ranks have a recorded step (`stale_ranks`), held copies
+of nodes no longer in the attempt likewise (`held_nodes_to_drop`). A node without that room
+turns the tier off at the first save with a message (the gate checks ``/dev/shm`` too).
+
+**One slot per copy** (``slots: 1``). Every copy is rewritten in place (its record removed
+first), so a copy is torn while it is rewritten. With replicas, a rank's own slot and its
+replica are never torn at once: the holder publishes the step it last replicated to every ring
+peer (``slots/replicated.json``, `Permit`), and a worker overwrites its slot only when that is
+the step the slot holds (`may_overwrite`: one ``stat`` per save, the file re-read only when it
+changed); otherwise it skips that memory save and keeps the older whole copy. A holder that
+cannot replicate (no ring peer, `FREE_AFTER_FAILED_ROUNDS` failed rounds, or local ranks that
+hold no common step after skipping apart) publishes a free permit, so saving never stops. A
+worker's write and the holder's send of the same slot exclude each other (`lock_slot`: the
+worker skips when the holder is sending; the holder waits out a write and re-reads the record),
+so a replica is never received from torn bytes.
 """
 
 from __future__ import annotations
@@ -116,15 +131,19 @@ entry's headroom and temporary names."""
 
 
 def memory_budget(
-    state_bytes: int, ranks_on_host: int, free_bytes: int, replicas: int = 0
+    state_bytes: int,
+    ranks_on_host: int,
+    free_bytes: int,
+    replicas: int = 0,
+    slots: int = SLOT_COUNT,
 ) -> Budget:
-    """Whether `free_bytes` of tmpfs hold `ranks_on_host` ranks' slots: `SLOT_COUNT` slots of
+    """Whether `free_bytes` of tmpfs hold `ranks_on_host` ranks' slots: `slots` slots of
     `state_bytes` each, own and `replicas` peers' copies, plus `SLOT_BUFFER_BYTES` per rank
     (pure: the caller measures)."""
     copies = 1 + replicas
-    needed = (SLOT_COUNT * copies * state_bytes + SLOT_BUFFER_BYTES) * ranks_on_host
+    needed = (slots * copies * state_bytes + SLOT_BUFFER_BYTES) * ranks_on_host
     text = (
-        f"({SLOT_COUNT} slots x {copies} cop{'y' if copies == 1 else 'ies'} x "
+        f"({slots} slot{'' if slots == 1 else 's'} x {copies} cop{'y' if copies == 1 else 'ies'} x "
         f"{state_bytes / 2**20:.1f} MiB + {SLOT_BUFFER_BYTES / 2**20:.0f} MiB) x "
         f"{ranks_on_host} rank(s) = {needed / 2**20:.1f} MiB needed, "
         f"{free_bytes / 2**20:.1f} MiB free in {MEMORY_BASE}"
@@ -268,6 +287,57 @@ def replication_target(
 
 def _age(record: SlotRecord | None) -> tuple[int, int]:
     return (-1, -1) if record is None else (record.attempt, record.step)
+
+
+FREE_AFTER_FAILED_ROUNDS = 3
+"""Replication rounds in a row that failed to reach a ring peer before a holder frees its
+single-slot workers (the peer is likely dead: the controller relaunches soon)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Permit:
+    """``slots/replicated.json``: the (attempt, step) its holder last replicated to every ring
+    peer (None: none since the attempt was configured), or `free`: no replica can complete now,
+    overwrite at will."""
+
+    replicated: tuple[int, int] | None
+    free: bool
+
+    def to_json(self) -> dict[str, Any]:
+        pair = self.replicated
+        return {"attempt": pair and pair[0], "step": pair and pair[1], "free": self.free}
+
+    @classmethod
+    def from_json(cls, value: Any) -> Permit | None:
+        try:
+            attempt, step = value["attempt"], value["step"]
+            pair = None if attempt is None or step is None else (int(attempt), int(step))
+            return cls(pair, bool(value["free"]))
+        except (TypeError, KeyError, ValueError):
+            return None
+
+
+def permit_of(
+    replicated: tuple[int, int] | None, has_targets: bool, failed_rounds: int, apart: bool
+) -> Permit:
+    """What a holder tells its single-slot workers (pure): free without a ring peer to send to,
+    after `FREE_AFTER_FAILED_ROUNDS` failed rounds, or while its local ranks hold no common step
+    (`apart`: they skipped apart, and nothing can be replicated until they meet again)."""
+    free = not has_targets or failed_rounds >= FREE_AFTER_FAILED_ROUNDS or apart
+    return Permit(replicated, free)
+
+
+def may_overwrite(
+    held: tuple[int, int] | None, permit: Permit | None, replicas: int, slots: int
+) -> bool:
+    """Whether a worker may rewrite its slot now, which holds `held` (attempt, step; None: no
+    whole copy) (pure). Always with two slots (the other one stays whole) or without replicas
+    (nothing to wait for) or without a holder's word (`permit` None: no holder replicates).
+    With one slot and replicas: only when the holder replicated exactly that step or freed its
+    workers; otherwise the save is skipped and the slot keeps its whole, older copy."""
+    if slots >= 2 or replicas == 0 or held is None or permit is None or permit.free:
+        return True
+    return permit.replicated == held
 
 
 def stale_ranks(attempts: Mapping[int, int], newest_ready: bool) -> list[int]:

@@ -5,9 +5,9 @@ A node's memory directory (`trainctl.checkpoint.layout.node_memory_root`) holds,
 
 * ``rank-R.layout.json`` — written once per attempt by the rank (before its first slot
   record): where each tensor of its state lives in a slot file (`Layout`);
-* ``rank-R.slot-K`` for K in 0..`SLOT_COUNT`-1 — preallocated files of ``Layout.nbytes``
-  that the rank copies its state into, alternately, so the newest complete copy is never
-  the one being written;
+* ``rank-R.slot-K`` for K in 0..slots-1 (``checkpoint.memory.slots``, at most `SLOT_COUNT`)
+  — preallocated files of ``Layout.nbytes`` that the rank copies its state into, alternately
+  when there are two, so the newest complete copy is never the one being written;
 * ``rank-R.slot-K.json`` — the slot's record (`SlotRecord`), written atomically after the
   copy and removed before the slot is written again: a slot without a record is never read;
 * ``rank-R.slot-K.crc.json`` — per-entry CRC32s of the slot's step (`SlotChecksums`), written
@@ -20,11 +20,14 @@ start, says for every rank of the step to restore where its verified copy lives.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 SLOTS_DIR = "slots"
@@ -32,6 +35,10 @@ HELD_DIR = "held"
 RESTORE_DIR = "restore"
 INDEX_NAME = "index.json"
 SLOT_COUNT = 2
+"""Slots per copy by default, and the most there are (``checkpoint.memory.slots``)."""
+PERMIT_NAME = "replicated.json"
+"""``slots/replicated.json``: the holder's word to its workers with one slot per copy, whether
+the step a slot holds may be overwritten (`trainctl.checkpoint.memory.may_overwrite`)."""
 INDEX_VERSION = 2
 """``restore/index.json``'s format: 2 holds no token (1, before, held the peers' token)."""
 
@@ -66,6 +73,19 @@ def write_json_atomic(path: str, value: Any) -> None:
         except OSError:
             pass
         raise
+
+
+@contextlib.contextmanager
+def slot_lock(path: str) -> Iterator[None]:
+    """A shared lock on the slot file `path` while a holder sends it: it waits out a worker's
+    write (which holds the exclusive lock, never waiting for it: it skips the save instead), so
+    with one slot per copy a replica is never received from bytes being rewritten."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(handle)  # the lock goes with the descriptor
 
 
 def read_json(path: str) -> Any | None:

@@ -4,25 +4,30 @@ The first memory save of an attempt flattens the rank's state dict as DCP does, 
 DCP's own planner helper (`create_default_local_save_plan`: one write item per stored chunk,
 with its fqn, chunk offsets and sizes, global size and dtype), lays the chunks out 64-byte
 aligned in a `Layout` (non-tensor values: one pickled ``objects`` entry with fixed headroom),
-writes ``slots/rank-R.layout.json`` once, preallocates `SLOT_COUNT` slot files of
-``Layout.nbytes`` (``posix_fallocate``: a full tmpfs fails here, not with a SIGBUS later) and
-mmaps them. Every save then: remove the target slot's record, copy every tensor into its view of
-the slot (one ``torch._foreach_copy_``), pickle the objects, write the record. Slots alternate,
-so the newest complete copy is never the one being written. No collective and no checksum here:
-the node's holder sums each new record's slot in the background.
+writes ``slots/rank-R.layout.json`` once, preallocates its slot files (2, or 1: see
+``checkpoint.memory.slots``) of ``Layout.nbytes`` (``posix_fallocate``: a full tmpfs fails here,
+not with a SIGBUS later) and mmaps them. Every save then: remove the target slot's record, copy
+every tensor into its view of the slot (one ``torch._foreach_copy_``), pickle the objects, write
+the record. Two slots
+alternate, so the newest complete copy is never the one being written; one slot (with replicas)
+is rewritten only when the holder's `Permit` says its step is replicated (`may_overwrite`) and
+no send of it is under way (the slot file's lock), else the save is skipped. No collective and
+no checksum here: the node's holder sums each new record's slot in the background.
 
-`local_restore_index` builds the `RestoreIndex` of a node directory from its own slot records,
-for a restore without a holder (one process, tests).
+`trainctl.checkpoint.slot_local.local_restore_index` builds the `RestoreIndex` of a node
+directory from its own slot records, for a restore without a holder (one process, tests).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import mmap
 import os
 import pickle
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -32,17 +37,14 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
-from trainctl.checkpoint.slot_catalog import slot_crcs, spans, sum_entries
+from trainctl.checkpoint.memory import Permit, may_overwrite
+from trainctl.checkpoint.slot_catalog import spans, sum_entries
 from trainctl.checkpoint.slot_layout import (
+    PERMIT_NAME,
     SLOT_COUNT,
     SLOTS_DIR,
     Layout,
-    RankCopy,
-    RestoreIndex,
-    SlotChecksums,
     SlotRecord,
-    Source,
-    checksums_name,
     layout_name,
     read_json,
     record_name,
@@ -202,47 +204,128 @@ class _Slot:
             pass
 
 
-def newest_record_slot(directory: str, rank: int) -> int | None:
-    """The slot whose record holds the newest step (None: no record)."""
-    steps = {}
-    for slot in range(SLOT_COUNT):
+class PermitReader:
+    """The holder's `Permit` in ``slots/replicated.json``: one ``stat`` per call, the file read
+    again only when it was replaced (the holder writes it by a rename: a new inode)."""
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, PERMIT_NAME)
+        self._seen: tuple[int, int, int] | None = None
+        self._permit: Permit | None = None
+
+    def __call__(self) -> Permit | None:
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:  # no holder writes one: nobody replicates
+            self._seen = self._permit = None
+            return None
+        seen = (info.st_ino, info.st_mtime_ns, info.st_ctime_ns)  # an inode may be reused
+        if seen != self._seen:
+            self._seen, self._permit = seen, Permit.from_json(read_json(self.path))
+        return self._permit
+
+
+def newest_records(directory: str, rank: int, slots: int = SLOT_COUNT) -> dict[int, SlotRecord]:
+    """Rank `rank`'s slot records among its first `slots` slots (slot -> record)."""
+    found = {}
+    for slot in range(slots):
         record = SlotRecord.from_json(read_json(os.path.join(directory, record_name(rank, slot))))
         if record is not None:
-            steps[slot] = (record.attempt, record.step)
-    return max(steps, key=lambda slot: steps[slot]) if steps else None
+            found[slot] = record
+    return found
+
+
+def newest_record_slot(found: Mapping[int, SlotRecord]) -> int | None:
+    """The slot whose record (`newest_records`) holds the newest step (None: no record)."""
+    return max(found, key=lambda slot: (found[slot].attempt, found[slot].step)) if found else None
 
 
 class SlotWriter:
     """Rank `rank`'s slots under ``<node_root>/slots/``: `save` copies a state into the next one.
 
     Not thread-safe; call from the training thread. The first `save` (and a save whose state no
-    longer fits the layout) writes the layout and allocates the slot files."""
+    longer fits the layout) writes the layout and allocates the slot files. `slots`: 2
+    (alternate) or 1; with one slot and `replicas`, a save may be skipped (`may_overwrite`)."""
 
-    def __init__(self, node_root: str, rank: int, world_size: int, attempt: int) -> None:
+    def __init__(
+        self,
+        node_root: str,
+        rank: int,
+        world_size: int,
+        attempt: int,
+        slots: int = SLOT_COUNT,
+        replicas: int = 0,
+    ) -> None:
         self.directory = os.path.join(node_root, SLOTS_DIR)
         self.rank = rank
         self.world_size = world_size
         self.attempt = attempt
+        self.slots = slots
+        self.replicas = replicas
+        self.permit = PermitReader(self.directory)
+        self.skipped = 0
+        """Saves skipped: the slot's step was not replicated yet, or a holder was sending it."""
         self.layout: Layout | None = None
         self._slots: list[_Slot] = []
         self._shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._fqns: list[str] = []
         self._objects: list[str] = []
         self._digest = ""
-        newest = newest_record_slot(self.directory, rank)
-        self._next = 0 if newest is None else (newest + 1) % SLOT_COUNT
+        records = newest_records(self.directory, rank, slots)
+        newest = newest_record_slot(records)
+        self._next = 0 if newest is None else (newest + 1) % slots
+        self._held = None if newest is None else (records[newest].attempt, records[newest].step)
+        """(attempt, step) of the newest copy this rank wrote (one slot: the one it holds)."""
 
     def record_path(self, slot: int) -> str:
         return os.path.join(self.directory, record_name(self.rank, slot))
 
-    def save(self, step: int, flat: Mapping[str, Any]) -> int:
-        """Copy `flat` (`flatten`'s output) into the next slot as `step`; returns the slot."""
-        payload = objects_payload(flat)
-        if not self._fits(flat, payload):
-            self._lay_out(flat)
-        assert self.layout is not None
+    def save(self, step: int, flat: Mapping[str, Any]) -> int | None:
+        """Copy `flat` (`flatten`'s output) into the next slot as `step`; returns the slot, or
+        None when the save was skipped (one slot: see the class)."""
+        guarded = self.slots == 1 and self.replicas > 0  # else no stat: nothing to wait for
+        if guarded and not may_overwrite(self._held, self.permit(), self.replicas, self.slots):
+            self.skipped += 1
+            return None
         target = self._next
-        slot = self._slots[target]
+        with self._exclusive(target) as free:
+            if not free:  # the holder is sending this slot: keep it whole
+                self.skipped += 1
+                return None
+            payload = objects_payload(flat)
+            if not self._fits(flat, payload):
+                self._lay_out(flat)  # removes the records: under the lock too
+            self._held = None  # torn until the record is written
+            self._write(target, self._slots[target], step, flat, payload)
+        self._next = (target + 1) % self.slots
+        self._held = (self.attempt, step)
+        return target
+
+    @contextlib.contextmanager
+    def _exclusive(self, slot: int) -> Iterator[bool]:
+        """With one slot and replicas: the slot file's exclusive lock, not waited for (False:
+        the holder holds its shared lock, sending the slot); True otherwise, lock or not."""
+        path = os.path.join(self.directory, slot_name(self.rank, slot))
+        try:
+            handle = os.open(path, os.O_RDONLY) if self.slots == 1 and self.replicas else -1
+        except FileNotFoundError:  # never written: nobody sends it
+            handle = -1
+        try:
+            if handle >= 0:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    yield False
+                    return
+            yield True
+        finally:
+            if handle >= 0:
+                os.close(handle)  # the lock goes with it
+
+    def _write(
+        self, target: int, slot: _Slot, step: int, flat: Mapping[str, Any], payload: bytes
+    ) -> None:
+        assert self.layout is not None
         try:
             os.unlink(self.record_path(target))  # a slot without a record is never read
         except FileNotFoundError:
@@ -257,8 +340,6 @@ class SlotWriter:
         slot.write_objects(self.layout.entries[-1], payload)
         record = SlotRecord(step, self.attempt, self._digest)  # digest: ms, once per layout
         write_json_atomic(self.record_path(target), dataclasses.asdict(record))
-        self._next = (target + 1) % SLOT_COUNT
-        return target
 
     def _fits(self, flat: Mapping[str, Any], payload: bytes) -> bool:
         if self.layout is None:
@@ -280,7 +361,7 @@ class SlotWriter:
         laid out differently), the layout written, the slots (re)allocated."""
         layout = plan_layout(flat, self.rank, self.world_size, self.attempt)
         os.makedirs(self.directory, exist_ok=True)
-        for slot in range(SLOT_COUNT):
+        for slot in range(SLOT_COUNT):  # every slot there may be (an earlier run had two)
             try:
                 os.unlink(self.record_path(slot))
             except FileNotFoundError:
@@ -289,7 +370,7 @@ class SlotWriter:
         write_json_atomic(os.path.join(self.directory, layout_name(self.rank)), layout.to_json())
         self._slots = [
             _Slot(os.path.join(self.directory, slot_name(self.rank, slot)), layout)
-            for slot in range(SLOT_COUNT)
+            for slot in range(self.slots)
         ]
         tensors = [e for e in layout.entries if e["kind"] == TENSOR]
         self._fqns = [str(e["fqn"]) for e in tensors]
@@ -315,63 +396,3 @@ class SlotWriter:
         for slot in self._slots:
             slot.close()
         self._slots = []
-
-
-def _slot_copies(directory: str, layout: Layout) -> dict[int, int]:
-    """Step -> slot of rank `layout.rank`'s records that belong to `layout` (newest attempt's
-    step wins a tie)."""
-    found: dict[int, tuple[int, int]] = {}
-    for slot in range(SLOT_COUNT):
-        path = os.path.join(directory, record_name(layout.rank, slot))
-        record = SlotRecord.from_json(read_json(path))
-        if record is None or record.layout != layout.digest:
-            continue
-        if os.path.getsize(os.path.join(directory, slot_name(layout.rank, slot))) < layout.nbytes:
-            continue
-        if record.step not in found or found[record.step][0] < record.attempt:
-            found[record.step] = (record.attempt, slot)
-    return {step: slot for step, (_, slot) in found.items()}
-
-
-def _crcs_of(directory: str, layout: Layout, slot: int, step: int) -> tuple[str, ...]:
-    """The holder's CRCs of the slot when they are of this step and layout, else summed now."""
-    sums = SlotChecksums.from_json(
-        read_json(os.path.join(directory, checksums_name(layout.rank, slot)))
-    )
-    if sums is not None and sums.step == step and sums.layout == layout.digest:
-        return sums.crcs
-    return tuple(slot_crcs(os.path.join(directory, slot_name(layout.rank, slot)), spans(layout)))
-
-
-def local_restore_index(node_root: str) -> RestoreIndex | str:
-    """The newest step every rank of the node's layouts has a slot of, as a `RestoreIndex` over
-    the local slot files (tier ``memory``), or why there is none. Without a holder only: its
-    CRCs are the holder's when present, else summed here (then they check nothing)."""
-    directory = os.path.join(node_root, SLOTS_DIR)
-    layouts: dict[int, Layout] = {}
-    names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
-    for name in names:
-        if name.endswith(".layout.json"):
-            value = read_json(os.path.join(directory, name))
-            if isinstance(value, dict):
-                layout = Layout.from_json(value)
-                layouts[layout.rank] = layout
-    if not layouts:
-        return "no slot layout on this node"
-    sizes = {layout.world_size for layout in layouts.values()}
-    world_size = max(sizes)
-    missing = sorted(set(range(world_size)) - set(layouts))
-    if len(sizes) != 1 or missing:
-        return f"ranks {missing} of the {world_size} have no slots on this node"
-    copies = {rank: _slot_copies(directory, layout) for rank, layout in layouts.items()}
-    common = set.intersection(*(set(steps) for steps in copies.values()))
-    if not common:
-        return "no step has a complete slot on every rank"
-    step = max(common)
-    ranks = []
-    for rank in range(world_size):
-        layout, slot = layouts[rank], copies[rank][step]
-        path = os.path.join(directory, slot_name(rank, slot))
-        source = Source(path=path, kind="own")
-        ranks.append(RankCopy(layout, source, _crcs_of(directory, layout, slot, step)))
-    return RestoreIndex(step=step, tier="memory", ranks=tuple(ranks))

@@ -243,7 +243,9 @@ class Agent:
         self.start_zygote(node.log_path)
         self._assemble = bool(message.holders)
         if message.holders:
-            self.holder.configure(PeerSet(plan.attempt, message.holders, message.replicas))
+            self.holder.configure(
+                PeerSet(plan.attempt, message.holders, message.replicas, message.slots)
+            )
         self.attempt = Attempt(plan, node, self.worker_token)
 
     def _handle_control(self) -> None:

@@ -94,6 +94,7 @@ class Attempt:
             str(self.plan_path),
             holders=holders if memory.enabled else {},
             replicas=memory.replicas,
+            slots=memory.slots,
         )
         for name in self.nodes:
             if name in crew.fleet.connected:

@@ -216,6 +216,7 @@ def checkpointing(
             on_event=on_event,
             replicas=spec.memory.replicas,
             attempt=settings.attempt,
+            slots=spec.memory.slots,
         )
     return TrainingCheckpoint(checkpointer, model, optimizer, ctx.reporter, memory)
 

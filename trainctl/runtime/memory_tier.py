@@ -3,7 +3,9 @@
 Saving: every `interval_steps` each rank copies its state into its next slot in the node's
 tmpfs directory (`trainctl.checkpoint.slots.SlotWriter`: a fixed, mmap'd file per slot, a record
 written after the copy). The save is synchronous and small: no collective, no checksum, no
-background thread; when it returns the step is in memory that outlives the worker.
+background thread; when it returns the step is in memory that outlives the worker. With one slot
+per copy (``slots: 1``) and replicas, a save is skipped while the slot's step is not yet
+replicated (the older whole copy stays; `SlotWriter.skipped` counts them).
 
 The first `save` checks, with every rank agreeing, that the tmpfs holds the tier
 (`memory_budget`: own slots and the replicas the node holds); when not, the tier turns itself
@@ -42,14 +44,9 @@ from trainctl.checkpoint.slot_layout import (
     read_json,
     slot_name,
 )
+from trainctl.checkpoint.slot_local import local_restore_index
 from trainctl.checkpoint.slot_reader import SlotRestorer
-from trainctl.checkpoint.slots import (
-    SlotError,
-    SlotWriter,
-    flatten,
-    local_restore_index,
-    plan_layout,
-)
+from trainctl.checkpoint.slots import SlotError, SlotWriter, flatten, plan_layout
 from trainctl.events import CheckpointFailed, RestoreSkipped
 
 EventSink = Callable[[str, dict[str, Any]], None]
@@ -131,6 +128,7 @@ class MemoryTier:
         replicas: int = 0,
         collective_timeout_s: float = 600.0,
         attempt: int = 0,
+        slots: int = SLOT_COUNT,
     ) -> MemoryTier:
         """The tier of the node directory `root` for this rank of `attempt` (a collective when
         torch.distributed is initialised: one gloo group for its agreements and DCP's load).
@@ -144,7 +142,7 @@ class MemoryTier:
             group = made
         rank = dist.get_rank(group) if group is not None else 0
         world_size = dist.get_world_size(group) if group is not None else 1
-        writer = SlotWriter(root, rank, world_size, attempt)
+        writer = SlotWriter(root, rank, world_size, attempt, slots, replicas)
 
         def emit(name: str, fields: dict[str, Any]) -> None:
             on_event(name, {"tier": MEMORY_TIER, **fields})
@@ -211,7 +209,7 @@ class MemoryTier:
             budget = host_scope(hosts, self.replicas)
             if budget.fits:
                 on_host = max(hosts.count(host) for host in hosts)
-                budget = memory_budget(shard, on_host, -neg_free, self.replicas)
+                budget = memory_budget(shard, on_host, -neg_free, self.replicas, self.writer.slots)
         if not budget.fits and self.rank == 0:
             self._on_event(CheckpointFailed.KIND, {"error": budget.reason, "tier": MEMORY_TIER})
         return budget.fits
@@ -219,7 +217,7 @@ class MemoryTier:
     def _own_slot_bytes(self) -> int:
         """Bytes this rank's slot files of an earlier attempt hold already (reused)."""
         total = 0
-        for slot in range(SLOT_COUNT):
+        for slot in range(self.writer.slots):
             path = os.path.join(self.root, SLOTS_DIR, slot_name(self.writer.rank, slot))
             try:
                 total += os.path.getsize(path)
