@@ -14,12 +14,12 @@ there, with a catalog of the peer at least every `RECATALOG_S`), and then rests 
 stays under `DUTY` of one core: steps that came meanwhile are skipped, only the newest is sent
 next. A step never summed here (the newest own one, at a worker
 kill) is summed by `assemble` (the agent, before torchrun starts), which writes
-``restore/index.json`` (`trainctl.checkpoint.slot_assemble`).
+``restore/index.json`` (`trainctl.checkpoint.slot_assemble`). Its pacing is in `holder_pace`,
+what it knows of its peers and the pure rules it reads folders by in `holder_peers`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -38,12 +38,19 @@ from trainctl.checkpoint.holder_pace import (
     pause_after,
     tick_delay,
 )
+from trainctl.checkpoint.holder_peers import (
+    Known,
+    PeerSet,
+    all_recorded,
+    drop_rank,
+    newest_attempt,
+    sums_of,
+)
 from trainctl.checkpoint.layout import MEMORY_BASE, node_memory_root
 from trainctl.checkpoint.memory import (
     held_nodes_to_drop,
     newest_replicable,
     replication_target,
-    ring_peers,
     stale_ranks,
 )
 from trainctl.checkpoint.peer_wire import PeerError, PeerServer, catalog, put_bytes
@@ -61,9 +68,7 @@ from trainctl.checkpoint.slot_catalog import (
 )
 from trainctl.checkpoint.slot_layout import (
     HELD_DIR,
-    SLOT_COUNT,
     SLOTS_DIR,
-    SlotChecksums,
     SlotRecord,
     checksums_name,
     layout_name,
@@ -87,66 +92,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class _Known:
-    """What a sender knows one peer holds of its ranks: each rank's layout digest and the
-    records of its held slots (from a catalog, then updated by every put that succeeded)."""
-
-    at: float
-    ranks: dict[int, tuple[str, dict[int, SlotRecord | None]]]
-
-
-@dataclasses.dataclass(frozen=True)
-class PeerSet:
-    """The holders of one attempt: its nodes in plan order and their endpoints (host:port)."""
-
-    attempt: int
-    endpoints: dict[str, str]
-    replicas: int
-    slots: int = SLOT_COUNT
-    """Slots per copy (``checkpoint.memory.slots``): the held slots per rank here too."""
-
-    @property
-    def nodes(self) -> list[str]:
-        return list(self.endpoints)
-
-    def hosts(self) -> dict[str, str]:
-        return {node: end.rsplit(":", 1)[0] for node, end in self.endpoints.items()}
-
-    def targets(self, node: str) -> list[str]:
-        """The nodes that hold `node`'s replicas."""
-        return ring_peers(self.nodes, node, self.replicas, self.hosts())
-
-    def sources(self, node: str) -> list[str]:
-        """The nodes whose replicas `node` holds."""
-        return [peer for peer in self.nodes if node in self.targets(peer)]
-
-
-def _sums_of(value: object, record: SlotRecord) -> SlotChecksums | None:
-    """The checksums document `value` when it is that of the slot holding `record`."""
-    sums = SlotChecksums.from_json(value)
-    if sums is None or (sums.step, sums.layout) != (record.step, record.layout):
-        return None
-    return sums
-
-
-def _newest_attempt(ranks: Mapping[int, RankSlots]) -> dict[int, RankSlots]:
-    """The ranks whose layout belongs to the newest attempt among `ranks`."""
-    if not ranks:
-        return {}
-    newest = max(slots.layout.attempt for slots in ranks.values())
-    return {rank: slots for rank, slots in ranks.items() if slots.layout.attempt == newest}
-
-
-def _ready(ranks: Mapping[int, RankSlots]) -> bool:
-    """Whether every rank of the newest attempt has a recorded slot of that attempt."""
-    newest = _newest_attempt(ranks)
-    return bool(newest) and all(
-        any(r.attempt == slots.layout.attempt for r in slots.records.values())
-        for slots in newest.values()
-    )
 
 
 class Holder:
@@ -173,7 +118,7 @@ class Holder:
         self._lock = threading.Lock()
         self._cache = JsonCache()
         self._sender_cache = JsonCache()  # the replication thread's: a JsonCache is not shared
-        self._known: dict[str, _Known] = {}
+        self._known: dict[str, Known] = {}
         self._maps = MappedSlots()  # the replication thread's: the own slots it sums
         """Endpoint -> what this holder's puts left there (the replication thread's)."""
         self._looked: tuple[object, ...] | None = None
@@ -248,7 +193,7 @@ class Holder:
             if recent and looked is not None and looked == self._looked:
                 return
             ranks = self._own_slots()
-            local = _newest_attempt(ranks)
+            local = newest_attempt(ranks)
             wanted = newest_replicable(
                 {
                     rank: [(r.attempt, r.step) for r in slots.records.values()]
@@ -319,7 +264,7 @@ class Holder:
         if again != record:  # the worker rewrote the slot while it was summed
             return None
         target = self.path(SLOTS_DIR, checksums_name(rank, index))
-        first = _sums_of(read_json(target), record)
+        first = sums_of(read_json(target), record)
         if first is not None:  # summed meanwhile (the assemble, a fault): the first sum stands
             return first.crcs
         write_json_atomic(target, checksums_json(record, crcs))
@@ -426,7 +371,7 @@ class Holder:
                 )
             records[target] = record
 
-    def _known_at(self, endpoint: str, folder: str) -> _Known:
+    def _known_at(self, endpoint: str, folder: str) -> Known:
         """What the peer at `endpoint` holds of this node's ranks: remembered from this
         holder's own puts, or from a catalog request when that is older than `RECATALOG_S`
         (or was lost with a failed put)."""
@@ -439,17 +384,17 @@ class Holder:
                 rank: (there.digest, dict[int, SlotRecord | None](there.records))
                 for rank, there in held.items()
             }
-            known = self._known[endpoint] = _Known(now, ranks)
+            known = self._known[endpoint] = Known(now, ranks)
         return known
 
     # ------------------------------------------------------------------ garbage collection
 
     def _collect_garbage(self, ranks: Mapping[int, RankSlots], peers: PeerSet) -> None:
         newest = max((slots.layout.attempt for slots in ranks.values()), default=-1)
-        ready = newest > self._floor and _ready(ranks)  # the configured attempt saves
+        ready = newest > self._floor and all_recorded(ranks)  # the configured attempt saves
         attempts = {rank: slots.layout.attempt for rank, slots in ranks.items()}
         for rank in stale_ranks(attempts, ready):
-            self._drop_rank(self.path(SLOTS_DIR), rank)
+            drop_rank(self.path(SLOTS_DIR), rank)
         held = self.path(HELD_DIR)
         sources = sorted(os.listdir(held)) if os.path.isdir(held) else []
         for source in held_nodes_to_drop(sources, peers.sources(self.node), ready):
@@ -459,20 +404,9 @@ class Holder:
             folder = os.path.join(held, source, SLOTS_DIR)
             theirs = parse_slots(read_json_tree(folder, self._cache))
             old = {rank: slots.layout.attempt for rank, slots in theirs.items()}
-            for rank in stale_ranks(old, _ready(theirs)):
-                self._drop_rank(folder, rank)
+            for rank in stale_ranks(old, all_recorded(theirs)):
+                drop_rank(folder, rank)
         self.server.held_maps.prune()  # a dropped held slot's pages go with its mapping
-
-    @staticmethod
-    def _drop_rank(folder: str, rank: int) -> None:
-        names = [layout_name(rank)]
-        for index in range(SLOT_COUNT):
-            names += [slot_name(rank, index), record_name(rank, index), checksums_name(rank, index)]
-        for name in names[::-1]:  # records before slots, the layout last
-            try:
-                os.unlink(os.path.join(folder, name))
-            except FileNotFoundError:
-                pass
 
     # ------------------------------------------------------------------ restore (the agent)
 
