@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from trainctl.launch import proctree
-from trainctl.launch.torchrun import TorchrunServer
+from trainctl.launch.torchrun import ForkedTorchrun, TorchrunServer
 
 SCRIPT = """
 import os, sys, time
@@ -54,6 +54,17 @@ def wait_for(predicate, timeout_s: float = 60.0) -> None:  # type: ignore[no-unt
         time.sleep(0.05)
 
 
+def start_waiting(server: TorchrunServer, tmp_path: Path) -> tuple[ForkedTorchrun, Path]:
+    """A forked torchrun whose worker has started and waits (its pid in the returned file)."""
+    pid_file = tmp_path / "worker.pid"
+    running = server.start(
+        torchrun_argv(tmp_path, "wait", str(pid_file)), {}, str(tmp_path / "node.log")
+    )
+    assert running is not None
+    wait_for(pid_file.exists)
+    return running, pid_file
+
+
 @pytest.mark.timeout(180)
 def test_each_attempt_is_a_fork_with_its_own_environment_and_exit_status(
     server: TorchrunServer, tmp_path: Path
@@ -77,12 +88,7 @@ def test_each_attempt_is_a_fork_with_its_own_environment_and_exit_status(
 def test_a_killed_torchrun_reports_the_signal_and_the_server_serves_on(
     server: TorchrunServer, tmp_path: Path
 ) -> None:
-    pid_file = tmp_path / "worker.pid"
-    running = server.start(
-        torchrun_argv(tmp_path, "wait", str(pid_file)), {}, str(tmp_path / "node.log")
-    )
-    assert running is not None
-    wait_for(pid_file.exists)
+    running, pid_file = start_waiting(server, tmp_path)
     assert running.poll() is None
     worker = int(pid_file.read_text())
     assert worker in proctree.descendants(running.pid)
@@ -97,12 +103,7 @@ def test_a_killed_torchrun_reports_the_signal_and_the_server_serves_on(
 def test_a_dead_server_makes_the_agent_start_torchrun_the_cold_way(
     server: TorchrunServer, tmp_path: Path
 ) -> None:
-    pid_file = tmp_path / "worker.pid"
-    running = server.start(
-        torchrun_argv(tmp_path, "wait", str(pid_file)), {}, str(tmp_path / "node.log")
-    )
-    assert running is not None
-    wait_for(pid_file.exists)
+    running, pid_file = start_waiting(server, tmp_path)
     server.process.kill()
     server.process.wait()
     assert server.start(torchrun_argv(tmp_path, "0"), {}, str(tmp_path / "node.log")) is None

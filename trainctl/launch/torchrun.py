@@ -16,6 +16,7 @@ import select
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -89,10 +90,7 @@ class TorchrunServer:
         """Fork torchrun with `argv` (after ``-m torch.distributed.run``) and `env` on top of
         the server's environment, its output appended to `log_path`; None when the server
         cannot (gone, or not ready in `READY_TIMEOUT_S`): start torchrun the cold way then."""
-        deadline = time.monotonic() + self.READY_TIMEOUT_S
-        while not self.ready and self.alive() and time.monotonic() < deadline:
-            self.drain(0.05)
-        if not self.ready or not self.alive():
+        if not self._await(lambda: self.ready, self.READY_TIMEOUT_S) or not self.alive():
             return None
         request = json.dumps({"argv": argv, "env": env, "log": log_path}) + "\n"
         assert self.process.stdin is not None
@@ -101,12 +99,16 @@ class TorchrunServer:
             self.process.stdin.flush()
         except OSError:
             return None
-        deadline = time.monotonic() + 10.0
-        while not self._started and self.alive() and time.monotonic() < deadline:
-            self.drain(0.05)
-        if not self._started:
+        if not self._await(lambda: bool(self._started), 10.0):
             return None
         return ForkedTorchrun(self._started.pop(0), self)
+
+    def _await(self, said: Callable[[], bool], timeout_s: float) -> bool:
+        """Read the server's status until `said()` holds, it is gone or `timeout_s` passed."""
+        deadline = time.monotonic() + timeout_s
+        while not said() and self.alive() and time.monotonic() < deadline:
+            self.drain(0.05)
+        return said()
 
     def drain(self, timeout_s: float = 0.0) -> None:
         """Read what the server said (within `timeout_s`)."""
