@@ -55,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,15 +149,67 @@ def steady_pace(log: Path, started: float, ended: float, settle: int = SETTLE_ST
     return statistics.fmean(deltas)
 
 
-def reference_step(work: Path, memory: bool, steps: int, replicas: int = 1) -> tuple[float, float]:
-    """The median step and the pace (`step_pace`) of an uninterrupted run (`steps`, no
-    failure) of the mode's config."""
+def pace_halves(log: Path) -> tuple[float, float]:
+    """An uninterrupted run's wall time per step in the first and the second half of its
+    steps: whether a job slows as it ages, apart from its failures."""
+    rows = sorted(recovery.read_steps(log))
+    middle = len(rows) // 2
+
+    def pace(half: list[tuple[float, int, int]]) -> float:
+        return (half[-1][0] - half[0][0]) / (half[-1][2] - half[0][2])
+
+    return pace(rows[: middle + 1]), pace(rows[middle:])
+
+
+@contextlib.contextmanager
+def launched(recipe: Path, job: str, storage: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`trainctl launch` of `recipe` until the block ends, then SIGINT and whatever of the
+    job is left SIGKILLed."""
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "trainctl.cli.main", "launch", str(recipe)),
+            *("--job-id", job, "--storage", str(storage)),
+        ],
+        cwd=recovery.REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        proctree.signal_all(proctree.tagged("TRAINCTL_JOB_ID", job), signal.SIGKILL)
+
+
+def reference_step(
+    work: Path, memory: bool, steps: int, replicas: int = 1, minutes: float | None = None
+) -> tuple[float, float, tuple[float, float]]:
+    """The median step, the pace (`step_pace`) and the pace by halves (`pace_halves`) of an
+    uninterrupted run of the mode's config: `steps` steps, or `minutes` of wall time (as long
+    as the runs with failures, so a job's age and the host's minutes weigh on both alike)."""
     job = f"reference-tier-{'on' if memory else 'off'}"
-    recovery.CHECKPOINT.clear()
-    recovery.CHECKPOINT.update(checkpoint_section(memory, replicas))
-    recovery.trainctl_reference(work, job, steps)
     log = work / f"{job}.steps"
-    return recovery.step_median(log), step_pace(log)
+    section = checkpoint_section(memory, replicas)
+    if minutes is None:
+        recovery.CHECKPOINT.clear()
+        recovery.CHECKPOINT.update(section)
+        recovery.trainctl_reference(work, job, steps)
+    else:
+        recipe = recovery.trainctl_recipe(
+            work, job, log, spares=0, max_steps=None, checkpoint=section
+        )
+        with launched(recipe, job, work / "store") as proc:
+            deadline = time.time() + minutes * 60
+            while time.time() < deadline and proc.poll() is None:
+                time.sleep(0.5)
+            if proc.returncode is not None:
+                raise SystemExit(f"the reference run ended early (exit {proc.returncode})")
+            attempts = len(JobStore(str(work / "store")).read_state(job).attempts)
+            if attempts != 1:
+                raise SystemExit(f"the reference run restarted ({attempts} attempts)")
+    return recovery.step_median(log), step_pace(log), pace_halves(log)
 
 
 def readings(
@@ -227,17 +280,8 @@ def goodput_run(
     )
     storage = work / "store"
     started = time.time()
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "trainctl.cli.main", "launch", str(recipe)),
-            *("--job-id", job, "--storage", str(storage)),
-        ],
-        cwd=recovery.REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     kills: list[float] = []
-    try:
+    with launched(recipe, job, storage):
         end = started + minutes * 60
         next_failure = started + every_s
         while time.time() < end:
@@ -250,11 +294,6 @@ def goodput_run(
                 next_failure += every_s
         ended = time.time()
         restored = restored_steps(storage, job)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
-        proctree.signal_all(proctree.tagged("TRAINCTL_JOB_ID", job), signal.SIGKILL)
     rows = recovery.read_steps(log)
     per_failure = [
         {
@@ -290,6 +329,12 @@ def main() -> int:
     parser.add_argument("--modes", nargs="+", choices=("on", "off"), default=["on", "off"])
     parser.add_argument("--reference-steps", type=int, default=REFERENCE_STEPS)
     parser.add_argument(
+        "--reference-minutes",
+        type=float,
+        help="run each reference this long instead of --reference-steps (e.g. as long as "
+        "--minutes, so a job's age weighs on the reference as on the run)",
+    )
+    parser.add_argument(
         "--replicas", type=int, default=1, help="checkpoint.memory.replicas with the tier on"
     )
     parser.add_argument("--work", type=Path, help="keep stores and step logs here")
@@ -304,12 +349,18 @@ def main() -> int:
             work.mkdir(parents=True, exist_ok=True)
         (work / "store").mkdir(exist_ok=True)
         own: dict[str, tuple[float, float]] = {}
+        length = (
+            f"{args.reference_steps} steps"
+            if args.reference_minutes is None
+            else f"{args.reference_minutes:g} min"
+        )
         for mode in ("off", *(m for m in args.modes if m == "on")):
-            print(
-                f"reference, tier {mode}: {args.reference_steps} uninterrupted steps ...",
-                file=sys.stderr,
+            print(f"reference, tier {mode}: {length} uninterrupted ...", file=sys.stderr)
+            median, pace, halves = reference_step(
+                work, mode == "on", args.reference_steps, args.replicas, args.reference_minutes
             )
-            own[mode] = reference_step(work, mode == "on", args.reference_steps, args.replicas)
+            own[mode] = (median, pace)
+            results[f"reference_tier_{mode}_pace_halves_s"] = halves
         reference_s = own["off"][0]
         results["reference_step_s"] = reference_s
         results["reference_pace_s"] = own["off"][1]
@@ -347,6 +398,14 @@ def _print(results: dict[str, Any], modes: list[str], failure: str) -> None:
         f"tier on {_ms(results.get('reference_tier_on_pace_s'))}",
         file=err,
     )
+    for mode in ("off", "on"):
+        halves = results.get(f"reference_tier_{mode}_pace_halves_s")
+        if halves:
+            print(
+                f"  tier {mode} reference's pace, first half {_ms(halves[0])}, "
+                f"second half {_ms(halves[1])}",
+                file=err,
+            )
     print(f"failure: {failure} SIGKILL; goodput target >= {TARGET_GOODPUT:.0%}", file=err)
     for mode in modes:
         row = results[mode]
