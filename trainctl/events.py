@@ -363,6 +363,8 @@ class CheckpointSkipped(WorkerEventData):
     step: int | None = None
     reason: str = ""
     tier: str | None = None
+    skipped: int | None = None
+    """Memory tier: saves skipped since the host's last such event."""
 
 
 @kind("checkpoint_restored")

@@ -38,7 +38,9 @@ from trainctl.checkpoint.slot_layout import (
     slot_name,
 )
 from trainctl.checkpoint.slot_local import local_restore_index
+from trainctl.checkpoint.slot_permit import PermitWriter
 from trainctl.checkpoint.slots import SlotWriter
+from trainctl.runtime.memory_tier import MemoryTier
 from trainctl.spec import CheckpointSpec
 
 pytestmark = pytest.mark.timeout(300)
@@ -269,6 +271,49 @@ def test_one_node_alone_is_never_held_back(base_one: str) -> None:
         writer.close()
     finally:
         holder.close()
+
+
+def _skip_events(events: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, int, str]]:
+    return [
+        (fields["step"], fields["skipped"], fields["tier"])
+        for name, fields in events
+        if name == "checkpoint_skipped"
+    ]
+
+
+@pytest.mark.parametrize(("slots", "window_s"), [(1, 3600.0), (1, 0.0), (2, 0.0)])
+def test_skipped_memory_saves_are_said_without_an_event_a_step(
+    base_one: str, slots: int, window_s: float
+) -> None:
+    """A holder that never replicates (its permit: nothing yet, not free): with one slot every
+    save after the first is skipped, said at the first skip and then once a window, and what
+    is left at close; two slots never skip."""
+    root = node_memory_root("job", "node-0", base_one)
+    PermitWriter(os.path.join(root, SLOTS_DIR)).publish(None, True, 0, False)
+    events: list[tuple[str, dict[str, Any]]] = []
+    tier = MemoryTier.open(
+        root,
+        1,
+        on_event=lambda name, fields: events.append((name, fields)),
+        replicas=1,
+        slots=slots,
+        skip_report_s=window_s,
+    )
+    for step in range(1, 6):
+        tier.save(step, _flat(0, step))
+    said_before_close = _skip_events(events)
+    tier.close()
+    if slots == 2:
+        assert _skip_events(events) == [] and tier.writer.skipped == 0
+        return
+    assert tier.writer.skipped == 4
+    if window_s:  # the first skip at once, the other three at close
+        assert said_before_close == [(2, 1, MEMORY_TIER)]
+        assert _skip_events(events) == [(2, 1, MEMORY_TIER), (5, 3, MEMORY_TIER)]
+    else:
+        assert _skip_events(events) == [(step, 1, MEMORY_TIER) for step in range(2, 6)]
+    reason = next(fields["reason"] for name, fields in events if name == "checkpoint_skipped")
+    assert "the slot's step 1 is not replicated yet" in reason and "memory.slots: 2" in reason
 
 
 @pytest.fixture

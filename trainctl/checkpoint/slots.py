@@ -265,6 +265,8 @@ class SlotWriter:
         self.permit = PermitReader(self.directory)
         self.skipped = 0
         """Saves skipped: the slot's step was not replicated yet, or a holder was sending it."""
+        self.skip_reason = ""
+        """Why the last skipped save was skipped."""
         self.layout: Layout | None = None
         self._slots: list[_Slot] = []
         self._shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -285,13 +287,12 @@ class SlotWriter:
         None when the save was skipped (one slot: see the class)."""
         guarded = self.slots == 1 and self.replicas > 0  # else no stat: nothing to wait for
         if guarded and not may_overwrite(self._held, self.permit(), self.replicas, self.slots):
-            self.skipped += 1
-            return None
+            held = self._held[1] if self._held else None
+            return self._skip(f"the slot's step {held} is not replicated yet")
         target = self._next
         with self._exclusive(target) as free:
             if not free:  # the holder is sending this slot: keep it whole
-                self.skipped += 1
-                return None
+                return self._skip("the node's holder is sending the slot")
             payload = objects_payload(flat)
             if not self._fits(flat, payload):
                 self._lay_out(flat)  # removes the records: under the lock too
@@ -300,6 +301,10 @@ class SlotWriter:
         self._next = (target + 1) % self.slots
         self._held = (self.attempt, step)
         return target
+
+    def _skip(self, reason: str) -> None:
+        self.skipped += 1
+        self.skip_reason = reason
 
     @contextlib.contextmanager
     def _exclusive(self, slot: int) -> Iterator[bool]:

@@ -5,7 +5,10 @@ tmpfs directory (`trainctl.checkpoint.slots.SlotWriter`: a fixed, mmap'd file pe
 written after the copy). The save is synchronous and small: no collective, no checksum, no
 background thread; when it returns the step is in memory that outlives the worker. With one slot
 per copy (``slots: 1``) and replicas, a save is skipped while the slot's step is not yet
-replicated (the older whole copy stays; `SlotWriter.skipped` counts them).
+replicated (the older whole copy stays; `SlotWriter.skipped` counts them). Skips are said in a
+``checkpoint_skipped`` event (tier ``memory``, with how many since the last one): by the first
+rank of each host, at its first skip and then at most once every `SKIP_REPORT_S`, so a job
+whose replication lags says so without an event per step.
 
 The first `save` checks, with every rank agreeing, that the tmpfs holds the tier
 (`memory_budget`: own slots and the replicas the node holds); when not, the tier turns itself
@@ -25,6 +28,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
@@ -47,11 +51,13 @@ from trainctl.checkpoint.slot_layout import (
 from trainctl.checkpoint.slot_local import local_restore_index
 from trainctl.checkpoint.slot_reader import SlotRestorer
 from trainctl.checkpoint.slots import SlotError, SlotWriter, flatten, plan_layout
-from trainctl.events import CheckpointFailed, RestoreSkipped
+from trainctl.events import CheckpointFailed, CheckpointSkipped, RestoreSkipped
 
 EventSink = Callable[[str, dict[str, Any]], None]
 STATUS_NAME = "status.json"
 """``restore/status.json``: the holder's account of its assembly (`trainctl.checkpoint.holder`)."""
+SKIP_REPORT_S = 60.0
+"""Skipped memory saves are said at most this often per host (the first one at once)."""
 
 
 def state_bytes(state: Mapping[str, Any]) -> int:
@@ -103,6 +109,7 @@ class MemoryTier:
         on_event: EventSink,
         assembly: Mapping[str, Any] | None = None,
         replicas: int = 0,
+        skip_report_s: float = SKIP_REPORT_S,
     ) -> None:
         self.writer = writer
         self.restorer = restorer
@@ -116,6 +123,12 @@ class MemoryTier:
         self._on_event = on_event
         self._checked = False
         self.enabled = True
+        self._skip_report_s = skip_report_s
+        self._reports_skips = False
+        """Whether this rank says its host's skipped saves (the host's first rank)."""
+        self._skips_said = 0
+        self._skips_said_at: float | None = None
+        self._last_step = 0
 
     @classmethod
     def open(
@@ -129,6 +142,7 @@ class MemoryTier:
         collective_timeout_s: float = 600.0,
         attempt: int = 0,
         slots: int = SLOT_COUNT,
+        skip_report_s: float = SKIP_REPORT_S,
     ) -> MemoryTier:
         """The tier of the node directory `root` for this rank of `attempt` (a collective when
         torch.distributed is initialised: one gloo group for its agreements and DCP's load).
@@ -148,7 +162,9 @@ class MemoryTier:
             on_event(name, {"tier": MEMORY_TIER, **fields})
 
         restorer = SlotRestorer(index_loader(root, bool(assembly)), group, emit)
-        return cls(writer, restorer, group, interval_steps, on_event, assembly, replicas)
+        return cls(
+            writer, restorer, group, interval_steps, on_event, assembly, replicas, skip_report_s
+        )
 
     def report_assembly(self) -> None:
         """Say (rank 0) which copies the holder skipped while choosing the step to restore."""
@@ -176,8 +192,10 @@ class MemoryTier:
             self.enabled = self._fits(flat)
             if not self.enabled:
                 return
+        self._last_step = step
         try:
-            self.writer.save(step, flat)
+            if self.writer.save(step, flat) is None:
+                self._report_skips(step)
         except (OSError, SlotError) as error:  # never raised into training: the tier goes off
             self.enabled = False
             self.writer.close()
@@ -190,9 +208,32 @@ class MemoryTier:
                 },
             )
 
+    def _report_skips(self, step: int, final: bool = False) -> None:
+        """Say the saves skipped since the last word, when this rank speaks for its host and
+        it is time: the first skip, then every `skip_report_s` (`final`: whatever is left)."""
+        pending = self.writer.skipped - self._skips_said
+        if not self._reports_skips or pending <= 0:
+            return
+        now = time.monotonic()
+        said = self._skips_said_at
+        if not final and said is not None and now - said < self._skip_report_s:
+            return
+        self._skips_said, self._skips_said_at = self.writer.skipped, now
+        reason = (
+            f"{pending} memory save(s) skipped on {socket.gethostname()} (rank {self.rank}, "
+            f"{self.writer.skipped} in all): {self.writer.skip_reason}; with one slot a save "
+            "waits for the holder to replicate the last one, so a failure replays the steps "
+            "since it (memory.slots: 2 never skips)"
+        )
+        self._on_event(
+            CheckpointSkipped.KIND,
+            {"step": step, "reason": reason, "tier": MEMORY_TIER, "skipped": pending},
+        )
+
     def _fits(self, flat: Mapping[str, Any]) -> bool:
         """Whether every rank's slots fit (all ranks agree: one all_gather, one max)."""
         hosts = self._collectives.all_gather(socket.gethostname())
+        self._reports_skips = hosts.index(hosts[self.rank]) == self.rank
         unsupported = ""
         try:
             nbytes = plan_layout(flat, self.rank, 1, 0).nbytes
@@ -226,6 +267,9 @@ class MemoryTier:
         return total
 
     def close(self) -> None:
+        """Say the skips not said yet, and unmap the slots."""
+        if self.enabled:
+            self._report_skips(self._last_step, final=True)
         self.writer.close()
 
 
