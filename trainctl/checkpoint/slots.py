@@ -288,11 +288,13 @@ class SlotWriter:
         guarded = self.slots == 1 and self.replicas > 0  # else no stat: nothing to wait for
         if guarded and not may_overwrite(self._held, self.permit(), self.replicas, self.slots):
             held = self._held[1] if self._held else None
-            return self._skip(f"the slot's step {held} is not replicated yet")
+            self._skip(f"the slot's step {held} is not replicated yet")
+            return None
         target = self._next
         with self._exclusive(target) as free:
             if not free:  # the holder is sending this slot: keep it whole
-                return self._skip("the node's holder is sending the slot")
+                self._skip("the node's holder is sending the slot")
+                return None
             payload = objects_payload(flat)
             if not self._fits(flat, payload):
                 self._lay_out(flat)  # removes the records: under the lock too
