@@ -260,6 +260,25 @@ def test_a_new_attempt_replicates_the_restored_step_before_overwriting_it(
     _wait(lambda: cluster.writers["node-0"].save(2, _flat(0, 2)) is not None, "a save")
 
 
+def test_a_peer_that_stopped_answering_frees_the_workers(cluster: OneSlotCluster) -> None:
+    """node-1's holder is gone (its host died): no replica of node-0's steps can complete, so
+    after `FREE_AFTER_FAILED_ROUNDS` failed rounds node-0's holder frees its workers, and they
+    save every interval again instead of skipping (with their older copy) for good."""
+    cluster.save(1)
+    _permitted(cluster, "node-0", 1)
+    cluster.holders["node-1"].close()
+    writer = cluster.writers["node-0"]
+    assert writer.save(2, _flat(0, 2)) == 0  # step 1 is replicated: its slot may be rewritten
+    permit = os.path.join(cluster.root("node-0"), SLOTS_DIR, PERMIT_NAME)
+    # Step 2 never reaches node-1: until the holder gives up, saves keep step 2 and skip.
+    _wait(lambda: read_json(permit)["free"] is True, "the permit freed", timeout_s=60)
+    assert read_json(permit)["step"] == 1  # what was replicated, still said
+    skipped = writer.skipped
+    assert [writer.save(step, _flat(0, step)) for step in range(3, 8)] == [0] * 5
+    assert writer.skipped == skipped
+    assert _own_step(cluster, "node-0") == 7
+
+
 def test_one_node_alone_is_never_held_back(base_one: str) -> None:
     holder = Holder("job", "solo", TOKEN, "127.0.0.1", base=base_one)
     try:
