@@ -7,8 +7,8 @@ background thread; when it returns the step is in memory that outlives the worke
 per copy (``slots: 1``) and replicas, a save is skipped while the slot's step is not yet
 replicated (the older whole copy stays; `SlotWriter.skipped` counts them). Skips are said in a
 ``checkpoint_skipped`` event (tier ``memory``, with how many since the last one): by the first
-rank of each host, at its first skip and then at most once every `SKIP_REPORT_S`, so a job
-whose replication lags says so without an event per step.
+rank of each node (the ranks sharing a holder), at its first skip and then at most once every
+`SKIP_REPORT_S`, so a job whose replication lags says so without an event per step.
 
 The first `save` checks, with every rank agreeing, that the tmpfs holds the tier
 (`memory_budget`: own slots and the replicas the node holds); when not, the tier turns itself
@@ -57,7 +57,7 @@ EventSink = Callable[[str, dict[str, Any]], None]
 STATUS_NAME = "status.json"
 """``restore/status.json``: the holder's account of its assembly (`trainctl.checkpoint.holder`)."""
 SKIP_REPORT_S = 60.0
-"""Skipped memory saves are said at most this often per host (the first one at once)."""
+"""Skipped memory saves are said at most this often per node (the first one at once)."""
 
 
 def state_bytes(state: Mapping[str, Any]) -> int:
@@ -125,7 +125,7 @@ class MemoryTier:
         self.enabled = True
         self._skip_report_s = skip_report_s
         self._reports_skips = False
-        """Whether this rank says its host's skipped saves (the host's first rank)."""
+        """Whether this rank says its node's skipped saves (the node's first rank)."""
         self._skips_said = 0
         self._skips_said_at: float | None = None
         self._last_step = 0
@@ -220,7 +220,7 @@ class MemoryTier:
             return
         self._skips_said, self._skips_said_at = self.writer.skipped, now
         reason = (
-            f"{pending} memory save(s) skipped on {socket.gethostname()} (rank {self.rank}, "
+            f"{pending} memory save(s) skipped on {os.path.basename(self.root)} (rank {self.rank}, "
             f"{self.writer.skipped} in all): {self.writer.skip_reason}; with one slot a save "
             "waits for the holder to replicate the last one, so a failure replays the steps "
             "since it (memory.slots: 2 never skips)"
@@ -232,8 +232,10 @@ class MemoryTier:
 
     def _fits(self, flat: Mapping[str, Any]) -> bool:
         """Whether every rank's slots fit (all ranks agree: one all_gather, one max)."""
-        hosts = self._collectives.all_gather(socket.gethostname())
-        self._reports_skips = hosts.index(hosts[self.rank]) == self.rank
+        places = [tuple(p) for p in self._collectives.all_gather((socket.gethostname(), self.root))]
+        hosts = [host for host, _root in places]
+        # One rank speaks for each node directory (its holder's ranks), simulated nodes too.
+        self._reports_skips = places.index(places[self.rank]) == self.rank
         unsupported = ""
         try:
             nbytes = plan_layout(flat, self.rank, 1, 0).nbytes
