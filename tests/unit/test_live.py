@@ -23,6 +23,7 @@ from trainctl.events import (
     AttemptStarted,
     CheckpointCommitted,
     CheckpointRestored,
+    CheckpointSkipped,
     Event,
     FirstStep,
     JobCreated,
@@ -215,6 +216,14 @@ def value(families: dict, family: str, name: str | None = None, **labels: str) -
 
 
 def test_metrics_from_the_store_parse_and_match_it(running_job: JobStore, storage: Path) -> None:
+    # Memory saves skipped on two nodes (counted), a durable save skipped (not counted).
+    for name, count in (("node-0", 3), ("node-1", 2)):
+        skipped = CheckpointSkipped(step=115, reason="lag", tier="memory", skipped=count)
+        running_job.append_event(
+            JOB, Event(CREATED + 570, "skipped", skipped, node=name, attempt=1)
+        )
+    durable = CheckpointSkipped(step=110, reason="already committed")
+    running_job.append_event(JOB, Event(CREATED + 571, "skipped", durable, node="node-0"))
     result = trainctl("metrics", JOB, storage=storage)
     assert result.returncode == 0, result.stderr
     families = parse(result.stdout)
@@ -244,6 +253,9 @@ def test_metrics_from_the_store_parse_and_match_it(running_job: JobStore, storag
     restore = "trainctl_checkpoint_restore_seconds"
     assert value(families, restore, restore + "_sum") == 3.0
     assert value(families, "trainctl_checkpoint_committed_step") == 100
+    skipped = "trainctl_checkpoint_memory_saves_skipped"
+    assert types[skipped] == "counter"
+    assert value(families, skipped, skipped + "_total") == 5
     hist = "trainctl_step_time_seconds"
     assert value(families, hist, hist + "_count") == 71
     assert value(families, hist, hist + "_bucket", le="0.25") == 50

@@ -29,8 +29,14 @@ from rich.text import Text
 from trainctl.cli.common import JOB_HELP, STORAGE_OPTION, open_job, warn_skipped
 from trainctl.cli.console import format_age, plain_table, terminal
 from trainctl.event_reader import EventFollower
-from trainctl.report.goodput import LEDGER_KINDS
-from trainctl.report.live import JobSnapshot, NodeView, count_by, read_snapshot, worst_nodes
+from trainctl.report.live import (
+    SNAPSHOT_KINDS,
+    JobSnapshot,
+    NodeView,
+    count_by,
+    read_snapshot,
+    worst_nodes,
+)
 from trainctl.store import JobStore
 
 GIB = 1024**3
@@ -198,7 +204,7 @@ def top(
 ) -> None:
     """Watch a job live: nodes, step times, GPUs, heartbeats, events, goodput (q quits)."""
     store, job_id = open_job(storage, job_id)
-    follower = EventFollower(store, job_id, LEDGER_KINDS)  # each refresh reads new events only
+    follower = EventFollower(store, job_id, SNAPSHOT_KINDS)  # each refresh reads new events only
     if once:
         terminal.out.print(_frame(store, job_id, at, nodes, follower)[1])
         return

@@ -13,8 +13,9 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from trainctl.checkpoint.memory import MEMORY_TIER
 from trainctl.event_reader import EventFollower
-from trainctl.events import CheckpointCommitted, CheckpointRestored, Event
+from trainctl.events import CheckpointCommitted, CheckpointRestored, CheckpointSkipped, Event
 from trainctl.health.utilisation import NodeUtilisation
 from trainctl.report.goodput import LEDGER_KINDS, build_ledger
 from trainctl.report.gpu import read_gpu_series, stored_health
@@ -29,6 +30,10 @@ SILENT_STEP_FACTOR = 10.0
 RECENT_EVENTS = 8
 """How many of the latest events a snapshot keeps."""
 HEALTH_RANK = {"UNHEALTHY": 0, "DEGRADED": 1, "unknown": 2, "OK": 3}
+
+
+SNAPSHOT_KINDS = LEDGER_KINDS | {CheckpointSkipped.KIND}
+"""The event kinds whose data a snapshot reads (the ledger's and the memory tier's skips)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +80,8 @@ class CheckpointStats:
     durable_s: tuple[float, ...]
     """Save called -> durable in storage, per committed save that says."""
     restores_s: tuple[float, ...]
+    memory_saves_skipped: int = 0
+    """Memory-tier saves skipped (``checkpoint.memory.slots: 1``: replication lagged)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,12 +152,18 @@ def stragglers(events: Sequence[Event], attempt: int | None) -> set[str]:
 def checkpoint_stats(record: JobRecord, events: Sequence[Event]) -> CheckpointStats:
     commits = [e for e in events if isinstance(e.data, CheckpointCommitted)]
     restores = [e for e in events if isinstance(e.data, CheckpointRestored)]
+    skips = [
+        e.data.skipped or 1
+        for e in events
+        if isinstance(e.data, CheckpointSkipped) and e.data.tier == MEMORY_TIER
+    ]
     return CheckpointStats(
         committed_step=record.committed_step,
         last_committed_at=commits[-1].time if commits else None,
         stalls_s=tuple(float(e.data.stall_s) for e in commits),
         durable_s=tuple(float(e.data.durable_s) for e in commits if e.data.durable_s is not None),
         restores_s=tuple(float(e.data.restore_s) for e in restores if e.data.restore_s is not None),
+        memory_saves_skipped=sum(skips),
     )
 
 
@@ -252,9 +265,9 @@ def read_snapshot(
 
     `follower`: the events as read so far by the caller's earlier snapshots (`top` refreshes:
     only new event files are read); without one every event file is read, once. Only the
-    kinds the snapshot interprets (`LEDGER_KINDS`) are validated against their schema."""
+    kinds the snapshot interprets (`SNAPSHOT_KINDS`) are validated against their schema."""
     record = store.read_state(job_id)
-    log = (follower or EventFollower(store, job_id, LEDGER_KINDS)).read()
+    log = (follower or EventFollower(store, job_id, SNAPSHOT_KINDS)).read()
     verdicts, verdict_problems = store.read_node_verdicts(job_id)
     health = stored_health(store, job_id)
     series = read_gpu_series(store, job_id, last_s=health.gpu_idle_window_s)

@@ -85,6 +85,13 @@ def job_families(snap: JobSnapshot) -> Iterator[Metric]:
     yield _summary(
         "checkpoint_restore_seconds", "Checkpoint restores.", job, checkpoints.restores_s
     )
+    skipped = CounterMetricFamily(
+        PREFIX + "checkpoint_memory_saves_skipped",
+        "Memory-tier saves skipped (checkpoint.memory.slots: 1, replication behind).",
+        labels=["job_id"],
+    )
+    skipped.add_metric([job], float(checkpoints.memory_saves_skipped))
+    yield skipped
     committed = _gauge("checkpoint_committed_step", "Newest committed checkpoint's step.")
     if checkpoints.committed_step is not None:
         committed.add_metric([job], float(checkpoints.committed_step))
