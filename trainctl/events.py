@@ -364,7 +364,7 @@ class CheckpointSkipped(WorkerEventData):
     reason: str = ""
     tier: str | None = None
     skipped: int | None = None
-    """Memory tier: saves skipped since the host's last such event."""
+    """Memory tier: saves skipped since the node's last such event."""
 
 
 @kind("checkpoint_restored")

@@ -209,7 +209,7 @@ class MemoryTier:
             )
 
     def _report_skips(self, step: int, final: bool = False) -> None:
-        """Say the saves skipped since the last word, when this rank speaks for its host and
+        """Say the saves skipped since the last word, when this rank speaks for its node and
         it is time: the first skip, then every `skip_report_s` (`final`: whatever is left)."""
         pending = self.writer.skipped - self._skips_said
         if not self._reports_skips or pending <= 0:
@@ -232,7 +232,7 @@ class MemoryTier:
 
     def _fits(self, flat: Mapping[str, Any]) -> bool:
         """Whether every rank's slots fit (all ranks agree: one all_gather, one max)."""
-        places = [tuple(p) for p in self._collectives.all_gather((socket.gethostname(), self.root))]
+        places = self._collectives.all_gather((socket.gethostname(), self.root))
         hosts = [host for host, _root in places]
         # One rank speaks for each node directory (its holder's ranks), simulated nodes too.
         self._reports_skips = places.index(places[self.rank]) == self.rank
